@@ -1,0 +1,28 @@
+"""Paired timing: measure two step functions alternately in one run, report the ratio of medians."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def paired_ratio(candidate: Callable[[], None], baseline: Callable[[], None], *,
+                 rounds: int = 15, steps: int = 5, warmup: int = 3) -> dict:
+    """Alternate ``rounds`` blocks of ``steps`` calls of each; ratio = median(candidate)/median(baseline).
+
+    Alternating (A B A B …) spreads the noise of a shared machine over both sides.
+    """
+    for _ in range(warmup):
+        candidate()
+        baseline()
+    times_c, times_b = [], []
+    for r in range(rounds):
+        order = (candidate, baseline) if r % 2 == 0 else (baseline, candidate)
+        for fn in order:
+            start = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            elapsed = (time.perf_counter() - start) / steps
+            (times_c if fn is candidate else times_b).append(elapsed)
+    med_c, med_b = statistics.median(times_c), statistics.median(times_b)
+    return {"candidate_ms": med_c * 1e3, "baseline_ms": med_b * 1e3, "ratio": med_c / med_b}

@@ -1,0 +1,92 @@
+"""Canonicalize a freshly loaded graph so every later pass sees one form.
+
+Guarantees: no `Constant` nodes (their values are initializers), constant subgraphs folded,
+no `Identity` nodes (except where one would rename a graph input straight to an output), no
+graph input that is also an initializer (IR < 4 models list weights as inputs), no dead nodes,
+nodes in topological order. Outputs are unchanged.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from plinio_onnx.graph import Graph
+
+__all__ = ["canonicalize"]
+
+
+def canonicalize(graph: Graph) -> Graph:
+    g = graph.gs
+    g.inputs = [t for t in g.inputs if not isinstance(t, gs.Constant)]
+    _constant_nodes_to_initializers(g)
+    _fold_constants(g)
+    _remove_identities(g)
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    return graph
+
+
+def _constant_nodes_to_initializers(g: gs.Graph) -> None:
+    for node in g.nodes:
+        if node.op != "Constant" or (node.domain or "") not in ("", "ai.onnx"):
+            continue
+        attrs = node.attrs
+        if "value" in attrs:
+            value = attrs["value"].values if isinstance(attrs["value"], gs.Constant) else attrs["value"]
+        elif "value_float" in attrs:
+            value = np.array(attrs["value_float"], dtype=np.float32)
+        elif "value_floats" in attrs:
+            value = np.array(attrs["value_floats"], dtype=np.float32)
+        elif "value_int" in attrs:
+            value = np.array(attrs["value_int"], dtype=np.int64)
+        elif "value_ints" in attrs:
+            value = np.array(attrs["value_ints"], dtype=np.int64)
+        else:
+            continue  # sparse or string constants stay as nodes
+        out = node.outputs[0]
+        if out in g.outputs:
+            continue
+        const = gs.Constant(out.name, np.asarray(value))
+        for consumer in list(out.outputs):
+            consumer.inputs = [const if t is out else t for t in consumer.inputs]
+        node.outputs.clear()
+
+
+def _fold_constants(g: gs.Graph) -> None:
+    # onnx-graphsurgeon evaluates all-constant subgraphs with ONNX Runtime; shape subgraphs of
+    # statically known dimensions fold too. Its logging is noisy on partial failures.
+    import onnxruntime
+    onnxruntime.set_default_logger_severity(3)
+    logger = logging.getLogger("onnx_graphsurgeon")
+    level = logger.level
+    gs_logger = gs.logger.G_LOGGER
+    old_severity = gs_logger.severity
+    gs_logger.severity = gs_logger.ERROR + 10
+    try:
+        g.fold_constants(error_ok=True)
+    finally:
+        gs_logger.severity = old_severity
+        logger.setLevel(level)
+
+
+def _remove_identities(g: gs.Graph) -> None:
+    for node in g.nodes:
+        if node.op not in ("Identity",) or (node.domain or "") not in ("", "ai.onnx"):
+            continue
+        src, dst = node.inputs[0], node.outputs[0]
+        if dst in g.outputs:
+            if src in g.inputs or src in g.outputs or isinstance(src, gs.Constant):
+                continue
+            # Let the producer write the graph output directly, under the output's name.
+            producer = src.inputs[0] if src.inputs else None
+            if producer is None:
+                continue
+            producer.outputs = [dst if t is src else t for t in producer.outputs]
+            for consumer in list(src.outputs):
+                consumer.inputs = [dst if t is src else t for t in consumer.inputs]
+        else:
+            for consumer in list(dst.outputs):
+                consumer.inputs = [src if t is dst else t for t in consumer.inputs]
+        node.inputs.clear()
+        node.outputs.clear()

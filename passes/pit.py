@@ -1,0 +1,159 @@
+"""The PIT pass: make channels (and, for 1-D convolutions, receptive field and dilation) searchable.
+
+For every prunable channel group (`plinio_onnx.analysis.channels`) whose producers are selected,
+it adds a trainable ``alpha`` (one entry per channel, 1.0) and a ``PITChannelMask`` node, and
+masks every consumer's weight where it reads the group (``PITMaskWeight``). For each selected
+Conv1d with stride 1 and kernel > 1 it adds ``beta`` (one per tap) and ``gamma`` (one per
+dilation level) and a ``PITTimeMask`` on the weight. The math is in `plinio_onnx.functions.pit`.
+
+Guarantee: with every mask parameter at its initial 1.0 the graph computes what it computed
+before (every mask is all ones). The analysis result and the parameter names are stored in the
+graph's metadata (``plinio.pit``), so the searchable ONNX file is a complete checkpoint.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict
+from typing import Iterable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from plinio_onnx.analysis import ChannelGroup, analyze_channels
+from plinio_onnx.errors import PassError
+from plinio_onnx.functions import add_functions
+from plinio_onnx.functions import pit as fn
+from plinio_onnx.graph import PLINIO_DOMAIN, Graph
+
+METADATA_KEY = "plinio.pit"
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MASKS = ("channels", "time", "dilation")
+
+
+def _selected(name: str, op: str, include: Iterable[str] | None, exclude: Iterable[str] | None,
+              op_types: Iterable[str]) -> bool:
+    if op not in op_types:
+        return False
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+
+def pit(graph: Graph, *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+        op_types: Iterable[str] = LAYER_OPS, masks: Iterable[str] = MASKS,
+        threshold: float = 0.5) -> Graph:
+    """Return a searchable copy of ``graph`` with PIT masks (see the module docstring).
+
+    ``include`` / ``exclude``: fnmatch patterns on layer node names; a channel group is searched
+    when all its producing layers are selected. ``masks``: any of "channels", "time",
+    "dilation". ``threshold``: binarization threshold (kept means |θ| > threshold).
+    """
+    masks = tuple(masks)
+    unknown = set(masks) - set(MASKS)
+    if unknown:
+        raise PassError(f"unknown PIT masks {sorted(unknown)}; choose from {MASKS}", file=graph.source)
+    if any((n.domain or "") == PLINIO_DOMAIN for n in graph.nodes):
+        raise PassError("the graph already holds ai.plinio nodes; run PIT on the original model",
+                        file=graph.source)
+    graph = graph.copy()
+    g = graph.gs
+    analysis = analyze_channels(graph)
+    nodes = {n.name: n for n in g.nodes}
+    op_types = tuple(op_types)
+
+    searched, skipped = [], []
+    if "channels" in masks:
+        for group in analysis.groups:
+            reason = _skip_reason(group, nodes, include, exclude, op_types)
+            if reason:
+                skipped.append({"group": group.name, "size": group.size, "reason": reason})
+                continue
+            searched.append(_insert_channel_mask(g, group, nodes, threshold))
+
+    time_layers = []
+    if "time" in masks or "dilation" in masks:
+        for node in list(g.nodes):
+            if node.op == "Conv" and _selected(node.name, node.op, include, exclude, op_types):
+                entry = _insert_time_mask(g, node, "time" in masks, "dilation" in masks, threshold)
+                if entry:
+                    time_layers.append(entry)
+
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    graph.metadata[METADATA_KEY] = json.dumps({
+        "threshold": threshold,
+        "groups": searched,
+        "time": time_layers,
+        "skipped": skipped,
+        "layer_inputs": analysis.layer_inputs,
+        "layer_output": analysis.layer_output,
+        "group_sizes": [grp.size for grp in analysis.groups],
+        "group_alpha": {s["id"]: s["alpha"] for s in searched},
+    })
+    return add_functions(graph, fn.functions())
+
+
+def _skip_reason(group: ChannelGroup, nodes, include, exclude, op_types) -> str | None:
+    if group.unprunable:
+        return group.unprunable[0]
+    if not group.producers:
+        return "not produced by a layer"
+    if not group.consumers:
+        return "no layer reads it"
+    if group.size < 2:
+        return "a single channel"
+    for producer in group.producers:
+        node = nodes[producer.node]
+        if not _selected(node.name, node.op, include, exclude, op_types):
+            return f"layer {node.name!r} is not selected"
+    return None
+
+
+def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: float) -> dict:
+    base = group.name
+    alpha = gs.Constant(f"{base}.pit_alpha", np.ones(group.size, np.float32))
+    mask = gs.Variable(f"{base}.pit_mask", dtype=np.float32, shape=[group.size])
+    g.nodes.append(gs.Node(fn.CHANNEL_MASK, name=f"{base}/pit_channel_mask", domain=PLINIO_DOMAIN,
+                           attrs={"threshold": float(threshold)}, inputs=[alpha], outputs=[mask]))
+    for k, consumer in enumerate(group.consumers):
+        node = nodes[consumer.node]
+        weight = node.inputs[1]
+        width = int(weight.shape[consumer.axis])
+        index = np.full(width, group.size, dtype=np.int64)
+        for c in range(group.size):
+            start = consumer.offset + c * consumer.inner
+            index[start:start + consumer.inner] = c
+        shape = np.ones(len(weight.shape), dtype=np.int64)
+        shape[consumer.axis] = -1
+        masked = gs.Variable(f"{consumer.node}/pit_w{group.id}_{k}", dtype=weight.dtype, shape=weight.shape)
+        g.nodes.append(gs.Node(fn.MASK_WEIGHT, name=f"{consumer.node}/pit_mask_{group.id}_{k}",
+                               domain=PLINIO_DOMAIN,
+                               inputs=[weight, mask, gs.Constant(f"{consumer.node}/pit_index_{group.id}_{k}", index),
+                                       gs.Constant(f"{consumer.node}/pit_shape_{group.id}_{k}", shape)],
+                               outputs=[masked]))
+        node.inputs[1] = masked
+    record = asdict(group)
+    record["alpha"] = alpha.name
+    return record
+
+
+def _insert_time_mask(g: gs.Graph, node: gs.Node, time: bool, dilation: bool, threshold: float) -> dict | None:
+    weight = node.inputs[1]
+    if weight.shape is None or len(weight.shape) != 3:
+        return None
+    kernel = int(weight.shape[2])
+    if kernel < 2 or any(s != 1 for s in node.attrs.get("strides", [1])):
+        return None
+    levels = fn.dilation_levels(kernel) if dilation else 1
+    # An unsearched mask is one always-kept entry: a buffer (not trainable) that broadcasts.
+    beta = gs.Constant(f"{node.name}.pit_beta", np.ones(kernel if time else 1, np.float32))
+    gamma = gs.Constant(f"{node.name}.pit_gamma", np.ones(levels, np.float32))
+    gmap = fn.gamma_map(kernel)[:, :levels] if dilation else np.ones((kernel, 1), np.int64)
+    masked = gs.Variable(f"{node.name}/pit_wt", dtype=weight.dtype, shape=weight.shape)
+    g.nodes.append(gs.Node(fn.TIME_MASK, name=f"{node.name}/pit_time_mask", domain=PLINIO_DOMAIN,
+                           attrs={"threshold": float(threshold)},
+                           inputs=[weight, beta, gamma, gs.Constant(f"{node.name}.pit_gamma_map", gmap)],
+                           outputs=[masked]))
+    node.inputs[1] = masked
+    return {"node": node.name, "kernel": kernel, "beta": beta.name, "gamma": gamma.name,
+            "time": time, "dilation": dilation}

@@ -1,0 +1,135 @@
+"""Finalize PIT: binarize the masks, slice every coupled tensor, shrink kernels, drop the masks.
+
+For every searched channel group, the kept channels are those whose |alpha| is above the
+threshold (the last always). Producers lose output channels (weight rows, bias), per-channel
+constants (BN, bias adds, PRelu slopes, depthwise weights) lose the same entries, consumers lose
+the input features those channels occupy, constant Reshape widths shrink, depthwise ``group``
+attributes follow. Masked 1-D kernels keep their surviving taps with the dilation they imply.
+The ``ai.plinio`` PIT nodes and parameters disappear; the masked module's eval output is what the
+pruned graph computes, because masks sit where consumers read (nothing a pruned channel emits
+reaches a survivor).
+"""
+from __future__ import annotations
+
+import json
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from plinio_onnx.functions import pit as fn
+from plinio_onnx.graph import PLINIO_DOMAIN, Graph
+
+from .pit import METADATA_KEY
+
+PIT_FUNCTIONS = (fn.CHANNEL_MASK, fn.MASK_WEIGHT, fn.TIME_MASK)
+
+
+def prune_channels(graph: Graph) -> Graph:
+    """Apply the PIT masks of ``graph`` in place (see the module docstring); returns ``graph``."""
+    record = graph.metadata.get(METADATA_KEY)
+    if record is None:
+        return graph
+    info = json.loads(record)
+    threshold = float(info["threshold"])
+    g = graph.gs
+    tensors = g.tensors()
+    nodes = {n.name: n for n in g.nodes}
+
+    keep_masks: dict[tuple[str, int], np.ndarray] = {}
+
+    def drop(tensor: str, axis: int, positions: np.ndarray) -> None:
+        values = tensors[tensor].values
+        key = (tensor, axis)
+        if key not in keep_masks:
+            keep_masks[key] = np.ones(values.shape[axis], dtype=bool)
+        keep_masks[key][positions] = False
+
+    for group in info["groups"]:
+        keep = fn.channel_keep(tensors[group["alpha"]].values, threshold)
+        pruned = np.setdiff1d(np.arange(group["size"]), keep)
+        if pruned.size == 0:
+            continue
+        for producer in group["producers"]:
+            drop(producer["weight"], producer["axis"], pruned)
+            if producer["bias"]:
+                drop(producer["bias"], 0, pruned)
+        for member in group["members"]:
+            drop(member["tensor"], member["axis"], member["offset"] + pruned)
+        for consumer in group["consumers"]:
+            inner = consumer["inner"]
+            features = (consumer["offset"] + pruned[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
+            drop(consumer["weight"], consumer["axis"], features)
+        for reshape in group["reshapes"]:
+            shape = nodes[reshape["node"]].inputs[1]
+            values = np.array(shape.values)
+            values[reshape["index"]] -= pruned.size * reshape["per_channel"]
+            _replace_constant(g, nodes[reshape["node"]], 1, values)
+
+    for (name, axis), mask in keep_masks.items():
+        tensor = tensors[name]
+        tensor.values = np.compress(mask, np.asarray(tensor.values), axis=axis)
+
+    for group in info["groups"]:
+        for dw in group["depthwise"]:
+            node = nodes[dw]
+            node.attrs["group"] = int(_weight_constant(node).values.shape[0])
+
+    for entry in info["time"]:
+        _shrink_kernel(nodes[entry["node"]], tensors, entry, threshold)
+
+    _bypass_plinio_nodes(g)
+    del graph.metadata[METADATA_KEY]
+    return graph
+
+
+def _replace_constant(g: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> None:
+    old = node.inputs[index]
+    if len(old.outputs) > 1:  # shared: give this node its own copy
+        node.inputs[index] = gs.Constant(f"{old.name}_{node.name}", values)
+    else:
+        old.values = values
+
+
+def _weight_constant(node: gs.Node) -> gs.Constant:
+    """The initializer behind a layer's weight input, through any PIT mask nodes."""
+    tensor = node.inputs[1]
+    while not isinstance(tensor, gs.Constant):
+        tensor = tensor.inputs[0].inputs[0]
+    return tensor
+
+
+def _shrink_kernel(node: gs.Node, tensors, entry: dict, threshold: float) -> None:
+    """Keep the surviving taps of a masked Conv1d: kernel |J|, dilation d·D, left pad moved."""
+    weight = _weight_constant(node)
+    taps = fn.tap_mask(tensors[entry["beta"]].values, tensors[entry["gamma"]].values, threshold)
+    kept = np.flatnonzero(taps)
+    kernel = entry["kernel"]
+    if kept.size == kernel:
+        return
+    dilation = int(node.attrs.get("dilations", [1])[0])
+    pads = list(node.attrs.get("pads", [0, 0]))
+    step = int(kept[1] - kept[0]) if kept.size > 1 else 1
+    regular = kept[-1] == kernel - 1 and np.all(np.diff(kept) == step)
+    new_begin = pads[0] - int(kept[0]) * dilation
+    auto_pad = node.attrs.get("auto_pad", "NOTSET")
+    if not regular or new_begin < 0 or auto_pad not in ("NOTSET", "", b"NOTSET"):
+        # The taps cannot be re-expressed as a shorter kernel here: zero them in place.
+        weight.values = np.asarray(weight.values) * taps.reshape(1, 1, -1)
+        return
+    weight.values = np.ascontiguousarray(np.asarray(weight.values)[:, :, kept])
+    node.attrs["kernel_shape"] = [int(kept.size)]
+    node.attrs["dilations"] = [dilation * step]
+    node.attrs["pads"] = [new_begin, pads[1]]
+
+
+def _bypass_plinio_nodes(g: gs.Graph) -> None:
+    """Remove the PIT nodes: masked weights become the (sliced) weights themselves."""
+    for node in g.nodes:
+        if (node.domain or "") != PLINIO_DOMAIN or node.op not in PIT_FUNCTIONS:
+            continue
+        if node.op in (fn.MASK_WEIGHT, fn.TIME_MASK):
+            source, result = node.inputs[0], node.outputs[0]
+            for consumer in list(result.outputs):
+                consumer.inputs = [source if t is result else t for t in consumer.inputs]
+        node.inputs.clear()
+        node.outputs.clear()
+    g.cleanup(remove_unused_graph_inputs=False).toposort()

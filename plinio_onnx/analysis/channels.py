@@ -1,0 +1,808 @@
+"""Channel dependency analysis: which channels must be pruned together, and where they live.
+
+Every layer (Conv, ConvTranspose, Gemm, MatMul with a constant weight) *produces* a channel
+space on its output. A forward walk carries, for every tensor, a `ChannelMap`: the axis that holds
+channels, the segments of channel spaces along it (Concat stacks several), and how many features
+each channel occupies there (``inner`` > 1 after a Flatten into a dense layer). Ops meet these maps
+through one rule each (a registry, as for the loader): pass-through ops keep the map, residual
+``Add``/``Mul`` *unite* the spaces of their inputs (one shared mask), ``Concat`` stacks segments,
+a depthwise Conv carries its input space through, a layer *consumes* the map on its input.
+
+The result is a list of `ChannelGroup`s (united spaces) with everything that must be sliced
+together: producers' output channels, per-channel constants (BN, biases, PRelu slopes), depthwise
+convs, Reshape constants that spell a flattened width, and consumers' input channels.
+Anything a rule does not understand marks the groups it touches *unprunable* with the reason —
+an unknown pattern costs a pruning opportunity, never a wrong graph.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import PLINIO_DOMAIN, Graph
+
+
+# -- records --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Segment:
+    space: int      # channel space id (before union)
+    size: int       # channels
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    axis: int                       # non-negative axis of the channels
+    segments: tuple[Segment, ...]
+    inner: int = 1                  # features per channel along the axis
+
+    @property
+    def width(self) -> int:
+        return sum(s.size for s in self.segments) * self.inner
+
+
+@dataclass
+class Producer:
+    node: str
+    weight: str        # initializer name
+    axis: int          # output-channel axis of the weight
+    bias: str | None   # initializer name of a [C] bias, if any
+
+
+@dataclass
+class Consumer:
+    node: str
+    weight: str        # initializer name
+    axis: int          # input-feature axis of the weight
+    offset: int        # first feature of this segment along that axis
+    inner: int         # features per channel
+
+
+@dataclass
+class Member:
+    """A per-channel constant to slice with the group: ``tensor`` along ``axis`` from ``offset``,
+    as read by ``node``."""
+    node: str
+    tensor: str
+    axis: int
+    offset: int = 0
+
+
+@dataclass
+class ReshapeWidth:
+    """A constant Reshape target whose entry ``index`` spells a flattened width of
+    ``per_channel`` features per channel of this group."""
+    node: str
+    index: int
+    per_channel: int
+
+
+@dataclass
+class ChannelGroup:
+    """Channels pruned together: one shared mask of ``size`` entries."""
+    id: int
+    size: int
+    producers: list[Producer] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    members: list[Member] = field(default_factory=list)
+    depthwise: list[str] = field(default_factory=list)     # depthwise Conv nodes carrying it
+    reshapes: list[ReshapeWidth] = field(default_factory=list)
+    unprunable: list[str] = field(default_factory=list)    # reasons
+    outputs: list[str] = field(default_factory=list)       # graph outputs it reaches
+
+    @property
+    def prunable(self) -> bool:
+        return not self.unprunable and bool(self.producers) and bool(self.consumers)
+
+    @property
+    def name(self) -> str:
+        return self.producers[0].node if self.producers else f"group{self.id}"
+
+
+@dataclass
+class ChannelAnalysis:
+    groups: list[ChannelGroup]
+    layer_inputs: dict[str, list[tuple[int, int]]]  # layer node -> [(group id, features/channel)]
+    layer_output: dict[str, int]                   # producer node -> group id
+
+    def prunable(self) -> list[ChannelGroup]:
+        return [g for g in self.groups if g.prunable]
+
+    def group(self, gid: int) -> ChannelGroup:
+        return self.groups[gid]
+
+
+# -- the walk -------------------------------------------------------------------------------
+class _Walk:
+    def __init__(self, graph: gs.Graph) -> None:
+        self.graph = graph
+        self.maps: dict[str, ChannelMap] = {}
+        self.parent: list[int] = []
+        self.sizes: list[int] = []
+        self.spaces: list[ChannelGroup] = []
+        self.layer_inputs: dict[str, list[tuple[int, int]]] = {}
+        self.layer_output: dict[str, int] = {}
+
+    # union-find over channel spaces
+    def new_space(self, size: int) -> int:
+        sid = len(self.parent)
+        self.parent.append(sid)
+        self.sizes.append(size)
+        self.spaces.append(ChannelGroup(id=sid, size=size))
+        return sid
+
+    def find(self, sid: int) -> int:
+        while self.parent[sid] != sid:
+            self.parent[sid] = self.parent[self.parent[sid]]
+            sid = self.parent[sid]
+        return sid
+
+    def unite(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.sizes[ra] != self.sizes[rb]:
+            self.block_space(ra, "united with a channel space of another size")
+            self.block_space(rb, "united with a channel space of another size")
+            return
+        self.parent[rb] = ra
+
+    def space(self, sid: int) -> ChannelGroup:
+        return self.spaces[self.find(sid)]
+
+    def block_space(self, sid: int, reason: str) -> None:
+        self.spaces[sid].unprunable.append(reason)
+
+    def block(self, cmap: ChannelMap | None, reason: str) -> None:
+        if cmap is not None:
+            for seg in cmap.segments:
+                self.block_space(seg.space, reason)
+
+    def block_inputs(self, node: gs.Node, reason: str) -> None:
+        for tensor in node.inputs:
+            self.block(self.maps.get(tensor.name), f"{node.op} {node.name!r}: {reason}")
+
+    # driving
+    def run(self) -> ChannelAnalysis:
+        for node in self.graph.nodes:
+            if (node.domain or "") == PLINIO_DOMAIN:
+                continue
+            rule = _RULES.get(node.op) if (node.domain or "") in ("", "ai.onnx") else None
+            if rule is None:
+                self.block_inputs(node, "op not understood by the channel analysis")
+                continue
+            rule(self, node)
+        for tensor in self.graph.outputs:
+            cmap = self.maps.get(tensor.name)
+            if cmap is not None:
+                for seg in cmap.segments:
+                    self.spaces[seg.space].outputs.append(tensor.name)
+        return self._merge()
+
+    def _merge(self) -> ChannelAnalysis:
+        roots: dict[int, ChannelGroup] = {}
+        for sid, space in enumerate(self.spaces):
+            root = self.find(sid)
+            group = roots.setdefault(root, ChannelGroup(id=-1, size=self.sizes[root]))
+            for name in ("producers", "consumers", "members", "depthwise", "reshapes", "unprunable", "outputs"):
+                getattr(group, name).extend(getattr(space, name))
+        groups = []
+        renumber = {}
+        for root, group in roots.items():
+            if group.outputs:
+                group.unprunable.append(f"feeds graph output {group.outputs[0]!r}")
+            if not group.producers and not group.consumers:
+                continue
+            group.id = len(groups)
+            renumber[root] = group.id
+            groups.append(group)
+        layer_inputs = {node: [(renumber[self.find(s)], inner) for s, inner in segs if self.find(s) in renumber]
+                        for node, segs in self.layer_inputs.items()}
+        layer_output = {node: renumber[self.find(s)] for node, s in self.layer_output.items()
+                        if self.find(s) in renumber}
+        return ChannelAnalysis(groups, layer_inputs, layer_output)
+
+    # helpers for rules
+    def produce(self, node: gs.Node, tensor: gs.Tensor, size: int, axis: int, producer: Producer | None,
+                reason: str | None = None) -> int:
+        sid = self.new_space(size)
+        if producer is not None:
+            self.spaces[sid].producers.append(producer)
+        if reason:
+            self.block_space(sid, reason)
+        self.maps[tensor.name] = ChannelMap(axis, (Segment(sid, size),))
+        self.layer_output[node.name] = sid
+        return sid
+
+    def consume(self, node: gs.Node, cmap: ChannelMap | None, weight: str, axis: int) -> None:
+        if cmap is None:
+            return
+        offset = 0
+        record = []
+        for seg in cmap.segments:
+            self.spaces[seg.space].consumers.append(Consumer(node.name, weight, axis, offset, cmap.inner))
+            record.append((seg.space, cmap.inner))
+            offset += seg.size * cmap.inner
+        self.layer_inputs[node.name] = record
+
+
+def _rank(tensor: gs.Tensor) -> int | None:
+    return None if tensor.shape is None else len(tensor.shape)
+
+
+def _static(tensor: gs.Tensor) -> np.ndarray | None:
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def _is_const(tensor: gs.Tensor) -> bool:
+    return isinstance(tensor, gs.Constant)
+
+
+# -- rules ----------------------------------------------------------------------------------
+_RULES: dict[str, Callable[[_Walk, gs.Node], None]] = {}
+
+
+def channel_rule(*ops: str):
+    def decorate(fn):
+        for op in ops:
+            _RULES[op] = fn
+        return fn
+    return decorate
+
+
+@channel_rule("Relu", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Celu", "HardSigmoid",
+              "HardSwish", "Softplus", "Softsign", "Gelu", "Mish", "Erf", "Abs", "Neg", "Sqrt",
+              "Exp", "Log", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos",
+              "Identity", "Dropout", "Cast", "ThresholdedRelu", "Shrink", "Not",
+              "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool")
+def _pass_through(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is not None and node.outputs:
+        if node.op in ("MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool",
+                       "GlobalLpPool") and (cmap.axis != 1 or cmap.inner != 1):
+            walk.block(cmap, f"{node.op} {node.name!r} pools over the channel axis")
+            return
+        walk.maps[node.outputs[0].name] = cmap
+
+
+@channel_rule("Clip")
+def _clip(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    if any(t.name and not _is_const(t) for t in node.inputs[1:]):
+        walk.block(cmap, f"Clip {node.name!r} has run-time bounds")
+        return
+    walk.maps[node.outputs[0].name] = cmap
+
+
+def _per_channel_params(walk: _Walk, node: gs.Node, cmap: ChannelMap, indices: range) -> bool:
+    """Register inputs ``indices`` ([C] constants) as members; False (and block) otherwise."""
+    if cmap.axis != 1 or cmap.inner != 1:
+        walk.block(cmap, f"{node.op} {node.name!r} normalizes another axis than the channels")
+        return False
+    for i in indices:
+        if i < len(node.inputs) and node.inputs[i].name:
+            if not _is_const(node.inputs[i]):
+                walk.block(cmap, f"{node.op} {node.name!r} has run-time per-channel parameters")
+                return False
+    _add_members(walk, node, cmap, [(i, 0) for i in indices if i < len(node.inputs) and node.inputs[i].name])
+    return True
+
+
+def _add_members(walk: _Walk, node: gs.Node, cmap: ChannelMap, inputs: list[tuple[int, int]]) -> None:
+    """Record constant inputs (index, axis) of ``node`` as sliced with every segment of ``cmap``.
+
+    Members of a multi-segment map are recorded on each segment's space with the same tensor;
+    slicing at finalize uses the concatenated keep indices."""
+    offset = 0
+    for seg in cmap.segments:
+        for i, axis in inputs:
+            walk.spaces[seg.space].members.append(Member(node.name, node.inputs[i].name, axis, offset))
+        offset += seg.size
+
+
+@channel_rule("BatchNormalization", "InstanceNormalization")
+def _batch_norm(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    if any(o.name for o in node.outputs[1:]):
+        walk.block(cmap, f"{node.op} {node.name!r} exposes training statistics")
+        return
+    if _per_channel_params(walk, node, cmap, range(1, len(node.inputs))):
+        walk.maps[node.outputs[0].name] = cmap
+
+
+@channel_rule("PRelu")
+def _prelu(walk: _Walk, node: gs.Node) -> None:
+    _elementwise(walk, node)
+
+
+def _broadcast_axis(tensor: gs.Tensor, out_rank: int, axis: int) -> int | None:
+    """The axis of ``tensor`` aligned with output ``axis`` under numpy broadcasting, or None."""
+    rank = _rank(tensor)
+    if rank is None:
+        return None
+    shift = out_rank - rank
+    return axis - shift if axis - shift >= 0 else -1  # -1: the tensor lacks that axis
+
+
+@channel_rule("Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where",
+              "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "Mod")
+def _elementwise(walk: _Walk, node: gs.Node) -> None:
+    out = node.outputs[0]
+    maps = [(i, walk.maps.get(t.name)) for i, t in enumerate(node.inputs)]
+    carried = [(i, m) for i, m in maps if m is not None]
+    if not carried:
+        return
+    out_rank = _rank(out)
+    if out_rank is None:
+        walk.block_inputs(node, "unknown rank")
+        return
+    # Align every carried map to the output's axes.
+    reference = None
+    for i, cmap in carried:
+        rank = _rank(node.inputs[i])
+        aligned = ChannelMap(cmap.axis + out_rank - rank, cmap.segments, cmap.inner)
+        if reference is None:
+            reference = aligned
+        elif (aligned.axis != reference.axis or aligned.inner != reference.inner
+              or [s.size for s in aligned.segments] != [s.size for s in reference.segments]):
+            walk.block_inputs(node, "inputs carry channels differently")
+            return
+        else:
+            for a, b in zip(aligned.segments, reference.segments):
+                walk.unite(a.space, b.space)
+    assert reference is not None
+    width = reference.width
+    members = []
+    for i, tensor in enumerate(node.inputs):
+        if walk.maps.get(tensor.name) is not None:
+            continue
+        axis = _broadcast_axis(tensor, out_rank, reference.axis)
+        if axis is None:
+            walk.block_inputs(node, f"unknown shape of {tensor.name!r}")
+            return
+        size = 1 if axis < 0 else tensor.shape[axis]
+        if size == 1:
+            continue  # broadcast along the channels: every channel sees the same value
+        if _is_const(tensor) and size == width and reference.inner == 1 and \
+                all(d == 1 for j, d in enumerate(tensor.shape) if j != axis):
+            members.append((i, axis))
+            continue
+        walk.block_inputs(node, f"input {tensor.name!r} varies along the channels and is not a "
+                                "per-channel constant")
+        return
+    _add_members(walk, node, reference, members)
+    walk.maps[out.name] = reference
+
+
+@channel_rule("Concat")
+def _concat(walk: _Walk, node: gs.Node) -> None:
+    out = node.outputs[0]
+    rank = _rank(out)
+    axis = int(node.attrs.get("axis", 0))
+    if rank is None:
+        walk.block_inputs(node, "unknown rank")
+        return
+    axis = axis + rank if axis < 0 else axis
+    maps = [walk.maps.get(t.name) for t in node.inputs]
+    if any(m is not None and m.axis != axis for m in maps):
+        # Concat along another axis: all inputs must carry the same channels.
+        first = next(m for m in maps if m is not None)
+        if all(m is not None and m.axis == first.axis and m.inner == first.inner
+               and [s.size for s in m.segments] == [s.size for s in first.segments] for m in maps):
+            for m in maps[1:]:
+                for a, b in zip(m.segments, first.segments):
+                    walk.unite(a.space, b.space)
+            walk.maps[out.name] = first
+        else:
+            walk.block_inputs(node, "concatenates along another axis than the channels")
+        return
+    if not any(maps):
+        return
+    segments: list[Segment] = []
+    inner = None
+    for tensor, cmap in zip(node.inputs, maps):
+        if cmap is None:
+            # A segment from outside any layer (e.g. the graph input): fixed channels.
+            if tensor.shape is None or not isinstance(tensor.shape[axis], (int, np.integer)):
+                walk.block_inputs(node, "an input of unknown width")
+                return
+            sid = walk.new_space(int(tensor.shape[axis]))
+            walk.block_space(sid, "not produced by a layer")
+            segments.append(Segment(sid, int(tensor.shape[axis])))
+            this_inner = 1
+        else:
+            segments.extend(cmap.segments)
+            this_inner = cmap.inner
+        if inner is None:
+            inner = this_inner
+        elif inner != this_inner:
+            walk.block_inputs(node, "concatenates flattened and unflattened channels")
+            return
+    walk.maps[out.name] = ChannelMap(axis, tuple(segments), inner or 1)
+
+
+def _spatial_only(walk: _Walk, node: gs.Node, axes: list[int] | None, rank: int, cmap: ChannelMap) -> bool:
+    if axes is None or cmap.axis in [a + rank if a < 0 else a for a in axes]:
+        walk.block(cmap, f"{node.op} {node.name!r} acts on the channel axis")
+        return False
+    return True
+
+
+@channel_rule("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1",
+              "ReduceProd", "ReduceSumSquare", "ReduceLogSumExp")
+def _reduce(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    rank = _rank(node.inputs[0])
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
+        value = _static(node.inputs[1])
+        axes = None if value is None else [int(a) for a in value.reshape(-1)]
+    if rank is None or not _spatial_only(walk, node, axes, rank, cmap):
+        if rank is None:
+            walk.block(cmap, "unknown rank")
+        return
+    if cmap.inner != 1:
+        walk.block(cmap, f"{node.op} {node.name!r} reduces flattened channels")
+        return
+    axes = sorted(a + rank if a < 0 else a for a in axes)
+    keep = int(node.attrs.get("keepdims", 1))
+    axis = cmap.axis if keep else cmap.axis - sum(a < cmap.axis for a in axes)
+    walk.maps[node.outputs[0].name] = ChannelMap(axis, cmap.segments, cmap.inner)
+
+
+@channel_rule("Pad")
+def _pad(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    pads = node.attrs.get("pads")
+    if pads is None and len(node.inputs) > 1:
+        value = _static(node.inputs[1])
+        pads = None if value is None else [int(p) for p in value.reshape(-1)]
+    rank = _rank(node.inputs[0])
+    if pads is None or rank is None or (len(node.inputs) > 3 and node.inputs[3].name):
+        walk.block(cmap, f"Pad {node.name!r} with run-time pads or axes")
+        return
+    if pads[cmap.axis] or pads[cmap.axis + rank]:
+        walk.block(cmap, f"Pad {node.name!r} pads the channel axis")
+        return
+    walk.maps[node.outputs[0].name] = cmap
+
+
+@channel_rule("Resize", "Upsample")
+def _resize(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    in_shape, out_shape = node.inputs[0].shape, node.outputs[0].shape
+    if in_shape is None or out_shape is None or cmap.inner != 1 or \
+            in_shape[cmap.axis] != out_shape[cmap.axis] or \
+            any(i != o for k, (i, o) in enumerate(zip(in_shape, out_shape)) if k < cmap.axis):
+        walk.block(cmap, f"{node.op} {node.name!r} may resize the channel axis")
+        return
+    walk.maps[node.outputs[0].name] = cmap
+
+
+@channel_rule("Transpose")
+def _transpose(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    rank = _rank(node.inputs[0])
+    perm = node.attrs.get("perm") or (list(reversed(range(rank))) if rank is not None else None)
+    if perm is None:
+        walk.block(cmap, "unknown rank")
+        return
+    walk.maps[node.outputs[0].name] = ChannelMap(list(perm).index(cmap.axis), cmap.segments, cmap.inner)
+
+
+def _dims(tensor: gs.Tensor) -> list | None:
+    return None if tensor.shape is None else list(tensor.shape)
+
+
+def _prod(dims) -> int | None:
+    if any(not isinstance(d, (int, np.integer)) for d in dims):
+        return None
+    return int(math.prod(int(d) for d in dims))
+
+
+def _reshape_like(walk: _Walk, node: gs.Node, in_dims: list, out_dims: list, cmap: ChannelMap) -> ChannelMap | None:
+    """Map channels through a reshape that keeps the batch axis: either the channel axis survives
+    whole (possibly moved) or it is flattened with everything after it into the last axis."""
+    if not in_dims or not out_dims or cmap.axis == 0:
+        return None
+    pre = _prod(in_dims[1:cmap.axis])
+    post = _prod(in_dims[cmap.axis + 1:])
+    if pre is None or post is None:
+        return None
+    for b in range(1, len(out_dims)):
+        if _prod(out_dims[1:b]) != pre:
+            continue
+        if out_dims[b] == in_dims[cmap.axis] and _prod(out_dims[b + 1:]) == post:
+            return ChannelMap(b, cmap.segments, cmap.inner)
+        if b == len(out_dims) - 1 and out_dims[b] == in_dims[cmap.axis] * post:
+            return ChannelMap(b, cmap.segments, cmap.inner * post)
+    return None
+
+
+@channel_rule("Flatten")
+def _flatten(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    mapped = None
+    if int(node.attrs.get("axis", 1)) == 1:
+        mapped = _reshape_like(walk, node, _dims(node.inputs[0]), _dims(node.outputs[0]), cmap)
+    if mapped is None:
+        walk.block(cmap, f"Flatten {node.name!r} mixes the channel axis into the batch")
+        return
+    walk.maps[node.outputs[0].name] = mapped
+
+
+def _shape_template(tensor: gs.Tensor) -> list | None:
+    """A Reshape target as a list of ints, with 'B' for run-time batch sizes, or None."""
+    value = _static(tensor)
+    if value is not None:
+        return [int(v) for v in value.reshape(-1)]
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or producer.op != "Concat":
+        return None
+    out: list = []
+    for part in producer.inputs:
+        value = _static(part)
+        if value is not None:
+            out.extend(int(v) for v in value.reshape(-1))
+        elif _is_batch_dim(part):
+            out.append("B")
+        else:
+            return None
+    return out
+
+
+def _is_batch_dim(tensor: gs.Tensor) -> bool:
+    """Unsqueeze(Gather(Shape(x), 0)): x's batch size, as exporters spell x.view(x.size(0), ...)."""
+    node = tensor.inputs[0] if tensor.inputs else None
+    if node is not None and node.op == "Unsqueeze":
+        tensor = node.inputs[0]
+        node = tensor.inputs[0] if tensor.inputs else None
+    if node is None or node.op not in ("Gather", "Slice"):
+        return False
+    if node.op == "Gather":
+        index = _static(node.inputs[1])
+        if index is None or int(index.reshape(-1)[0]) != 0:
+            return False
+    else:
+        starts, ends = _static(node.inputs[1]), _static(node.inputs[2])
+        if starts is None or ends is None or int(starts[0]) != 0 or int(ends[0]) != 1:
+            return False
+    shape = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    return shape is not None and shape.op == "Shape"
+
+
+@channel_rule("Reshape")
+def _reshape(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    mapped = _reshape_like(walk, node, _dims(node.inputs[0]), _dims(node.outputs[0]), cmap)
+    template = _shape_template(node.inputs[1])
+    if mapped is None or template is None or len(template) != len(node.outputs[0].shape):
+        walk.block(cmap, f"Reshape {node.name!r} splits or merges the channel axis")
+        return
+    entry = template[mapped.axis]
+    if entry not in (-1, 0):
+        if not _is_const(node.inputs[1]) or len(cmap.segments) != 1:
+            walk.block(cmap, f"Reshape {node.name!r} spells the channel width in a run-time shape")
+            return
+        walk.spaces[cmap.segments[0].space].reshapes.append(
+            ReshapeWidth(node.name, mapped.axis, mapped.inner))
+    walk.maps[node.outputs[0].name] = mapped
+
+
+@channel_rule("Shape")
+def _shape(walk: _Walk, node: gs.Node) -> None:
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    # Reading the batch size is harmless; reading the channel count would change after pruning.
+    for consumer in node.outputs[0].outputs:
+        if consumer.op == "Gather":
+            index = _static(consumer.inputs[1])
+            if index is not None and index.size == 1 and int(index.reshape(-1)[0]) != cmap.axis \
+                    and int(index.reshape(-1)[0]) != cmap.axis - len(node.inputs[0].shape):
+                continue
+        walk.block(cmap, f"Shape {node.name!r} reads the channel count")
+        return
+
+
+@channel_rule("Slice", "Gather", "Split", "Squeeze", "Unsqueeze", "Expand", "Tile", "Softmax", "LogSoftmax")
+def _axis_op(walk: _Walk, node: gs.Node) -> None:
+    """Ops on some axes: fine when they leave the channel axis alone, else unprunable."""
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    rank_in, rank_out = _rank(node.inputs[0]), _rank(node.outputs[0])
+    if rank_in is None or rank_out is None:
+        walk.block(cmap, "unknown rank")
+        return
+    axes = _axes_of(node, rank_in)
+    if node.op in ("Softmax", "LogSoftmax", "Slice", "Gather", "Split"):
+        if axes is None or cmap.axis in axes:
+            walk.block(cmap, f"{node.op} {node.name!r} acts on the channel axis")
+            return
+        if node.op == "Gather":
+            index_rank = _rank(node.inputs[1])
+            if index_rank is None:
+                walk.block(cmap, "unknown rank")
+                return
+            axis = cmap.axis if cmap.axis < axes[0] else cmap.axis + index_rank - 1
+        else:
+            axis = cmap.axis
+        for out in node.outputs:
+            walk.maps[out.name] = ChannelMap(axis, cmap.segments, cmap.inner)
+        return
+    if node.op in ("Expand", "Tile"):
+        in_shape, out_shape = node.inputs[0].shape, node.outputs[0].shape
+        shift = rank_out - rank_in
+        if out_shape is None or out_shape[cmap.axis + shift] != in_shape[cmap.axis]:
+            walk.block(cmap, f"{node.op} {node.name!r} repeats the channel axis")
+            return
+        walk.maps[node.outputs[0].name] = ChannelMap(cmap.axis + shift, cmap.segments, cmap.inner)
+        return
+    # Squeeze / Unsqueeze
+    if axes is None:
+        walk.block(cmap, f"{node.op} {node.name!r} with run-time axes")
+        return
+    if node.op == "Squeeze":
+        if cmap.axis in axes:
+            walk.block(cmap, "squeezes the channel axis")
+            return
+        axis = cmap.axis - sum(a < cmap.axis for a in axes)
+    else:
+        axes_out = sorted(a + rank_out if a < 0 else a for a in axes)
+        axis = cmap.axis
+        for a in axes_out:
+            if a <= axis:
+                axis += 1
+    walk.maps[node.outputs[0].name] = ChannelMap(axis, cmap.segments, cmap.inner)
+
+
+def _axes_of(node: gs.Node, rank: int) -> list[int] | None:
+    if node.op in ("Softmax", "LogSoftmax"):
+        return [int(node.attrs.get("axis", -1)) % rank]
+    if node.op in ("Gather", "Split"):
+        return [int(node.attrs.get("axis", 0)) % rank]
+    if node.op == "Slice":
+        if len(node.inputs) > 3 and node.inputs[3].name:
+            value = _static(node.inputs[3])
+            return None if value is None else [int(a) % rank for a in value.reshape(-1)]
+        starts = _static(node.inputs[1]) if len(node.inputs) > 1 else None
+        return None if starts is None else list(range(starts.size))
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1].name:
+        value = _static(node.inputs[1])
+        axes = None if value is None else [int(a) for a in value.reshape(-1)]
+    if axes is None:
+        return None
+    if node.op == "Squeeze":
+        return [a % rank for a in axes]
+    return list(axes)
+
+
+# -- layers ---------------------------------------------------------------------------------
+def _bias_name(node: gs.Node, index: int, width: int) -> str | None:
+    if len(node.inputs) <= index or not node.inputs[index].name:
+        return None
+    bias = node.inputs[index]
+    return bias.name if _is_const(bias) and int(np.asarray(bias.values).size) == width else None
+
+
+@channel_rule("Conv")
+def _conv(walk: _Walk, node: gs.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    cmap = walk.maps.get(x.name)
+    out = node.outputs[0]
+    if not _is_const(w):
+        walk.block(cmap, f"Conv {node.name!r} has a run-time weight")
+        return
+    c_out, c_in_group = w.shape[0], w.shape[1]
+    groups = int(node.attrs.get("group", 1))
+    c_in = c_in_group * groups
+    if cmap is not None and (cmap.axis != 1 or cmap.inner != 1):
+        walk.block(cmap, f"Conv {node.name!r} reads channels on another axis")
+        cmap = None
+    if groups == 1:
+        walk.consume(node, cmap, w.name, axis=1)
+        walk.produce(node, out, c_out, 1, Producer(node.name, w.name, 0, _bias_name(node, 2, c_out)))
+        return
+    if groups == c_in == c_out and cmap is not None:
+        # Depthwise: output channel c reads only input channel c; it carries the input's channels.
+        for seg in cmap.segments:
+            walk.spaces[seg.space].depthwise.append(node.name)
+        _add_members(walk, node, cmap, [(1, 0)] + ([(2, 0)] if _bias_name(node, 2, c_out) else []))
+        walk.layer_inputs[node.name] = [(seg.space, 1) for seg in cmap.segments]
+        if len(cmap.segments) == 1:
+            walk.layer_output[node.name] = cmap.segments[0].space
+        walk.maps[out.name] = cmap
+        return
+    walk.block(cmap, f"grouped Conv {node.name!r} (groups={groups}) is kept whole")
+    walk.produce(node, out, c_out, 1, Producer(node.name, w.name, 0, _bias_name(node, 2, c_out)),
+                 reason=f"grouped Conv {node.name!r} (groups={groups}) is kept whole")
+
+
+@channel_rule("ConvTranspose")
+def _conv_transpose(walk: _Walk, node: gs.Node) -> None:
+    x, w = node.inputs[0], node.inputs[1]
+    cmap = walk.maps.get(x.name)
+    groups = int(node.attrs.get("group", 1))
+    if not _is_const(w) or groups != 1:
+        walk.block(cmap, f"ConvTranspose {node.name!r} (run-time weight or groups) is kept whole")
+        reason = "grouped or run-time ConvTranspose"
+        walk.produce(node, node.outputs[0], int(node.outputs[0].shape[1]) if node.outputs[0].shape else 0,
+                     1, None, reason=reason)
+        return
+    c_out = int(w.shape[1])
+    if cmap is not None and (cmap.axis != 1 or cmap.inner != 1):
+        walk.block(cmap, f"ConvTranspose {node.name!r} reads channels on another axis")
+        cmap = None
+    walk.consume(node, cmap, w.name, axis=0)
+    walk.produce(node, node.outputs[0], c_out, 1, Producer(node.name, w.name, 1, _bias_name(node, 2, c_out)))
+
+
+@channel_rule("Gemm")
+def _gemm(walk: _Walk, node: gs.Node) -> None:
+    a, b = node.inputs[0], node.inputs[1]
+    cmap = walk.maps.get(a.name)
+    if not _is_const(b) or node.attrs.get("transA", 0):
+        walk.block_inputs(node, "Gemm with a run-time weight or transposed input")
+        if node.outputs[0].shape is not None and isinstance(node.outputs[0].shape[1], (int, np.integer)):
+            walk.produce(node, node.outputs[0], int(node.outputs[0].shape[1]), 1, None,
+                         reason="Gemm with a run-time weight")
+        return
+    trans_b = bool(node.attrs.get("transB", 0))
+    n = int(b.shape[0] if trans_b else b.shape[1])
+    if cmap is not None and cmap.axis != 1:
+        walk.block(cmap, f"Gemm {node.name!r} reads channels on another axis")
+        cmap = None
+    walk.consume(node, cmap, b.name, axis=1 if trans_b else 0)
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        c = node.inputs[2]
+        size = int(np.asarray(c.values).size) if _is_const(c) else -1
+        if size == n and float(node.attrs.get("beta", 1.0)) != 0.0:
+            bias = c.name
+        elif size != 1:
+            walk.produce(node, node.outputs[0], n, 1, None, reason=f"Gemm {node.name!r} has a 2-D C")
+            return
+    walk.produce(node, node.outputs[0], n, 1, Producer(node.name, b.name, 0 if trans_b else 1, bias))
+
+
+@channel_rule("MatMul")
+def _matmul(walk: _Walk, node: gs.Node) -> None:
+    a, b = node.inputs
+    cmap = walk.maps.get(a.name)
+    rank = _rank(a)
+    if _is_const(b) and _rank(b) == 2 and rank is not None:
+        if cmap is not None and cmap.axis != rank - 1:
+            walk.block(cmap, f"MatMul {node.name!r} reads channels on another axis")
+            cmap = None
+        walk.consume(node, cmap, b.name, axis=0)
+        walk.produce(node, node.outputs[0], int(b.shape[1]), _rank(node.outputs[0]) - 1,
+                     Producer(node.name, b.name, 1, None))
+        return
+    walk.block_inputs(node, "MatMul between activations (attention) is kept whole")
+
+
+def analyze_channels(graph: Graph) -> ChannelAnalysis:
+    """Channel groups of ``graph`` (canonical, as `load` returns it); see the module docstring."""
+    graph.gs.toposort()
+    return _Walk(graph.gs).run()

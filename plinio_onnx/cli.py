@@ -1,0 +1,102 @@
+"""The ``plinio-onnx`` command line: inspect, verify (and, per method, optimize/export).
+
+Every failure is one readable line on stderr and a non-zero exit; never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import PlinioOnnxError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except PlinioOnnxError as err:
+        print(f"plinio-onnx: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("plinio-onnx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug of ours: still one line, with where to report it
+        print(f"plinio-onnx: internal error: {type(err).__name__}: {' '.join(str(err).split())[:500]}",
+              file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plinio-onnx", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("inspect", help="graph summary and per-layer parameters and MACs")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_inspect)
+
+    p = sub.add_parser("verify", help="compare the torch module with ONNX Runtime on the same inputs")
+    p.add_argument("model")
+    p.add_argument("--data", help="an .npz with x (or one array per graph input)")
+    p.add_argument("--batch", type=int, default=4, help="batch size of random inputs (default 4)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max abs error relative to the output scale (default 1e-4)")
+    p.set_defaults(run=_verify)
+
+    from .commands import register_commands
+    register_commands(sub)
+    return parser
+
+
+# -- inspect ----------------------------------------------------------------------------------
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import inspect_model
+    report = inspect_model(args.model)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+    console = Console()
+    console.print(f"[bold]{report['file']}[/bold]: {report['nodes']} nodes, opset {report['opset']}")
+    for kind in ("inputs", "outputs"):
+        console.print(f"  {kind}: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in report[kind]))
+    console.print("  ops: " + ", ".join(f"{op}×{n}" for op, n in report["op_counts"].items()))
+    table = Table(title="layers")
+    for col in ("layer", "op", "in", "out", "kernel", "groups", "params", "MACs"):
+        table.add_column(col, justify="right" if col not in ("layer", "op") else "left")
+    for row in report["layers"]:
+        table.add_row(row["name"], row["op"], str(row["in_channels"]), str(row["out_channels"]),
+                      str(row["kernel_size"]), str(row["groups"]), f"{row['params']:,}", f"{row['macs']:,}")
+    table.add_row("total", "", "", "", "", "", f"{report['params']:,}", f"{report['macs']:,}", style="bold")
+    console.print(table)
+    console.print(f"  all float parameters (incl. normalization): {report['all_parameters']:,}")
+    if report["unsupported"]:
+        console.print("[red]unsupported by the loader:[/red] " + "; ".join(
+            f"{u['node']} ({u['op']}): {u['reason']}" for u in report["unsupported"]))
+    return 0
+
+
+# -- verify -----------------------------------------------------------------------------------
+def _verify(args: argparse.Namespace) -> int:
+    from .verify import verify_model
+    result = verify_model(args.model, data=args.data, batch=args.batch)
+    ok = result["relative_error"] <= args.tolerance
+    for name, err in result["per_output"].items():
+        print(f"{name}: max abs error {err['max_abs_error']:.3g} (output scale {err['scale']:.3g})")
+    print(f"{'OK' if ok else 'MISMATCH'}: max relative error {result['relative_error']:.3g} "
+          f"(tolerance {args.tolerance:g}) on {result['samples']} samples")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

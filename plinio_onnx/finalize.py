@@ -1,0 +1,51 @@
+"""`finalize`: a searchable graph → the deployable graph (pruned, picked, quantized; no ai.plinio).
+
+Each method contributes one finalizing pass; this runs them in order, removes the ``ai.plinio``
+functions and domain, re-infers shapes and checks the model (its postcondition: no ``ai.plinio``
+node is left and the ONNX checker passes).
+"""
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import shape_inference
+
+from .errors import PassError
+from .graph import PLINIO_DOMAIN, Graph
+
+
+def finalize(graph: Graph) -> Graph:
+    """Return the deployable graph of a searchable ``graph`` (which is left unchanged)."""
+    from plinio_onnx.passes.prune import prune_channels
+
+    result = graph.copy()
+    result = prune_channels(result)
+    left = [f"{n.name} ({n.op})" for n in result.nodes if (n.domain or "") == PLINIO_DOMAIN]
+    if left:
+        raise PassError(f"finalize left ai.plinio nodes: {', '.join(left)}", file=graph.source)
+    return reinfer(result)
+
+
+def reinfer(graph: Graph) -> Graph:
+    """Drop stale intermediate shapes and functions, infer shapes again, check; returns a new Graph."""
+    g = graph.gs
+    boundary = set(map(id, g.inputs)) | set(map(id, g.outputs))
+    for tensor in g.tensors().values():
+        if isinstance(tensor, gs.Variable) and id(tensor) not in boundary:
+            tensor.shape = None
+    g.functions = [f for f in g.functions if f.domain != PLINIO_DOMAIN] if hasattr(g, "functions") else []
+    model = gs.export_onnx(g, do_type_check=False)
+    del model.graph.value_info[:]
+    kept = [o for o in model.opset_import if o.domain != PLINIO_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(kept)
+    del model.functions[:]
+    model.ir_version = 10
+    try:
+        model = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+        onnx.checker.check_model(model)
+    except Exception as err:
+        raise PassError(f"the finalized model is invalid: {' '.join(str(err).split())[:400]}",
+                        file=graph.source) from None
+    return Graph(gs.import_onnx(model), source=graph.source,
+                 metadata={k: v for k, v in graph.metadata.items() if not k.startswith("plinio.")})

@@ -1,0 +1,49 @@
+"""`inspect_model`: the graph summary and per-layer cost table behind ``plinio-onnx inspect``."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from . import cost
+from .errors import UnsupportedOpError
+from .load import load
+
+
+def _shape(t: gs.Tensor) -> list:
+    return [d if isinstance(d, (int, np.integer)) else str(d) for d in (t.shape or [])]
+
+
+def inspect_model(path) -> dict:
+    """A JSON-ready summary: inputs/outputs, op counts, layers with params and MACs, totals."""
+    graph = load(path)
+    layers = []
+    for spec in cost.layer_specs(graph):
+        layers.append({"name": spec.name, "op": spec.op, "kind": spec.kind,
+                       "in_channels": spec.in_channels, "out_channels": spec.out_channels,
+                       "kernel_size": spec.kernel_size, "groups": spec.groups, "bias": spec.bias,
+                       "output_positions": spec.output_positions,
+                       "params": int(cost.params(spec)), "macs": int(cost.macs(spec))})
+    unsupported = []
+    try:
+        from .to_torch import to_torch
+        to_torch(graph)
+    except UnsupportedOpError as err:
+        unsupported = [{"node": n, "op": op, "reason": why} for n, op, why in err.problems]
+    all_params = sum(int(np.asarray(t.values).size) for t in graph.initializers().values()
+                     if np.issubdtype(np.asarray(t.values).dtype, np.floating))
+    return {
+        "file": str(path),
+        "opset": graph.opset,
+        "nodes": len(graph.nodes),
+        "inputs": [{"name": t.name, "shape": _shape(t), "dtype": str(np.dtype(t.dtype))} for t in graph.gs.inputs],
+        "outputs": [{"name": t.name, "shape": _shape(t), "dtype": str(np.dtype(t.dtype))
+                     if t.dtype is not None else "?"} for t in graph.gs.outputs],
+        "op_counts": dict(Counter(n.op for n in graph.nodes).most_common()),
+        "layers": layers,
+        "params": sum(r["params"] for r in layers),
+        "macs": sum(r["macs"] for r in layers),
+        "all_parameters": all_params,
+        "unsupported": unsupported,
+    }

@@ -1,0 +1,155 @@
+"""`load`: read an ONNX model, check it, bring it to the working opset, canonicalize it.
+
+Every failure is one `ModelLoadError` naming the file (and node/op where ONNX says which).
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+from onnx import external_data_helper, shape_inference, version_converter
+
+from .errors import ModelLoadError, UnsafeExternalDataError
+from .graph import EXTERNAL_DATA_THRESHOLD, Graph
+
+#: Models older than this opset are converted up to it, so handlers see modern op forms.
+WORKING_OPSET = 17
+#: Newest default-domain opset the loader reads (newer graphs may use ops it does not know).
+MAX_OPSET = 22
+
+
+def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: bool = True) -> Graph:
+    """Load ``model`` (a path, a ``ModelProto`` or a ``Graph``) into a canonical `Graph`.
+
+    Steps: read (external data only from inside the model's folder), check, convert opsets below
+    `WORKING_OPSET`, infer shapes (strict), then canonicalize (constants to initializers, constant
+    folding, Identity removal, dead-node cleanup). A ``Graph`` argument is copied, not edited.
+    """
+    if isinstance(model, Graph):
+        return model.copy()
+    if isinstance(model, onnx.ModelProto):
+        source = model.graph.name or "<ModelProto>"
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        base_dir = None
+    else:
+        source = str(model)
+        proto = _read(Path(model))
+        base_dir = Path(model).resolve().parent
+    _load_external_data(proto, base_dir, source)
+    _check(proto, source)
+    proto = _convert_opset(proto, source)
+    proto = _infer_shapes(proto, source)
+    graph = gs.import_onnx(proto)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    result = Graph(graph, source=source, metadata=metadata)
+    if canonicalize:
+        from plinio_onnx.passes.canonicalize import canonicalize as _canonicalize
+        result = _canonicalize(result)
+    return result
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError("no such file", file=str(path))
+    if not path.is_file():
+        raise ModelLoadError("not a file", file=str(path))
+    data = path.read_bytes()
+    if not data:
+        raise ModelLoadError("the file is empty, not an ONNX model", file=str(path))
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as err:
+        raise ModelLoadError(f"not an ONNX model or truncated ({_one_line(err)})", file=str(path)) from None
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.graph.node:
+        raise ModelLoadError("not an ONNX model (no IR version or no graph); is the file truncated?",
+                             file=str(path))
+    return proto
+
+
+def _load_external_data(proto: onnx.ModelProto, base_dir: Path | None, source: str) -> None:
+    tensors = [t for t in external_data_helper._get_all_tensors(proto)
+               if external_data_helper.uses_external_data(t)]
+    if not tensors:
+        return
+    if base_dir is None:
+        raise ModelLoadError("the ModelProto references external data; load it from its file path",
+                             file=source)
+    for tensor in tensors:
+        info = external_data_helper.ExternalDataInfo(tensor)
+        target = (base_dir / info.location).resolve()
+        if os.path.isabs(info.location) or base_dir not in target.parents:
+            raise UnsafeExternalDataError(
+                f"initializer {tensor.name!r} reads external data from {info.location!r}, "
+                "outside the model's folder; refusing to read it", file=source)
+        if not target.is_file():
+            raise ModelLoadError(f"initializer {tensor.name!r}: external data file "
+                                 f"{info.location!r} is missing", file=source)
+    try:
+        external_data_helper.load_external_data_for_model(proto, str(base_dir))
+    except Exception as err:  # corrupt offsets/lengths
+        raise ModelLoadError(f"cannot read external data ({_one_line(err)})", file=source) from None
+
+
+def _check(proto: onnx.ModelProto, source: str) -> None:
+    if proto.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        return  # the in-memory checker refuses >2 GB protos; shape inference still runs below
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        raise _located(err, source, "the model fails the ONNX checker") from None
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    for entry in proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    raise ModelLoadError("the model imports no default-domain opset", file=proto.graph.name)
+
+
+def _convert_opset(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    opset = _default_opset(proto)
+    if opset > MAX_OPSET:
+        raise ModelLoadError(f"opset {opset} is newer than the newest supported ({MAX_OPSET})",
+                             file=source)
+    if opset >= WORKING_OPSET:
+        return proto
+    try:
+        converted = version_converter.convert_version(proto, WORKING_OPSET)
+        onnx.checker.check_model(converted)
+        return converted
+    except Exception:
+        # Handlers are registered per opset range, so the original opset still loads.
+        return proto
+
+
+def _infer_shapes(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    if proto.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
+        return proto
+    try:
+        return shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as err:
+        raise _located(err, source, "inconsistent shapes or types") from None
+
+
+_NODE_RE = re.compile(r"node name: ([^)]*)\)")
+_OP_RE = re.compile(r"op_type:(\w+)")
+
+
+def _located(err: Exception, source: str, what: str) -> ModelLoadError:
+    """Turn an ONNX checker / inference message into an error naming node and op when it can."""
+    text = _one_line(err)
+    node = _NODE_RE.search(text)
+    op = _OP_RE.search(text)
+    return ModelLoadError(f"{what}: {text}", file=source,
+                          node=node.group(1) if node else None, op=op.group(1) if op else None)
+
+
+def _one_line(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 400 else text[:397] + "..."

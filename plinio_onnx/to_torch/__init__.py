@@ -1,0 +1,6 @@
+"""`to_torch`: the round-trip loader from a `Graph` to a trainable ``torch.nn.Module``."""
+from .builder import OnnxModule, to_torch
+from .context import NodeContext
+from .registry import Unsupported, lookup, register, supported_ops
+
+__all__ = ["OnnxModule", "NodeContext", "Unsupported", "lookup", "register", "supported_ops", "to_torch"]

@@ -1,0 +1,162 @@
+"""Generate a ``torch.fx.GraphModule`` from a `Graph`: dispatch once, at build time.
+
+Initializers become named tensors of the module: floating-point arrays with more than one element
+are trainable ``nn.Parameter``s; integer, boolean and one-element constants (epsilons, exponents,
+shape values) are buffers. ``initializer_names`` maps each attribute back to its ONNX name, which
+is how `sync` writes trained values into the graph.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import torch
+import torch.fx as fx
+
+from ..errors import UnsupportedOpError
+from ..graph import Graph
+from .context import NodeContext
+from .registry import Unsupported, lookup
+
+
+class OnnxModule(fx.GraphModule):
+    """The torch module of an ONNX graph.
+
+    ``initializer_names`` maps module attribute names to ONNX initializer names.
+    Calling it takes the graph inputs in order; returns one tensor or a tuple.
+    """
+
+    initializer_names: dict[str, str]
+    input_names: list[str]
+    output_names: list[str]
+
+
+def _is_trainable(values: np.ndarray) -> bool:
+    return np.issubdtype(values.dtype, np.floating) and values.size > 1
+
+
+class _Builder:
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.fx = fx.Graph()
+        self.root = torch.nn.Module()
+        self.env: dict[str, fx.Node] = {}
+        self._attr_of: dict[str, str] = {}       # ONNX initializer name -> attribute name
+        self._used_names: set[str] = set()
+        self.initializer_names: dict[str, str] = {}
+
+    # -- names --------------------------------------------------------------------------------
+    def _unique(self, raw: str, prefix: str = "") -> str:
+        name = re.sub(r"\W", "_", raw) or "t"
+        if name[0].isdigit():
+            name = "_" + name
+        name = prefix + name
+        candidate, k = name, 1
+        while candidate in self._used_names or hasattr(torch.nn.Module, candidate):
+            candidate = f"{name}_{k}"
+            k += 1
+        self._used_names.add(candidate)
+        return candidate
+
+    def attr_name(self, onnx_name: str) -> str:
+        return self._attr_of[onnx_name]
+
+    def add_submodule(self, raw: str, module: torch.nn.Module) -> str:
+        name = self._unique(raw, prefix="op_")
+        self.root.add_module(name, module)
+        return name
+
+    # -- values -------------------------------------------------------------------------------
+    def value(self, tensor: gs.Tensor, trainable: bool | None = None) -> fx.Node:
+        """The fx value of ``tensor``; a constant becomes a parameter or buffer on first use
+        (``trainable`` overrides the default rule, e.g. for running statistics)."""
+        if tensor.name in self.env:
+            return self.env[tensor.name]
+        if isinstance(tensor, gs.Constant):
+            values = np.array(tensor.values)  # own copy: the graph keeps its values
+            if values.dtype == np.float64 or values.dtype.kind in "fiub":
+                data = torch.from_numpy(np.ascontiguousarray(values))
+            else:
+                raise Unsupported(f"initializer {tensor.name!r} has unsupported dtype {values.dtype}")
+            name = self._unique(tensor.name)
+            if _is_trainable(values) if trainable is None else trainable:
+                self.root.register_parameter(name, torch.nn.Parameter(data))
+            else:
+                self.root.register_buffer(name, data)
+            self._attr_of[tensor.name] = name
+            self.initializer_names[name] = tensor.name
+            node = self.fx.get_attr(name)
+            self.env[tensor.name] = node
+            return node
+        raise KeyError(f"tensor {tensor.name!r} is used before it is computed")
+
+    # -- build --------------------------------------------------------------------------------
+    def build(self) -> OnnxModule:
+        g = self.graph.gs
+        g.toposort()
+        opset = self.graph.opset
+        problems: list[tuple[str, str, str]] = []
+        plans = []
+        for node in g.nodes:
+            handler = lookup(node.domain or "", node.op, opset if not node.domain or node.domain == "ai.onnx"
+                             else _domain_version(g, node.domain))
+            if handler is None:
+                domain = f"{node.domain}::" if node.domain else ""
+                problems.append((node.name, domain + node.op, "no handler" + (f" at opset {opset}" if not domain else "")))
+            if any(isinstance(v, gs.Graph) for v in node.attrs.values()):
+                problems.append((node.name, node.op, "ops with subgraphs (If/Loop/Scan) are not supported"))
+            plans.append((node, handler))
+        if problems:
+            raise UnsupportedOpError(problems, file=self.graph.source)
+
+        for tensor in g.inputs:
+            self.env[tensor.name] = self.fx.placeholder(self._unique(tensor.name, prefix="in_"))
+        for node, handler in plans:
+            ctx = NodeContext(self, node, opset)
+            try:
+                result = handler.build(ctx)
+            except Unsupported as why:
+                problems.append((node.name, node.op, str(why)))
+                result = None
+            if result is None and problems:
+                result = [self._poison() for _ in node.outputs]
+            if not isinstance(result, (list, tuple)):
+                result = [result]
+            for tensor, value in zip(node.outputs, result):
+                if tensor.name and value is not None:
+                    self.env[tensor.name] = value
+        if problems:
+            raise UnsupportedOpError(problems, file=self.graph.source)
+
+        outputs = [self.value(t) for t in g.outputs]
+        self.fx.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        module = OnnxModule(self.root, self.fx, class_name="OnnxModule")
+        module.initializer_names = self.initializer_names
+        module.input_names = [t.name for t in g.inputs]
+        module.output_names = [t.name for t in g.outputs]
+        return module
+
+    def _poison(self) -> fx.Node:
+        return self.fx.call_function(_unsupported_marker, ())
+
+
+def _unsupported_marker() -> None:  # stands in for outputs of nodes that failed to build
+    raise RuntimeError("unsupported node")
+
+
+def _domain_version(g: gs.Graph, domain: str) -> int:
+    return int(getattr(g, "import_domains", None) and next(
+        (d.version for d in g.import_domains if d.domain == domain), 1) or 1)
+
+
+def to_torch(graph: Graph) -> OnnxModule:
+    """Generate the torch module computing ``graph``; see the module docstring for parameters.
+
+    Raises `UnsupportedOpError` listing every node the loader cannot express, before anything runs.
+    """
+    from . import ops  # noqa: F401  (fills the registry)
+    if not isinstance(graph, Graph):
+        from ..load import load
+        graph = load(graph)
+    return _Builder(graph).build()
