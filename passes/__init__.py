@@ -3,5 +3,7 @@
 Installed as ``plinio_onnx.passes``.
 """
 from .canonicalize import canonicalize
+from .pit import pit
+from .prune import prune_channels
 
-__all__ = ["canonicalize"]
+__all__ = ["canonicalize", "pit", "prune_channels"]

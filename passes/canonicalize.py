@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from plinio_onnx.graph import Graph
+from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 
 __all__ = ["canonicalize"]
 
@@ -64,7 +64,11 @@ def _fold_constants(g: gs.Graph) -> None:
     old_severity = gs_logger.severity
     gs_logger.severity = gs_logger.ERROR + 10
     try:
-        g.fold_constants(error_ok=True)
+        # onnx-graphsurgeon's shape folding ignores Shape's start/end (opset 15); skip it then.
+        sliced_shape = any(n.op == "Shape" and ("start" in n.attrs or "end" in n.attrs) for n in g.nodes)
+        # ai.plinio functions compute from trainable parameters: folding would freeze them.
+        g.fold_constants(error_ok=True, fold_shapes=not sliced_shape,
+                         should_exclude_node=lambda node: (node.domain or "") == PLINIO_DOMAIN)
     finally:
         gs_logger.severity = old_severity
         logger.setLevel(level)

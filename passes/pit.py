@@ -144,6 +144,8 @@ def _insert_time_mask(g: gs.Graph, node: gs.Node, time: bool, dilation: bool, th
     kernel = int(weight.shape[2])
     if kernel < 2 or any(s != 1 for s in node.attrs.get("strides", [1])):
         return None
+    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
+        return None  # explicit pads are needed to re-align a shortened kernel
     levels = fn.dilation_levels(kernel) if dilation else 1
     # An unsearched mask is one always-kept entry: a buffer (not trainable) that broadcasts.
     beta = gs.Constant(f"{node.name}.pit_beta", np.ones(kernel if time else 1, np.float32))
@@ -156,4 +158,6 @@ def _insert_time_mask(g: gs.Graph, node: gs.Node, time: bool, dilation: bool, th
                            outputs=[masked]))
     node.inputs[1] = masked
     return {"node": node.name, "kernel": kernel, "beta": beta.name, "gamma": gamma.name,
-            "time": time, "dilation": dilation}
+            "search_time": time, "search_dilation": dilation,
+            "dilation": int(node.attrs.get("dilations", [1])[0]),
+            "pads": [int(p) for p in node.attrs.get("pads", [0, 0])]}

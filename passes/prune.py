@@ -98,27 +98,17 @@ def _weight_constant(node: gs.Node) -> gs.Constant:
 
 
 def _shrink_kernel(node: gs.Node, tensors, entry: dict, threshold: float) -> None:
-    """Keep the surviving taps of a masked Conv1d: kernel |J|, dilation d·D, left pad moved."""
+    """Export a masked Conv1d with the surviving taps only (`fn.kernel_plan`)."""
     weight = _weight_constant(node)
     taps = fn.tap_mask(tensors[entry["beta"]].values, tensors[entry["gamma"]].values, threshold)
-    kept = np.flatnonzero(taps)
-    kernel = entry["kernel"]
-    if kept.size == kernel:
-        return
-    dilation = int(node.attrs.get("dilations", [1])[0])
-    pads = list(node.attrs.get("pads", [0, 0]))
-    step = int(kept[1] - kept[0]) if kept.size > 1 else 1
-    regular = kept[-1] == kernel - 1 and np.all(np.diff(kept) == step)
-    new_begin = pads[0] - int(kept[0]) * dilation
-    auto_pad = node.attrs.get("auto_pad", "NOTSET")
-    if not regular or new_begin < 0 or auto_pad not in ("NOTSET", "", b"NOTSET"):
-        # The taps cannot be re-expressed as a shorter kernel here: zero them in place.
-        weight.values = np.asarray(weight.values) * taps.reshape(1, 1, -1)
-        return
-    weight.values = np.ascontiguousarray(np.asarray(weight.values)[:, :, kept])
-    node.attrs["kernel_shape"] = [int(kept.size)]
-    node.attrs["dilations"] = [dilation * step]
-    node.attrs["pads"] = [new_begin, pads[1]]
+    plan = fn.kernel_plan(taps, entry["dilation"], tuple(entry["pads"]))
+    values = np.asarray(weight.values)
+    zero = np.zeros_like(values[:, :, :1])
+    weight.values = np.ascontiguousarray(np.concatenate(
+        [values[:, :, j:j + 1] if j is not None else zero for j in plan.taps], axis=2))
+    node.attrs["kernel_shape"] = [len(plan.taps)]
+    node.attrs["dilations"] = [plan.dilation]
+    node.attrs["pads"] = list(plan.pads)
 
 
 def _bypass_plinio_nodes(g: gs.Graph) -> None:

@@ -1,11 +1,13 @@
 """plinio-onnx: gradient-based DNN optimization (PIT, MPS, SuperNet) on ONNX graphs."""
-from . import passes
+from . import cost, passes
 from .errors import ModelLoadError, PlinioOnnxError, UnsupportedOpError
 from .graph import Graph
+from .finalize import finalize
 from .load import load
+from .methods import PIT
 from .sync import sync
 from .to_torch import to_torch
 
-__all__ = ["Graph", "ModelLoadError", "PlinioOnnxError", "UnsupportedOpError", "load", "passes",
-           "sync", "to_torch"]
+__all__ = ["PIT", "Graph", "ModelLoadError", "PlinioOnnxError", "UnsupportedOpError", "cost",
+           "finalize", "load", "passes", "sync", "to_torch"]
 __version__ = "0.1.0"

@@ -32,22 +32,11 @@ class LayerSpec:
     bias: bool = False
     output_positions: int = 1    # output spatial positions (conv) or rows (linear/matmul) per sample
     weight: str | None = None    # ONNX name of the weight initializer
+    depthwise: bool = False      # groups == in == out (groups then follow the channels)
     extra: dict = field(default_factory=dict)
-
-    @property
-    def depthwise(self) -> bool:
-        return self.kind in ("conv", "conv_transpose") and self.groups > 1 and \
-            _eq(self.groups, self.in_channels) and _eq(self.groups, self.out_channels)
 
     def with_(self, **changes: Any) -> "LayerSpec":
         return replace(self, **changes)
-
-
-def _eq(a: Any, b: Any) -> bool:
-    try:
-        return int(a) == int(b)
-    except (TypeError, ValueError):
-        return False
 
 
 _EXTRACTORS: dict[str, Callable[[gs.Node], LayerSpec | None]] = {}
@@ -83,7 +72,18 @@ def _static_positions(shape, first_spatial: int) -> int:
 
 
 def _const(tensor: gs.Tensor) -> np.ndarray | None:
+    tensor = weight_source(tensor)
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
+def weight_source(tensor: gs.Tensor) -> gs.Tensor:
+    """The tensor behind a weight input, looking through ``ai.plinio`` masks and quantizers
+    (whose first input is the weight they transform), so searchable graphs cost like the original."""
+    from ..graph import PLINIO_DOMAIN
+    while not isinstance(tensor, gs.Constant) and tensor.inputs and \
+            (tensor.inputs[0].domain or "") == PLINIO_DOMAIN and tensor.inputs[0].inputs:
+        tensor = tensor.inputs[0].inputs[0]
+    return tensor
 
 
 @layer_extractor("Conv")
@@ -97,7 +97,9 @@ def _conv(node: gs.Node) -> LayerSpec | None:
     return LayerSpec(name=node.name, op=node.op, kind="conv", in_channels=c_in_per_group * groups,
                      out_channels=c_out, kernel_size=int(math.prod(kernel)), groups=groups,
                      bias=has_bias, output_positions=_static_positions(node.outputs[0].shape, 2),
-                     weight=weight.name, extra={"kernel_shape": kernel,
+                     weight=weight_source(weight).name,
+                     depthwise=groups > 1 and groups == c_out == c_in_per_group * groups,
+                     extra={"kernel_shape": kernel,
                                                 "dilations": list(node.attrs.get("dilations", [1] * len(kernel)))})
 
 
@@ -114,7 +116,7 @@ def _conv_transpose(node: gs.Node) -> LayerSpec | None:
                      out_channels=c_out_per_group * groups, kernel_size=int(math.prod(kernel)),
                      groups=groups, bias=has_bias,
                      output_positions=_static_positions(node.inputs[0].shape, 2),
-                     weight=weight.name, extra={"kernel_shape": kernel})
+                     weight=weight_source(weight).name, extra={"kernel_shape": kernel})
 
 
 @layer_extractor("Gemm")
@@ -127,7 +129,7 @@ def _gemm(node: gs.Node) -> LayerSpec | None:
         k, n = n, k
     has_bias = len(node.inputs) > 2 and bool(node.inputs[2].name)
     return LayerSpec(name=node.name, op=node.op, kind="linear", in_channels=k, out_channels=n,
-                     bias=has_bias, weight=b.name if _const(b) is not None else None)
+                     bias=has_bias, weight=weight_source(b).name if _const(b) is not None else None)
 
 
 @layer_extractor("MatMul")
@@ -147,7 +149,7 @@ def _matmul(node: gs.Node) -> LayerSpec | None:
     return LayerSpec(name=node.name, op=node.op, kind="linear" if weighted else "matmul",
                      in_channels=int(k), out_channels=int(n), output_positions=rows,
                      bias=weighted and _bias_add(node, int(n)) is not None,
-                     weight=b.name if weighted else None)
+                     weight=weight_source(b).name if weighted else None)
 
 
 def _bias_add(node: gs.Node, width: int) -> gs.Node | None:

@@ -123,6 +123,47 @@ def tap_mask(beta: np.ndarray, gamma: np.ndarray, threshold: float) -> np.ndarra
     return ((theta_beta > threshold) & (theta_gamma > threshold)).astype(np.float32)
 
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How a masked Conv1d kernel is exported: ``taps`` lists, oldest first, the original tap
+    index of every exported tap (None: a zero tap that only keeps the alignment), with
+    ``dilation`` and ``pads`` of the exported conv."""
+    taps: tuple
+    dilation: int
+    pads: tuple[int, int]
+
+
+def kernel_plan(mask: np.ndarray, dilation: int, pads: tuple[int, int]) -> KernelPlan:
+    """The shortest kernel computing exactly what the masked kernel computes.
+
+    Kept taps form a progression ending at the newest tap (β drops from the old end, γ keeps
+    every 2^p-th tap counted from the newest), so they are a kernel of |J| taps at dilation d·step
+    whose first tap sits J0·d later: its left pad shrinks by J0·d. Where that pad would be
+    negative (a centred kernel that lost its older half), zero taps are prepended until it is not.
+    """
+    kernel = mask.size
+    kept = np.flatnonzero(mask)
+    if kept.size == kernel:
+        return KernelPlan(tuple(range(kernel)), dilation, tuple(pads))
+    step = int(kept[1] - kept[0]) if kept.size > 1 else 1
+    if kept[-1] != kernel - 1 or np.any(np.diff(kept) != step):
+        return KernelPlan(tuple(int(j) if mask[j] else None for j in range(kernel)), dilation, tuple(pads))
+    begin = pads[0] - int(kept[0]) * dilation
+    new_dilation = dilation * step
+    taps: list = [int(j) for j in kept]
+    if begin < 0:
+        if kept.size == 1:
+            new_dilation, extra = -begin, 1
+        else:
+            extra = -(-(-begin) // new_dilation)
+        taps = [None] * extra + taps
+        begin += extra * new_dilation
+    return KernelPlan(tuple(taps), new_dilation, (begin, pads[1]))
+
+
 # -- torch ------------------------------------------------------------------------------------
 def _theta(x: torch.Tensor) -> torch.Tensor:
     """|x| with the last entry forced to 1 (keep-alive)."""
@@ -132,7 +173,7 @@ def _theta(x: torch.Tensor) -> torch.Tensor:
 def binarize(theta: torch.Tensor, threshold: float) -> torch.Tensor:
     """1[θ > threshold] forward; identity gradient (straight-through)."""
     hard = (theta > threshold).to(theta.dtype)
-    return hard + theta - theta.detach()
+    return hard + (theta - theta.detach())  # exactly `hard` forward: a - a == 0
 
 
 def channel_mask(alpha: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """`to_torch`: the round-trip loader from a `Graph` to a trainable ``torch.nn.Module``."""
+from . import ops  # noqa: F401  (fills the registry)
 from .builder import OnnxModule, to_torch
 from .context import NodeContext
 from .registry import Unsupported, lookup, register, supported_ops

@@ -100,7 +100,7 @@ class NodeContext:
         if value is not None and value.size == 1:
             other_tensor = self.node.inputs[other]
             other_rank = len(other_tensor.shape) if other_tensor.shape is not None else -1
-            if other_tensor.dtype is not None and np.dtype(other_tensor.dtype) == value.dtype \
+            if other_tensor.dtype is not None and _numpy_dtype(other_tensor) == value.dtype \
                     and value.ndim <= other_rank:
                 return value.reshape(-1)[0].item()
         return self.input(i)
@@ -117,12 +117,10 @@ class NodeContext:
         return len(shape)
 
     def dtype(self, i: int) -> np.dtype | None:
-        tensor = self.node.inputs[i]
-        return None if tensor.dtype is None else np.dtype(tensor.dtype)
+        return _numpy_dtype(self.node.inputs[i])
 
     def out_dtype(self, j: int = 0) -> np.dtype | None:
-        tensor = self.node.outputs[j]
-        return None if tensor.dtype is None else np.dtype(tensor.dtype)
+        return _numpy_dtype(self.node.outputs[j])
 
     def out_shape(self, j: int = 0) -> list | None:
         tensor = self.node.outputs[j]
@@ -158,6 +156,17 @@ class NodeContext:
             return None
         self.input(i)
         return self._builder.attr_name(self.node.inputs[i].name)
+
+
+def _numpy_dtype(tensor: gs.Tensor) -> np.dtype | None:
+    """The numpy dtype of a tensor; types numpy lacks (bfloat16, float8) are refused clearly."""
+    if tensor.dtype is None:
+        return None
+    try:
+        return np.dtype(tensor.dtype)
+    except TypeError:
+        raise Unsupported(f"tensor {tensor.name!r} has a data type torch cannot run here "
+                          f"({tensor.dtype})") from None
 
 
 def _tensor_to_list(t: torch.Tensor) -> list:

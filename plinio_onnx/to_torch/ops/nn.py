@@ -97,7 +97,9 @@ def conv_transpose(ctx: NodeContext):
         for i in range(n):
             total = strides[i] * (in_shape[2 + i] - 1) + output_padding[i] + \
                 ((kernel[i] - 1) * dilations[i] + 1) - output_shape[i]
-            total = max(total, 0)
+            if total < 0:  # the requested size exceeds the natural one: grow at the end
+                output_padding[i] += -total
+                total = 0
             if auto_pad == "SAME_UPPER":
                 b = total // 2
             else:

@@ -642,24 +642,30 @@ class _ResizeSpec:
 
 
 def _resize_sizes(in_shape: list[int], spec: _ResizeSpec, scales, sizes):
-    """Full-rank (output sizes, scales) as the ONNX reference computes them."""
+    """Full-rank (output sizes, scales) as the ONNX reference computes them. Scales keep the
+    reference's number types (float32 when given, float64 when derived from sizes): the sampling
+    positions are computed with its exact arithmetic, so rounding ties fall the same way."""
     r = len(in_shape)
-    axes = list(range(r)) if spec.axes is None else [a + r if a < 0 else a for a in spec.axes]
+    axes = _resize_axes(spec, r)
     if sizes is not None:
         out = list(in_shape)
         for i, a in enumerate(axes):
             out[a] = int(sizes[i])
-        scale = [out[d] / in_shape[d] if in_shape[d] else 1.0 for d in range(r)]
+        scale = [np.int64(out[d]) / in_shape[d] if in_shape[d] else np.float64(1) for d in range(r)]
         if spec.policy != "stretch":
             pick = min if spec.policy == "not_larger" else max
             s = pick(scale[a] for a in axes)
-            scale = [s if d in axes else 1.0 for d in range(r)]
+            scale = [s if d in axes else np.float64(1) for d in range(r)]
             out = [int(s * in_shape[d] + 0.5) if d in axes else in_shape[d] for d in range(r)]
         return out, scale
-    scale = [1.0] * r
+    scale = [np.float32(1)] * r
     for i, a in enumerate(axes):
-        scale[a] = float(scales[i])
-    return [int(scale[d] * in_shape[d]) for d in range(r)], scale
+        scale[a] = np.float32(scales[i])
+    return [int(np.float64(scale[d]) * in_shape[d]) for d in range(r)], scale
+
+
+def _resize_axes(spec: _ResizeSpec, rank: int) -> list[int]:
+    return list(range(rank)) if spec.axes is None else [a + rank if a < 0 else a for a in spec.axes]
 
 
 def _resize_coeffs(ratio: np.ndarray, scale: float, spec: _ResizeSpec) -> np.ndarray:
@@ -691,33 +697,35 @@ def _resize_axis(in_size: int, out_size: int, scale: float, roi: tuple[float, fl
                  spec: _ResizeSpec):
     """One axis: ("index", int64 indices) or ("weights", (out, in) matrix), plus a validity mask
     (tf_crop_and_resize positions outside the input take the extrapolation value) or None."""
-    x = np.arange(out_size, dtype=np.float64)
+    # Written like the ONNX reference (same operand order and numpy types), see _resize_sizes.
+    x = np.arange(out_size, dtype=np.int64)
     out_w = scale * in_size  # the reference uses the unrounded output length
     coord = spec.coord
     valid = None
     if coord == "align_corners":
-        x_ori = np.zeros_like(x) if out_w == 1 else x * (in_size - 1) / (out_w - 1)
+        x_ori = np.zeros(out_size) if out_w == 1 else x * (in_size - 1) / (out_w - 1)
     elif coord == "asymmetric":
         x_ori = x / scale
     elif coord == "tf_crop_and_resize":
-        lo, hi = roi
+        lo, hi = np.float32(roi[0]), np.float32(roi[1])
         if out_w == 1:
-            x_ori = np.full_like(x, (hi - lo) * (in_size - 1) / 2)
+            x_ori = np.full(out_size, (hi - lo) * (in_size - 1) / 2, dtype=np.float64)
         else:
             x_ori = x * (hi - lo) * (in_size - 1) / (out_w - 1)
         x_ori = x_ori + lo * (in_size - 1)
         valid = (x_ori >= 0) & (x_ori <= in_size - 1)
     elif coord == "pytorch_half_pixel":
-        x_ori = np.full_like(x, -0.5) if out_w == 1 else (x + 0.5) / scale - 0.5
+        x_ori = np.full(out_size, -0.5) if out_w == 1 else (x + 0.5) / scale - 0.5
     elif coord == "half_pixel":
         x_ori = (x + 0.5) / scale - 0.5
     elif coord == "half_pixel_symmetric":
-        offset = in_size / 2 * (1 - out_size / out_w)
+        offset = in_size / 2 * (1 - np.int64(out_size) / out_w)
         x_ori = offset + (x + 0.5) / scale - 0.5
     elif coord == "tf_half_pixel_for_nn":
         x_ori = (x + 0.5) / scale
     else:
         raise Unsupported(f"coordinate_transformation_mode={coord!r}")
+    x_ori = np.asarray(x_ori, dtype=np.float64)
     base = np.ceil(x_ori) - 1  # the left neighbour, so that ratio lies in (0, 1]
     ratio = x_ori - base
     if spec.mode == "nearest":
@@ -749,11 +757,7 @@ def _resize_axis(in_size: int, out_size: int, scale: float, roi: tuple[float, fl
 def _resize_plan(in_shape: list[int], spec: _ResizeSpec, roi, scales, sizes):
     out, scale = _resize_sizes(in_shape, spec, scales, sizes)
     r = len(in_shape)
-    full_roi = [0.0] * r + [1.0] * r
-    if roi is not None and len(roi):
-        axes = list(range(r)) if spec.axes is None else [a + r if a < 0 else a for a in spec.axes]
-        for i, a in enumerate(axes):
-            full_roi[a], full_roi[r + a] = float(roi[i]), float(roi[len(axes) + i])
+    full_roi = _full_roi(roi, spec, r)
     steps = []
     for d in range(r):
         if out[d] == in_shape[d] and scale[d] == 1 and spec.coord != "tf_crop_and_resize":
@@ -834,37 +838,70 @@ def _interpolate_candidates(spec: _ResizeSpec, n_spatial: int, by_sizes: bool) -
     return [dict(m, how=h) for h in how for m in modes]
 
 
-def _probe_interpolate(in_shape: list[int], spec: _ResizeSpec, roi, scales, sizes) -> dict | None:
-    """A F.interpolate call that reproduces this Resize for a static input shape, or None."""
+def _probe_interpolate(in_shape: list, spec: _ResizeSpec, roi, scales, sizes) -> dict | None:
+    """A F.interpolate call that reproduces this Resize for the static spatial sizes, or None.
+
+    Both are separable, so each spatial axis is probed alone: a length-L ramp of distinct values
+    through the ONNX plan and through each candidate; a candidate must agree on every axis."""
     rank = len(in_shape)
     if rank not in (3, 4, 5) or any(not isinstance(d, int) for d in in_shape[2:]):
         return None
-    probe_shape = [1, 2] + list(in_shape[2:])
-    out, scale = _resize_sizes(probe_shape, spec, scales, sizes)
-    if scale[:2] != [1.0, 1.0] or out[:2] != [1, 2] or 0 in out:
+    axes = _resize_axes(spec, rank)
+    shape = list(in_shape)
+    for d in (0, 1):  # batch and channels: F.interpolate leaves them alone, so must the node
+        if not isinstance(shape[d], int):
+            if d in axes and sizes is not None:
+                return None
+            shape[d] = 1
+    out, scale = _resize_sizes(shape, spec, scales, sizes)
+    if any(out[d] != shape[d] or scale[d] != 1 for d in (0, 1)) or 0 in out[2:]:
         return None
-    _, steps = _resize_plan(probe_shape, spec, roi, scales, sizes)
+    full_roi = _full_roi(roi, spec, rank)
+    alive = _interpolate_candidates(spec, rank - 2, sizes is not None)
     gen = torch.Generator().manual_seed(0)
-    if spec.mode == "nearest":
-        x = torch.randperm(math.prod(probe_shape), generator=gen).reshape(probe_shape).double()
-    else:
-        x = torch.rand(probe_shape, generator=gen, dtype=torch.float64)
-    plan = [(a, k, torch.from_numpy(d), None if v is None else torch.from_numpy(v)) for a, k, d, v in steps]
-    expected = _apply_resize_steps(x, plan, spec.extrapolation)
-    for cand in _interpolate_candidates(spec, rank - 2, sizes is not None):
-        kwargs = {k: v for k, v in cand.items() if k != "how"}
-        if cand["how"] == "size":
-            kwargs["size"] = out[2:]
+    for d in range(2, rank):
+        length = shape[d]
+        if spec.mode == "nearest":
+            values = torch.randperm(length, generator=gen).double()
         else:
-            kwargs["scale_factor"] = scale[2:]
-            kwargs["recompute_scale_factor"] = False
-        try:
-            got = F.interpolate(x, **kwargs)
-        except (RuntimeError, ValueError, NotImplementedError):
-            continue
-        if got.shape == expected.shape and torch.allclose(got, expected, rtol=0, atol=1e-9 if spec.mode == "nearest" else 1e-6):
-            return kwargs
-    return None
+            values = torch.rand(length, generator=gen, dtype=torch.float64)
+        kind, data, valid = _resize_axis(length, out[d], scale[d], (full_roi[d], full_roi[rank + d]), spec)
+        expected = values[torch.from_numpy(data)] if kind == "index" else torch.from_numpy(data) @ values
+        view = [1, 1] + [length if j == d else 1 for j in range(2, rank)]
+        survivors = []
+        for cand in alive:
+            kwargs = _interpolate_kwargs(cand, [out[j] if j == d else 1 for j in range(2, rank)],
+                                         [scale[j] if j == d else 1.0 for j in range(2, rank)])
+            try:
+                got = F.interpolate(values.view(view), **kwargs).reshape(-1)
+            except (RuntimeError, ValueError, NotImplementedError):
+                continue
+            tol = 0.0 if spec.mode == "nearest" else 1e-6
+            if got.shape == expected.shape and torch.allclose(got, expected, rtol=0, atol=tol):
+                survivors.append(cand)
+        alive = survivors
+    if not alive:
+        return None
+    return _interpolate_kwargs(alive[0], out[2:], scale[2:])
+
+
+def _interpolate_kwargs(cand: dict, size: list[int], scale: list) -> dict:
+    kwargs = {k: v for k, v in cand.items() if k != "how"}
+    if cand["how"] == "size":
+        kwargs["size"] = [int(s) for s in size]
+    else:
+        kwargs["scale_factor"] = [float(s) for s in scale]
+        kwargs["recompute_scale_factor"] = False
+    return kwargs
+
+
+def _full_roi(roi, spec: _ResizeSpec, r: int) -> list[float]:
+    full = [0.0] * r + [1.0] * r
+    if roi is not None and len(roi):
+        axes = _resize_axes(spec, r)
+        for i, a in enumerate(axes):
+            full[a], full[r + a] = float(roi[i]), float(roi[len(axes) + i])
+    return full
 
 
 def _resize_build(ctx: NodeContext, spec: _ResizeSpec, roi_i: int | None, scales_i: int | None,

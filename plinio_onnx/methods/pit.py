@@ -1,0 +1,142 @@
+"""`PIT`: the PLiNIO-style entry point for PIT on an ONNX model.
+
+    model = po.PIT("model.onnx", cost=po.cost.params)
+    loss = criterion(model(x), y) + strength * model.cost
+    model.export("pruned.onnx")
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import onnx
+import torch
+
+from plinio_onnx.functions import pit as fn
+from plinio_onnx.passes.pit import LAYER_OPS, MASKS, METADATA_KEY, pit
+
+from ..cost import LayerSpec
+from ..graph import Graph
+from .searchable import CostFn, SearchableModel, as_graph
+
+_PIT_SUFFIXES = (".pit_alpha", ".pit_beta", ".pit_gamma")
+
+
+class PIT(SearchableModel):
+    """PIT (channel, receptive-field and dilation masks) on an ONNX model.
+
+    ``model``: a path, ``onnx.ModelProto`` or `Graph`; a graph already searchable by PIT (a
+    checkpoint written by `searchable_graph().save(...)`) resumes as it is. The other arguments
+    are those of `plinio_onnx.passes.pit`. ``discrete_cost``: cost from binarized masks
+    (straight-through gradients) — the exported model's cost — instead of continuous |θ|.
+
+    In eval and train mode alike the forward uses binarized masks, so what you evaluate is what
+    `export` writes.
+    """
+
+    def __init__(self, model: "str | os.PathLike | onnx.ModelProto | Graph", *,
+                 cost: "CostFn | str" = "params", include: Iterable[str] | None = None,
+                 exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
+                 masks: Iterable[str] = MASKS, threshold: float = 0.5, discrete_cost: bool = True) -> None:
+        graph = as_graph(model)
+        if METADATA_KEY not in graph.metadata:
+            graph = pit(graph, include=include, exclude=exclude, op_types=op_types, masks=masks,
+                        threshold=threshold)
+        super().__init__(graph, cost)
+        self.info = json.loads(graph.metadata[METADATA_KEY])
+        self.threshold = float(self.info["threshold"])
+        self.discrete_cost = discrete_cost
+        self._alpha = {int(gid): name for gid, name in self.info["group_alpha"].items()}
+        self._time = {entry["node"]: entry for entry in self.info["time"]}
+
+    def _is_nas_parameter(self, onnx_name: str) -> bool:
+        return onnx_name.endswith(_PIT_SUFFIXES)
+
+    # -- effective sizes ----------------------------------------------------------------------
+    def _count(self, theta: torch.Tensor) -> torch.Tensor:
+        # float64: costs reach 1e9 MACs, where float32 would not count exactly.
+        return (fn.binarize(theta, self.threshold) if self.discrete_cost else theta).sum(dtype=torch.float64)
+
+    def channels(self, gid: int) -> torch.Tensor | int:
+        """Effective channel count of analysis group ``gid`` (static when not searched)."""
+        name = self._alpha.get(gid)
+        if name is None:
+            return int(self.info["group_sizes"][gid])
+        return self._count(fn._theta(self.tensor(name)))
+
+    def kernel(self, node: str, static: int):
+        entry = self._time.get(node)
+        if entry is None:
+            return static
+        beta, gamma = self.tensor(entry["beta"]), self.tensor(entry["gamma"])
+        gamma_map = self.tensor(f"{node}.pit_gamma_map")
+        if self.discrete_cost:
+            counted = fn.taps(beta, gamma, gamma_map, self.threshold).sum(dtype=torch.float64)
+            # Value: the exported kernel (zero alignment taps included); gradient: the tap count.
+            mask = fn.tap_mask(beta.detach().cpu().numpy(), gamma.detach().cpu().numpy(), self.threshold)
+            exported = len(fn.kernel_plan(mask, entry["dilation"], tuple(entry["pads"])).taps)
+            return counted + (exported - counted).detach()
+        # Continuous: PLiNIO's k_eff with θβ, θγ normalized per tap.
+        theta_beta = torch.cumsum(fn._theta(beta), 0)
+        theta_gamma = gamma_map.to(beta.dtype) @ fn._theta(gamma)
+        counts = gamma_map.to(beta.dtype).sum(1)
+        positions = torch.arange(1, beta.numel() + 1, dtype=beta.dtype)
+        if beta.numel() == 1:
+            theta_beta = theta_beta.expand_as(theta_gamma)
+            positions = torch.ones_like(theta_gamma)
+        return (theta_beta / positions * theta_gamma / counts).sum(dtype=torch.float64)
+
+    def effective_spec(self, spec: LayerSpec) -> LayerSpec:
+        inputs = self.info["layer_inputs"].get(spec.name)
+        output = self.info["layer_output"].get(spec.name)
+        changes = {}
+        if inputs:
+            changes["in_channels"] = sum(self.channels(gid) * inner for gid, inner in inputs)
+        if output is not None:
+            changes["out_channels"] = self.channels(output)
+        if spec.name in self._time:
+            changes["kernel_size"] = self.kernel(spec.name, spec.kernel_size)
+        return spec.with_(**changes) if changes else spec
+
+    # -- reporting ----------------------------------------------------------------------------
+    def kept_channels(self) -> dict[str, tuple[int, int]]:
+        """For every searched group (named after its first producer): (kept, total)."""
+        out = {}
+        for group in self.info["groups"]:
+            alpha = self.tensor(group["alpha"]).detach().cpu().numpy()
+            out[group["name"] if "name" in group else group["producers"][0]["node"]] = (
+                int(fn.channel_keep(alpha, self.threshold).size), int(group["size"]))
+        return out
+
+    def summary(self) -> str:
+        """A readable table: every layer's kept input/output channels and kernel, and the costs."""
+        from io import StringIO
+
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="PIT architecture")
+        for col in ("layer", "op", "in", "out", "kernel", "params", "MACs"):
+            table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+        from ..cost import macs, params
+        with torch.no_grad():
+            for spec in self.specs:
+                eff = self.effective_spec(spec)
+                table.add_row(spec.name, spec.op, f"{_int(eff.in_channels)}/{spec.in_channels}",
+                              f"{_int(eff.out_channels)}/{spec.out_channels}",
+                              f"{_int(eff.kernel_size)}/{spec.kernel_size}",
+                              f"{_int(params(eff)):,}", f"{_int(macs(eff)):,}")
+            total_p, total_m = _int(self.cost_of("params")), _int(self.cost_of("macs"))
+        table.add_row("total", "", "", "", "", f"{total_p:,}", f"{total_m:,}", style="bold")
+        buffer = StringIO()
+        Console(file=buffer, width=120).print(table)
+        skipped = self.info["skipped"]
+        if skipped:
+            buffer.write("not searched: " + "; ".join(f"{s['group']} ({s['reason']})" for s in skipped[:20])
+                         + (" …" if len(skipped) > 20 else "") + "\n")
+        return buffer.getvalue()
+
+
+def _int(value) -> int:
+    return int(round(float(value)))
