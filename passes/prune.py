@@ -15,6 +15,7 @@ import json
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from plinio_onnx.finalize import finalizer
 from plinio_onnx.functions import pit as fn
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 
@@ -23,7 +24,8 @@ from .pit import METADATA_KEY
 PIT_FUNCTIONS = (fn.CHANNEL_MASK, fn.MASK_WEIGHT, fn.TIME_MASK)
 
 
-def prune_channels(graph: Graph) -> Graph:
+@finalizer(order=20)
+def prune_channels(graph: Graph, **options) -> Graph:
     """Apply the PIT masks of ``graph`` in place (see the module docstring); returns ``graph``."""
     record = graph.metadata.get(METADATA_KEY)
     if record is None:

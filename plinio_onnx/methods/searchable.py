@@ -93,9 +93,10 @@ class SearchableModel(torch.nn.Module):
         """The searchable graph with the trained values (a checkpoint: save it to resume)."""
         return sync(self.graph, self.module)
 
-    def export(self, path: "str | os.PathLike | None" = None) -> Graph:
-        """Finalize the current architecture into a deployable graph; save it when ``path`` is given."""
-        deployable = finalize(self.searchable_graph())
+    def export(self, path: "str | os.PathLike | None" = None, **options) -> Graph:
+        """Finalize the current architecture into a deployable graph; save it when ``path`` is
+        given. ``options`` go to the finalizers (e.g. ``format="qdq"``)."""
+        deployable = finalize(self.searchable_graph(), **options)
         if path is not None:
             deployable.save(path)
         return deployable
