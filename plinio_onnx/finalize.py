@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-import onnx
 import onnx_graphsurgeon as gs
-from onnx import shape_inference
 
 from .errors import PassError
-from .graph import PLINIO_DOMAIN, Graph
+from .graph import PLINIO_DOMAIN, Graph, infer_shapes
 
 
 _FINALIZERS: list[tuple[int, str, Callable[..., Graph]]] = []
@@ -47,25 +45,19 @@ def finalize(graph: Graph, **options) -> Graph:
 
 
 def reinfer(graph: Graph) -> Graph:
-    """Drop stale intermediate shapes and functions, infer shapes again, check; returns a new Graph."""
+    """Drop stale intermediate shapes and the ai.plinio functions, infer shapes again and check;
+    edits and returns ``graph``."""
     g = graph.gs
     boundary = set(map(id, g.inputs)) | set(map(id, g.outputs))
     for tensor in g.tensors().values():
         if isinstance(tensor, gs.Variable) and id(tensor) not in boundary:
             tensor.shape = None
-    g.functions = [f for f in g.functions if f.domain != PLINIO_DOMAIN] if hasattr(g, "functions") else []
-    model = gs.export_onnx(g, do_type_check=False)
-    del model.graph.value_info[:]
-    kept = [o for o in model.opset_import if o.domain != PLINIO_DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(kept)
-    del model.functions[:]
-    model.ir_version = 10
+    g.functions = [f for f in g.functions if f.domain != PLINIO_DOMAIN]
+    g.import_domains = [d for d in (g.import_domains or []) if d.domain != PLINIO_DOMAIN] or None
     try:
-        model = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-        onnx.checker.check_model(model)
+        infer_shapes(g)
     except Exception as err:
         raise PassError(f"the finalized model is invalid: {' '.join(str(err).split())[:400]}",
                         file=graph.source) from None
-    return Graph(gs.import_onnx(model), source=graph.source,
-                 metadata={k: v for k, v in graph.metadata.items() if not k.startswith("plinio.")})
+    graph.metadata = {k: v for k, v in graph.metadata.items() if not k.startswith("plinio.")}
+    return graph

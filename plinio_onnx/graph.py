@@ -5,6 +5,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -44,9 +45,10 @@ class Graph:
         return {name: t for name, t in self.gs.tensors().items() if isinstance(t, gs.Constant)}
 
     def copy(self) -> "Graph":
-        """A deep copy (weights included) that passes can edit without touching this graph."""
-        return Graph(gs.import_onnx(self.to_onnx(check=False)), source=self.source,
-                     metadata=self.metadata)
+        """A copy that passes can edit without touching this graph: new nodes, tensors and
+        attribute dicts; weight arrays are shared, so passes assign new arrays, never write
+        into ``tensor.values`` in place."""
+        return Graph(self.gs.copy(), source=self.source, metadata=self.metadata)
 
     def __repr__(self) -> str:
         return (f"Graph({self.gs.name!r}, {len(self.gs.nodes)} nodes, opset {self.opset}, "
@@ -62,7 +64,7 @@ class Graph:
             del model.metadata_props[:]
             for key, value in self.metadata.items():
                 model.metadata_props.add(key=key, value=value)
-        if check and model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if check and _weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model)
         return model
 
@@ -72,6 +74,55 @@ class Graph:
         Refuses to overwrite the file the graph was loaded from.
         """
         return save_model(self.to_onnx(), path, source=self.source)
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of initializer data: a cheap stand-in for ``ByteSize()`` (which walks everything)."""
+    return sum(len(t.raw_data) + 4 * len(t.float_data) + 8 * len(t.int64_data)
+               for t in model.graph.initializer)
+
+
+def infer_shapes(graph: gs.Graph, *, check: bool = True) -> None:
+    """Infer every intermediate shape and dtype of ``graph`` in place (strict), optionally running
+    the checker — on a skeleton without weight data, so the cost does not grow with model size.
+
+    Large floating initializers are exported as graph inputs of the same type and shape: shape
+    inference reads only their shapes (shape-like constants, which it reads by value, stay)."""
+    big: list[tuple[gs.Node, int, gs.Constant]] = []
+    stand_ins: dict[str, gs.Variable] = {}
+    for node in graph.nodes:
+        for i, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and tensor.values.size > 16 and \
+                    np.issubdtype(tensor.values.dtype, np.floating):
+                stand_in = stand_ins.setdefault(tensor.name, gs.Variable(
+                    tensor.name, dtype=tensor.values.dtype, shape=list(tensor.values.shape)))
+                big.append((node, i, tensor))
+                node.inputs[i] = stand_in
+    saved_inputs = list(graph.inputs)
+    graph.inputs = saved_inputs + list(stand_ins.values())
+    try:
+        skeleton = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        graph.inputs = saved_inputs
+        for node, i, tensor in big:
+            node.inputs[i] = tensor
+    del skeleton.graph.value_info[:]
+    skeleton.ir_version = IR_VERSION
+    inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True,
+                                                 data_prop=True)
+    if check:
+        onnx.checker.check_model(inferred)
+    tensors = graph.tensors()
+    for info in list(inferred.graph.value_info) + list(inferred.graph.output):
+        tensor = tensors.get(info.name)
+        if isinstance(tensor, gs.Variable) and info.type.HasField("tensor_type"):
+            ttype = info.type.tensor_type
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type) \
+                if ttype.elem_type not in (0, onnx.TensorProto.BFLOAT16) and \
+                ttype.elem_type < onnx.TensorProto.FLOAT8E4M3FN else tensor.dtype
+            if ttype.HasField("shape"):
+                tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                for d in ttype.shape.dim]
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | None = None) -> Path:
@@ -85,7 +136,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
                               file=str(path))
     model.ir_version = IR_VERSION
     path.parent.mkdir(parents=True, exist_ok=True)
-    large = model.ByteSize() >= EXTERNAL_DATA_THRESHOLD
+    large = _weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -110,3 +161,21 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
             os.unlink(tmp)
         raise
     return path
+
+
+def _quiet_graphsurgeon() -> None:
+    """onnx-graphsurgeon logs warnings (and a hint about colors) on stdout; keep errors only.
+
+    It also tries ``import ml_dtypes`` for every tensor it exports; without that package each
+    failed import searches sys.path again (half a second on a 600-node graph). Recording the
+    module as absent makes the attempt fail at once."""
+    logger = gs.logger.G_LOGGER
+    logger.severity = logger.ERROR
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        import sys
+        sys.modules.setdefault("ml_dtypes", None)
+
+
+_quiet_graphsurgeon()

@@ -11,10 +11,10 @@ from pathlib import Path
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
-from onnx import external_data_helper, shape_inference, version_converter
+from onnx import external_data_helper, version_converter
 
 from .errors import ModelLoadError, UnsafeExternalDataError
-from .graph import EXTERNAL_DATA_THRESHOLD, Graph
+from .graph import Graph, infer_shapes
 
 #: Models older than this opset are converted up to it, so handlers see modern op forms.
 WORKING_OPSET = 17
@@ -43,8 +43,14 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
     _load_external_data(proto, base_dir, source)
     _check(proto, source)
     proto = _convert_opset(proto, source)
-    proto = _infer_shapes(proto, source)
-    graph = gs.import_onnx(proto)
+    try:
+        graph = gs.import_onnx(proto)
+    except Exception as err:  # e.g. raw data shorter than its dims
+        raise ModelLoadError(f"cannot read the model ({_one_line(err)})", file=source) from None
+    try:
+        infer_shapes(graph, check=False)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as err:
+        raise _located(err, source, "inconsistent shapes or types") from None
     metadata = {p.key: p.value for p in proto.metadata_props}
     result = Graph(graph, source=source, metadata=metadata)
     if canonicalize:
@@ -96,9 +102,14 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path | None, source: s
         raise ModelLoadError(f"cannot read external data ({_one_line(err)})", file=source) from None
 
 
+#: Above this many bytes of initializers the full checker is skipped (it serializes the whole
+#: model); the structure is still checked by shape inference on a skeleton.
+FULL_CHECK_BYTES = 64 * 1024**2
+
+
 def _check(proto: onnx.ModelProto, source: str) -> None:
-    if proto.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
-        return  # the in-memory checker refuses >2 GB protos; shape inference still runs below
+    if sum(len(t.raw_data) for t in proto.graph.initializer) >= FULL_CHECK_BYTES:
+        return
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
@@ -126,15 +137,6 @@ def _convert_opset(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     except Exception:
         # Handlers are registered per opset range, so the original opset still loads.
         return proto
-
-
-def _infer_shapes(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
-    if proto.ByteSize() >= EXTERNAL_DATA_THRESHOLD:
-        return proto
-    try:
-        return shape_inference.infer_shapes(proto, check_type=True, strict_mode=True, data_prop=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as err:
-        raise _located(err, source, "inconsistent shapes or types") from None
 
 
 _NODE_RE = re.compile(r"node name: ([^)]*)\)")

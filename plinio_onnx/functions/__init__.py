@@ -16,18 +16,23 @@ FUNCTION_OPSET = 17
 
 
 def add_functions(graph: Graph, functions: list[onnx.FunctionProto]) -> Graph:
-    """Return ``graph`` with ``functions`` defined (once each) and the ``ai.plinio`` domain imported."""
+    """Define ``functions`` (once each) in ``graph`` and import the ``ai.plinio`` domain; in place."""
     import onnx_graphsurgeon as gs
 
-    model = gs.export_onnx(graph.gs, do_type_check=False)
-    have = {(f.domain, f.name) for f in model.functions}
-    for function in functions:
-        if (function.domain, function.name) not in have:
-            model.functions.append(function)
-            have.add((function.domain, function.name))
-    if not any(o.domain == PLINIO_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(PLINIO_DOMAIN, 1))
-    return Graph(gs.import_onnx(model), source=graph.source, metadata=graph.metadata)
+    have = {(f.domain, f.name) for f in graph.gs.functions}
+    missing = [f for f in functions if (f.domain, f.name) not in have]
+    if missing:
+        # onnx-graphsurgeon builds its Function objects on import: import a model holding only them.
+        holder = helper.make_model(helper.make_graph([], "functions", [], []),
+                                   opset_imports=[helper.make_opsetid("", FUNCTION_OPSET),
+                                                  helper.make_opsetid(PLINIO_DOMAIN, 1)],
+                                   functions=missing)
+        graph.gs.functions = list(graph.gs.functions) + list(gs.import_onnx(holder).functions)
+    domains = list(graph.gs.import_domains or [])
+    if not any(d.domain == PLINIO_DOMAIN for d in domains):
+        domains.append(helper.make_opsetid(PLINIO_DOMAIN, 1))
+        graph.gs.import_domains = domains
+    return graph
 
 
 def make_function(name: str, inputs: list[str], outputs: list[str], nodes: list[onnx.NodeProto],

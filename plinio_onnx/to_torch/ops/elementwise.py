@@ -308,6 +308,9 @@ def _clamp(ctx: NodeContext, low: Any, high: Any):
     x = ctx.input(0)
     if low is None and high is None:
         return x
+    if isinstance(low, float) and isinstance(high, float) and _is_float(in_dtype(ctx, 0)):
+        # Constant float bounds: hardtanh has a dedicated backward kernel (ReLU6 is hardtanh(0, 6)).
+        return emit(ctx, F.hardtanh, x, low, high)
     if _is_node(low) != _is_node(high) and low is not None and high is not None:
         # torch.clamp takes two numbers or two tensors; ONNX Clip is min(max(x, low), high).
         x = emit(ctx, torch.clamp, x, min=low)

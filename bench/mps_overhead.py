@@ -1,0 +1,85 @@
+"""MPS search overhead: a training step of ``po.MPS`` (3 precisions) vs the plain model's step.
+
+    python bench/mps_overhead.py [--batch 32] [--rounds 15] [--models resnet8 mobilenetv2_tiny]
+
+Both sides load the same ONNX file. The plain side is ``po.to_torch(po.load(f))`` (forward,
+backward, SGD with momentum); the MPS side is ``po.MPS(f, w_precisions=(2,4,8),
+a_precisions=(2,4,8))`` with per-channel weight precisions in soft sampling (every precision is
+computed every step), the same loss plus ``strength · model.cost`` and an Adam step on the
+architecture logits. Steps are timed alternately in one run (`_timing.paired_ratio`); the
+printed ratio is median(MPS) / median(plain). Target (DESIGN.md): ≤ 3.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import plinio_onnx as po  # noqa: E402
+from _timing import paired_ratio  # noqa: E402
+
+MODELS = ROOT / "models"
+
+
+def _plain_step(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+    module.train()
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(module(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def _mps_step(model: po.MPS, x: torch.Tensor, y: torch.Tensor):
+    weights = torch.optim.SGD(model.net_parameters(), lr=1e-3, momentum=0.9)
+    logits = torch.optim.Adam(model.nas_parameters(), lr=5e-4)
+    model.train()
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(x), y) + 1e-6 * model.cost
+        weights.zero_grad(set_to_none=True)
+        logits.zero_grad(set_to_none=True)
+        loss.backward()
+        weights.step()
+        logits.step()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--models", nargs="*", default=["resnet8", "mobilenetv2_tiny", "digits_cnn"])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    for name in args.models:
+        path = MODELS / f"{name}.onnx"
+        graph = po.load(path)
+        shape = [args.batch] + [int(d) for d in graph.gs.inputs[0].shape[1:]]
+        x = torch.randn(shape)
+        plain = po.to_torch(graph)
+        with torch.no_grad():
+            classes = plain.eval()(x[:1]).shape[-1]
+        y = torch.randint(0, classes, (args.batch,))
+        model = po.MPS(path, w_precisions=(2, 4, 8), a_precisions=(2, 4, 8), per_channel=True)
+        model.calibrate(x)
+        result = paired_ratio(_mps_step(model, x, y), _plain_step(plain, x, y), rounds=args.rounds)
+        print(f"{name}: MPS step {result['candidate_ms']:.2f} ms, plain step {result['baseline_ms']:.2f} ms, "
+              f"ratio {result['ratio']:.2f} (target <= 3)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""The runnable examples are documentation: they must run."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from _util import ROOT
+
+
+def test_train_onnx_in_torch_example(tmp_path):
+    out = tmp_path / "trained.onnx"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "01_train_onnx_in_torch.py"),
+                             "--epochs", "3", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    accuracy = float(result.stdout.strip().splitlines()[-1].split()[-1])
+    assert out.exists() and accuracy > 0.85
+
+
+def test_pit_training_loop_example(tmp_path):
+    out = tmp_path / "pit.onnx"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "02_pit_training_loop.py"),
+                             "--epochs", "2", "--strength", "2e-5", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    kept, base = (int(v.replace(",", "")) for v in (last.split()[2], last.split()[5].strip("(),")))
+    assert out.exists() and kept < base
