@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import asdict
 from typing import Iterable
 
 import numpy as np
@@ -120,9 +119,8 @@ def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: flo
         weight = node.inputs[1]
         width = int(weight.shape[consumer.axis])
         index = np.full(width, group.size, dtype=np.int64)
-        for c in range(group.size):
-            start = consumer.offset + c * consumer.inner
-            index[start:start + consumer.inner] = c
+        span = group.size * consumer.inner
+        index[consumer.offset:consumer.offset + span] = np.repeat(np.arange(group.size), consumer.inner)
         shape = np.ones(len(weight.shape), dtype=np.int64)
         shape[consumer.axis] = -1
         masked = gs.Variable(f"{consumer.node}/pit_w{group.id}_{k}", dtype=weight.dtype, shape=weight.shape)
@@ -132,8 +130,18 @@ def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: flo
                                        gs.Constant(f"{consumer.node}/pit_shape_{group.id}_{k}", shape)],
                                outputs=[masked]))
         node.inputs[1] = masked
-    record = asdict(group)
+    record = _as_record(group)
     record["alpha"] = alpha.name
+    return record
+
+
+def _as_record(group: ChannelGroup) -> dict:
+    """The group as JSON-ready data (``dataclasses.asdict`` deep-copies: slow on DenseNets, whose
+    concatenations give groups hundreds of consumers)."""
+    record = {}
+    for key, value in vars(group).items():
+        record[key] = [dict(vars(item)) if hasattr(item, "__dict__") else item for item in value] \
+            if isinstance(value, list) else value
     return record
 
 

@@ -163,3 +163,21 @@ def test_save_writes_ir10_atomically_and_never_over_the_input(tmp_path):
     assert _digest(src) == digest
     feeds = {"input": np.random.default_rng(0).random((2, 1, 8, 8), np.float32)}
     assert relative_error(run_ort(src, feeds)[0], run_ort(out, feeds)[0]) < 1e-6
+
+
+def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):
+    import plinio_onnx.graph as graph_module
+    monkeypatch.setattr(graph_module, "EXTERNAL_DATA_THRESHOLD", 10_000)  # stand-in for 2 GB
+    graph = po.load(MODELS / "resnet8.onnx")
+    out = graph.save(tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").exists()
+    assert sorted(os.listdir(tmp_path)) == ["big.onnx", "big.onnx.data"]
+    feeds = {"input": np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    assert relative_error(run_ort(MODELS / "resnet8.onnx", feeds)[0],
+                          run_torch(po.to_torch(po.load(out)).eval(), feeds, ["input"])[0]) < 1e-5
+
+
+def test_old_opsets_are_converted():
+    from _util import ONNX_DATA
+    graph = po.load(ONNX_DATA / "light" / "light_squeezenet.onnx")  # opset 9
+    assert graph.opset == 17
