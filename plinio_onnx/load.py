@@ -130,6 +130,10 @@ def _convert_opset(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
                              file=source)
     if opset >= WORKING_OPSET:
         return proto
+    if opset < 11 and any(n.op_type in ("Upsample", "Resize") for n in proto.graph.node):
+        # onnx's converter turns them into Resize without the asymmetric/floor modes they mean;
+        # the loader's handlers read the original opset instead.
+        return proto
     try:
         converted = version_converter.convert_version(proto, WORKING_OPSET)
         onnx.checker.check_model(converted)

@@ -312,6 +312,10 @@ def _slice(ctx: NodeContext, starts, ends, axes, steps):
     for s, e, a, st in zip(starts, ends, axes, steps):
         if st == 0:
             raise Unsupported("Slice with step 0")
+        if st < 0 and e >= 2 ** 63 - 1:
+            # The spec clamps this end to the last element (an empty slice); onnxruntime reads
+            # INT64_MAX as "through the first element". The model's intent is ambiguous.
+            raise Unsupported("a negative step with end=INT64_MAX (ONNX and onnxruntime disagree)")
         s, e = _clamp(s), _clamp(e)
         if st > 0:
             index[a] = slice(s if s else None, e if e < _BIG else None, st if st != 1 else None)
@@ -382,7 +386,7 @@ def _gather_nd(x: torch.Tensor, indices: torch.Tensor, batch_dims: int) -> torch
     idx = indices.reshape(nb, *indices.shape[batch_dims:])
     rows = torch.arange(nb, device=x.device).view(nb, *[1] * (idx.dim() - 2))
     out = xf[(rows,) + tuple(idx[..., i] for i in range(k))]
-    return out.reshape(*batch, *out.shape[1:])
+    return out.reshape([*batch, *out.shape[1:]])
 
 
 @register("GatherND")
@@ -596,6 +600,15 @@ def _pad(ctx: NodeContext, pads, value, axes):
         return x
     if mode == "constant":
         return ctx.call(F.pad, x, _pad_arg(triples, rank), value=value)
+    shape = ctx.shape(0) or [None] * rank
+    for a, b, e in triples:
+        dim = shape[a]
+        if isinstance(dim, int):
+            kept = dim - max(-b, 0) - max(-e, 0)
+            limit = kept - 1 if mode == "reflect" else kept
+            if max(b, e) > limit and mode in ("reflect", "wrap"):
+                # numpy repeats the reflection/wrap; torch (and onnxruntime) do not.
+                raise Unsupported(f"{mode} padding of {max(b, e)} on an axis of {kept}")
     padded = sorted(a for a, _, _ in triples)
     k = len(padded)
     # Straight F.pad when it takes this layout: the last k<=3 axes of a (k+1)- or (k+2)-D input.
@@ -735,13 +748,19 @@ def _resize_axis(in_size: int, out_size: int, scale: float, roi: tuple[float, fl
             mode = "ceil" if scale < 1 else "floor"
         take_right = {"round_prefer_floor": ratio > 0.5, "round_prefer_ceil": ratio >= 0.5,
                       "floor": np.zeros_like(exact), "ceil": np.ones_like(exact)}[mode] | exact
-        left = np.clip(base, -1, in_size - 1)  # the reference's edge-padded neighbourhood
-        index = np.clip(left + take_right, 0, in_size - 1).astype(np.int64)
-        return "index", index, valid
-    coeffs = _resize_coeffs(ratio, scale, spec)
-    n = coeffs.shape[1]
+        coeffs = None
+        n = 2
+    else:
+        coeffs = _resize_coeffs(ratio, scale, spec)
+        n = coeffs.shape[1]
+    # The reference takes the n nearest indices (ties to the smaller) of the input padded by n/2
+    # on both sides, locating x_ori + n/2 in float64: its rounding can shift the window by one.
     half = n // 2
-    start = np.clip(base - half + 1, -half, in_size + half - n).astype(np.int64)
+    start = np.clip(np.ceil(x_ori + half) - half, 0, in_size) - half
+    start = start.astype(np.int64)
+    if coeffs is None:
+        index = np.clip(start + take_right, 0, in_size - 1).astype(np.int64)
+        return "index", index, valid
     idx = start[:, None] + np.arange(n)[None, :]
     if spec.exclude_outside:
         coeffs = np.where((idx < 0) | (idx >= in_size), 0.0, coeffs)
@@ -945,7 +964,7 @@ def _resize_build(ctx: NodeContext, spec: _ResizeSpec, roi_i: int | None, scales
         if sizes is None and scales is None:
             raise Unsupported("Resize with neither scales nor sizes")
         in_shape = ctx.shape(0)
-        if in_shape is not None:
+        if in_shape is not None and dtype is not None and dtype.kind == "f":  # F.interpolate: floats
             kwargs = _probe_interpolate(in_shape, spec, roi, scales, sizes)
             if kwargs is not None:
                 return ctx.call(F.interpolate, x, **kwargs)
