@@ -11,3 +11,5 @@ from .to_torch import to_torch
 __all__ = ["PIT", "Graph", "ModelLoadError", "PlinioOnnxError", "UnsupportedOpError", "cost",
            "finalize", "load", "passes", "sync", "to_torch"]
 __version__ = "0.1.0"
+from .methods import SuperNet  # noqa: E402
+from .methods import MPS; __all__ += ["MPS"]  # noqa: E402,E702

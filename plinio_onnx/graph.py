@@ -82,6 +82,25 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
                for t in model.graph.initializer)
 
 
+def sub_byte_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Names of the int4/uint4 tensors of ``model`` → their ONNX type (onnx-graphsurgeon holds
+    them as int8/uint8, so the loader needs to know which are 4-bit)."""
+    narrow = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    g = model.graph
+    found = {info.name: info.type.tensor_type.elem_type
+             for info in list(g.value_info) + list(g.input) + list(g.output)
+             if info.type.tensor_type.elem_type in narrow}
+    found.update({t.name: t.data_type for t in g.initializer if t.data_type in narrow})
+    return found
+
+
+def _is_float_dtype(dtype) -> bool:
+    try:
+        return np.issubdtype(np.dtype(dtype), np.floating)
+    except TypeError:  # ONNX types numpy lacks (bfloat16, float8)
+        return False
+
+
 def infer_shapes(graph: gs.Graph, *, check: bool = True) -> None:
     """Infer every intermediate shape and dtype of ``graph`` in place (strict), optionally running
     the checker — on a skeleton without weight data, so the cost does not grow with model size.
@@ -92,10 +111,11 @@ def infer_shapes(graph: gs.Graph, *, check: bool = True) -> None:
     stand_ins: dict[str, gs.Variable] = {}
     for node in graph.nodes:
         for i, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant) and tensor.values.size > 16 and \
-                    np.issubdtype(tensor.values.dtype, np.floating):
+            # shape/dtype, not values: reading values would unpack lazily held (e.g. int4) data
+            if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > 16 and \
+                    _is_float_dtype(tensor.dtype):
                 stand_in = stand_ins.setdefault(tensor.name, gs.Variable(
-                    tensor.name, dtype=tensor.values.dtype, shape=list(tensor.values.shape)))
+                    tensor.name, dtype=tensor.dtype, shape=list(tensor.shape)))
                 big.append((node, i, tensor))
                 node.inputs[i] = stand_in
     saved_inputs = list(graph.inputs)
@@ -113,6 +133,8 @@ def infer_shapes(graph: gs.Graph, *, check: bool = True) -> None:
     if check:
         onnx.checker.check_model(inferred)
     tensors = graph.tensors()
+    # onnx-graphsurgeon holds int4/uint4 tensors as int8/uint8: remember which are 4-bit.
+    graph.sub_byte_types = {**getattr(graph, "sub_byte_types", {}), **sub_byte_types(inferred)}
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
         tensor = tensors.get(info.name)
         if isinstance(tensor, gs.Variable) and info.type.HasField("tensor_type"):

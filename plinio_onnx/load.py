@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, version_converter
 
 from .errors import ModelLoadError, UnsafeExternalDataError
-from .graph import Graph, infer_shapes
+from .graph import Graph, infer_shapes, sub_byte_types
 
 #: Models older than this opset are converted up to it, so handlers see modern op forms.
 WORKING_OPSET = 17
@@ -47,6 +47,7 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
         graph = gs.import_onnx(proto)
     except Exception as err:  # e.g. raw data shorter than its dims
         raise ModelLoadError(f"cannot read the model ({_one_line(err)})", file=source) from None
+    graph.sub_byte_types = sub_byte_types(proto)
     try:
         infer_shapes(graph, check=False)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as err:

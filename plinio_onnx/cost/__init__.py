@@ -12,3 +12,6 @@ __all__ = ["BY_NAME", "LayerSpec", "layer_specs", "macs", "ops", "params", "para
 def total(graph, cost=params) -> int:
     """Sum of ``cost`` over the layers of ``graph``."""
     return sum(int(cost(spec)) for spec in layer_specs(graph))
+from . import bits  # noqa: E402
+from .bits import bitops, params_bit, size, size_bits  # noqa: E402
+BY_NAME.update(bits.BY_NAME); __all__ += ["bits", "bitops", "params_bit", "size", "size_bits"]  # noqa: E702

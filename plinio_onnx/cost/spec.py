@@ -33,6 +33,8 @@ class LayerSpec:
     output_positions: int = 1    # output spatial positions (conv) or rows (linear/matmul) per sample
     weight: str | None = None    # ONNX name of the weight initializer
     depthwise: bool = False      # groups == in == out (groups then follow the channels)
+    weight_bits: Any = None      # bits per weight (mean over channels); None: float32
+    input_bits: Any = None       # bits per input activation; None: float32
     extra: dict = field(default_factory=dict)
 
     def with_(self, **changes: Any) -> "LayerSpec":
@@ -78,11 +80,16 @@ def _const(tensor: gs.Tensor) -> np.ndarray | None:
 
 def weight_source(tensor: gs.Tensor) -> gs.Tensor:
     """The tensor behind a weight input, looking through ``ai.plinio`` masks and quantizers
-    (whose first input is the weight they transform), so searchable graphs cost like the original."""
+    (whose first input is the weight they transform) and through the DequantizeLinear / QONNX
+    Quant of a stored quantized weight, so searchable and quantized graphs cost like the original."""
     from ..graph import PLINIO_DOMAIN
-    while not isinstance(tensor, gs.Constant) and tensor.inputs and \
-            (tensor.inputs[0].domain or "") == PLINIO_DOMAIN and tensor.inputs[0].inputs:
-        tensor = tensor.inputs[0].inputs[0]
+    while not isinstance(tensor, gs.Constant) and tensor.inputs and tensor.inputs[0].inputs:
+        producer = tensor.inputs[0]
+        transforms = (producer.domain or "") == PLINIO_DOMAIN or \
+            (producer.op in ("DequantizeLinear", "Quant") and isinstance(producer.inputs[0], gs.Constant))
+        if not transforms:
+            break
+        tensor = producer.inputs[0]
     return tensor
 
 

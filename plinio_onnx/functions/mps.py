@@ -1,0 +1,467 @@
+"""MPS's functions (PLiNIO's mixed-precision search: "Channel-wise Mixed-precision Assignment for
+DNN Inference on Constrained Edge Nodes"; "Joint Pruning and Channel-wise Mixed-Precision
+Quantization for Efficient Deep Neural Networks", after EdMIPS): fake quantizers whose precision
+is a softmax choice among candidate bit-widths.
+
+Choice. A quantizer holds logits α over its precisions P (per layer: [|P|]; per output channel:
+[|P|, C]). In training θ = softmax(α/T) (``sampling="soft"``), one-hot(argmax α) with a
+straight-through gradient into the softmax (``"hard"``), or Gumbel-softmax(α, τ=T) (``"gumbel"``);
+the output is Σ_p θ_p·Q_p(x). **In eval the choice is always one-hot argmax**: the module then
+computes exactly the exported network (first maximum wins, as ONNX ``ArgMax`` and torch agree).
+
+Quantizers (round half to even, the ONNX ``Round`` / ``QuantizeLinear`` rounding):
+
+* ``MPSActQuant(x, alpha, clip, temperature) -> (y, scale)``: PACT with a learned clip c_p per
+  precision (``clip`` [|P|]). Unsigned (after ReLU-like producers): s = c/(2^b−1),
+  q = clamp(round(x/s), 0, 2^b−1). Signed: symmetric narrow range, s = c/(2^(b−1)−1),
+  q = clamp(round(x/s), −(2^(b−1)−1), 2^(b−1)−1). y = q·s. Gradients (PACT): x where it lies
+  inside the clip range, c where x is clipped (signed: ±), θ through Q_p(x).
+  ``scale`` is s of the chosen precision (training: Σ θ_p s_p), for the bias quantizer.
+* ``MPSWeightQuant(W, alpha, temperature) -> (y, scale)``: symmetric min-max, recomputed every
+  forward from the detached W: s = 2·max|W|/(2^b−1) per output channel (or per tensor; a zero
+  range gives s = 1), q = clamp(round(W/s), −2^(b−1), 2^(b−1)−1), y = q·s, straight-through
+  gradient into W. b = 0 (pruning) gives y = 0 and s = 0. ``scale`` is [C] per channel or [1].
+* ``MPSBiasQuant(b, s_in, s_w) -> y``: bias at 32 bits in scale s_b = s_in·s_w:
+  y = round(b/s_b)·s_b (0 where s_b = 0), straight-through.
+
+Every straight-through estimator is written ``value + (x − x.detach())`` so the forward value is
+bit-exactly ``value``. Eval (and a frozen search, `FIXED`) runs the ONNX body's ops in its order,
+so the module, the searchable graph and the export agree bit for bit; training-mode activation
+quantizers multiply by 1/s instead of dividing by s (faster; it only differs on exact ties).
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from ..graph import PLINIO_DOMAIN
+from ..to_torch.context import NodeContext
+from ..to_torch.registry import register
+from . import make_function
+
+ACT_QUANT = "MPSActQuant"
+WEIGHT_QUANT = "MPSWeightQuant"
+BIAS_QUANT = "MPSBiasQuant"
+SAMPLINGS = ("soft", "hard", "gumbel")
+#: Run-time sampling of a frozen search (`plinio_onnx.methods.mps.MPS.freeze`): training uses
+#: the argmax precisions exactly as eval does.
+FIXED = "fixed"
+
+#: Smallest activation clip: keeps the scale positive whatever the optimizer does to c.
+MIN_CLIP = 1e-4
+#: int32 bias bounds that float32 represents exactly (2^31 − 128).
+BIAS_LIMIT = 2147483520.0
+
+
+# -- integer ranges ---------------------------------------------------------------------------
+def act_range(bits: int, signed: bool) -> tuple[int, int]:
+    """(qmin, qmax) of an activation quantizer: unsigned full range, signed symmetric narrow."""
+    if signed:
+        top = 2 ** (bits - 1) - 1
+        return -top, top
+    return 0, 2 ** bits - 1
+
+
+def weight_range(bits: int) -> tuple[int, int]:
+    """(qmin, qmax) of a weight quantizer: the full signed range."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+# -- ONNX bodies ------------------------------------------------------------------------------
+def _const(name: str, value) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.asarray(value)))
+
+
+def _attr_const(output: str, attribute: str, kind: int, field: str) -> onnx.NodeProto:
+    node = helper.make_node("Constant", [], [output])
+    ref = onnx.AttributeProto()
+    ref.name, ref.ref_attr_name, ref.type = field, attribute, kind
+    node.attribute.append(ref)
+    return node
+
+
+def _reduce_max(src: str, dst: str) -> onnx.NodeProto:
+    """ReduceMax(keepdims=1) over the axes named by the function's ``reduce_axes`` attribute
+    (an attribute up to opset 17)."""
+    node = helper.make_node("ReduceMax", [src], [dst], keepdims=1)
+    ref = onnx.AttributeProto()
+    ref.name, ref.ref_attr_name, ref.type = "axes", "reduce_axes", onnx.AttributeProto.INTS
+    node.attribute.append(ref)
+    return node
+
+
+def act_quant_function() -> onnx.FunctionProto:
+    f32 = np.float32
+    nodes = [
+        _attr_const("bits", "bits", onnx.AttributeProto.INTS, "value_ints"),
+        _attr_const("signed_i", "signed", onnx.AttributeProto.INT, "value_int"),
+        helper.make_node("Cast", ["signed_i"], ["signed_f"], to=TensorProto.FLOAT),
+        helper.make_node("ArgMax", ["alpha"], ["idx"], axis=0, keepdims=1),
+        helper.make_node("Gather", ["bits", "idx"], ["b_i"], axis=0),
+        helper.make_node("Cast", ["b_i"], ["b"], to=TensorProto.FLOAT),
+        _const("two", f32(2.0)), _const("one", f32(1.0)), _const("min_clip", f32(MIN_CLIP)),
+        helper.make_node("Sub", ["b", "signed_f"], ["e"]),
+        helper.make_node("Pow", ["two", "e"], ["p"]),
+        helper.make_node("Sub", ["p", "one"], ["qmax"]),
+        helper.make_node("Mul", ["qmax", "signed_f"], ["neg_qmin"]),
+        helper.make_node("Neg", ["neg_qmin"], ["qmin"]),
+        helper.make_node("Gather", ["clip", "idx"], ["c_raw"], axis=0),
+        helper.make_node("Max", ["c_raw", "min_clip"], ["c"]),
+        helper.make_node("Div", ["c", "qmax"], ["scale"]),
+        helper.make_node("Div", ["x", "scale"], ["xs"]),
+        helper.make_node("Round", ["xs"], ["r"]),
+        helper.make_node("Max", ["r", "qmin"], ["r_lo"]),
+        helper.make_node("Min", ["r_lo", "qmax"], ["q"]),
+        helper.make_node("Mul", ["q", "scale"], ["y"]),
+    ]
+    return make_function(ACT_QUANT, ["x", "alpha", "clip", "temperature"], ["y", "scale"], nodes,
+                         ["bits", "signed", "sampling"])
+
+
+def weight_quant_function() -> onnx.FunctionProto:
+    f32 = np.float32
+    nodes = [
+        _attr_const("bits", "bits", onnx.AttributeProto.INTS, "value_ints"),
+        helper.make_node("ArgMax", ["alpha"], ["idx"], axis=0, keepdims=0),
+        helper.make_node("Gather", ["bits", "idx"], ["b_i"], axis=0),
+        helper.make_node("Cast", ["b_i"], ["b_flat"], to=TensorProto.FLOAT),
+        helper.make_node("Abs", ["W"], ["absw"]),
+        _reduce_max("absw", "m"),
+        helper.make_node("Shape", ["m"], ["m_shape"]),
+        helper.make_node("Reshape", ["b_flat", "m_shape"], ["b"]),
+        _const("zero", f32(0.0)), _const("one", f32(1.0)), _const("two", f32(2.0)),
+        _const("flat", np.array([-1], np.int64)),
+        helper.make_node("Pow", ["two", "b"], ["p"]),
+        helper.make_node("Sub", ["p", "one"], ["levels"]),
+        helper.make_node("Max", ["levels", "one"], ["levels_safe"]),
+        helper.make_node("Mul", ["m", "two"], ["range"]),
+        helper.make_node("Div", ["range", "levels_safe"], ["s_raw"]),
+        helper.make_node("Greater", ["m", "zero"], ["nonzero"]),
+        helper.make_node("Where", ["nonzero", "s_raw", "one"], ["s"]),
+        helper.make_node("Sub", ["b", "one"], ["b_1"]),
+        helper.make_node("Pow", ["two", "b_1"], ["half"]),
+        helper.make_node("Neg", ["half"], ["qmin"]),
+        helper.make_node("Sub", ["half", "one"], ["qmax"]),
+        helper.make_node("Div", ["W", "s"], ["ws"]),
+        helper.make_node("Round", ["ws"], ["r"]),
+        helper.make_node("Max", ["r", "qmin"], ["r_lo"]),
+        helper.make_node("Min", ["r_lo", "qmax"], ["q"]),
+        helper.make_node("Mul", ["q", "s"], ["wq"]),
+        helper.make_node("Greater", ["b", "zero"], ["keep"]),
+        helper.make_node("Where", ["keep", "wq", "zero"], ["y"]),
+        helper.make_node("Where", ["keep", "s", "zero"], ["s_kept"]),
+        helper.make_node("Reshape", ["s_kept", "flat"], ["scale"]),
+    ]
+    return make_function(WEIGHT_QUANT, ["W", "alpha", "temperature"], ["y", "scale"], nodes,
+                         ["bits", "axis", "reduce_axes", "sampling"])
+
+
+def bias_quant_function() -> onnx.FunctionProto:
+    f32 = np.float32
+    nodes = [
+        _const("zero", f32(0.0)), _const("lo", f32(-BIAS_LIMIT)), _const("hi", f32(BIAS_LIMIT)),
+        helper.make_node("Mul", ["s_in", "s_w"], ["sb"]),
+        helper.make_node("Div", ["b", "sb"], ["bs"]),
+        helper.make_node("Round", ["bs"], ["r"]),
+        helper.make_node("Max", ["r", "lo"], ["r_lo"]),
+        helper.make_node("Min", ["r_lo", "hi"], ["q"]),
+        helper.make_node("Mul", ["q", "sb"], ["bq"]),
+        helper.make_node("Greater", ["sb", "zero"], ["keep"]),
+        helper.make_node("Where", ["keep", "bq", "zero"], ["y"]),
+    ]
+    return make_function(BIAS_QUANT, ["b", "s_in", "s_w"], ["y"], nodes)
+
+
+def functions() -> list[onnx.FunctionProto]:
+    return [act_quant_function(), weight_quant_function(), bias_quant_function()]
+
+
+# -- the quantizers at one precision (shared by torch, finalize and the tests) ----------------
+def act_scale(clip: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """s = max(c, MIN_CLIP) / qmax (float32, as the ONNX body and the exported scale)."""
+    return clip.clamp_min(MIN_CLIP) / float(act_range(bits, signed)[1])
+
+
+def act_integers(x: torch.Tensor, scale: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """clamp(round(x/s), qmin, qmax): the integers QuantizeLinear (+ Clip) produces."""
+    lo, hi = act_range(bits, signed)
+    return torch.clamp(torch.round(x / scale), lo, hi)
+
+
+def act_fake_quant(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-exact value (no gradient): (q·s, s), the ops of `act_integers` done in place."""
+    scale = act_scale(clip, bits, signed)
+    lo, hi = act_range(bits, signed)
+    with torch.no_grad():
+        y = torch.div(x, scale).round_().clamp_(lo, hi).mul_(scale)
+    return y, scale
+
+
+def weight_levels(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(2^b − 1 (≥ 1), qmin, qmax) as float tensors for a (broadcast) bit tensor."""
+    levels = torch.pow(2.0, bits) - 1.0
+    half = torch.pow(2.0, bits - 1.0)
+    return levels.clamp_min(1.0), -half, half - 1.0
+
+
+def weight_quant_values(weight: torch.Tensor, bits: torch.Tensor, reduce_axes: list[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, s, keep) for ``weight`` (detached) at ``bits`` (float, broadcast like the reduced max).
+
+    q: integers (float dtype) with 0 where b = 0; s: scales (0 where b = 0), broadcast shape;
+    keep: b > 0. The ONNX body computes the same ops in the same order."""
+    w = weight.detach()
+    m = w.abs().amax(dim=reduce_axes, keepdim=True)
+    bits = bits.to(w.dtype).reshape(m.shape) if bits.numel() == m.numel() else bits.to(w.dtype)
+    levels, qmin, qmax = weight_levels(bits)
+    s = torch.where(m > 0, (m * 2.0) / levels, torch.ones_like(m))
+    q = torch.minimum(torch.maximum(torch.round(w / s), qmin), qmax)
+    keep = bits > 0
+    zero = torch.zeros((), dtype=w.dtype)
+    return torch.where(keep, q, zero), torch.where(keep, s, zero), keep
+
+
+def weight_fake_quant(weight: torch.Tensor, bits: torch.Tensor, reduce_axes: list[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q·s with a straight-through gradient into ``weight``, per-channel/tensor scale)."""
+    q, s, keep = weight_quant_values(weight, bits, reduce_axes)
+    value = torch.where(keep, q * s, torch.zeros((), dtype=q.dtype))
+    return value + (weight - weight.detach()), s
+
+
+def bias_integers(bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(round(b/s_b) clamped to int32, s_b = s_in·s_w) from detached values."""
+    sb = s_in.detach() * s_w.detach()
+    q = torch.clamp(torch.round(bias.detach() / sb), -BIAS_LIMIT, BIAS_LIMIT)
+    return q, sb
+
+
+def bias_quant(bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    q, sb = bias_integers(bias, s_in, s_w)
+    value = torch.where(sb > 0, q * sb, torch.zeros((), dtype=bias.dtype))
+    return value + (bias - bias.detach())
+
+
+def chosen_weight_bits(alpha: np.ndarray, bits) -> np.ndarray:
+    """The argmax precision (first maximum): a scalar for per-layer α [P], [C] for α [P, C]."""
+    return np.asarray(bits)[np.argmax(np.asarray(alpha), axis=0)]
+
+
+def broadcast_bits(values: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
+    """[C] (or a scalar) → the shape of a per-channel max: C on ``axis``, 1 elsewhere."""
+    if values.dim() == 0 or axis < 0:
+        return values.reshape([1] * rank)
+    shape = [1] * rank
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+# -- choices ----------------------------------------------------------------------------------
+def choice_weights(alpha: torch.Tensor, temperature: torch.Tensor | float, sampling: str,
+                   training: bool) -> torch.Tensor:
+    """θ over precisions (dim 0): one-hot argmax in eval; softmax(α/T), hard (STE) or Gumbel in training."""
+    if not training or sampling == FIXED:
+        return F.one_hot(alpha.argmax(0), alpha.shape[0]).movedim(-1, 0).to(alpha.dtype)
+    if sampling == "gumbel":
+        return F.gumbel_softmax(alpha, tau=float(temperature), hard=False, dim=0)
+    soft = torch.softmax(alpha / temperature, dim=0)
+    if sampling == "hard":
+        hard = F.one_hot(alpha.argmax(0), alpha.shape[0]).movedim(-1, 0).to(alpha.dtype)
+        return hard + (soft - soft.detach())
+    return soft
+
+
+def expected_cost_weights(alpha: torch.Tensor, temperature, sampling: str, training: bool) -> torch.Tensor:
+    """θ used by the cost: the forward's choice, but noise-free (Gumbel costs its softmax)."""
+    return choice_weights(alpha, temperature, "soft" if sampling == "gumbel" else sampling, training)
+
+
+# -- torch modules ----------------------------------------------------------------------------
+class _Scratch:
+    """Reusable work buffers (one per quantizer): freshly allocated large tensors cost page
+    faults on every step, reused ones do not."""
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+
+    def get(self, like: torch.Tensor, slot: int) -> torch.Tensor:
+        key = (slot, like.shape, like.dtype, like.device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            if len(self._buffers) > 8:  # shapes changed (another batch size): start over
+                self._buffers.clear()
+            buffer = self._buffers[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return buffer
+
+
+class _MixedActQuant(torch.autograd.Function):
+    """y = Σ_p θ_p·Q_p(x) with PACT gradients, in few passes over x (it saves only x).
+
+    Backward: ∂y/∂θ_p = Q_p(x) (recomputed); ∂y/∂x = Σ_p θ_p·1[x inside p's clip range];
+    ∂y/∂c_p = θ_p where x ≥ c_p (signed: −θ_p where x ≤ −c_p). The inside masks come from one
+    fused ``hardtanh_backward`` per precision; the clipped sums follow from the inside sums
+    (everything not inside and not below 0 is above the clip). Training only: x·(1/s) rounds
+    like x/s except on exact ties, and multiplies faster (eval uses the exact division).
+    """
+
+    @staticmethod
+    def _plan(theta, clip, bits, signed) -> list[tuple[float, float, int, int, float]]:
+        """Per precision: (θ, clip, qmin, qmax, scale) as Python numbers (scale as `act_scale`)."""
+        plan = []
+        for weight, c, b in zip(theta.detach().tolist(), clip.detach().tolist(), bits):
+            lo, hi = act_range(b, signed)
+            c = float(np.maximum(np.float32(c), np.float32(MIN_CLIP)))
+            plan.append((weight, c, lo, hi, float(np.float32(c) / np.float32(hi))))
+        return plan
+
+    @staticmethod
+    def forward(ctx, x, theta, clip, bits, signed, scratch, exact=False):
+        x = x.contiguous()
+        ctx.save_for_backward(x, theta, clip)
+        ctx.bits, ctx.signed, ctx.scratch = bits, signed, scratch
+        y = torch.empty_like(x)
+        work = scratch.get(x, 0)
+        for p, (weight, _, lo, hi, scale) in enumerate(_MixedActQuant._plan(theta, clip, bits, signed)):
+            if exact:  # the ops of `act_fake_quant`, bit for bit
+                torch.div(x, scale, out=work).round_().clamp_(lo, hi)
+            else:
+                torch.mul(x, 1.0 / scale, out=work).round_().clamp_(lo, hi)
+            if p == 0:
+                torch.mul(work, weight * scale if weight != 1.0 else scale, out=y)
+            else:
+                y.add_(work, alpha=weight * scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, theta, clip = ctx.saved_tensors
+        bits, signed, scratch = ctx.bits, ctx.signed, ctx.scratch
+        grad = grad.contiguous()
+        flat_grad = grad.reshape(-1)
+        work, inside = scratch.get(x, 0), scratch.get(x, 1)
+        grad_theta = torch.zeros_like(theta)
+        grad_clip = torch.empty_like(clip)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        hardtanh_backward = torch.ops.aten.hardtanh_backward.grad_input
+        if signed:
+            torch.sign(x, out=work)
+            sign = work.reshape(-1).clone()
+            outside_total = torch.dot(flat_grad, sign)           # Σ g·sign(x)
+        else:                                                    # Σ_{x>0} g
+            positive = hardtanh_backward(grad, x, 0.0, float("inf"), grad_input=inside).sum()
+        for p, (weight, c, lo, hi, scale) in enumerate(_MixedActQuant._plan(theta, clip, bits, signed)):
+            if ctx.needs_input_grad[1]:
+                torch.mul(x, 1.0 / scale, out=work).round_().clamp_(lo, hi)
+                grad_theta[p] = torch.dot(flat_grad, work.reshape(-1)) * scale
+            hardtanh_backward(grad, x, -c if signed else 0.0, c, grad_input=inside)
+            if signed:  # Σ_{x≥c} g − Σ_{x≤−c} g = Σ g·sign(x) − Σ_{|x|<c} g·sign(x)
+                grad_clip[p] = weight * (outside_total - torch.dot(inside.reshape(-1), sign))
+            else:       # Σ_{x≥c} g = Σ_{x>0} g − Σ_{0<x<c} g
+                grad_clip[p] = weight * (positive - inside.sum())
+            if grad_x is not None:
+                if p == 0:
+                    torch.mul(inside, weight, out=grad_x)
+                else:
+                    grad_x.add_(inside, alpha=weight)
+        return grad_x, grad_theta, grad_clip, None, None, None, None
+
+
+class ActQuantizer(torch.nn.Module):
+    """Torch side of ``MPSActQuant`` (see the module docstring). ``calibrating``: pass x through
+    unchanged and record its range (used by `plinio_onnx.methods.mps.MPS.calibrate`)."""
+
+    def __init__(self, bits: tuple[int, ...], signed: bool, sampling: str) -> None:
+        super().__init__()
+        self.bits, self.signed, self.sampling = tuple(bits), bool(signed), sampling
+        self.calibrating = False
+        self.observed: list[torch.Tensor] = []
+        self.clip_id: int | None = None   # id() of the clip parameter seen while calibrating
+        self._scratch = _Scratch()
+
+    def forward(self, x, alpha, clip, temperature):
+        if self.calibrating:
+            self.observed.append(x.detach().flatten()[::max(1, x.numel() // 16384)].clone())
+            self.clip_id = id(clip)
+            p = int(alpha.argmax())  # biases meanwhile see the eval-time scale
+            return x, act_scale(clip[p:p + 1].detach(), self.bits[p], self.signed)
+        if not self.training or self.sampling == FIXED:  # argmax, as exported (PACT gradients still)
+            p = int(alpha.argmax())
+            if not (torch.is_grad_enabled() and (x.requires_grad or clip.requires_grad)):
+                return act_fake_quant(x, clip[p:p + 1], self.bits[p], self.signed)
+            one = torch.ones(1, dtype=x.dtype)
+            y = _MixedActQuant.apply(x, one, clip[p:p + 1], (self.bits[p],), self.signed, self._scratch, True)
+            return y, act_scale(clip[p:p + 1], self.bits[p], self.signed)
+        theta = choice_weights(alpha, temperature, self.sampling, True)
+        y = _MixedActQuant.apply(x, theta, clip, self.bits, self.signed, self._scratch)
+        scales = torch.stack([act_scale(clip[p], b, self.signed) for p, b in enumerate(self.bits)])
+        return y, (theta * scales).sum().reshape(1)
+
+
+class WeightQuantizer(torch.nn.Module):
+    """Torch side of ``MPSWeightQuant``: per-layer (α [P]) or per-channel (α [P, C]) choice."""
+
+    def __init__(self, bits: tuple[int, ...], axis: int, reduce_axes: list[int], sampling: str) -> None:
+        super().__init__()
+        self.bits, self.axis, self.reduce_axes, self.sampling = tuple(bits), axis, list(reduce_axes), sampling
+
+    def forward(self, weight, alpha, temperature):
+        table = torch.tensor(self.bits, dtype=weight.dtype)
+        rank = weight.dim()
+        if not self.training or self.sampling == FIXED:
+            bits = broadcast_bits(table[alpha.argmax(0)], rank, self.axis)
+            y, s = weight_fake_quant(weight, bits, self.reduce_axes)
+            return y, s.reshape(-1)
+        theta = choice_weights(alpha, temperature, self.sampling, True)  # [P] or [P, C]
+        # Training: Σ_p θ_p·q_p·s_p from one shared max, a few small ops per precision.
+        w = weight.detach()
+        m = w.abs().amax(dim=self.reduce_axes, keepdim=True).clamp_min(1e-30)
+        value, scale = None, None
+        for p, b in enumerate(self.bits):
+            tp = broadcast_bits(theta[p], rank, self.axis)
+            if b == 0:
+                sp = torch.zeros_like(m)
+                term = torch.zeros_like(w)
+            else:
+                sp = (m * 2.0) / float(2 ** b - 1)  # as eval: max|W|/s is a tie (2^b − 1)/2
+                term = torch.round(w / sp).clamp_(-(2 ** (b - 1)), 2 ** (b - 1) - 1).mul_(sp) * tp
+            value = term if value is None else value + term
+            sp = sp.reshape(-1) * theta[p]
+            scale = sp if scale is None else scale + sp
+        return value + (weight - w), scale   # straight-through into W (Σθ = 1)
+
+
+# -- handlers ---------------------------------------------------------------------------------
+def _ints(value) -> tuple[int, ...]:
+    return tuple(int(v) for v in (value if isinstance(value, (list, tuple, np.ndarray)) else [value]))
+
+
+def _sampling(ctx: NodeContext) -> str:
+    value = ctx.attr("sampling", "soft")
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@register(ACT_QUANT, domain=PLINIO_DOMAIN)
+def _act_quant_handler(ctx: NodeContext):
+    bits = _ints(ctx.attr("bits"))
+    module = ActQuantizer(bits, bool(ctx.attr("signed", 0)), _sampling(ctx))
+    out = ctx.module(module, ctx.input(0), ctx.input(1, trainable=len(bits) > 1),
+                     ctx.input(2, trainable=True), ctx.input(3, trainable=False))
+    return [ctx.getitem(out, 0), ctx.getitem(out, 1)]
+
+
+@register(WEIGHT_QUANT, domain=PLINIO_DOMAIN)
+def _weight_quant_handler(ctx: NodeContext):
+    bits = _ints(ctx.attr("bits"))
+    module = WeightQuantizer(bits, int(ctx.attr("axis", -1)), list(_ints(ctx.attr("reduce_axes"))),
+                             _sampling(ctx))
+    out = ctx.module(module, ctx.input(0), ctx.input(1, trainable=len(bits) > 1),
+                     ctx.input(2, trainable=False))
+    return [ctx.getitem(out, 0), ctx.getitem(out, 1)]
+
+
+@register(BIAS_QUANT, domain=PLINIO_DOMAIN)
+def _bias_quant_handler(ctx: NodeContext):
+    return ctx.call(bias_quant, ctx.input(0, trainable=True), ctx.input(1), ctx.input(2))

@@ -1,0 +1,318 @@
+"""`MPS`: the PLiNIO-style entry point for mixed-precision search (and QAT) on an ONNX model.
+
+    model = po.MPS("model.onnx", cost="size")            # weights/activations at 2, 4 or 8 bits
+    model.calibrate(x_batch)                              # optional: activation clips from data
+    loss = criterion(model(x), y) + strength * model.cost
+    model.export("mixed.onnx")                            # QDQ; format="qonnx" for QONNX
+
+``po.MPS(..., w_precisions=(8,), a_precisions=(8,))`` is plain int8 QAT; ``pit=True`` searches
+PIT channel masks together with the precisions (BN folded → PIT masks → quantizers), and the
+cost then sees both (pruned channels and their bit-widths).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+import onnx
+import torch
+
+from plinio_onnx.functions import mps as fn
+from plinio_onnx.functions import pit as pit_fn
+from plinio_onnx.passes.mps import DEFAULT_PRECISIONS, LAYER_OPS, METADATA_KEY, TEMPERATURE, fold_batchnorm, mps
+from plinio_onnx.passes.pit import METADATA_KEY as PIT_METADATA_KEY
+from plinio_onnx.passes.pit import pit as pit_pass
+
+from ..cost import LayerSpec
+from ..errors import PlinioOnnxError
+from ..graph import Graph
+from .pit import _PIT_SUFFIXES, PIT
+from .searchable import CostFn, SearchableModel, as_graph
+
+_MPS_SUFFIXES = (".mps_w_alpha", ".mps_a_alpha")
+METHODS = ("mps", "qat", "pit+mps")
+
+
+class MPS(SearchableModel):
+    """Mixed-precision search on an ONNX model (PLiNIO's MPS; see `plinio_onnx.passes.mps`).
+
+    ``model``: a path, ``onnx.ModelProto`` or `Graph`; a graph already searchable by MPS (a
+    checkpoint from `searchable_graph().save(...)`) resumes as it is, and a graph already holding
+    PIT masks (from `plinio_onnx.passes.pit`) is searched jointly. ``cost``: a cost model or its
+    name; the bit-level ones are ``"size"`` (bytes), ``"size_bits"``, ``"params_bit"``,
+    ``"bitops"`` (`plinio_onnx.cost.bits`); any other (``"params"``, ``"macs"``) costs the
+    effective architecture as PIT does. ``pit``: also search PIT channel masks (True, or a dict of
+    `plinio_onnx.passes.pit` options). The other arguments are those of `plinio_onnx.passes.mps`.
+
+    Eval mode evaluates the argmax precisions (and binarized PIT masks): exactly what `export`
+    writes. In training the choice follows ``sampling`` at the temperature `temperature`.
+    """
+
+    def __init__(self, model: "str | os.PathLike | onnx.ModelProto | Graph", *,
+                 cost: "CostFn | str" = "size", w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
+                 a_precisions: Iterable[int] = DEFAULT_PRECISIONS, per_channel: bool = True,
+                 weight_scale: str = "per_channel", zero_bit: bool = False, sampling: str = "soft",
+                 temperature: float = 1.0, include: Iterable[str] | None = None,
+                 exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
+                 clip_init: float = 6.0, fold_bn: bool = True, pit: "bool | dict" = False) -> None:
+        graph = as_graph(model)
+        if METADATA_KEY not in graph.metadata:
+            if pit and PIT_METADATA_KEY not in graph.metadata:
+                if fold_bn:
+                    fold_batchnorm(graph)
+                options = dict(pit) if isinstance(pit, dict) else {}
+                options.setdefault("include", include)
+                options.setdefault("exclude", exclude)
+                graph = pit_pass(graph, **options)
+            graph = mps(graph, w_precisions=w_precisions, a_precisions=a_precisions, per_channel=per_channel,
+                        weight_scale=weight_scale, zero_bit=zero_bit, sampling=sampling,
+                        temperature=temperature, include=include, exclude=exclude, op_types=op_types,
+                        clip_init=clip_init, fold_bn=fold_bn)
+        super().__init__(graph, cost)
+        self.info = json.loads(graph.metadata[METADATA_KEY])
+        self.sampling = self.info["sampling"]
+        self._layers = {layer["node"]: layer for layer in self.info["layers"]}
+        self._activations = {act["tensor"]: act for act in self.info["activations"]}
+        self.pit = (_PITChannels(self.tensor, json.loads(graph.metadata[PIT_METADATA_KEY]))
+                    if PIT_METADATA_KEY in graph.metadata else None)
+        self._quantizers = {name: module for name, module in self.module.named_modules()
+                            if isinstance(module, fn.ActQuantizer)}
+
+    def _is_nas_parameter(self, onnx_name: str) -> bool:
+        if onnx_name.endswith(_MPS_SUFFIXES):
+            return True
+        return self.pit is not None and onnx_name.endswith(_PIT_SUFFIXES)
+
+    # -- temperature --------------------------------------------------------------------------
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature T of every quantizer (a buffer: set it to anneal)."""
+        return float(self.tensor(TEMPERATURE)) if TEMPERATURE in self._onnx_to_attr else float("nan")
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        if not value > 0:
+            raise PlinioOnnxError("the temperature must be positive")
+        if TEMPERATURE in self._onnx_to_attr:
+            with torch.no_grad():
+                self.tensor(TEMPERATURE).fill_(float(value))
+
+    def anneal(self, factor: float, minimum: float = 1e-3) -> float:
+        """Multiply the temperature by ``factor`` (not below ``minimum``); returns the new T."""
+        self.temperature = max(self.temperature * factor, minimum)
+        return self.temperature
+
+    def freeze(self) -> None:
+        """Fix the current argmax precisions for fine-tuning: training then runs exactly the
+        discrete network that eval runs and `export` writes (and computes only it), and the
+        logits stop training. `nas_parameters` stays the same set, now without gradients."""
+        self.sampling = fn.FIXED
+        for module in self.module.modules():
+            if isinstance(module, (fn.ActQuantizer, fn.WeightQuantizer)):
+                module.sampling = fn.FIXED
+        for param in self.nas_parameters():
+            param.requires_grad_(False)
+
+    # -- calibration --------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, *inputs: torch.Tensor, grid: int = 40) -> dict[str, list[float]]:
+        """Set every activation clip from data: run ``inputs`` through the model with activations
+        unquantized, then pick for each precision the clip (among ``grid`` fractions of the largest
+        magnitude seen) with the smallest quantization MSE. Returns the clips by tensor."""
+        was_training = self.training
+        self.eval()
+        for q in self._quantizers.values():
+            q.calibrating, q.observed = True, []
+        try:
+            self.module(*inputs)
+        finally:
+            for q in self._quantizers.values():
+                q.calibrating = False
+            self.train(was_training)
+        result = {}
+        by_clip = {id(self.tensor(act["clip"])): act for act in self.info["activations"]}
+        for q in self._quantizers.values():
+            act = by_clip.get(q.clip_id)
+            if act is None or not q.observed:
+                continue
+            x = torch.cat(q.observed)
+            q.observed = []
+            top = float(x.abs().max()) if q.signed else float(x.clamp_min(0).max())
+            if top <= 0:
+                continue
+            clip = self.tensor(act["clip"])
+            for p, bits in enumerate(q.bits):
+                candidates = torch.linspace(top / grid, top, grid)
+                errors = [float(((fn.act_fake_quant(x, c.reshape(1), bits, q.signed)[0] - x) ** 2).mean())
+                          for c in candidates]
+                clip[p] = candidates[int(np.argmin(errors))]
+            result[act["tensor"]] = clip.tolist()
+        return result
+
+    # -- effective precisions -----------------------------------------------------------------
+    def _theta(self, alpha: torch.Tensor) -> torch.Tensor:
+        return fn.expected_cost_weights(alpha, self.tensor(TEMPERATURE), self.sampling, self.training)
+
+    def weight_bits(self, node: str) -> torch.Tensor | None:
+        """Expected (eval: chosen) bits per weight of layer ``node``, averaged over its (kept)
+        channels; None when the layer is not quantized."""
+        layer = self._layers.get(node)
+        if layer is None:
+            return None
+        table = torch.tensor(layer["bits"], dtype=torch.float64)
+        theta = self._theta(self.tensor(layer["alpha"])).to(torch.float64)
+        expected = (theta * (table[:, None] if theta.dim() == 2 else table)).sum(0)
+        if expected.dim() == 0:
+            return expected
+        keep = self.pit.output_keep(node) if self.pit is not None else None
+        if keep is not None and keep.numel() == expected.numel():
+            keep = keep.detach().to(torch.float64)
+            return (expected * keep).sum() / keep.sum().clamp_min(1.0)
+        return expected.mean()
+
+    def input_bits(self, node: str) -> torch.Tensor | None:
+        """Expected (eval: chosen) bits of layer ``node``'s input activation."""
+        layer = self._layers.get(node)
+        if layer is None:
+            return None
+        act = self._activations[layer["activation"]]
+        table = torch.tensor(act["bits"], dtype=torch.float64)
+        return (self._theta(self.tensor(act["alpha"])).to(torch.float64) * table).sum()
+
+    def effective_spec(self, spec: LayerSpec) -> LayerSpec:
+        if self.pit is not None:
+            spec = self.pit.effective_spec(spec)
+        if spec.name not in self._layers:
+            return spec
+        return spec.with_(weight_bits=self.weight_bits(spec.name), input_bits=self.input_bits(spec.name))
+
+    # -- reporting ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def chosen_precisions(self) -> dict[str, dict]:
+        """The argmax architecture: per layer, weight bits (int or per-channel list) and input bits."""
+        out = {}
+        for node, layer in self._layers.items():
+            bits = fn.chosen_weight_bits(self.tensor(layer["alpha"]).cpu().numpy(), layer["bits"])
+            act = self._activations[layer["activation"]]
+            a_bits = int(np.asarray(act["bits"])[int(np.argmax(self.tensor(act["alpha"]).cpu().numpy()))])
+            out[node] = {"weight_bits": bits.tolist() if np.ndim(bits) else int(bits), "input_bits": a_bits,
+                         "input_signed": bool(act["signed"])}
+        return out
+
+    def architecture(self) -> dict:
+        """A JSON-able description of the chosen architecture (precisions, and PIT channels)."""
+        arch = {"precisions": self.chosen_precisions()}
+        if self.pit is not None:
+            arch["kept_channels"] = {name: {"kept": kept, "total": total}
+                                     for name, (kept, total) in self.pit.kept_channels().items()}
+        return arch
+
+    def summary(self) -> str:
+        """A readable table of the argmax architecture: every layer's input and weight bits, its
+        size and bit-operations, and the totals (what `export` writes)."""
+        from io import StringIO
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from ..cost import bits as bit_costs
+        from ..cost import macs, params
+
+        was_training = self.training
+        self.eval()
+        table = Table(title="MPS architecture (argmax precisions)")
+        columns = ["layer", "op", "in bits", "weight bits"] + (["out ch."] if self.pit else []) + \
+            ["params", "size (B)", "MACs", "bit-ops"]
+        for col in columns:
+            table.add_column(col, justify="left" if col in ("layer", "op", "weight bits") else "right")
+        chosen = self.chosen_precisions()
+        try:
+            with torch.no_grad():
+                for spec in self.specs:
+                    eff = self.effective_spec(spec)
+                    entry = chosen.get(spec.name)
+                    if entry is None:
+                        in_bits, w_bits = "float", "float"
+                    else:
+                        in_bits = f"{'s' if entry['input_signed'] else 'u'}{entry['input_bits']}"
+                        w_bits = _histogram(entry["weight_bits"])
+                    channels = [f"{_int(eff.out_channels)}/{spec.out_channels}"] if self.pit else []
+                    table.add_row(spec.name, spec.op, in_bits, w_bits, *channels, f"{_int(params(eff)):,}",
+                                  f"{float(bit_costs.size(eff)):,.1f}", f"{_int(macs(eff)):,}",
+                                  f"{_int(bit_costs.bitops(eff)):,}")
+                table.add_row("total", "", "", "", *([""] if self.pit else []), f"{_int(self.cost_of(params)):,}",
+                              f"{float(self.cost_of(bit_costs.size)):,.1f}", f"{_int(self.cost_of(macs)):,}",
+                              f"{_int(self.cost_of(bit_costs.bitops)):,}", style="bold")
+        finally:
+            self.train(was_training)
+        buffer = StringIO()
+        Console(file=buffer, width=140).print(table)
+        skipped = self.info["skipped"]
+        if skipped:
+            buffer.write("not quantized: " + "; ".join(f"{s['node']} ({s['reason']})" for s in skipped[:20]) + "\n")
+        buffer.write(f"temperature {self.temperature:g}, sampling {self.sampling}\n")
+        return buffer.getvalue()
+
+    def export(self, path: "str | os.PathLike | None" = None, *, format: str = "qdq", **options) -> Graph:
+        """Finalize into a deployable quantized graph (``format="qdq"`` or ``"qonnx"``); save it
+        when ``path`` is given."""
+        return super().export(path, format=format, **options)
+
+
+class _PITChannels:
+    """PIT's effective channels and kernels for a model that holds PIT masks besides MPS
+    quantizers (PIT's own code, bound to this model's tensors)."""
+
+    channels = PIT.channels
+    kernel = PIT.kernel
+    effective_spec = PIT.effective_spec
+    kept_channels = PIT.kept_channels
+    _count = PIT._count
+
+    def __init__(self, tensor, info: dict, discrete_cost: bool = True) -> None:
+        self.tensor = tensor
+        self.info = info
+        self.threshold = float(info["threshold"])
+        self.discrete_cost = discrete_cost
+        self._alpha = {int(gid): name for gid, name in info["group_alpha"].items()}
+        self._time = {entry["node"]: entry for entry in info["time"]}
+
+    def output_keep(self, node: str) -> torch.Tensor | None:
+        """The binarized mask of the channels layer ``node`` produces (None: not searched)."""
+        gid = self.info["layer_output"].get(node)
+        name = self._alpha.get(int(gid)) if gid is not None else None
+        if name is None:
+            return None
+        return pit_fn.binarize(pit_fn._theta(self.tensor(name)), self.threshold)
+
+
+# -- the CLI's entry point --------------------------------------------------------------------
+def build_searchable(method: str, graph: Graph, cost: "CostFn | str" = "size", **options) -> SearchableModel:
+    """The searchable model of ``method`` on ``graph``: "mps" (mixed precision, 2/4/8 bits),
+    "qat" (uniform int8: one precision, nothing to search) or "pit+mps" (PIT channel masks and
+    mixed precision jointly). ``options`` go to `MPS` (e.g. ``w_precisions``, ``per_channel``).
+    A graph that is already searchable (a checkpoint) resumes as it is."""
+    method = method.lower()
+    if method == "mps":
+        return MPS(graph, cost=cost, **options)
+    if method == "qat":
+        options.setdefault("w_precisions", (8,))
+        options.setdefault("a_precisions", (8,))
+        return MPS(graph, cost=cost, **options)
+    if method == "pit+mps":
+        options.setdefault("pit", True)
+        return MPS(graph, cost=cost, **options)
+    raise PlinioOnnxError(f"unknown quantization method {method!r}; choose from {METHODS}")
+
+
+def _histogram(bits) -> str:
+    if isinstance(bits, int):
+        return str(bits)
+    values, counts = np.unique(np.asarray(bits), return_counts=True)
+    return " ".join(f"{int(v)}b×{int(c)}" for v, c in sorted(zip(values, counts), key=lambda vc: -vc[0]))
+
+
+def _int(value) -> int:
+    return int(round(float(value)))
