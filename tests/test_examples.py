@@ -25,3 +25,13 @@ def test_pit_training_loop_example(tmp_path):
     last = result.stdout.strip().splitlines()[-1]
     kept, base = (int(v.replace(",", "")) for v in (last.split()[2], last.split()[5].strip("(),")))
     assert out.exists() and kept < base
+
+
+def test_mps_to_onnxruntime_example(tmp_path):
+    out = tmp_path / "mps.onnx"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "04_mps_to_onnxruntime.py"),
+                             "--epochs", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert out.exists() and out.with_suffix(".qonnx.onnx").exists()
+    qdq_line = next(line for line in result.stdout.splitlines() if line.startswith("qdq"))
+    assert float(qdq_line.split("accuracy")[1].split(",")[0]) > 0.8
