@@ -18,7 +18,7 @@ from plinio_onnx.passes.pit import LAYER_OPS, MASKS, METADATA_KEY, pit
 
 from ..cost import LayerSpec
 from ..graph import Graph
-from .searchable import CostFn, SearchableModel, as_graph
+from .searchable import CostFn, SearchableModel, as_graph, as_int, render_summary
 
 _PIT_SUFFIXES = (".pit_alpha", ".pit_beta", ".pit_gamma")
 
@@ -111,9 +111,6 @@ class PIT(SearchableModel):
 
     def summary(self) -> str:
         """A readable table: every layer's kept input/output channels and kernel, and the costs."""
-        from io import StringIO
-
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title="PIT architecture")
@@ -123,20 +120,10 @@ class PIT(SearchableModel):
         with torch.no_grad():
             for spec in self.specs:
                 eff = self.effective_spec(spec)
-                table.add_row(spec.name, spec.op, f"{_int(eff.in_channels)}/{spec.in_channels}",
-                              f"{_int(eff.out_channels)}/{spec.out_channels}",
-                              f"{_int(eff.kernel_size)}/{spec.kernel_size}",
-                              f"{_int(params(eff)):,}", f"{_int(macs(eff)):,}")
-            total_p, total_m = _int(self.cost_of("params")), _int(self.cost_of("macs"))
+                table.add_row(spec.name, spec.op, f"{as_int(eff.in_channels)}/{spec.in_channels}",
+                              f"{as_int(eff.out_channels)}/{spec.out_channels}",
+                              f"{as_int(eff.kernel_size)}/{spec.kernel_size}",
+                              f"{as_int(params(eff)):,}", f"{as_int(macs(eff)):,}")
+            total_p, total_m = as_int(self.cost_of("params")), as_int(self.cost_of("macs"))
         table.add_row("total", "", "", "", "", f"{total_p:,}", f"{total_m:,}", style="bold")
-        buffer = StringIO()
-        Console(file=buffer, width=120).print(table)
-        skipped = self.info["skipped"]
-        if skipped:
-            buffer.write("not searched: " + "; ".join(f"{s['group']} ({s['reason']})" for s in skipped[:20])
-                         + (" …" if len(skipped) > 20 else "") + "\n")
-        return buffer.getvalue()
-
-
-def _int(value) -> int:
-    return int(round(float(value)))
+        return render_summary(table, [f"{s['group']} ({s['reason']})" for s in self.info["skipped"]])

@@ -100,3 +100,21 @@ class SearchableModel(torch.nn.Module):
         if path is not None:
             deployable.save(path)
         return deployable
+
+
+def as_int(value) -> int:
+    """A cost (tensor or number) as the integer it counts."""
+    return int(round(float(value)))
+
+
+def render_summary(table, skipped: list[str]) -> str:
+    """A rich table as text, then what was not searched and why (the first 20)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    buffer = StringIO()
+    Console(file=buffer, width=120).print(table)
+    if skipped:
+        buffer.write("not searched: " + "; ".join(skipped[:20]) + (" …" if len(skipped) > 20 else "") + "\n")
+    return buffer.getvalue()

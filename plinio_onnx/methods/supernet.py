@@ -25,7 +25,7 @@ from plinio_onnx.functions import supernet as fn
 from plinio_onnx.passes.supernet import LOGITS_SUFFIX, METADATA_KEY, Menu, supernet
 
 from ..graph import Graph
-from .searchable import CostFn, SearchableModel, as_cost, as_graph
+from .searchable import CostFn, SearchableModel, as_cost, as_graph, as_int, render_summary
 
 __all__ = ["SuperNet", "build_searchable", "exponential_temperature"]
 
@@ -198,9 +198,6 @@ class SuperNet(SearchableModel):
 
     def summary(self) -> str:
         """A readable table: every Choice's branches with probability, params and MACs; totals."""
-        from io import StringIO
-
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"SuperNet architecture (T = {self.temperature:.3g}, sampling {self.info['sampling']})")
@@ -216,28 +213,18 @@ class SuperNet(SearchableModel):
                     mark = "◀ chosen" if branch["name"] == chosen[choice["name"]] else ""
                     table.add_row(choice["name"] if b == 0 else "", branch["name"],
                                   f"{probabilities[choice['name']][branch['name']]:.3f}",
-                                  f"{_int(params[b]):,}", f"{_int(macs[b]):,}", mark,
+                                  f"{as_int(params[b]):,}", f"{as_int(macs[b]):,}", mark,
                                   style="bold" if mark else None)
                 table.add_section()
             was_training = self.training
             self.eval()
-            discrete_p, discrete_m = _int(self.cost_of("params")), _int(self.cost_of("macs"))
+            discrete_p, discrete_m = as_int(self.cost_of("params")), as_int(self.cost_of("macs"))
             self.train()
-            expected_p, expected_m = _int(self.cost_of("params")), _int(self.cost_of("macs"))
+            expected_p, expected_m = as_int(self.cost_of("params")), as_int(self.cost_of("macs"))
             self.train(was_training)
         table.add_row("total (chosen = exported)", "", "", f"{discrete_p:,}", f"{discrete_m:,}", "", style="bold")
         table.add_row("total (expected, softmax)", "", "", f"{expected_p:,}", f"{expected_m:,}", "")
-        buffer = StringIO()
-        Console(file=buffer, width=120).print(table)
-        skipped = self.info["skipped"]
-        if skipped:
-            buffer.write("not searched: " + "; ".join(f"{s['node']} ({s['reason']})" for s in skipped[:20])
-                         + (" …" if len(skipped) > 20 else "") + "\n")
-        return buffer.getvalue()
-
-
-def _int(value) -> int:
-    return int(round(float(value)))
+        return render_summary(table, [f"{s['node']} ({s['reason']})" for s in self.info["skipped"]])
 
 
 def build_searchable(graph: Graph, cost: "CostFn | str", **options) -> SuperNet:
