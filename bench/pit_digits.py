@@ -29,7 +29,7 @@ DATA = ROOT / "models" / "digits.npz"
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    ap.add_argument("--strengths", type=float, nargs="*", default=[1e-6, 5e-6, 2e-5])
+    ap.add_argument("--strengths", type=float, nargs="*", default=[3e-7, 1e-6, 5e-6, 2e-5])
     ap.add_argument("--targets", nargs="*", default=["50%", "20%"])
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for this model)")
     ap.add_argument("--json", help="also write the rows to this file")

@@ -13,30 +13,31 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
                     "graph input, optional y); write OUT.onnx, OUT.report.json and OUT.report.md. "
                     "The data are split into train/validation/test by the tool (test never seen by "
                     "the search). Rerunning the same command resumes from the checkpoint.")
-    p.add_argument("model", help="the input .onnx model (never modified)")
-    p.add_argument("--method", default="pit", help="search method (default: pit)")
-    p.add_argument("--data", required=True, help="DATA.npz with x (or one array per graph input) and optional y")
-    p.add_argument("-o", "--output", required=True, help="output .onnx file")
-    p.add_argument("--cost", default=None, help="cost model of the regularizer: params (default), macs, ops, "
+    p.add_argument("model", metavar="MODEL", help="the input .onnx model (never modified)")
+    p.add_argument("--method", default="pit", metavar="NAME", help="search method (default: pit)")
+    p.add_argument("--data", required=True, metavar="DATA.npz", help="DATA.npz with x (or one array per graph input) and optional y")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="output .onnx file")
+    p.add_argument("--cost", default=None, metavar="NAME", help="cost model of the regularizer: params (default), macs, ops, "
                                                 "params_no_bias; with a target, the target's kind")
-    p.add_argument("--strength", type=float, default=None,
+    p.add_argument("--strength", type=float, default=None, metavar="S",
                    help="regularization strength S in loss = task + S*cost (default: initial task loss / cost)")
     p.add_argument("--target-params", default=None, metavar="N",
                    help="parameter budget: a number (12000, 12k) or a percentage of the input model (50%%)")
     p.add_argument("--target-macs", default=None, metavar="N",
                    help="MAC budget: a number (1.5M) or a percentage of the input model (25%%)")
-    p.add_argument("--epochs", type=int, default=None, help="search epochs (default 100, early stopping)")
-    p.add_argument("--warmup-epochs", type=int, default=None,
+    p.add_argument("--epochs", type=int, default=None, metavar="N", help="search epochs (default 100, early stopping)")
+    p.add_argument("--warmup-epochs", type=int, default=None, metavar="N",
                    help="warm-up epochs (default 100 with early stopping; 0 skips it; distillation: 0)")
-    p.add_argument("--finetune-epochs", type=int, default=None,
+    p.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
                    help="fine-tune epochs after export (default 100 with early stopping; 0 skips it)")
-    p.add_argument("--labels", default="auto", help="auto (default), classification, regression or distill "
+    p.add_argument("--labels", default="auto", metavar="MODE", help="auto (default), classification, regression or distill "
                                                     "(match the input model's outputs; the default without y)")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the splits and the shuffling (default 0)")
-    p.add_argument("--checkpoint-dir", default=None,
+    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="batch size (default 32)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the splits and the shuffling (default 0)")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
                    help="checkpoint folder (default: OUT.ckpt next to the output)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: 1 for small models or a busy machine, else the idle cores)")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
     p.set_defaults(run=_optimize)
     _one_line_errors(p)
@@ -44,8 +45,8 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="turn a searchable checkpoint into the deployable ONNX model",
                        description="SEARCHABLE.onnx (e.g. OUT.ckpt/search.best.onnx) → finalized, "
                                    "deployable OUT.onnx (masks applied, no ai.plinio nodes).")
-    p.add_argument("model", help="a searchable .onnx checkpoint")
-    p.add_argument("-o", "--output", required=True, help="output .onnx file")
+    p.add_argument("model", metavar="SEARCHABLE.onnx", help="a searchable .onnx checkpoint")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="output .onnx file")
     p.set_defaults(run=_export)
     _one_line_errors(p)
 

@@ -48,7 +48,10 @@ class Graph:
         """A copy that passes can edit without touching this graph: new nodes, tensors and
         attribute dicts; weight arrays are shared, so passes assign new arrays, never write
         into ``tensor.values`` in place."""
-        return Graph(self.gs.copy(), source=self.source, metadata=self.metadata)
+        copied = self.gs.copy()
+        # (read through __dict__: onnx-graphsurgeon resolves unknown attributes as graph helpers)
+        copied.sub_byte_types = dict(self.gs.__dict__.get("sub_byte_types", {}))
+        return Graph(copied, source=self.source, metadata=self.metadata)
 
     def __repr__(self) -> str:
         return (f"Graph({self.gs.name!r}, {len(self.gs.nodes)} nodes, opset {self.opset}, "
@@ -134,7 +137,7 @@ def infer_shapes(graph: gs.Graph, *, check: bool = True) -> None:
         onnx.checker.check_model(inferred)
     tensors = graph.tensors()
     # onnx-graphsurgeon holds int4/uint4 tensors as int8/uint8: remember which are 4-bit.
-    graph.sub_byte_types = {**getattr(graph, "sub_byte_types", {}), **sub_byte_types(inferred)}
+    graph.sub_byte_types = {**graph.__dict__.get("sub_byte_types", {}), **sub_byte_types(inferred)}
     for info in list(inferred.graph.value_info) + list(inferred.graph.output):
         tensor = tensors.get(info.name)
         if isinstance(tensor, gs.Variable) and info.type.HasField("tensor_type"):

@@ -23,11 +23,21 @@ dataset, with nothing but the model, the data, an output path and (optionally) a
    * ``strength=S``: ``S · cost`` (PLiNIO's regularizer); by default ``S = L0 / C0``, the
      warmed-up model's validation loss over its cost;
    * a target (``target_params`` / ``target_macs``, absolute or ``"50%"`` of the input model):
-     ``λ · max(0, cost − margin·target) / target`` with ``λ`` raised geometrically on every
-     step whose (discrete, exported) cost is above the target and relaxed while it is below.
-     Among the epochs whose discrete cost meets the target, the one with the best validation
-     metric is kept (its searchable graph is the checkpoint). Should no epoch meet it, the
-     channels with the smallest mask values are pruned until it is met.
+     ``λ · max(0, cost − 0.97·T) / target`` against a *moving* target ``T`` that goes
+     geometrically from the input model's cost to the target over the first 40 % of the search
+     (gradual pruning). ``λ`` (first value: the warmed-up validation loss) is raised
+     geometrically on every step whose discrete cost — the exported model's — is above ``T`` and
+     relaxed while it is below; masks move together under Adam, so when many cross the
+     threshold at once, the ones nearest to it are re-kept until the cost is back at ``0.95·T``
+     (no collapse past the schedule, no budget left unused). After the ramp both learning rates
+     anneal (cosine), so the architecture freezes and the weights converge. Among the epochs whose discrete
+     cost meets the target, the one with the best validation metric is kept (its searchable
+     graph is the checkpoint). Should none meet it, the channels with the smallest masks are
+     pruned until it is met.
+
+   Deliberate difference from PLiNIO's notebook: the architecture parameters step on the
+   training batches too (not on the validation split), so the validation split stays an
+   unbiased judge for early stopping and for picking the architecture.
 4. **Export + fine-tune.** ``model.export()`` → the deployable graph, fine-tuned with the warm-up
    recipe, written atomically to ``output``.
 5. **Report.** Cost (params, MACs) and the test metric before (warmed-up input model) and after
@@ -49,7 +59,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
@@ -70,6 +80,7 @@ from .to_torch import to_torch
 __all__ = ["METHODS", "Recipe", "Report", "optimize", "parse_amount"]
 
 STATE_VERSION = 1
+PHASES = ("warmup", "search", "finetune")
 TASKS = ("auto", "classification", "regression", "distill")
 
 
@@ -96,6 +107,44 @@ class Method:
         """Make the discrete cost ≤ ``target`` by editing architecture parameters; True on success."""
         return False
 
+    def snapshot(self, model):
+        """What `restore` needs to know of the architecture before a step (None: nothing)."""
+        return None
+
+    def restore(self, model, cost, floor: float, before) -> int:
+        """Undo the most marginal pruning decisions of the last step (``before``: its
+        `snapshot`) until the discrete cost is ≥ ``floor`` (the search then follows its moving
+        target instead of collapsing); returns how many."""
+        return 0
+
+    #: The cost model when neither --cost nor a target names one.
+    default_cost = "params"
+    #: Whether --target-params / --target-macs apply.
+    supports_targets = True
+    #: A floor for the architecture parameters' learning rate (logits move further than masks).
+    min_lr_nas = 0.0
+
+    def min_cost(self, model, cost) -> float | None:
+        """The cheapest architecture's cost (an impossible target fails before training)."""
+        with torch.no_grad():
+            for p in model.nas_parameters():
+                p.zero_()
+            return float(model.cost_of(cost))
+
+    def before_search(self, model, inputs: list[torch.Tensor]) -> None:
+        """Called once on a fresh searchable model with a batch of training inputs."""
+
+    def after_epoch(self, model, epoch: int, epochs: int) -> None:
+        """Called after every search epoch (temperature schedules)."""
+
+    def export(self, model) -> Graph:
+        """The deployable graph of the chosen architecture."""
+        return model.export()
+
+    #: Whether the exported graph is fine-tuned as a plain float model (not for quantized ones,
+    #: whose weights train during the search with straight-through rounding).
+    finetune_export = True
+
 
 class PITMethod(Method):
     name = "pit"
@@ -108,6 +157,34 @@ class PITMethod(Method):
     def build(self, graph: Graph, cost):
         from .methods import PIT
         return PIT(graph, cost=cost, discrete_cost=True)
+
+    def snapshot(self, model):
+        from .functions import pit as fn
+        return {group["alpha"]: fn.keep_alive(model.tensor(group["alpha"]).detach().cpu().numpy()) > model.threshold
+                for group in model.info["groups"]}
+
+    def restore(self, model, cost, floor: float, before) -> int:
+        """Re-keep the channels that crossed the threshold in the last step, those closest to it
+        first, until the cost is back at ``floor``."""
+        from .functions import pit as fn
+        threshold = model.threshold
+        restored = 0
+        with torch.no_grad():
+            if before is None or float(model.cost_of(cost)) >= floor:
+                return 0
+            candidates = []
+            for name, kept_before in before.items():
+                theta = fn.keep_alive(model.tensor(name).detach().cpu().numpy())
+                for i in np.flatnonzero(kept_before & (theta <= threshold)):
+                    candidates.append((-float(theta[i]), name, int(i)))
+            candidates.sort()
+            for _, name, index in candidates:
+                alpha = model.tensor(name)
+                alpha[index] = (threshold + 1e-3) * (1.0 if float(alpha[index]) >= 0 else -1.0)
+                restored += 1
+                if float(model.cost_of(cost)) >= floor:
+                    break
+        return restored
 
     def architecture(self, model) -> dict:
         return {"kept_channels": {name: {"kept": kept, "total": total}
@@ -134,10 +211,71 @@ class PITMethod(Method):
             return float(model.cost_of(cost)) <= target
 
 
+class MPSMethod(Method):
+    """Mixed-precision search ("mps"), 8-bit QAT ("qat") and PIT + MPS ("pit+mps")."""
+
+    default_cost = "size"
+    supports_targets = False
+    min_lr_nas = 1e-2
+    finetune_export = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    def metadata_key(self) -> str:  # type: ignore[override]
+        from plinio_onnx.passes.mps import METADATA_KEY
+        return METADATA_KEY
+
+    def build(self, graph: Graph, cost):
+        from .methods.mps import build_searchable
+        return build_searchable(self.name, graph, cost)
+
+    def before_search(self, model, inputs) -> None:
+        model.calibrate(*inputs)
+
+    def after_epoch(self, model, epoch: int, epochs: int) -> None:
+        model.anneal(0.9)
+
+    def export(self, model) -> Graph:
+        return model.export(format="qdq")
+
+    def architecture(self, model) -> dict:
+        return model.architecture()
+
+
+class SuperNetMethod(Method):
+    name = "supernet"
+    default_cost = "macs"
+    min_lr_nas = 5e-2
+
+    @property
+    def metadata_key(self) -> str:  # type: ignore[override]
+        from plinio_onnx.passes.supernet import METADATA_KEY
+        return METADATA_KEY
+
+    def build(self, graph: Graph, cost):
+        from .methods.supernet import build_searchable
+        return build_searchable(graph, cost)
+
+    def min_cost(self, model, cost) -> float | None:
+        return None  # `enforce` picks the cheapest branches when the search falls short
+
+    def after_epoch(self, model, epoch: int, epochs: int) -> None:
+        from .methods.supernet import exponential_temperature
+        model.set_temperature(exponential_temperature(epoch, max(epochs, 1), 1.0, 0.05))
+
+    def architecture(self, model) -> dict:
+        return model.architecture()
+
+    def enforce(self, model, cost, target: float) -> bool:
+        return model.enforce(cost, target)
+
+
 #: Search methods by name; `optimize(method=...)` picks one.
-METHODS: dict[str, Method] = {"pit": PITMethod()}
-#: Methods named by the design that are not available yet (a clearer error than "unknown").
-PLANNED = ("mps", "qat", "pit+mps", "supernet")
+METHODS: dict[str, Method] = {"pit": PITMethod(), "mps": MPSMethod("mps"), "qat": MPSMethod("qat"),
+                              "pit+mps": MPSMethod("pit+mps"), "supernet": SuperNetMethod()}
+PLANNED: tuple[str, ...] = ()
 
 
 def get_method(name: str) -> Method:
@@ -170,13 +308,17 @@ class Recipe:
     # search (Adam on weights, Adam on architecture parameters)
     lr_net: float = 1e-3
     weight_decay_net: float = 1e-4
-    lr_nas: float | None = None             # None: max(5e-4, 1 / (reach · steps in the search))
+    lr_nas: float | None = None             # None: 1 / (reach · steps in the search) in [5e-4, 1e-2]
     nas_reach: float = 0.3                  # fraction of the search in which α can cross 0.5
     # target control
-    lambda_up: float = 1.03                 # per step while the discrete cost is above target
-    lambda_down: float = 0.99               # per step while it is below `relax` · target
+    ramp: float = 0.4                       # the moving target reaches the target at 40 % of the search
+    lambda_up: float = 1.01                 # per step while the discrete cost is above the moving target
+    lambda_down: float = 0.99               # per step while it is below `relax` · the moving target
     relax: float = 0.97
-    margin: float = 0.97                    # the hinge aims at margin · target
+    lambda_init: float = 1.0                # first λ, relative to the reference loss
+    settle: bool = True                     # after the ramp, anneal both learning rates (cosine)
+    floor: float = 0.95                     # never fall below floor · the moving target (0: off)
+    margin: float = 0.97                    # the hinge aims at margin · the moving target
     # splits
     test_fraction: float = 0.2
     val_fraction: float = 0.2
@@ -248,9 +390,8 @@ class Task:
         n = outputs[0].shape[0]
         loss = float(self.loss(outputs, target)) * n
         if self.kind == "classification":
-            correct = float((outputs[0].argmax(1) == target[0]).float().mean(
-                dim=tuple(range(1, target[0].dim())) if target[0].dim() > 1 else None).sum()) \
-                if target[0].dim() > 1 else float((outputs[0].argmax(1) == target[0]).sum())
+            hit = (outputs[0].argmax(1) == target[0]).float()
+            correct = float((hit.flatten(1).mean(1) if hit.dim() > 1 else hit).sum())
             return {"loss": loss, "accuracy": correct}
         result = {"loss": loss, "mse": loss}
         if self.kind == "distill" and outputs[0].dim() == 2 and outputs[0].shape[1] > 1:
@@ -396,16 +537,6 @@ def _evaluate(module: torch.nn.Module, split: Split, task: Task, batch: int = 51
     return {key: value / len(split) for key, value in totals.items()}
 
 
-def _metric(scores: dict[str, float], task: Task) -> float:
-    return scores[task.metric]
-
-
-def _better(a: float, b: float | None, higher: bool, tol: float = 0.0) -> bool:
-    if b is None:
-        return True
-    return a > b + tol if higher else a < b - tol
-
-
 def _state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -443,8 +574,10 @@ def _optimizer_arrays(optimizer: torch.optim.Optimizer, names: dict[int, str]) -
             i = len(listed)
             listed.append(names[id(p)])
             for key, value in state.items():
+                if value is None:
+                    continue
                 arrays[f"p{i}.{key}"] = (value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
-                                         else np.asarray(value))
+                                         else np.asarray(value, dtype=np.float64))
     arrays["__names__"] = np.array(listed, dtype=str)
     return arrays
 
@@ -461,8 +594,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarr
             state = {}
             for key, value in arrays.items():
                 if key.startswith(prefix):
-                    tensor = torch.from_numpy(np.array(value))
-                    state[key[len(prefix):]] = tensor if tensor.dim() or key.endswith("step") else tensor
+                    state[key[len(prefix):]] = torch.from_numpy(np.array(value))
             optimizer.state[p] = state
 
 
@@ -508,6 +640,20 @@ class Checkpoint:
 
     def phase(self, name: str) -> dict:
         return self.state["phases"].get(name, {})
+
+    def keep_budgets(self, budgets: dict[str, int]) -> list[str]:
+        """Forget a finished phase whose epoch budget changed, and every phase after it.
+
+        An unfinished phase simply continues under the new budget; returns the phases dropped."""
+        dropped: list[str] = []
+        for name in PHASES:
+            rec = self.state["phases"].get(name)
+            if rec is None:
+                continue
+            if dropped or (rec.get("done") and rec.get("budget") != budgets[name]):
+                dropped.append(name)
+                del self.state["phases"][name]
+        return dropped
 
     def save_graph(self, graph: Graph, name: str) -> str:
         if self.enabled:
@@ -599,7 +745,7 @@ class _Progress:
     def start(self, description: str, total: int, done: int = 0) -> None:
         if not self.enabled:
             return
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+        from rich.progress import (BarColumn, Progress, TextColumn,
                                    TimeElapsedColumn)
         self.stop()
         self.progress = Progress(TextColumn("[bold]{task.description:<9}"), BarColumn(bar_width=28),
@@ -703,7 +849,10 @@ class Report:
     def print(self, console=None) -> None:
         from rich.console import Console
         from rich.table import Table
-        console = console or Console()
+        if console is None:
+            console = Console()
+            if not console.is_terminal:   # logs: wide enough for the whole table
+                console = Console(width=120)
         table = Table(title=f"{Path(self.output).name}: {self.method} ({self.task})")
         for col in ("layer", "op", "in", "out", "kernel", "params", "MACs"):
             table.add_column(col, justify="left" if col in ("layer", "op") else "right")
@@ -714,9 +863,9 @@ class Report:
         table.add_row("total", "", "", "", "", f"{self.after['params']:,}/{self.before['params']:,}",
                       f"{self.after['macs']:,}/{self.before['macs']:,}", style="bold")
         console.print(table)
-        console.print(self.headline())
+        console.print(self.headline(), highlight=False)
         for key, value in self.files.items():
-            console.print(f"  {key}: {value}")
+            console.print(f"  {key}: {value}", highlight=False)
 
 
 def _pct(a: float, b: float) -> str:
@@ -742,6 +891,99 @@ def _layer_rows(before: Graph, after: Graph) -> list[dict]:
 # ==============================================================================================
 # The flow
 # ==============================================================================================
+@dataclass
+class _Problem:
+    """The model, the task and the tool's own train/validation/test splits."""
+
+    base: Graph
+    task: Task
+    train: Split
+    val: Split
+    test: Split
+    input_names: list[str]
+    test_inputs: list[np.ndarray]
+    arrays: dict[str, np.ndarray]
+    source: str
+
+
+def _prepare(model: "str | os.PathLike", data, labels: str, seed: int, recipe: Recipe) -> _Problem:
+    base = load(model)
+    arrays, data_source = _file_or_arrays(data)
+    inputs, y = _read_data(base, arrays, data_source)
+    input_names = [t.name for t in base.gs.inputs]
+    # One forward of the input model: does it run on this data, and what does it output?
+    probe_module = to_torch(base)
+    probe_module.eval()
+    try:
+        with torch.no_grad():
+            probe = [o.numpy() for o in _as_outputs(probe_module(*[torch.from_numpy(v[:2]) for v in inputs]))]
+    except PlinioOnnxError:
+        raise
+    except Exception as err:
+        raise PlinioOnnxError(f"the model does not run on the data ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:200]})", file=data_source) from None
+    del probe_module
+    task, y = _infer_task(labels, y, probe, base)
+
+    train_idx, val_idx, test_idx = _split_indices(
+        len(inputs[0]), y if task.kind == "classification" and y.ndim == 1 else None, seed,
+        recipe.test_fraction, recipe.val_fraction)
+    if task.kind == "distill":
+        teacher = _ort_outputs(base.to_onnx(), input_names, inputs, source=str(model))
+        targets = [torch.from_numpy(np.ascontiguousarray(t.astype(np.float32))) for t in teacher]
+    else:
+        targets = [torch.from_numpy(np.ascontiguousarray(y))]
+    tensors = [torch.from_numpy(v) for v in inputs]
+
+    def make_split(index: np.ndarray) -> Split:
+        idx = torch.from_numpy(index)
+        return Split([t[idx] for t in tensors], [t[idx] for t in targets])
+
+    return _Problem(base, task, make_split(train_idx), make_split(val_idx), make_split(test_idx), input_names,
+                    [v[test_idx] for v in inputs], arrays, data_source)
+
+
+def baseline(model: "str | os.PathLike", data, *, epochs: int, seed: int = 0, labels: str = "auto",
+             batch_size: int | None = None, recipe: Recipe | None = None, threads: int | None = None) -> dict:
+    """The unpruned model trained "the same way" for comparison (benchmarks).
+
+    The warm-up recipe (SGD) for ``epochs`` epochs without early stopping, on the splits
+    `optimize` makes for the same ``seed``. ``test_by_epoch[e]`` is the test metric (in ONNX
+    Runtime) of the checkpoint with the best validation loss among epochs 0..e — what early
+    stopping with that budget would deliver.
+    """
+    recipe = recipe or Recipe()
+    if batch_size:
+        recipe = replace(recipe, batch_size=batch_size)
+    if threads:
+        torch.set_num_threads(int(threads))
+    torch.manual_seed(seed)
+    problem = _prepare(model, data, labels, seed, recipe)
+    task = problem.task
+    graph = problem.base.copy()
+    module = to_torch(graph)
+    optimizer = torch.optim.SGD(module.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                weight_decay=recipe.weight_decay)
+    flow = _Flow(recipe, task, problem.train, problem.val, Checkpoint(None, ""), _Progress(False), seed, None)
+
+    def test_metric() -> dict:
+        sync(graph, module)
+        outs = _ort_outputs(graph.to_onnx(), problem.input_names, problem.test_inputs, source=None)
+        return task_scores(task, [torch.from_numpy(o) for o in outs], problem.test.target)
+
+    best_loss = _evaluate(module, problem.val, task)["loss"]
+    best_test = test_metric()
+    by_epoch = [best_test[task.metric]]
+    for epoch in range(1, epochs + 1):
+        flow._train_epoch("warmup", module, [optimizer], epoch, epochs)
+        loss = _evaluate(module, problem.val, task)["loss"]
+        if loss < best_loss:
+            best_loss, best_test = loss, test_metric()
+        by_epoch.append(best_test[task.metric])
+    return {"metric": task.metric, "test_by_epoch": by_epoch, "test": best_test,
+            "params": cost_total(problem.base, params_cost), "macs": cost_total(problem.base, macs_cost)}
+
+
 def _default_output_files(output: Path) -> tuple[Path, Path, Path]:
     stem = output.with_suffix("") if output.suffix == ".onnx" else output
     return (Path(f"{stem}.report.json"), Path(f"{stem}.report.md"), Path(f"{stem}.ckpt"))
@@ -764,8 +1006,40 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
     model's cost. ``epochs`` is the search budget; ``warmup_epochs`` / ``finetune_epochs`` those of
     the other phases (0 skips a phase). ``checkpoint_dir=False`` disables checkpoints.
     ``callback(phase, epoch, info)`` is called after every completed (and checkpointed) epoch.
+    ``threads``: torch CPU threads during the call (default: 1 for small models or a busy
+    machine, else the idle cores).
     Returns the `Report`, also written as ``OUT.report.json`` / ``OUT.report.md``.
     """
+    previous = torch.get_num_threads()
+    try:
+        return _optimize(model, data, output=output, method=method, cost=cost, strength=strength,
+                         target_params=target_params, target_macs=target_macs, epochs=epochs,
+                         warmup_epochs=warmup_epochs, finetune_epochs=finetune_epochs, batch_size=batch_size,
+                         seed=seed, labels=labels, checkpoint_dir=checkpoint_dir, progress=progress,
+                         quiet=quiet, threads=threads, recipe=recipe, callback=callback)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _choose_threads(requested: int | None, macs: float, batch: int) -> int:
+    """torch CPU threads: ``requested``, else 1 for small models (threads cost more than they
+    bring below ~50 M MACs per batch) and otherwise the idle cores (an oversubscribed machine
+    makes torch's spinning threads many times slower than one)."""
+    if requested:
+        return max(1, int(requested))
+    if macs * batch < 50e6:
+        return 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = 0.0
+    idle = (os.cpu_count() or 1) - load
+    return max(1, min(torch.get_num_threads(), int(idle)))
+
+
+def _optimize(model, data, *, output, method, cost, strength, target_params, target_macs, epochs,
+              warmup_epochs, finetune_epochs, batch_size, seed, labels, checkpoint_dir, progress, quiet,
+              threads, recipe, callback) -> "Report":
     started = time.perf_counter()
     recipe = recipe or Recipe()
     overrides = {k: v for k, v in (("search_epochs", epochs), ("warmup_epochs", warmup_epochs),
@@ -808,7 +1082,11 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
     if target_kind and cost is not None and cost != target_kind:
         raise PlinioOnnxError(f"--cost {cost if isinstance(cost, str) else 'callable'} conflicts with "
                               f"--target-{target_kind}; the target decides the cost")
-    cost_name = target_kind or (cost if isinstance(cost, str) else ("custom" if cost is not None else "params"))
+    if target_kind and not method_impl.supports_targets:
+        raise PlinioOnnxError(f"--target-{target_kind} does not apply to --method {method_impl.name}; "
+                              "use --strength (or the default)")
+    cost_name = target_kind or (cost if isinstance(cost, str) else
+                                ("custom" if cost is not None else method_impl.default_cost))
     if isinstance(cost, str) or cost is None:
         if cost_name not in BY_NAME:
             raise PlinioOnnxError(f"unknown cost model {cost_name!r}; choose from {', '.join(sorted(BY_NAME))}")
@@ -816,55 +1094,33 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
     else:
         cost_fn = cost
 
-    if threads:
-        torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
 
     # -- model and data -----------------------------------------------------------------------
-    base = load(model_path)
-    arrays, data_source = _file_or_arrays(data)
-    inputs, y = _read_data(base, arrays, data_source)
-    input_names = [t.name for t in base.gs.inputs]
+    problem = _prepare(model_path, data, labels, seed, recipe)
+    base, task, arrays = problem.base, problem.task, problem.arrays
+    train, val, test = problem.train, problem.val, problem.test
+    input_names, test_inputs_np = problem.input_names, problem.test_inputs
     base_params = cost_total(base, params_cost)
     base_macs = cost_total(base, macs_cost)
     base_cost = float(cost_total(base, cost_fn)) if target_kind is None else float(
         base_params if target_kind == "params" else base_macs)
     target = parse_amount(target_params if target_kind == "params" else target_macs, base_cost,
                           what=f"--target-{target_kind}") if target_kind else None
-
-    # One forward of the input model: does it run on this data, and what does it output?
-    probe_module = to_torch(base)
-    probe_module.eval()
-    try:
-        with torch.no_grad():
-            probe = [o.numpy() for o in _as_outputs(probe_module(*[torch.from_numpy(v[:2]) for v in inputs]))]
-    except PlinioOnnxError:
-        raise
-    except Exception as err:
-        raise PlinioOnnxError(f"the model does not run on the data ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())[:200]})", file=data_source) from None
-    del probe_module
-    task, y = _infer_task(labels, y, probe, base)
-
-    train_idx, val_idx, test_idx = _split_indices(
-        len(inputs[0]), y if task.kind == "classification" and y.ndim == 1 else None, seed,
-        recipe.test_fraction, recipe.val_fraction)
-    if task.kind == "distill":
-        teacher = _ort_outputs(base.to_onnx(), input_names, inputs, source=str(model_path))
-        targets = [torch.from_numpy(np.ascontiguousarray(t.astype(np.float32))) for t in teacher]
-    else:
-        targets = [torch.from_numpy(np.ascontiguousarray(y))]
-    tensors = [torch.from_numpy(v) for v in inputs]
-
-    def make_split(index: np.ndarray) -> Split:
-        idx = torch.from_numpy(index)
-        return Split([t[idx] for t in tensors], [t[idx] for t in targets])
-
-    train, val, test = make_split(train_idx), make_split(val_idx), make_split(test_idx)
-    test_inputs_np = [v[test_idx] for v in inputs]
+    torch.set_num_threads(_choose_threads(threads, base_macs, recipe.batch_size))
     if recipe.warmup_epochs is None:
         recipe = replace(recipe, warmup_epochs=0 if task.kind == "distill" else 100)
 
+    # The smallest architecture the method can reach: an impossible target fails now.
+    min_cost = None
+    if target is not None:
+        probe_model = method_impl.build(base, cost_fn)
+        min_cost = method_impl.min_cost(probe_model, cost_fn)
+        del probe_model
+        if min_cost is not None and target < min_cost - 1e-6:
+            raise PlinioOnnxError(f"target {target_kind} {target:,.0f} is below the smallest architecture "
+                                  f"{method_impl.name} can reach ({min_cost:,.0f} {target_kind}: one channel "
+                                  "per searched layer, unsearched layers whole)")
     # -- checkpoint ---------------------------------------------------------------------------
     digest = hashlib.sha256()
     _hash_file(model_path, digest)
@@ -880,7 +1136,12 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
     digest.update(json.dumps(options, sort_keys=True, default=str).encode())
     ckpt = Checkpoint(ckpt_folder, digest.hexdigest())
     ckpt.open()
+    dropped = ckpt.keep_budgets({"warmup": recipe.warmup_epochs, "search": recipe.search_epochs,
+                                 "finetune": recipe.finetune_epochs})
+    ckpt.resumed = bool(ckpt.state["phases"])
     bar = _Progress(progress and not quiet)
+    if dropped:
+        bar.note(f"epoch budget changed: redoing {', '.join(dropped)}")
     if ckpt.discarded:
         bar.note(f"[yellow]checkpoint in {ckpt_folder} was made by another command; starting over[/yellow]")
     elif ckpt.resumed:
@@ -892,35 +1153,26 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
         warmed, warm_info = flow.train_plain("warmup", base, recipe.warmup_epochs)
 
         # -- 2. search --------------------------------------------------------------------------
-        min_cost = None
-        if target is not None:
-            probe_model = method_impl.build(warmed, cost_fn)
-            with torch.no_grad():
-                for p in probe_model.nas_parameters():
-                    p.zero_()
-                min_cost = float(probe_model.cost_of(cost_fn))
-            del probe_model
-            if target < min_cost - 1e-6:
-                raise PlinioOnnxError(f"target {target_kind} {target:,.0f} is below the smallest architecture "
-                                      f"{method_impl.name} can reach ({min_cost:,.0f} {target_kind}: one channel "
-                                      "per searched layer, unsearched layers whole)")
         searched, search_info = flow.search(method_impl, warmed, cost_fn, strength, target, base_cost)
 
         # -- 3. export + fine-tune --------------------------------------------------------------
-        exported = searched.export()
-        final, fine_info = flow.train_plain("finetune", exported, recipe.finetune_epochs)
+        exported = method_impl.export(searched)
+        if method_impl.finetune_export:
+            final, fine_info = flow.train_plain("finetune", exported, recipe.finetune_epochs)
+        else:
+            final, fine_info = exported, {"epochs": 0, "note": "trained during the search (quantized)"}
     finally:
         bar.stop()
-    final.source = str(model_path)   # save() then refuses to overwrite the input model
-    final.save(output)
-
-    # -- 4. report ------------------------------------------------------------------------------
     final_params = cost_total(final, params_cost)
     final_macs = cost_total(final, macs_cost)
     final_cost = float(cost_total(final, cost_fn))
     if target is not None and final_cost > target + 1e-6:
         raise PlinioOnnxError(f"internal error: the exported model's {target_kind} ({final_cost:,.0f}) exceed "
-                              f"the target ({target:,.0f})")
+                              f"the target ({target:,.0f}); nothing was written")
+    final.source = str(model_path)   # save() then refuses to overwrite the input model
+    final.save(output)
+
+    # -- 4. report ------------------------------------------------------------------------------
 
     def ort_scores(proto: onnx.ModelProto, source: str) -> dict[str, float]:
         outs = _ort_outputs(proto, input_names, test_inputs_np, source=source)
@@ -1028,7 +1280,7 @@ class _Flow:
             epoch += 1
             self._train_epoch(phase, module, [optimizer], epoch, epochs)
             scores = _evaluate(module, self.val, self.task)
-            if _better(scores["loss"], best_loss, False):
+            if scores["loss"] < best_loss:
                 best_epoch, best_loss, best_scores = epoch, scores["loss"], scores
                 best_state = _state_of(module)
                 improved = True
@@ -1054,7 +1306,7 @@ class _Flow:
                 "initial_val_metric": initial[self.task.metric], "stopped": stopped if epochs else "skipped",
                 "seconds": elapsed + time.perf_counter() - t0}
         result_file = self.ckpt.save_graph(graph, f"{phase}.result.onnx")
-        self.ckpt.commit(phase, {"done": True, "result_file": result_file, "info": info})
+        self.ckpt.commit(phase, {"done": True, "result_file": result_file, "info": info, "budget": epochs})
         self.bar.stop()
         return graph, info
 
@@ -1081,6 +1333,14 @@ class _Flow:
                 self.bar.step(epoch - 1 + (b + 1) / len(batches))
         return total / max(len(batches), 1)
 
+    def _reference_loss(self, initial: float) -> float:
+        """The loss scale that sets the default strength and the first λ: the warmed-up model's
+        validation loss, or — when it is ~0, as when distilling from the input model itself —
+        1 % of the targets' variance (a 10 % RMS deviation from the teacher)."""
+        spread = float(np.mean([float(t.float().var()) for t in self.train.target])) \
+            if self.task.kind != "classification" else 1.0
+        return max(initial, 1e-2 * spread, 1e-8)
+
     # -- search -------------------------------------------------------------------------------
     def search(self, method: Method, warmed: Graph, cost_fn, strength: float | None, target: float | None,
                base_cost: float):
@@ -1092,14 +1352,18 @@ class _Flow:
             return model, rec["info"]
         t0 = time.perf_counter()
         steps_per_epoch = len(_batches(len(self.train), r.batch_size, self._rng("search", 0)))
-        lr_nas = r.lr_nas or max(5e-4, 1.0 / (r.nas_reach * max(epochs, 1) * steps_per_epoch))
+        lr_nas = r.lr_nas or max(method.min_lr_nas,
+                                 min(1e-2, max(5e-4, 1.0 / (r.nas_reach * max(epochs, 1) * steps_per_epoch))))
         if rec:
             model = method.resume(self.ckpt.load_graph(rec["current_file"]), cost_fn)
         else:
             model = method.build(warmed, cost_fn)
+            method.before_search(model, self.train.take(np.arange(min(len(self.train), 256)))[0])
         net_opt = torch.optim.Adam(model.net_parameters(), lr=r.lr_net, weight_decay=r.weight_decay_net)
         nas_params = list(model.nas_parameters())
-        nas_opt = torch.optim.Adam(nas_params, lr=lr_nas, weight_decay=0.0)
+        # QAT has no architecture parameters: a dummy keeps the flow (and checkpoints) uniform.
+        nas_opt = torch.optim.Adam(nas_params or [torch.nn.Parameter(torch.zeros(1))], lr=lr_nas,
+                                   weight_decay=0.0)
         names = _param_names(model)
         if rec:
             arrays = self.ckpt.load_arrays(rec["optim_file"])
@@ -1111,35 +1375,26 @@ class _Flow:
             initial = _evaluate(model, self.val, self.task)
             with torch.no_grad():
                 initial_cost = float(model.cost_of(cost_fn))
+            reference = self._reference_loss(initial["loss"])
             if strength is None and target is None:
-                strength_value = initial["loss"] / max(initial_cost, 1e-12)
+                strength_value = reference / max(initial_cost, 1e-12)
             else:
                 strength_value = strength
-            state = {"epoch": 0, "lam": initial["loss"] if target is not None else None,
+            state = {"epoch": 0, "lam": reference * r.lambda_init if target is not None else None, "step": 0,
                      "strength": strength_value, "best": None, "best_epoch": None, "met_epoch": None,
                      "initial": initial, "initial_cost": initial_cost, "history": []}
             elapsed = 0.0
             rec = {}
         higher = self.task.higher_is_better
-        lam_box = [state["lam"]]
+        control = _TargetControl(r, target, state, epochs * steps_per_epoch,
+                                 restore=lambda floor, before: method.restore(model, cost_fn, floor, before),
+                                 snapshot=lambda: method.snapshot(model)) if target is not None else None
 
         def cost_now() -> torch.Tensor:
             return model.cost_of(cost_fn)
 
-        if target is not None:
-            aim = r.margin * target
-
-            def regularizer() -> torch.Tensor:
-                c = cost_now()
-                lam_box.append(float(c.detach()))   # last discrete cost of this step
-                return lam_box[0] * torch.relu(c - aim) / target
-
-            def after_step() -> None:
-                c = lam_box.pop()
-                if c > target:
-                    lam_box[0] *= r.lambda_up
-                elif c < r.relax * target:
-                    lam_box[0] = max(lam_box[0] * r.lambda_down, 1e-8)
+        if control is not None:
+            regularizer, after_step = control.regularizer(cost_now), control.after_step
         else:
             s = state["strength"]
 
@@ -1147,6 +1402,10 @@ class _Flow:
                 return s * cost_now()
 
             after_step = None
+        ramp_epochs = math.ceil(r.ramp * epochs) if target is not None else 0
+        if control is not None:
+            control.settle(net_opt, r.lr_net, 0.05)
+            control.settle(nas_opt, lr_nas, 0.0)
 
         self.bar.start("search", epochs, state["epoch"])
         epoch = state["epoch"]
@@ -1154,12 +1413,13 @@ class _Flow:
         while epoch < epochs:
             # Early stop once a qualifying architecture exists and has not improved for a while.
             anchor = state["best_epoch"]
-            if anchor is not None and epoch - anchor >= r.search_patience:
+            if anchor is not None and epoch - max(anchor, ramp_epochs) >= r.search_patience:
                 stopped = "early"
                 break
             epoch += 1
             train_loss = self._train_epoch("search", model, [net_opt, nas_opt], epoch, epochs,
                                            regularizer, after_step)
+            method.after_epoch(model, epoch, epochs)
             scores = _evaluate(model, self.val, self.task)
             with torch.no_grad():
                 c = float(cost_now())
@@ -1179,10 +1439,11 @@ class _Flow:
                 state["best"], state["best_epoch"] = list(key), epoch
                 state["best_scores"], state["best_cost"] = scores, c
                 rec["best_file"] = current_file
-            state["lam"] = lam_box[0]
             state["epoch"] = epoch
             state["history"].append({"epoch": epoch, "train_loss": train_loss, "val": scores, "cost": c,
-                                     "lambda": lam_box[0] if target is not None else state["strength"]})
+                                     "lambda": state["lam"] if target is not None else state["strength"],
+                                     **({"aim": control.aim(), "restored": state.get("restored", 0)}
+                                        if control else {})})
             rec.update(state=state, current_file=current_file,
                        optim_file=self.ckpt.save_arrays(
                            {**{f"net.{k}": v for k, v in _optimizer_arrays(net_opt, names).items()},
@@ -1192,7 +1453,7 @@ class _Flow:
             self.ckpt.commit("search", rec)
             extra = f"  {c:,.0f} ({_pct(c, base_cost)})"
             if target is not None:
-                extra += f" target {target:,.0f}  λ {lam_box[0]:.3g}"
+                extra += f" → {control.aim():,.0f}  λ {state['lam']:.3g}"
             self.bar.epoch(epoch, self._info(scores, extra))
             if self.callback:
                 self.callback("search", epoch, {"val": scores, "cost": c})
@@ -1216,14 +1477,14 @@ class _Flow:
             final_cost = float(cost_now())
         info = {"epochs": epoch, "best_epoch": state["best_epoch"], "val_loss": final_scores["loss"],
                 "val_metric": final_scores[self.task.metric], "cost": final_cost, "lr_nas": lr_nas,
-                "strength": state["strength"], "lambda": lam_box[0] if target is not None else None,
+                "strength": state["strength"], "lambda": state["lam"] if target is not None else None,
                 "target_met_epoch": state["met_epoch"], "fallback": fallback, "stopped": stopped,
                 "initial_val_loss": state["initial"]["loss"], "initial_cost": state["initial_cost"],
                 "history": state["history"], "seconds": elapsed + time.perf_counter() - t0,
                 "best_file": rec["best_file"], "architecture": method.architecture(model)}
         # The chosen searchable graph under a stable name: `plinio-onnx export` takes it.
         info["best_file"] = self.ckpt.save_graph(model.searchable_graph(), "search.best.onnx")
-        self.ckpt.commit("search", {"done": True, "best_file": info["best_file"], "info": info})
+        self.ckpt.commit("search", {"done": True, "best_file": info["best_file"], "info": info, "budget": epochs})
         self.bar.stop()
         return model, info
 
@@ -1244,3 +1505,74 @@ def export_searchable(searchable: "str | os.PathLike", output: "str | os.PathLik
     raise PlinioOnnxError("not a searchable checkpoint (no search metadata); give a file written by "
                           "'plinio-onnx optimize' (OUT.ckpt/search.best.onnx) or PIT.searchable_graph().save()",
                           file=str(path))
+
+
+class _TargetControl:
+    """λ and the moving target of a cost-constrained search.
+
+    The regularizer is ``λ · max(0, cost − margin·T(s)) / target``. ``T(s)`` goes geometrically
+    from the initial cost to the target over the first ``ramp`` of the search steps. ``λ`` is
+    multiplied by ``lambda_up`` after every step whose discrete cost is above ``T(s)`` and by
+    ``lambda_down`` while it is below ``relax · T(s)``, so it settles where the pressure
+    balances the task loss. Adam moves all masks at about the same speed while the pressure
+    dominates, so many can cross the threshold in the same step: ``restore`` then re-keeps the
+    most marginal of them until the cost is back at ``floor · T(s)``. After the ramp both
+    learning rates anneal (cosine; weights down to 5 %, masks to 0) so the architecture freezes
+    and the weights converge. State (λ, step) lives in ``state`` (the checkpointed dict).
+    """
+
+    def __init__(self, recipe: Recipe, target: float, state: dict, total_steps: int,
+                 restore: Callable[[float, Any], int] | None = None,
+                 snapshot: Callable[[], Any] | None = None) -> None:
+        self.r = recipe
+        self.target = target
+        self.state = state
+        self.start = float(state["initial_cost"])
+        self.ramp_steps = max(1, int(recipe.ramp * total_steps))
+        self.total_steps = max(total_steps, self.ramp_steps + 1)
+        self._last = None
+        self._before = None
+        self.restore = restore
+        self.snapshot = snapshot if restore is not None and recipe.floor > 0 else None
+        self.schedules: list[tuple[torch.optim.Optimizer, float, float]] = []
+
+    def settle(self, optimizer: torch.optim.Optimizer, lr: float, minimum: float) -> None:
+        """After the ramp, anneal ``optimizer``'s learning rate (cosine, down to ``minimum``·lr)."""
+        self.schedules.append((optimizer, lr, minimum))
+        self._apply_schedules()
+
+    def _apply_schedules(self) -> None:
+        if not self.r.settle:
+            return
+        done = (self.state["step"] - self.ramp_steps) / (self.total_steps - self.ramp_steps)
+        factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, done))))
+        for optimizer, lr, minimum in self.schedules:
+            for group in optimizer.param_groups:
+                group["lr"] = lr * max(factor, minimum)
+
+    def aim(self) -> float:
+        progress = min(1.0, self.state["step"] / self.ramp_steps)
+        if self.start <= self.target:
+            return self.target
+        return self.start * (self.target / self.start) ** progress
+
+    def regularizer(self, cost: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        def term() -> torch.Tensor:
+            if self.snapshot is not None:
+                self._before = self.snapshot()
+            c = cost()
+            self._last = float(c.detach())
+            return self.state["lam"] * torch.relu(c - self.r.margin * self.aim()) / self.target
+        return term
+
+    def after_step(self) -> None:
+        aim = self.aim()
+        if self._last is not None:
+            if self._last > aim:
+                self.state["lam"] *= self.r.lambda_up
+            elif self._last < self.r.relax * aim:
+                self.state["lam"] = max(self.state["lam"] * self.r.lambda_down, 1e-8)
+        if self.restore is not None and self.r.floor > 0:
+            self.state["restored"] = self.state.get("restored", 0) + self.restore(self.r.floor * aim, self._before)
+        self.state["step"] += 1
+        self._apply_schedules()

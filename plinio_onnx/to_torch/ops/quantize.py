@@ -42,7 +42,7 @@ def _dequantize(x, scale, zero_point, axis: int):
 def _range(ctx: NodeContext, tensor) -> tuple[int, int] | None:
     """Integer range of a quantized tensor; 4-bit types are held in 8-bit containers."""
     import onnx
-    sub_byte = getattr(ctx._builder.graph.gs, "sub_byte_types", {}).get(tensor.name)
+    sub_byte = ctx._builder.graph.gs.__dict__.get("sub_byte_types", {}).get(tensor.name)
     if sub_byte == onnx.TensorProto.INT4:
         return (-8, 7)
     if sub_byte == onnx.TensorProto.UINT4:
