@@ -254,3 +254,31 @@ def test_summary_and_unprunable_reasons_are_reported():
     reasons = " ".join(s["reason"] for s in model.info["skipped"])
     assert "LayerNormalization" in reasons or "graph output" in reasons
     assert len(model.info["groups"]) == 2  # the two FFN hidden widths
+
+
+@pytest.mark.parametrize("kernel", [3, 4, 5])
+@pytest.mark.parametrize("searched_time", [True, False])
+def test_fused_mask_gradients_equal_the_composed_straight_through_form(kernel, searched_time):
+    torch.manual_seed(kernel)
+    gamma_map = torch.from_numpy(pit_fn.gamma_map(kernel)).float()
+
+    def composed(beta, gamma):
+        theta_beta = torch.cumsum(pit_fn._theta(beta), 0)
+        theta_gamma = gamma_map @ pit_fn._theta(gamma)
+        return pit_fn.binarize(theta_beta, 0.5) * pit_fn.binarize(theta_gamma, 0.5)
+
+    weights = torch.randn(kernel)
+    grads = []
+    for fn_ in (lambda b, g: pit_fn.taps(b, g, gamma_map, 0.5), composed):
+        beta = torch.linspace(-1, 1, kernel if searched_time else 1).requires_grad_()
+        gamma = torch.linspace(0.2, 0.9, pit_fn.dilation_levels(kernel)).requires_grad_()
+        (fn_(beta, gamma) * weights).sum().backward()
+        grads.append((fn_(beta, gamma).detach(), beta.grad, gamma.grad))
+    for fused, reference in zip(*grads):
+        assert torch.allclose(fused, reference)
+    alpha = torch.randn(9, requires_grad=True)
+    (pit_fn.channel_mask(alpha, 0.5) * weights.repeat(3)[:9]).sum().backward()
+    fused = alpha.grad.clone()
+    alpha.grad = None
+    (pit_fn.binarize(pit_fn._theta(alpha), 0.5) * weights.repeat(3)[:9]).sum().backward()
+    assert torch.allclose(fused, alpha.grad)

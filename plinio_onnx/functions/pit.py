@@ -176,8 +176,57 @@ def binarize(theta: torch.Tensor, threshold: float) -> torch.Tensor:
     return hard + (theta - theta.detach())  # exactly `hard` forward: a - a == 0
 
 
+class _ChannelMask(torch.autograd.Function):
+    """bin(θ(α)) forward; straight-through backward d/dα = sign(α), none for the kept-alive entry.
+
+    One autograd node instead of the half dozen of the composed form: on small models the
+    per-op overhead of the masks is what a PIT step costs over a plain one."""
+
+    @staticmethod
+    def forward(ctx, alpha: torch.Tensor, threshold: float) -> torch.Tensor:
+        ctx.save_for_backward(alpha)
+        theta = alpha.abs()
+        theta[-1] = 1.0
+        return (theta > threshold).to(alpha.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (alpha,) = ctx.saved_tensors
+        grad_alpha = grad * torch.sign(alpha)
+        grad_alpha[-1] = 0.0
+        return grad_alpha, None
+
+
+class _Taps(torch.autograd.Function):
+    """m = bin(θβ)·bin(θγ) with θβ = cumsum(β̂), θγ = G·γ̂ (see the module docstring); the
+    straight-through backward written out: one autograd node."""
+
+    @staticmethod
+    def forward(ctx, beta, gamma, gamma_map_, threshold: float):
+        beta_hat, gamma_hat = beta.abs(), gamma.abs()
+        beta_hat[-1] = 1.0
+        gamma_hat[-1] = 1.0
+        keep_beta = (torch.cumsum(beta_hat, 0) > threshold).to(beta.dtype)
+        keep_gamma = (gamma_map_ @ gamma_hat > threshold).to(beta.dtype)
+        ctx.save_for_backward(beta, gamma, gamma_map_, keep_beta, keep_gamma)
+        return keep_beta * keep_gamma
+
+    @staticmethod
+    def backward(ctx, grad):
+        beta, gamma, gamma_map_, keep_beta, keep_gamma = ctx.saved_tensors
+        grad_theta_beta = grad * keep_gamma
+        if beta.numel() == 1:  # receptive field not searched: one broadcast entry
+            grad_theta_beta = grad_theta_beta.sum(0, keepdim=True)
+        # θβ_j = Σ_{i≤j} β̂_i  →  ∂/∂β̂_i = Σ_{j≥i}: a reversed cumulative sum.
+        grad_beta = torch.flip(torch.cumsum(torch.flip(grad_theta_beta, [0]), 0), [0]) * torch.sign(beta)
+        grad_gamma = (gamma_map_.t() @ (grad * keep_beta)) * torch.sign(gamma)
+        grad_beta[-1] = 0.0
+        grad_gamma[-1] = 0.0
+        return grad_beta, grad_gamma, None, None
+
+
 def channel_mask(alpha: torch.Tensor, threshold: float) -> torch.Tensor:
-    return binarize(_theta(alpha), threshold)
+    return _ChannelMask.apply(alpha, threshold)
 
 
 def mask_weight(weight: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, shape: list[int]) -> torch.Tensor:
@@ -191,9 +240,7 @@ def time_mask(weight: torch.Tensor, beta: torch.Tensor, gamma: torch.Tensor, gam
 
 
 def taps(beta: torch.Tensor, gamma: torch.Tensor, gamma_map_: torch.Tensor, threshold: float) -> torch.Tensor:
-    theta_beta = torch.cumsum(_theta(beta), 0)
-    theta_gamma = gamma_map_.to(beta.dtype) @ _theta(gamma)
-    return binarize(theta_beta, threshold) * binarize(theta_gamma, threshold)
+    return _Taps.apply(beta, gamma, gamma_map_.to(beta.dtype), threshold)
 
 
 @register(CHANNEL_MASK, domain=PLINIO_DOMAIN)

@@ -54,27 +54,48 @@ class PIT(SearchableModel):
         return onnx_name.endswith(_PIT_SUFFIXES)
 
     # -- effective sizes ----------------------------------------------------------------------
-    def _count(self, theta: torch.Tensor) -> torch.Tensor:
+    def _count(self, alpha: torch.Tensor) -> torch.Tensor:
         # float64: costs reach 1e9 MACs, where float32 would not count exactly.
-        return (fn.binarize(theta, self.threshold) if self.discrete_cost else theta).sum(dtype=torch.float64)
+        kept = fn.channel_mask(alpha, self.threshold) if self.discrete_cost else fn._theta(alpha)
+        return kept.sum(dtype=torch.float64)
+
+    def cost_of(self, cost) -> torch.Tensor:
+        # Layers share groups: count each group's channels (and each kernel's taps) once per call.
+        self._counts: dict = {}
+        try:
+            return super().cost_of(cost)
+        finally:
+            self._counts = {}
+
+    def _cached(self, key, compute):
+        counts = getattr(self, "_counts", None)
+        if counts is None:
+            return compute()
+        if key not in counts:
+            counts[key] = compute()
+        return counts[key]
 
     def channels(self, gid: int) -> torch.Tensor | int:
         """Effective channel count of analysis group ``gid`` (static when not searched)."""
         name = self._alpha.get(gid)
         if name is None:
             return int(self.info["group_sizes"][gid])
-        return self._count(fn._theta(self.tensor(name)))
+        return self._cached(("group", gid), lambda: self._count(self.tensor(name)))
 
     def kernel(self, node: str, static: int):
         entry = self._time.get(node)
         if entry is None:
             return static
+        return self._cached(("kernel", node), lambda: self._kernel(node, entry))
+
+    def _kernel(self, node: str, entry: dict):
         beta, gamma = self.tensor(entry["beta"]), self.tensor(entry["gamma"])
         gamma_map = self.tensor(f"{node}.pit_gamma_map")
         if self.discrete_cost:
-            counted = fn.taps(beta, gamma, gamma_map, self.threshold).sum(dtype=torch.float64)
+            taps = fn.taps(beta, gamma, gamma_map, self.threshold)
+            counted = taps.sum(dtype=torch.float64)
             # Value: the exported kernel (zero alignment taps included); gradient: the tap count.
-            mask = fn.tap_mask(beta.detach().cpu().numpy(), gamma.detach().cpu().numpy(), self.threshold)
+            mask = taps.detach().cpu().numpy()
             exported = len(fn.kernel_plan(mask, entry["dilation"], tuple(entry["pads"])).taps)
             return counted + (exported - counted).detach()
         # Continuous: PLiNIO's k_eff with θβ, θγ normalized per tap.
