@@ -80,6 +80,13 @@ def _inspect(args: argparse.Namespace) -> int:
     table.add_row("total", "", "", "", "", "", f"{report['params']:,}", f"{report['macs']:,}", style="bold")
     console.print(table)
     console.print(f"  all float parameters (incl. normalization): {report['all_parameters']:,}")
+    pit = report["searchable"]["pit"]
+    console.print(f"  PIT could prune {pit['channels']:,} channels in {pit['groups']} groups "
+                  f"({len(pit['layers'])} layers); kept whole: " + (
+                      "; ".join(f"{k['group']} ({k['reason']})" for k in pit["kept_whole"][:8])
+                      + (" …" if len(pit["kept_whole"]) > 8 else "") if pit["kept_whole"] else "none"))
+    console.print(f"  MPS could quantize {report['searchable']['mps']['layers']} layers; SuperNet could "
+                  f"give alternatives to {report['searchable']['supernet']['layers']}")
     if report["unsupported"]:
         console.print("[red]unsupported by the loader:[/red] " + "; ".join(
             f"{u['node']} ({u['op']}): {u['reason']}" for u in report["unsupported"]))

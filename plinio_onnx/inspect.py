@@ -31,6 +31,7 @@ def inspect_model(path) -> dict:
         to_torch(graph)
     except UnsupportedOpError as err:
         unsupported = [{"node": n, "op": op, "reason": why} for n, op, why in err.problems]
+    searchable = _searchable(graph)
     all_params = sum(int(np.asarray(t.values).size) for t in graph.initializers().values()
                      if np.issubdtype(np.asarray(t.values).dtype, np.floating))
     return {
@@ -46,4 +47,22 @@ def inspect_model(path) -> dict:
         "macs": sum(r["macs"] for r in layers),
         "all_parameters": all_params,
         "unsupported": unsupported,
+        "searchable": searchable,
     }
+
+
+def _searchable(graph) -> dict:
+    """What each method could search: PIT's channel groups (and why the others are kept whole),
+    the layers MPS would quantize, and the layers SuperNet would give alternatives."""
+    from .analysis import analyze_channels
+    analysis = analyze_channels(graph)
+    prunable = analysis.prunable()
+    kept_whole = [{"group": g.name, "channels": g.size,
+                   "reason": g.unprunable[0] if g.unprunable else "no layer produces or reads it"}
+                  for g in analysis.groups if not g.prunable]
+    layers = [n for n in graph.nodes if n.op in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
+    return {"pit": {"groups": len(prunable), "channels": sum(g.size for g in prunable),
+                    "layers": sorted({p.node for g in prunable for p in g.producers}),
+                    "kept_whole": kept_whole},
+            "mps": {"layers": len(layers)},
+            "supernet": {"layers": sum(1 for n in layers if n.op in ("Conv", "Gemm", "MatMul"))}}

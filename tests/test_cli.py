@@ -54,3 +54,11 @@ def test_verify_rejects_mismatched_data(tmp_path):
     result = _cli("verify", MODELS / "digits_cnn.onnx", "--data", tmp_path / "bad.npz")
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1 and "shape" in result.stderr
+
+
+def test_inspect_says_what_each_method_could_search():
+    report = json.loads(_cli("inspect", MODELS / "transformer_tiny.onnx", "--json").stdout)
+    pit = report["searchable"]["pit"]
+    assert pit["groups"] == 2 and pit["channels"] == 2 * 96  # the two FFN hidden widths
+    assert any("graph output" in k["reason"] for k in pit["kept_whole"])
+    assert report["searchable"]["mps"]["layers"] == 18  # 17 MatMul + 1 Gemm
