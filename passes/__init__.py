@@ -1,15 +1,15 @@
 """Graph passes: each module is one small transformation `Graph -> Graph`.
 
-Installed as ``plinio_onnx.passes``.
+Installed as ``plinio_onnx.passes``. Search passes (pit, mps, supernet) insert ``ai.plinio``
+functions; finalizing passes (pick, prune, quantize) register with `plinio_onnx.finalize`.
 """
 from .canonicalize import canonicalize
+from .mps import fold_batchnorm, mps
+from .pick import pick_branches
 from .pit import pit
 from .prune import prune_channels
+from .quantize import fold_quantizers
+from .supernet import supernet
 
-__all__ = ["canonicalize", "pit", "prune_channels"]
-from .supernet import supernet  # noqa: E402
-from .pick import pick_branches  # noqa: E402
-__all__ += ["supernet", "pick_branches"]
-from .mps import fold_batchnorm, mps  # noqa: E402
-from .quantize import fold_quantizers  # noqa: E402
-__all__ += ["fold_batchnorm", "fold_quantizers", "mps"]
+__all__ = ["canonicalize", "fold_batchnorm", "fold_quantizers", "mps", "pick_branches", "pit",
+           "prune_channels", "supernet"]

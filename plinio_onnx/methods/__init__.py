@@ -1,7 +1,11 @@
-"""Searchable models, PLiNIO style: a torch module built from an ONNX model by a search pass."""
+"""Searchable models, PLiNIO style: a torch module built from an ONNX model by a search pass.
+
+Each method's CLI hook is module-qualified (``plinio_onnx.methods.mps.build_searchable``,
+``plinio_onnx.methods.supernet.build_searchable``).
+"""
+from .mps import MPS
 from .pit import PIT
 from .searchable import SearchableModel
+from .supernet import SuperNet
 
-__all__ = ["PIT", "SearchableModel"]
-from .supernet import SuperNet  # noqa: E402
-from .mps import MPS, build_searchable  # noqa: E402
+__all__ = ["MPS", "PIT", "SearchableModel", "SuperNet"]

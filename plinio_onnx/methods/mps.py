@@ -270,6 +270,8 @@ class _PITChannels:
     effective_spec = PIT.effective_spec
     kept_channels = PIT.kept_channels
     _count = PIT._count
+    _cached = PIT._cached
+    _kernel = PIT._kernel
 
     def __init__(self, tensor, info: dict, discrete_cost: bool = True) -> None:
         self.tensor = tensor

@@ -1,6 +1,7 @@
-"""Op handlers, one module per family; importing this package fills the registry."""
+"""Op handlers, one module per family; importing this package fills the registry.
+
+The ``ai.plinio`` functions' handlers live beside their ONNX definitions in
+`plinio_onnx.functions`.
+"""
 from . import elementwise, nn, quantize, reduce, tensor  # noqa: F401
-from ... import functions as _functions  # noqa: F401  (ai.plinio handlers)
-from ...functions import pit as _pit  # noqa: F401
-from ...functions import supernet as _supernet  # noqa: F401
-from ...functions import mps as _mps  # noqa: F401
+from ...functions import mps, pit, supernet  # noqa: F401
