@@ -248,9 +248,27 @@ def _channel_mask_handler(ctx: NodeContext):
     return ctx.call(channel_mask, ctx.input(0), float(ctx.attr("threshold", 0.5)))
 
 
+def mask_blocks(weight: torch.Tensor, mask: torch.Tensor, axis: int, inner: int) -> torch.Tensor:
+    """W ⊙ mask along ``axis`` where every channel covers ``inner`` consecutive features and the
+    group spans the whole axis: views instead of a gather (the common case, and cheaper)."""
+    shape = list(weight.shape)
+    blocks = shape[:axis] + [mask.numel(), inner] + shape[axis + 1:]
+    view = [1] * len(blocks)
+    view[axis] = -1
+    return (weight.reshape(blocks) * mask.view(view)).reshape(shape)
+
+
 @register(MASK_WEIGHT, domain=PLINIO_DOMAIN)
 def _mask_weight_handler(ctx: NodeContext):
     shape = ctx.ints(3)
+    index, weight_shape = ctx.static(2), ctx.shape(0)
+    channels = ctx.shape(1)
+    if index is not None and isinstance(shape, list) and weight_shape is not None and channels \
+            and isinstance(channels[0], int):
+        axis = shape.index(-1)
+        inner = index.size // channels[0] if index.size % channels[0] == 0 else 0
+        if inner and np.array_equal(index, np.repeat(np.arange(channels[0]), inner)):
+            return ctx.call(mask_blocks, ctx.input(0), ctx.input(1), axis, inner)
     return ctx.call(mask_weight, ctx.input(0), ctx.input(1), ctx.input(2), shape)
 
 
