@@ -169,6 +169,8 @@ class _Walk:
     def run(self) -> ChannelAnalysis:
         for node in self.graph.nodes:
             if (node.domain or "") == PLINIO_DOMAIN:
+                # A searchable function (choice, quantizer, mask) may mix or re-route channels.
+                self.block_inputs(node, "read by a searchable ai.plinio function")
                 continue
             rule = _RULES.get(node.op) if (node.domain or "") in ("", "ai.onnx") else None
             if rule is None:
