@@ -8,9 +8,15 @@ from .errors import PlinioOnnxError
 
 
 def ort_session(model: onnx.ModelProto, *, source: str | None = None,
-                threads: int | None = None) -> ort.InferenceSession:
-    """An inference session on CPU; exact int4 MatMul kernels (see DESIGN.md)."""
+                threads: int | None = None, optimize: bool = True) -> ort.InferenceSession:
+    """An inference session on CPU; exact int4 MatMul kernels (see DESIGN.md).
+
+    ``optimize=False`` runs every node as written (no fused integer kernels): the reference
+    semantics of a QDQ graph, which fused int8 kernels reproduce only up to requantization
+    rounding."""
     options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     if threads:

@@ -62,3 +62,15 @@ def test_inspect_says_what_each_method_could_search():
     assert pit["groups"] == 2 and pit["channels"] == 2 * 96  # the two FFN hidden widths
     assert any("graph output" in k["reason"] for k in pit["kept_whole"])
     assert report["searchable"]["mps"]["layers"] == 18  # 17 MatMul + 1 Gemm
+
+
+def test_verify_runs_quantized_exports(tmp_path):
+    import plinio_onnx as po
+    model = po.MPS(MODELS / "digits_cnn.onnx", w_precisions=(4, 8), a_precisions=(8,))
+    import numpy as np
+    import torch
+    model.calibrate(torch.from_numpy(np.load(MODELS / "digits.npz")["x"][:64]))
+    model.export(tmp_path / "q.onnx", format="qdq")
+    result = _cli("verify", tmp_path / "q.onnx", "--data", MODELS / "digits.npz")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
