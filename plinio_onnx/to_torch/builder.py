@@ -146,8 +146,8 @@ def _unsupported_marker() -> None:  # stands in for outputs of nodes that failed
 
 
 def _domain_version(g: gs.Graph, domain: str) -> int:
-    return int(getattr(g, "import_domains", None) and next(
-        (d.version for d in g.import_domains if d.domain == domain), 1) or 1)
+    """The opset version the graph imports for a custom ``domain`` (1 when it does not say)."""
+    return next((int(d.version) for d in (g.import_domains or []) if d.domain == domain), 1)
 
 
 def to_torch(graph: Graph) -> OnnxModule:
