@@ -5,9 +5,10 @@ from .finalize import finalize
 from .graph import Graph
 from .load import load
 from .methods import MPS, PIT, SuperNet
+from .search import optimize
 from .sync import sync
 from .to_torch import to_torch
 
 __all__ = ["MPS", "PIT", "SuperNet", "Graph", "ModelLoadError", "PlinioOnnxError", "UnsupportedOpError",
-           "cost", "finalize", "load", "passes", "sync", "to_torch"]
+           "cost", "finalize", "load", "optimize", "passes", "sync", "to_torch"]
 __version__ = "0.1.0"
