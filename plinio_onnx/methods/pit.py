@@ -94,6 +94,8 @@ class PIT(SearchableModel):
         if self.discrete_cost:
             taps = fn.taps(beta, gamma, gamma_map, self.threshold)
             counted = taps.sum(dtype=torch.float64)
+            if bool(taps.detach().all()):
+                return counted  # every tap kept: the kernel is exported as it is
             # Value: the exported kernel (zero alignment taps included); gradient: the tap count.
             mask = taps.detach().cpu().numpy()
             exported = len(fn.kernel_plan(mask, entry["dilation"], tuple(entry["pads"])).taps)
