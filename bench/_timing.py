@@ -26,3 +26,18 @@ def paired_ratio(candidate: Callable[[], None], baseline: Callable[[], None], *,
             (times_c if fn is candidate else times_b).append(elapsed)
     med_c, med_b = statistics.median(times_c), statistics.median(times_b)
     return {"candidate_ms": med_c * 1e3, "baseline_ms": med_b * 1e3, "ratio": med_c / med_b}
+
+
+def sgd_training_step(module, x, y):
+    """A closure running one classification training step (SGD with momentum) of ``module``."""
+    import torch
+
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
+    module.train()
+
+    def step() -> None:
+        loss = torch.nn.functional.cross_entropy(module(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step

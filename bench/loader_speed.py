@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import plinio_onnx as po  # noqa: E402
-from _timing import paired_ratio  # noqa: E402
+from _timing import paired_ratio, sgd_training_step  # noqa: E402
 from models.zoo import ZOO, make  # noqa: E402
 
 
@@ -34,18 +34,6 @@ def _export(module: torch.nn.Module, x: torch.Tensor) -> onnx.ModelProto:
                       input_names=["input"], output_names=["output"],
                       dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     return onnx.load_from_string(buffer.getvalue())
-
-
-def _step_fn(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
-    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
-    module.train()
-
-    def step() -> None:
-        loss = torch.nn.functional.cross_entropy(module(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
 
 
 def main() -> None:
@@ -64,7 +52,8 @@ def main() -> None:
             classes = reference.eval()(x[:1]).shape[-1]
         y = torch.randint(0, classes, (args.batch,))
         loaded = po.to_torch(po.load(_export(copy.deepcopy(reference).eval(), x[:1])))
-        result = paired_ratio(_step_fn(loaded, x, y), _step_fn(reference, x, y), rounds=args.rounds)
+        result = paired_ratio(sgd_training_step(loaded, x, y), sgd_training_step(reference, x, y),
+                              rounds=args.rounds)
         print(f"{name}: to_torch step {result['candidate_ms']:.2f} ms, torch step "
               f"{result['baseline_ms']:.2f} ms, ratio {result['ratio']:.3f} (target <= 1.05)")
 

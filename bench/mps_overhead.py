@@ -22,21 +22,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import plinio_onnx as po  # noqa: E402
-from _timing import paired_ratio  # noqa: E402
+from _timing import paired_ratio, sgd_training_step  # noqa: E402
 
 MODELS = ROOT / "models"
-
-
-def _plain_step(module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
-    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
-    module.train()
-
-    def step() -> None:
-        loss = torch.nn.functional.cross_entropy(module(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
 
 
 def _mps_step(model: po.MPS, x: torch.Tensor, y: torch.Tensor):
@@ -76,7 +64,7 @@ def main() -> None:
         y = torch.randint(0, classes, (args.batch,))
         model = po.MPS(path, w_precisions=(2, 4, 8), a_precisions=(2, 4, 8), per_channel=True)
         model.calibrate(x)
-        result = paired_ratio(_mps_step(model, x, y), _plain_step(plain, x, y), rounds=args.rounds)
+        result = paired_ratio(_mps_step(model, x, y), sgd_training_step(plain, x, y), rounds=args.rounds)
         print(f"{name}: MPS step {result['candidate_ms']:.2f} ms, plain step {result['baseline_ms']:.2f} ms, "
               f"ratio {result['ratio']:.2f} (target <= 3)", flush=True)
 

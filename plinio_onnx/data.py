@@ -43,25 +43,35 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise PlinioOnnxError(f"not a readable .npz file ({err})", file=str(path)) from None
 
 
-def graph_inputs_from_npz(graph: Graph, path: str | Path, *, limit: int | None = None) -> dict[str, np.ndarray]:
-    """The arrays feeding the graph inputs: ``x`` for a single-input graph, else one per name."""
-    arrays = load_npz(path)
-    feeds = {}
+def input_arrays(graph: Graph, arrays: dict[str, np.ndarray], source: str) -> list[np.ndarray]:
+    """The arrays feeding the graph inputs, in input order: ``x`` for a single-input graph, else one
+    per input name; shapes checked (all but the batch axis) and cast to the input's dtype."""
     inputs = graph.gs.inputs
+    values = []
     for tensor in inputs:
         if tensor.name in arrays:
-            value = arrays[tensor.name]
+            value = np.asarray(arrays[tensor.name])
         elif len(inputs) == 1 and "x" in arrays:
-            value = arrays["x"]
+            value = np.asarray(arrays["x"])
         else:
-            raise PlinioOnnxError(f"no array for graph input {tensor.name!r} (have {sorted(arrays)})",
-                                  file=str(path))
-        value = value.astype(np.dtype(tensor.dtype), copy=False)
-        expected = tensor.shape or []
-        if len(value.shape) != len(expected) or any(
+            raise PlinioOnnxError(f"no array for graph input {tensor.name!r} (the file has "
+                                  f"{sorted(arrays)}; use 'x' or the input's name)", file=source)
+        expected = list(tensor.shape or [])
+        if value.ndim != len(expected) or any(
                 isinstance(d, (int, np.integer)) and d > 0 and i > 0 and d != s
                 for i, (d, s) in enumerate(zip(expected, value.shape))):
             raise PlinioOnnxError(f"array for input {tensor.name!r} has shape {list(value.shape)}, "
-                                  f"the model expects {list(expected)}", file=str(path))
-        feeds[tensor.name] = value[:limit] if limit else value
-    return feeds
+                                  f"the model expects {expected}", file=source)
+        try:
+            value = value.astype(np.dtype(tensor.dtype), copy=False)
+        except (TypeError, ValueError) as err:
+            raise PlinioOnnxError(f"array for input {tensor.name!r} cannot be cast to "
+                                  f"{np.dtype(tensor.dtype)} ({err})", file=source) from None
+        values.append(np.ascontiguousarray(value))
+    return values
+
+
+def graph_inputs_from_npz(graph: Graph, path: str | Path, *, limit: int | None = None) -> dict[str, np.ndarray]:
+    """`input_arrays` of an ``.npz`` file, by input name, the first ``limit`` samples."""
+    values = input_arrays(graph, load_npz(path), str(path))
+    return {t.name: (v[:limit] if limit else v) for t, v in zip(graph.gs.inputs, values)}

@@ -50,6 +50,8 @@ graphs (the searchable one in the search phase), optimizer state as ``.npz`` and
 """
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import json
 import math
@@ -70,7 +72,7 @@ from .cost import BY_NAME, layer_specs
 from .cost import macs as macs_cost
 from .cost import params as params_cost
 from .cost import total as cost_total
-from .data import load_npz
+from .data import input_arrays, load_npz
 from .errors import PlinioOnnxError
 from .graph import Graph
 from .load import load
@@ -87,14 +89,15 @@ TASKS = ("auto", "classification", "regression", "distill")
 # ==============================================================================================
 # Methods: how to build, resume and (if needed) force a searchable model onto a target
 # ==============================================================================================
-class Method:
-    """What the flow needs of a search method (PIT now; MPS and SuperNet later)."""
+class Method(abc.ABC):
+    """What the flow needs of a search method (PIT, MPS/QAT/PIT+MPS, SuperNet)."""
 
     name = ""
     metadata_key = ""
 
+    @abc.abstractmethod
     def build(self, graph: Graph, cost) -> torch.nn.Module:
-        raise NotImplementedError
+        """A fresh searchable model on ``graph`` (or the resumed one, for a checkpoint)."""
 
     def resume(self, graph: Graph, cost) -> torch.nn.Module:
         return self.build(graph, cost)
@@ -406,28 +409,7 @@ def _file_or_arrays(data) -> tuple[dict[str, np.ndarray], str]:
 
 
 def _read_data(graph: Graph, arrays: dict[str, np.ndarray], source: str) -> tuple[list[np.ndarray], np.ndarray | None]:
-    inputs = graph.gs.inputs
-    values = []
-    for tensor in inputs:
-        if tensor.name in arrays:
-            value = arrays[tensor.name]
-        elif len(inputs) == 1 and "x" in arrays:
-            value = arrays["x"]
-        else:
-            raise PlinioOnnxError(f"no array for graph input {tensor.name!r} (the file has "
-                                  f"{sorted(arrays)}; use 'x' or the input's name)", file=source)
-        expected = list(tensor.shape or [])
-        if value.ndim != len(expected) or any(
-                isinstance(d, (int, np.integer)) and d > 0 and i > 0 and d != s
-                for i, (d, s) in enumerate(zip(expected, value.shape))):
-            raise PlinioOnnxError(f"array for input {tensor.name!r} has shape {list(value.shape)}, "
-                                  f"the model expects {expected}", file=source)
-        try:
-            value = value.astype(np.dtype(tensor.dtype), copy=False)
-        except (TypeError, ValueError) as err:
-            raise PlinioOnnxError(f"array for input {tensor.name!r} cannot be cast to "
-                                  f"{np.dtype(tensor.dtype)} ({err})", file=source) from None
-        values.append(np.ascontiguousarray(value))
+    values = input_arrays(graph, arrays, source)
     counts = {int(v.shape[0]) for v in values}
     y = arrays.get("y")
     if y is not None:

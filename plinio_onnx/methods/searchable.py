@@ -1,6 +1,8 @@
 """`SearchableModel`: what PIT, MPS and SuperNet share — a generated module plus its searchable graph."""
 from __future__ import annotations
 
+import abc
+
 import os
 from typing import Callable, Iterator
 
@@ -30,7 +32,7 @@ def as_cost(cost: "CostFn | str") -> CostFn:
     return cost
 
 
-class SearchableModel(torch.nn.Module):
+class SearchableModel(torch.nn.Module, abc.ABC):
     """A searchable ``graph`` and the torch ``module`` generated from it.
 
     Subclasses say which parameters are architecture parameters (`_is_nas_parameter`) and how a
@@ -56,8 +58,9 @@ class SearchableModel(torch.nn.Module):
         return getattr(self.module, attr)
 
     # -- parameters ---------------------------------------------------------------------------
+    @abc.abstractmethod
     def _is_nas_parameter(self, onnx_name: str) -> bool:
-        raise NotImplementedError
+        """Whether initializer ``onnx_name`` is an architecture parameter of this method."""
 
     def nas_parameters(self) -> Iterator[torch.nn.Parameter]:
         """Architecture parameters (masks, logits): for the search optimizer."""
