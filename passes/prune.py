@@ -32,35 +32,61 @@ def prune_channels(graph: Graph, **options) -> Graph:
         return graph
     info = json.loads(record)
     threshold = float(info["threshold"])
+    tensors = graph.gs.tensors()
+    selections = []
+    for group in info["groups"]:
+        keep = fn.channel_keep(tensors[group["alpha"]].values, threshold)
+        selections.append((group, np.setdiff1d(np.arange(group["size"]), keep)))
+    slice_groups(graph, selections)
+
+    nodes = {n.name: n for n in graph.gs.nodes}
+    for entry in info["time"]:
+        if entry["node"] in nodes:
+            _shrink_kernel(nodes[entry["node"]], tensors, entry, threshold)
+
+    _bypass_plinio_nodes(graph.gs)
+    del graph.metadata[METADATA_KEY]
+    return graph
+
+
+def slice_groups(graph: Graph, selections) -> None:
+    """Remove channels from ``graph`` in place: ``selections`` pairs a channel group record (as
+    the PIT pass stores it, `plinio_onnx.analysis.ChannelGroup` fields) with the group's channel
+    indices to remove. Every coupled tensor loses them: producers' weight rows and biases,
+    per-channel members, consumers' input features, constant Reshape widths; depthwise ``group``
+    attributes follow. Records of nodes that are no longer in the graph (a SuperNet branch that
+    was not picked) are skipped."""
     g = graph.gs
     tensors = g.tensors()
     nodes = {n.name: n for n in g.nodes}
-
     keep_masks: dict[tuple[str, int], np.ndarray] = {}
 
-    def drop(tensor: str, axis: int, positions: np.ndarray) -> None:
+    def drop(node: str, tensor: str, axis: int, positions: np.ndarray) -> None:
+        if node not in nodes or tensor not in tensors:
+            return
         values = tensors[tensor].values
         key = (tensor, axis)
         if key not in keep_masks:
             keep_masks[key] = np.ones(values.shape[axis], dtype=bool)
         keep_masks[key][positions] = False
 
-    for group in info["groups"]:
-        keep = fn.channel_keep(tensors[group["alpha"]].values, threshold)
-        pruned = np.setdiff1d(np.arange(group["size"]), keep)
+    for group, pruned in selections:
+        pruned = np.asarray(pruned, dtype=np.int64)
         if pruned.size == 0:
             continue
         for producer in group["producers"]:
-            drop(producer["weight"], producer["axis"], pruned)
+            drop(producer["node"], producer["weight"], producer["axis"], pruned)
             if producer["bias"]:
-                drop(producer["bias"], 0, pruned)
+                drop(producer["node"], producer["bias"], 0, pruned)
         for member in group["members"]:
-            drop(member["tensor"], member["axis"], member["offset"] + pruned)
+            drop(member["node"], member["tensor"], member["axis"], member["offset"] + pruned)
         for consumer in group["consumers"]:
             inner = consumer["inner"]
             features = (consumer["offset"] + pruned[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
-            drop(consumer["weight"], consumer["axis"], features)
+            drop(consumer["node"], consumer["weight"], consumer["axis"], features)
         for reshape in group["reshapes"]:
+            if reshape["node"] not in nodes:
+                continue
             shape = nodes[reshape["node"]].inputs[1]
             values = np.array(shape.values)
             values[reshape["index"]] -= pruned.size * reshape["per_channel"]
@@ -70,17 +96,11 @@ def prune_channels(graph: Graph, **options) -> Graph:
         tensor = tensors[name]
         tensor.values = np.compress(mask, np.asarray(tensor.values), axis=axis)
 
-    for group in info["groups"]:
+    for group, pruned in selections:
         for dw in group["depthwise"]:
-            node = nodes[dw]
-            node.attrs["group"] = int(_weight_constant(node).values.shape[0])
-
-    for entry in info["time"]:
-        _shrink_kernel(nodes[entry["node"]], tensors, entry, threshold)
-
-    _bypass_plinio_nodes(g)
-    del graph.metadata[METADATA_KEY]
-    return graph
+            if dw in nodes:
+                node = nodes[dw]
+                node.attrs["group"] = int(_weight_constant(node).values.shape[0])
 
 
 def _replace_constant(g: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> None:

@@ -169,8 +169,12 @@ class _Walk:
     def run(self) -> ChannelAnalysis:
         for node in self.graph.nodes:
             if (node.domain or "") == PLINIO_DOMAIN:
-                # A searchable function (choice, quantizer, mask) may mix or re-route channels.
-                self.block_inputs(node, "read by a searchable ai.plinio function")
+                rule = _PLINIO_RULES.get(node.op)
+                if rule is None:
+                    # A searchable function (quantizer, mask) may mix or re-route channels.
+                    self.block_inputs(node, "read by a searchable ai.plinio function")
+                else:
+                    rule(self, node)
                 continue
             rule = _RULES.get(node.op) if (node.domain or "") in ("", "ai.onnx") else None
             if rule is None:
@@ -698,6 +702,26 @@ def _axes_of(node: gs.Node, rank: int) -> list[int] | None:
     if node.op == "Squeeze":
         return [a % rank for a in axes]
     return list(axes)
+
+
+# -- searchable functions ---------------------------------------------------------------------
+_PLINIO_RULES: dict[str, Callable[[_Walk, gs.Node], None]] = {}
+
+
+def _choice(walk: _Walk, node: gs.Node) -> None:
+    """SuperNet ``Choice(candidates, logits, T)``: the branches arrive stacked on a new leading axis
+    (Unsqueeze + Concat, which already united their channels); the mix keeps each channel where it
+    is, like a residual Add, so the output carries the united channels one axis lower."""
+    cmap = walk.maps.get(node.inputs[0].name)
+    if cmap is None:
+        return
+    if cmap.axis == 0:
+        walk.block(cmap, f"Choice {node.name!r} chooses along the channel axis")
+        return
+    walk.maps[node.outputs[0].name] = ChannelMap(cmap.axis - 1, cmap.segments, cmap.inner)
+
+
+_PLINIO_RULES["Choice"] = _choice
 
 
 # -- layers ---------------------------------------------------------------------------------
