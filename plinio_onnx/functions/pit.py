@@ -263,8 +263,8 @@ def _mask_weight_handler(ctx: NodeContext):
     shape = ctx.ints(3)
     index, weight_shape = ctx.static(2), ctx.shape(0)
     channels = ctx.shape(1)
-    if index is not None and isinstance(shape, list) and weight_shape is not None and channels \
-            and isinstance(channels[0], int):
+    if index is not None and isinstance(shape, list) and -1 in shape and weight_shape is not None \
+            and channels and isinstance(channels[0], int):
         axis = shape.index(-1)
         inner = index.size // channels[0] if index.size % channels[0] == 0 else 0
         if inner and np.array_equal(index, np.repeat(np.arange(channels[0]), inner)):
