@@ -23,7 +23,10 @@ from plinio_onnx.analysis import ChannelGroup, analyze_channels
 from plinio_onnx.errors import PassError
 from plinio_onnx.functions import add_functions
 from plinio_onnx.functions import pit as fn
+from plinio_onnx.functions.supernet import CHOICE
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
+
+from .shuffle import shuffles_as_gather
 
 METADATA_KEY = "plinio.pit"
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -41,23 +44,28 @@ def _selected(name: str, op: str, include: Iterable[str] | None, exclude: Iterab
 
 def pit(graph: Graph, *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
         op_types: Iterable[str] = LAYER_OPS, masks: Iterable[str] = MASKS,
-        threshold: float = 0.5) -> Graph:
+        threshold: float = 0.5, grouped_convs: bool = True) -> Graph:
     """Return a searchable copy of ``graph`` with PIT masks (see the module docstring).
 
     ``include`` / ``exclude``: fnmatch patterns on layer node names; a channel group is searched
     when all its producing layers are selected. ``masks``: any of "channels", "time",
     "dilation". ``threshold``: binarization threshold (kept means |θ| > threshold).
+    ``grouped_convs``: prune grouped (not depthwise) Convs; groups left uneven are exported as
+    one Conv per group. False keeps them, and the channels they touch, whole.
     """
     masks = tuple(masks)
     unknown = set(masks) - set(MASKS)
     if unknown:
         raise PassError(f"unknown PIT masks {sorted(unknown)}; choose from {MASKS}", file=graph.source)
-    if any((n.domain or "") == PLINIO_DOMAIN for n in graph.nodes):
-        raise PassError("the graph already holds ai.plinio nodes; run PIT on the original model",
-                        file=graph.source)
+    # SuperNet Choices may stay (PIT then searches channels inside and around their branches);
+    # PIT masks or MPS quantizers already there may not.
+    if any((n.domain or "") == PLINIO_DOMAIN and n.op != CHOICE for n in graph.nodes):
+        raise PassError("the graph already holds ai.plinio nodes; run PIT on the original model "
+                        "(or on a SuperNet searchable graph)", file=graph.source)
     graph = graph.copy()
     g = graph.gs
-    analysis = analyze_channels(graph)
+    shuffles_as_gather(g)
+    analysis = analyze_channels(graph, grouped_convs=grouped_convs)
     nodes = {n.name: n for n in g.nodes}
     op_types = tuple(op_types)
 
@@ -87,6 +95,7 @@ def pit(graph: Graph, *, include: Iterable[str] | None = None, exclude: Iterable
         "layer_inputs": analysis.layer_inputs,
         "layer_output": analysis.layer_output,
         "group_sizes": [grp.size for grp in analysis.groups],
+        "grouped": {name: dict(vars(conv)) for name, conv in analysis.grouped.items()},
         "group_alpha": {s["id"]: s["alpha"] for s in searched},
     })
     return add_functions(graph, fn.functions())
@@ -117,12 +126,20 @@ def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: flo
     for k, consumer in enumerate(group.consumers):
         node = nodes[consumer.node]
         weight = node.inputs[1]
-        width = int(weight.shape[consumer.axis])
+        channels = np.arange(group.size) if consumer.channels is None else np.asarray(consumer.channels)
+        width = int(weight.shape[consumer.axis]) * consumer.groups
         index = np.full(width, group.size, dtype=np.int64)
         span = group.size * consumer.inner
-        index[consumer.offset:consumer.offset + span] = np.repeat(np.arange(group.size), consumer.inner)
+        index[consumer.offset:consumer.offset + span] = np.repeat(channels, consumer.inner)
         shape = np.ones(len(weight.shape), dtype=np.int64)
-        shape[consumer.axis] = -1
+        if consumer.groups > 1:
+            # Grouped Conv: output row o reads input channel (o // rows per group)·width/g + j.
+            rows, per_group = int(weight.shape[0]), int(weight.shape[1])
+            first = (np.arange(rows) // (rows // consumer.groups)) * per_group
+            index = index[first[:, None] + np.arange(per_group)[None, :]].reshape(-1)
+            shape[:2] = (rows, per_group)
+        else:
+            shape[consumer.axis] = -1
         masked = gs.Variable(f"{consumer.node}/pit_w{group.id}_{k}", dtype=weight.dtype, shape=weight.shape)
         g.nodes.append(gs.Node(fn.MASK_WEIGHT, name=f"{consumer.node}/pit_mask_{group.id}_{k}",
                                domain=PLINIO_DOMAIN,

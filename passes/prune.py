@@ -20,6 +20,7 @@ from plinio_onnx.functions import pit as fn
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 
 from .pit import METADATA_KEY
+from .shuffle import gathers_as_shuffles
 
 PIT_FUNCTIONS = (fn.CHANNEL_MASK, fn.MASK_WEIGHT, fn.TIME_MASK)
 
@@ -37,14 +38,15 @@ def prune_channels(graph: Graph, **options) -> Graph:
     for group in info["groups"]:
         keep = fn.channel_keep(tensors[group["alpha"]].values, threshold)
         selections.append((group, np.setdiff1d(np.arange(group["size"]), keep)))
-    slice_groups(graph, selections)
-
+    # Kernels first: a grouped Conv that slicing splits into one Conv per group copies them.
     nodes = {n.name: n for n in graph.gs.nodes}
     for entry in info["time"]:
         if entry["node"] in nodes:
             _shrink_kernel(nodes[entry["node"]], tensors, entry, threshold)
+    slice_groups(graph, selections)
 
     _bypass_plinio_nodes(graph.gs)
+    gathers_as_shuffles(graph.gs)
     del graph.metadata[METADATA_KEY]
     return graph
 
@@ -60,6 +62,7 @@ def slice_groups(graph: Graph, selections) -> None:
     tensors = g.tensors()
     nodes = {n.name: n for n in g.nodes}
     keep_masks: dict[tuple[str, int], np.ndarray] = {}
+    grouped_inputs: dict[str, np.ndarray] = {}   # grouped Conv -> kept input channels
 
     def drop(node: str, tensor: str, axis: int, positions: np.ndarray) -> None:
         if node not in nodes or tensor not in tensors:
@@ -75,15 +78,22 @@ def slice_groups(graph: Graph, selections) -> None:
         if pruned.size == 0:
             continue
         for producer in group["producers"]:
-            drop(producer["node"], producer["weight"], producer["axis"], pruned)
+            local = _local(producer, pruned)
+            drop(producer["node"], producer["weight"], producer["axis"], local)
             if producer["bias"]:
-                drop(producer["node"], producer["bias"], 0, pruned)
+                drop(producer["node"], producer["bias"], 0, local)
         for member in group["members"]:
-            drop(member["node"], member["tensor"], member["axis"], member["offset"] + pruned)
+            drop(member["node"], member["tensor"], member["axis"], member["offset"] + _local(member, pruned))
         for consumer in group["consumers"]:
             inner = consumer["inner"]
-            features = (consumer["offset"] + pruned[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
-            drop(consumer["node"], consumer["weight"], consumer["axis"], features)
+            local = _local(consumer, pruned)
+            features = (consumer["offset"] + local[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
+            if consumer.get("groups", 1) > 1 and consumer["node"] in nodes:
+                node = nodes[consumer["node"]]
+                width = int(_weight_constant(node).values.shape[1]) * consumer["groups"]
+                grouped_inputs.setdefault(node.name, np.ones(width, dtype=bool))[features] = False
+            else:
+                drop(consumer["node"], consumer["weight"], consumer["axis"], features)
         for reshape in group["reshapes"]:
             if reshape["node"] not in nodes:
                 continue
@@ -91,6 +101,13 @@ def slice_groups(graph: Graph, selections) -> None:
             values = np.array(shape.values)
             values[reshape["index"]] -= pruned.size * reshape["per_channel"]
             _replace_constant(g, nodes[reshape["node"]], 1, values)
+        for permutation in group.get("permutations", []):
+            if permutation["node"] in nodes:
+                _reindex_gather(g, nodes[permutation["node"]], permutation, pruned)
+
+    for node in list(g.nodes):
+        if _is_grouped_conv(node):
+            _slice_grouped_conv(g, node, keep_masks, grouped_inputs.get(node.name))
 
     for (name, axis), mask in keep_masks.items():
         tensor = tensors[name]
@@ -103,6 +120,77 @@ def slice_groups(graph: Graph, selections) -> None:
                 node.attrs["group"] = int(_weight_constant(node).values.shape[0])
 
 
+def _local(record: dict, pruned: np.ndarray) -> np.ndarray:
+    """The record's own positions of the group channels ``pruned`` (permuted spaces map them)."""
+    channels = record.get("channels")
+    return pruned if channels is None else np.flatnonzero(np.isin(np.asarray(channels), pruned))
+
+
+def _reindex_gather(g: gs.Graph, node: gs.Node, permutation: dict, pruned: np.ndarray) -> None:
+    """A channel Gather after pruning: every kept output channel, from where its input now is."""
+    indices = np.asarray(node.inputs[1].values).astype(np.int64)
+    size = indices.size
+    channels_in = np.arange(size) if permutation["channels_in"] is None else np.asarray(permutation["channels_in"])
+    channels_out = np.arange(size) if permutation["channels_out"] is None else np.asarray(permutation["channels_out"])
+    kept_in = np.flatnonzero(~np.isin(channels_in, pruned))
+    kept_out = np.flatnonzero(~np.isin(channels_out, pruned))
+    _replace_constant(g, node, 1, np.searchsorted(kept_in, indices[kept_out] % size).astype(np.int64))
+
+
+def _slice_grouped_conv(g: gs.Graph, node: gs.Node, keep_masks: dict, in_keep: np.ndarray | None) -> None:
+    """Slice a grouped Conv's output rows and its groups' input columns. Groups left with equal
+    counts stay one grouped Conv; uneven ones become one Conv per group on a Slice of the input,
+    concatenated: exactly what the masked grouped Conv computed, with no zero weights kept."""
+    weight = _weight_constant(node)
+    values = np.asarray(weight.values)
+    groups = int(node.attrs["group"])
+    out_keep = keep_masks.pop((weight.name, 0), np.ones(values.shape[0], dtype=bool))
+    bias = node.inputs[2] if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) else None
+    if bias is not None:
+        keep_masks.pop((bias.name, 0), None)
+    in_keep = np.ones(values.shape[1] * groups, dtype=bool) if in_keep is None else in_keep
+    if out_keep.all() and in_keep.all():
+        return
+    per_out, per_in = values.shape[0] // groups, values.shape[1]
+    rows = [k * per_out + np.flatnonzero(out_keep[k * per_out:(k + 1) * per_out]) for k in range(groups)]
+    cols = [np.flatnonzero(in_keep[k * per_in:(k + 1) * per_in]) for k in range(groups)]
+    bias_values = None if bias is None else np.asarray(bias.values)
+    if len({r.size for r in rows}) == 1 and len({c.size for c in cols}) == 1 and cols[0].size:
+        node.inputs[1] = gs.Constant(f"{weight.name}_pruned",
+                                     np.concatenate([values[r][:, c] for r, c in zip(rows, cols)]))
+        if bias is not None:
+            node.inputs[2] = gs.Constant(f"{bias.name}_pruned", bias_values[out_keep])
+        return
+    x, out = node.inputs[0], node.outputs[0]
+    starts = np.concatenate([[0], np.cumsum([c.size for c in cols])])
+    parts = []
+    for k in range(groups):
+        if rows[k].size == 0:
+            continue  # a group with no output left reads nothing
+        name = f"{node.name}/group{k}"
+        if cols[k].size:
+            begin, end, kernel = starts[k], starts[k + 1], values[rows[k]][:, cols[k]]
+        else:  # every input of this group is gone: its outputs are the bias alone
+            begin, end = 0, 1
+            kernel = np.zeros((rows[k].size, 1) + values.shape[2:], values.dtype)
+        piece = gs.Variable(f"{name}/input", dtype=x.dtype)
+        g.nodes.append(gs.Node("Slice", name=f"{name}/slice", inputs=[
+            x, gs.Constant(f"{name}/starts", np.array([begin], np.int64)),
+            gs.Constant(f"{name}/ends", np.array([end], np.int64)),
+            gs.Constant(f"{name}/axes", np.array([1], np.int64))], outputs=[piece]))
+        inputs = [piece, gs.Constant(f"{name}/W", np.ascontiguousarray(kernel))]
+        if bias is not None:
+            inputs.append(gs.Constant(f"{name}/B", bias_values[rows[k]]))
+        result = gs.Variable(f"{name}/output", dtype=out.dtype)
+        g.nodes.append(gs.Node("Conv", name=name, attrs={**node.attrs, "group": 1}, inputs=inputs, outputs=[result]))
+        parts.append(result)
+    node.outputs.clear()
+    if len(parts) == 1:
+        parts[0].inputs[0].outputs = [out]
+    else:
+        g.nodes.append(gs.Node("Concat", name=f"{node.name}/concat", attrs={"axis": 1}, inputs=parts, outputs=[out]))
+
+
 def _replace_constant(g: gs.Graph, node: gs.Node, index: int, values: np.ndarray) -> None:
     old = node.inputs[index]
     if len(old.outputs) > 1:  # shared: give this node its own copy
@@ -111,12 +199,23 @@ def _replace_constant(g: gs.Graph, node: gs.Node, index: int, values: np.ndarray
         old.values = values
 
 
-def _weight_constant(node: gs.Node) -> gs.Constant:
-    """The initializer behind a layer's weight input, through any PIT mask nodes."""
+def _weight_constant(node: gs.Node) -> gs.Constant | None:
+    """The initializer behind a layer's weight input, through any PIT mask nodes (None for a
+    run-time weight)."""
     tensor = node.inputs[1]
     while not isinstance(tensor, gs.Constant):
+        if not tensor.inputs or not tensor.inputs[0].inputs:
+            return None
         tensor = tensor.inputs[0].inputs[0]
     return tensor
+
+
+def _is_grouped_conv(node: gs.Node) -> bool:
+    """A grouped Conv the channel analysis prunes (not depthwise: more than one input per group)."""
+    if node.op != "Conv" or int(node.attrs.get("group", 1)) < 2:
+        return False
+    weight = _weight_constant(node)
+    return weight is not None and weight.values.shape[1] > 1
 
 
 def _shrink_kernel(node: gs.Node, tensors, entry: dict, threshold: float) -> None:

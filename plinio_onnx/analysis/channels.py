@@ -17,7 +17,7 @@ an unknown pattern costs a pruning opportunity, never a wrong graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -50,6 +50,7 @@ class Producer:
     weight: str        # initializer name
     axis: int          # output-channel axis of the weight
     bias: str | None   # initializer name of a [C] bias, if any
+    channels: list[int] | None = None  # group channel of each local channel (None: the same)
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Consumer:
     axis: int          # input-feature axis of the weight
     offset: int        # first feature of this segment along that axis
     inner: int         # features per channel
+    groups: int = 1    # a grouped Conv: each output group reads its own slice of the input
+    channels: list[int] | None = None
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Member:
     tensor: str
     axis: int
     offset: int = 0
+    channels: list[int] | None = None
 
 
 @dataclass
@@ -81,6 +85,28 @@ class ReshapeWidth:
 
 
 @dataclass
+class Permutation:
+    """A channel ``Gather`` (a channel shuffle) inside the group: output channel m is input channel
+    ``indices[m]``; ``channels_in`` / ``channels_out`` give the group channel of each position."""
+    node: str
+    channels_in: list[int] | None = None
+    channels_out: list[int] | None = None
+
+
+@dataclass
+class GroupedConv:
+    """A grouped Conv that prunes like a dense one: output group k reads input channels
+    [k·C_in/g, (k+1)·C_in/g). ``inputs`` / ``output`` locate each of its input / output channels
+    as (analysis group, channel) arrays, so costs can count every conv group's kept channels."""
+    node: str
+    groups: int
+    input_groups: list[int]
+    input_channels: list[int]
+    output_group: int | None
+    output_channels: list[int]
+
+
+@dataclass
 class ChannelGroup:
     """Channels pruned together: one shared mask of ``size`` entries."""
     id: int
@@ -90,6 +116,7 @@ class ChannelGroup:
     members: list[Member] = field(default_factory=list)
     depthwise: list[str] = field(default_factory=list)     # depthwise Conv nodes carrying it
     reshapes: list[ReshapeWidth] = field(default_factory=list)
+    permutations: list[Permutation] = field(default_factory=list)
     unprunable: list[str] = field(default_factory=list)    # reasons
     outputs: list[str] = field(default_factory=list)       # graph outputs it reaches
 
@@ -107,6 +134,7 @@ class ChannelAnalysis:
     groups: list[ChannelGroup]
     layer_inputs: dict[str, list[tuple[int, int]]]  # layer node -> [(group id, features/channel)]
     layer_output: dict[str, int]                   # producer node -> group id
+    grouped: dict[str, GroupedConv] = field(default_factory=dict)
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -115,40 +143,79 @@ class ChannelAnalysis:
         return self.groups[gid]
 
 
+def _compose(first: np.ndarray | None, then: np.ndarray | None) -> np.ndarray | None:
+    """The map i -> then[first[i]] (None stands for the identity)."""
+    if first is None:
+        return then
+    if then is None:
+        return first
+    return then[first]
+
+
+def _same_map(a: np.ndarray | None, b: np.ndarray | None, size: int) -> bool:
+    identity = np.arange(size)
+    return np.array_equal(identity if a is None else a, identity if b is None else b)
+
+
 # -- the walk -------------------------------------------------------------------------------
 class _Walk:
-    def __init__(self, graph: gs.Graph) -> None:
+    def __init__(self, graph: gs.Graph, grouped_convs: bool = True) -> None:
         self.graph = graph
+        self.grouped_convs = grouped_convs
         self.maps: dict[str, ChannelMap] = {}
         self.parent: list[int] = []
+        # link[s]: s's channel i is its parent's channel link[s][i] (None: the same index)
+        self.link: list[np.ndarray | None] = []
         self.sizes: list[int] = []
+        self.grouped: list[tuple[gs.Node, int, ChannelMap | None, int]] = []
+        self.permutes: list[tuple[str, int, int]] = []   # (Gather node, input space, output space)
         self.spaces: list[ChannelGroup] = []
         self.layer_inputs: dict[str, list[tuple[int, int]]] = {}
         self.layer_output: dict[str, int] = {}
 
-    # union-find over channel spaces
+    # union-find over channel spaces; a link may permute channels (a channel shuffle)
     def new_space(self, size: int) -> int:
         sid = len(self.parent)
         self.parent.append(sid)
+        self.link.append(None)
         self.sizes.append(size)
         self.spaces.append(ChannelGroup(id=sid, size=size))
         return sid
 
     def find(self, sid: int) -> int:
-        while self.parent[sid] != sid:
-            self.parent[sid] = self.parent[self.parent[sid]]
-            sid = self.parent[sid]
-        return sid
+        return self.find_map(sid)[0]
 
-    def unite(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
+    def find_map(self, sid: int) -> tuple[int, np.ndarray | None]:
+        """(root, map): channel i of space ``sid`` is channel map[i] of the root (None: i)."""
+        path = []
+        while self.parent[sid] != sid:
+            path.append(sid)
+            sid = self.parent[sid]
+        root = sid
+        for s in reversed(path):  # compress, composing the links on the way
+            parent = self.parent[s]
+            if parent != root:
+                self.link[s] = _compose(self.link[s], self.link[parent])
+                self.parent[s] = root
+        return root, (self.link[path[0]] if path else None)
+
+    def unite(self, a: int, b: int, perm: np.ndarray | None = None) -> None:
+        """Tie channel i of space ``b`` to channel perm[i] (None: i) of space ``a``."""
+        (ra, ma), (rb, mb) = self.find_map(a), self.find_map(b)
         if self.sizes[ra] != self.sizes[rb]:
             self.block_space(ra, "united with a channel space of another size")
             self.block_space(rb, "united with a channel space of another size")
             return
+        via_a = _compose(perm, ma)  # b's channels as channels of ra
+        if ra == rb:
+            if not _same_map(via_a, mb, self.sizes[ra]):
+                self.block_space(ra, "channels re-routed onto other channels of the same group")
+            return
+        link = np.empty(self.sizes[rb], dtype=np.int64)
+        link[np.arange(self.sizes[rb]) if mb is None else mb] = \
+            np.arange(self.sizes[rb]) if via_a is None else via_a
         self.parent[rb] = ra
+        self.link[rb] = None if np.array_equal(link, np.arange(link.size)) else link
 
     def space(self, sid: int) -> ChannelGroup:
         return self.spaces[self.find(sid)]
@@ -191,10 +258,20 @@ class _Walk:
     def _merge(self) -> ChannelAnalysis:
         roots: dict[int, ChannelGroup] = {}
         for sid, space in enumerate(self.spaces):
-            root = self.find(sid)
+            root, cmap = self.find_map(sid)
             group = roots.setdefault(root, ChannelGroup(id=-1, size=self.sizes[root]))
-            for name in ("producers", "consumers", "members", "depthwise", "reshapes", "unprunable", "outputs"):
+            for name in ("producers", "consumers", "members"):
+                items = getattr(space, name)
+                if cmap is not None:  # a permuted space: say which group channel each one is
+                    items = [replace(item, channels=cmap.tolist()) for item in items]
+                getattr(group, name).extend(items)
+            for name in ("depthwise", "reshapes", "unprunable", "outputs"):
                 getattr(group, name).extend(getattr(space, name))
+        for node, source, target in self.permutes:
+            (root, map_in), (_, map_out) = self.find_map(source), self.find_map(target)
+            roots[root].permutations.append(Permutation(
+                node, None if map_in is None else map_in.tolist(),
+                None if map_out is None else map_out.tolist()))
         groups = []
         renumber = {}
         for root, group in roots.items():
@@ -209,7 +286,23 @@ class _Walk:
                         for node, segs in self.layer_inputs.items()}
         layer_output = {node: renumber[self.find(s)] for node, s in self.layer_output.items()
                         if self.find(s) in renumber}
-        return ChannelAnalysis(groups, layer_inputs, layer_output)
+        grouped = {}
+        for node, groups_, cmap, out_sid in self.grouped:
+            in_groups, in_channels = self._locate(cmap.segments if cmap else (), renumber)
+            out_groups, out_channels = self._locate((Segment(out_sid, self.sizes[out_sid]),), renumber)
+            out_group = out_groups[0] if out_groups and out_groups[0] >= 0 else None
+            grouped[node.name] = GroupedConv(node.name, groups_, in_groups, in_channels, out_group, out_channels)
+        return ChannelAnalysis(groups, layer_inputs, layer_output, grouped)
+
+    def _locate(self, segments, renumber: dict[int, int]) -> tuple[list[int], list[int]]:
+        """(group, channel) of every channel along ``segments``; group -1 for channels outside
+        every analysis group (they never change)."""
+        gids, channels = [], []
+        for seg in segments:
+            root, cmap = self.find_map(seg.space)
+            gids.extend([renumber.get(root, -1)] * seg.size)
+            channels.extend(range(seg.size) if cmap is None else cmap.tolist())
+        return gids, channels
 
     # helpers for rules
     def produce(self, node: gs.Node, tensor: gs.Tensor, size: int, axis: int, producer: Producer | None,
@@ -641,6 +734,8 @@ def _axis_op(walk: _Walk, node: gs.Node) -> None:
         walk.block(cmap, "unknown rank")
         return
     axes = _axes_of(node, rank_in)
+    if node.op == "Gather" and axes == [cmap.axis] and _permutes_channels(walk, node, cmap):
+        return
     if node.op in ("Softmax", "LogSoftmax", "Slice", "Gather", "Split"):
         if axes is None or cmap.axis in axes:
             walk.block(cmap, f"{node.op} {node.name!r} acts on the channel axis")
@@ -680,6 +775,23 @@ def _axis_op(walk: _Walk, node: gs.Node) -> None:
             if a <= axis:
                 axis += 1
     walk.maps[node.outputs[0].name] = ChannelMap(axis, cmap.segments, cmap.inner)
+
+
+def _permutes_channels(walk: _Walk, node: gs.Node, cmap: ChannelMap) -> bool:
+    """A Gather of every channel in another order (a channel shuffle, see
+    `plinio_onnx.passes.canonicalize.shuffles_as_gather`): the output is a new space tied to the
+    input's channels through the permutation, so both are pruned together."""
+    indices = _static(node.inputs[1])
+    if indices is None or indices.ndim != 1 or len(cmap.segments) != 1 or cmap.inner != 1:
+        return False
+    size = cmap.segments[0].size
+    if indices.size != size or not np.array_equal(np.sort(indices % size), np.arange(size)):
+        return False
+    target = walk.new_space(size)
+    walk.unite(cmap.segments[0].space, target, np.asarray(indices % size, dtype=np.int64))
+    walk.permutes.append((node.name, cmap.segments[0].space, target))
+    walk.maps[node.outputs[0].name] = ChannelMap(cmap.axis, (Segment(target, size),))
+    return True
 
 
 def _axes_of(node: gs.Node, rank: int) -> list[int] | None:
@@ -760,9 +872,22 @@ def _conv(walk: _Walk, node: gs.Node) -> None:
             walk.layer_output[node.name] = cmap.segments[0].space
         walk.maps[out.name] = cmap
         return
-    walk.block(cmap, f"grouped Conv {node.name!r} (groups={groups}) is kept whole")
-    walk.produce(node, out, c_out, 1, Producer(node.name, w.name, 0, _bias_name(node, 2, c_out)),
-                 reason=f"grouped Conv {node.name!r} (groups={groups}) is kept whole")
+    if walk.grouped_convs and c_in_group > 1 and c_out // groups > 1:
+        # Each output group reads its own input slice: prunable on both sides; uneven groups are
+        # exported as one Conv per group (`plinio_onnx.passes.prune`).
+        if cmap is not None:
+            offset, record = 0, []
+            for seg in cmap.segments:
+                walk.spaces[seg.space].consumers.append(Consumer(node.name, w.name, 1, offset, 1, groups))
+                record.append((seg.space, 1))
+                offset += seg.size
+            walk.layer_inputs[node.name] = record
+        sid = walk.produce(node, out, c_out, 1, Producer(node.name, w.name, 0, _bias_name(node, 2, c_out)))
+        walk.grouped.append((node, groups, cmap, sid))
+        return
+    reason = f"grouped Conv {node.name!r} (groups={groups}) is kept whole"
+    walk.block(cmap, reason)
+    walk.produce(node, out, c_out, 1, Producer(node.name, w.name, 0, _bias_name(node, 2, c_out)), reason=reason)
 
 
 @channel_rule("ConvTranspose")
@@ -828,7 +953,8 @@ def _matmul(walk: _Walk, node: gs.Node) -> None:
     walk.block_inputs(node, "MatMul between activations (attention) is kept whole")
 
 
-def analyze_channels(graph: Graph) -> ChannelAnalysis:
-    """Channel groups of ``graph`` (canonical, as `load` returns it); see the module docstring."""
+def analyze_channels(graph: Graph, *, grouped_convs: bool = True) -> ChannelAnalysis:
+    """Channel groups of ``graph`` (canonical, as `load` returns it); see the module docstring.
+    ``grouped_convs=False`` keeps grouped (not depthwise) Convs whole."""
     graph.gs.toposort()
-    return _Walk(graph.gs).run()
+    return _Walk(graph.gs, grouped_convs).run()

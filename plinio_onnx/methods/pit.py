@@ -10,6 +10,7 @@ import json
 import os
 from typing import Iterable
 
+import numpy as np
 import onnx
 import torch
 
@@ -120,7 +121,44 @@ class PIT(SearchableModel):
             changes["out_channels"] = self.channels(output)
         if spec.name in self._time:
             changes["kernel_size"] = self.kernel(spec.name, spec.kernel_size)
+        grouped = self.info.get("grouped", {}).get(spec.name)
+        if grouped is not None:
+            in_channels = self._grouped_in_channels(grouped, spec, changes.get("out_channels", spec.out_channels))
+            if in_channels is not None:
+                changes["in_channels"] = in_channels
         return spec.with_(**changes) if changes else spec
+
+    def _grouped_in_channels(self, conv: dict, spec: LayerSpec, out_channels):
+        """A grouped Conv whose groups keep uneven counts weighs Σ_k out_k·in_k·K: the ``in_channels``
+        that gives cost models (out·in/groups·K) exactly that, whatever the counts."""
+        groups = conv["groups"]
+        kept_in = self._kept_vector(conv["input_groups"], conv["input_channels"])
+        kept_out = self._kept_vector([conv["output_group"]] * len(conv["output_channels"]), conv["output_channels"])
+        if kept_in is None and kept_out is None:
+            return None
+        per_in = (kept_in.view(groups, -1).sum(1) if kept_in is not None
+                  else torch.full((groups,), spec.in_channels / groups, dtype=torch.float64))
+        per_out = (kept_out.view(groups, -1).sum(1) if kept_out is not None
+                   else torch.full((groups,), spec.out_channels / groups, dtype=torch.float64))
+        return groups * (per_in * per_out).sum() / out_channels
+
+    def _kept_vector(self, gids: list, channels: list) -> torch.Tensor | None:
+        """Kept (0/1, or |θ| when the cost is continuous) value of every listed channel; None when
+        no listed channel is searched."""
+        if not any(gid is not None and self._alpha.get(int(gid)) is not None for gid in gids):
+            return None
+        gids = np.asarray([-1 if gid is None else gid for gid in gids])
+        bounds = [0, *(np.flatnonzero(np.diff(gids)) + 1).tolist(), len(gids)]
+        pieces = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            name = self._alpha.get(int(gids[start]))
+            if name is None:
+                pieces.append(torch.ones(end - start, dtype=torch.float64))
+            else:
+                alpha = self.tensor(name)
+                kept = fn.channel_mask(alpha, self.threshold) if self.discrete_cost else fn._theta(alpha)
+                pieces.append(kept.to(torch.float64)[torch.as_tensor(channels[start:end])])
+        return torch.cat(pieces)
 
     # -- reporting ----------------------------------------------------------------------------
     def kept_channels(self) -> dict[str, tuple[int, int]]:
