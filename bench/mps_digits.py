@@ -12,7 +12,8 @@
    fine-tuned with the chosen precisions.
 
 Every model is exported (QDQ) and its test accuracy measured on the ``.onnx`` in ONNX Runtime;
-weight bytes / bit-ops are read off the exported file (`plinio_onnx.cost.bits.quantized_specs`).
+weight bytes / bit-ops are read off the exported file (`plinio_onnx.cost.bits.quantized_specs`),
+and so are the parameters (``--zero-bit``: channels that chose 0 bits are sliced out of it).
 Splits: stratified 60 / 20 / 20 (train / val / test) with the seed; val picks each phase's best
 epoch. Goal (issue): weights ≤ 35 % of the int8 model's bytes at ≤ 1 point below int8 accuracy.
 """
@@ -118,6 +119,7 @@ def describe(name: str, exported: po.Graph, data, seconds: float, int8_bytes: fl
     total_bytes = sum(float(bit_costs.size(s)) for s in specs)
     bitops = sum(float(bit_costs.bitops(s)) for s in specs)
     return {"run": name, "test_acc": 100 * ort_accuracy(exported, *data["test"]),
+            "params": sum(int(po.cost.params(s)) for s in specs),  # fewer once 0-bit channels are sliced
             "weight_bytes": weight_bytes, "total_bytes": total_bytes, "bitops": bitops,
             "pct_int8": None if int8_bytes is None else 100 * weight_bytes / int8_bytes,
             "seconds": seconds}
@@ -208,12 +210,13 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
     table = Table(title="MPS on digits_cnn (test accuracy of the exported QDQ model in ONNX Runtime)")
-    for col in ("seed", "run", "test acc", "Δ vs int8", "weight bytes", "% of int8", "bytes (+bias)",
+    for col in ("seed", "run", "test acc", "Δ vs int8", "params", "weight bytes", "% of int8", "bytes (+bias)",
                 "bit-ops", "wall s"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for r in rows:
         table.add_row(str(r["seed"]), r["run"], f"{r['test_acc']:.2f}", f"{r['delta_vs_int8']:+.2f}",
-                      f"{r['weight_bytes']:,.0f}", "" if r["pct_int8"] is None else f"{r['pct_int8']:.1f}",
+                      f"{r['params']:,}", f"{r['weight_bytes']:,.0f}",
+                      "" if r["pct_int8"] is None else f"{r['pct_int8']:.1f}",
                       f"{r['total_bytes']:,.0f}", f"{r['bitops']:,.0f}", f"{r['seconds']:.1f}")
     console = Console(width=140)
     console.print(table)

@@ -20,8 +20,12 @@ Guarantees: with one precision the pass is plain quantization-aware training (QA
 initial logits the searchable graph computes the input graph up to the quantization error of the
 highest precision (rounding the weights and biases, clipping and rounding the activations).
 Layers whose output reaches a graph output without passing another layer never get the 0-bit
-(pruning) choice. The record (which tensors, which parameters) is stored in the graph's
-metadata (``plinio.mps``), so the searchable ONNX file is a complete checkpoint.
+(pruning) choice. With the 0-bit choice the record also holds the prunable channel groups that a
+0-bit layer produces or carries (`plinio_onnx.analysis.channels`, analyzed here because quantizer
+nodes would block them), so the export can slice out the channels that end up unused
+(`plinio_onnx.passes.quantize`; under PIT + MPS, PIT's masks do the slicing). The record (which
+tensors, which parameters) is stored in the graph's metadata (``plinio.mps``), so the
+searchable ONNX file is a complete checkpoint.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from typing import Iterable
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from plinio_onnx.analysis import analyze_channels
 from plinio_onnx.cost.spec import weight_source
 from plinio_onnx.errors import PassError
 from plinio_onnx.functions import add_functions
@@ -38,7 +43,7 @@ from plinio_onnx.functions import mps as fn
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 
 from .pit import METADATA_KEY as PIT_METADATA_KEY
-from .pit import _selected
+from .pit import _as_record, _selected
 
 METADATA_KEY = "plinio.mps"
 TEMPERATURE = "mps.temperature"
@@ -99,6 +104,9 @@ def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
     graph = graph.copy()
     has_plinio = any((n.domain or "") == PLINIO_DOMAIN for n in graph.nodes)
     folded = fold_batchnorm(graph) if fold_bn and not has_plinio else []
+    # Grouped convs stay whole: slicing one rebuilds it from float weights, past its quantizer.
+    groups = analyze_channels(graph, grouped_convs=False).prunable() \
+        if 0 in w_bits and PIT_METADATA_KEY not in graph.metadata else []
     g = graph.gs
     op_types = tuple(op_types)
     temp = gs.Constant(TEMPERATURE, np.array([temperature], np.float32))
@@ -119,11 +127,14 @@ def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
                                                sampling, temp, act, quantize_bias))
 
     g.cleanup(remove_unused_graph_inputs=False).toposort()
+    zero_bit_layers = {layer["node"] for layer in layers if 0 in layer["bits"]}
     graph.metadata[METADATA_KEY] = json.dumps({
         "w_precisions": list(w_bits), "a_precisions": list(a_bits), "per_channel": per_channel,
         "weight_scale": weight_scale, "sampling": sampling, "temperature": TEMPERATURE,
         "layers": layers, "activations": list(activations.values()), "skipped": skipped,
         "folded_bn": folded,
+        "groups": [_as_record(group) for group in groups if group.size > 1 and zero_bit_layers.intersection(
+            [p.node for p in group.producers] + group.depthwise)],
     })
     _register_with_pit(graph, layers)
     return add_functions(graph, fn.functions())
@@ -296,10 +307,12 @@ def _register_with_pit(graph: Graph, layers: list[dict]) -> None:
     groups = {int(g["id"]): g for g in info["groups"]}
     changed = False
     for layer in layers:
-        gid = info["layer_output"].get(layer["node"])
+        gid, channels = info["layer_output"].get(layer["node"]), None
+        if gid is None and layer["node"] in info.get("layer_output_part", {}):
+            gid, channels = info["layer_output_part"][layer["node"]]  # the layer holds part of it
         if layer["per_channel"] and gid is not None and int(gid) in groups:
             groups[int(gid)]["members"].append({"node": layer["node"], "tensor": layer["alpha"],
-                                               "axis": 1, "offset": 0})
+                                               "axis": 1, "offset": 0, "channels": channels})
             changed = True
     if changed:
         graph.metadata[PIT_METADATA_KEY] = json.dumps(info)

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import plinio_onnx as po
 from plinio_onnx.cost import bits as bit_costs
+from plinio_onnx.cost.spec import weight_source
 from plinio_onnx.data import random_inputs
 from plinio_onnx.errors import PassError, PlinioOnnxError
 from plinio_onnx.functions import mps as fn
@@ -59,6 +60,13 @@ def _producer(tensor):
     return tensor.inputs[0] if tensor.inputs else None
 
 
+def _exported_bits(chosen_bits, stored_entry: dict):
+    """The chosen bit-widths of the channels the export kept (removed ones are sliced out)."""
+    if isinstance(chosen_bits, int):
+        return chosen_bits
+    return np.delete(np.asarray(chosen_bits), stored_entry["removed_channels"]).tolist()
+
+
 def _check_qdq_bit_widths(model: po.MPS, exported: po.Graph) -> None:
     """The exported integers and clips hold exactly the chosen bit-widths."""
     chosen = model.chosen_precisions()
@@ -66,7 +74,8 @@ def _check_qdq_bit_widths(model: po.MPS, exported: po.Graph) -> None:
     assert stored["format"] == "qdq"
     nodes = {n.name: n for n in exported.nodes}
     for layer, entry in chosen.items():
-        assert stored["layers"][layer]["weight_bits"] == entry["weight_bits"], layer
+        weight_bits = _exported_bits(entry["weight_bits"], stored["layers"][layer])
+        assert stored["layers"][layer]["weight_bits"] == weight_bits, layer
         assert stored["layers"][layer]["input_bits"] == entry["input_bits"], layer
         node = nodes[layer]
         dq = _producer(node.inputs[1])
@@ -74,7 +83,7 @@ def _check_qdq_bit_widths(model: po.MPS, exported: po.Graph) -> None:
         ints = np.asarray(dq.inputs[0].values).astype(np.int64)
         info = model._layers[layer]
         moved = np.moveaxis(ints, info["axis"], 0).reshape(ints.shape[info["axis"]], -1)  # [C, ...]
-        per_channel = np.broadcast_to(np.asarray(entry["weight_bits"]), (moved.shape[0],))
+        per_channel = np.broadcast_to(np.asarray(weight_bits), (moved.shape[0],))
         for c, bits in enumerate(per_channel):
             if bits == 0:
                 assert not moved[c].any(), (layer, c)
@@ -248,7 +257,7 @@ def test_qonnx_export_matches_reference_execution(name):
         quant = _producer(nodes[layer].inputs[1])
         assert quant.op == "Quant" and quant.attrs["signed"] == 1 and quant.attrs["narrow"] == 0
         bitwidth = np.asarray(quant.inputs[3].values).reshape(-1)
-        wanted = np.asarray(entry["weight_bits"]).reshape(-1)
+        wanted = np.asarray(_exported_bits(entry["weight_bits"], stored["layers"][layer])).reshape(-1)
         kept = wanted[wanted > 0]
         if bitwidth.size == 1:
             assert set(kept.tolist()) <= {int(bitwidth[0])}
@@ -397,7 +406,8 @@ def test_include_exclude_and_per_tensor_scales():
     assert fc2.inputs[1].name and _producer(fc2.inputs[1]) is None  # float weight, untouched
 
 
-def test_int4_weights_where_opset_21_allows():
+@pytest.mark.parametrize("zero_bit", [False, True])
+def test_int4_weights_where_opset_21_allows(zero_bit):
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])
@@ -412,16 +422,19 @@ def test_int4_weights_where_opset_21_allows():
     proto = helper.make_model(helper.make_graph(nodes, "int4", [x], [y], inits), opset_imports=[helper.make_opsetid("", 21)])
     proto.ir_version = 10
     graph = po.load(proto)
-    model = po.MPS(graph, w_precisions=(2, 4), a_precisions=(4, 8))
+    model = po.MPS(graph, w_precisions=(2, 4), a_precisions=(4, 8), zero_bit=zero_bit)
     feeds = random_inputs(graph, batch=2)
     model.calibrate(*_tensors(feeds))
     _randomize_logits(model, 2)
     model.eval()
     expected = run_torch(model, feeds, ["x"])[0]
-    saved = model.export().to_onnx()
+    exported = model.export()
+    saved = exported.to_onnx()
     int4 = [t for t in saved.graph.initializer if t.data_type == TensorProto.INT4]
     assert len(int4) >= 3
     assert np.max(np.abs(expected - run_ort(saved, feeds)[0])) <= _output_step(expected)
+    removed = sum(len(e["removed_channels"]) for e in json.loads(exported.metadata[BITS_METADATA_KEY])["layers"].values())
+    assert (removed > 0) == zero_bit   # int4 weights are packed after slicing
     # Opset 17 keeps int8 containers.
     assert not any(t.data_type == TensorProto.INT4 for t in po.MPS(po.load(MODELS / "digits_cnn.onnx"),
                                                                   w_precisions=(4,)).export().to_onnx().graph.initializer)
@@ -476,15 +489,18 @@ def test_bit_costs_by_hand_and_equal_to_the_export():
         assert float(model.cost_of("bitops")) == bitops
         assert float(model.cost_of("params_bit")) == conv_weights * 4.5 + fc_weights * 4.0
         assert float(model.cost_of("params")) == po.cost.total(_hand_model())
+    # The export slices the 0-bit channel out: its bias and the 64 fc columns it fed (fc at 4.0
+    # bits, 2-bit inputs) are gone too, which the search cost does not credit.
     exported = model.export()
-    assert bit_costs.total_of(exported, bit_costs.size_bits) == size_bits
-    assert bit_costs.total_of(exported, bit_costs.bitops) == bitops
+    assert bit_costs.total_of(exported, bit_costs.size_bits) == pytest.approx(size_bits - 32 - 4 * 64 * 4.0)
+    assert bit_costs.total_of(exported, bit_costs.bitops) == pytest.approx(bitops - 4 * 64 * 4.0 * 2)
     stored = json.loads(exported.metadata[BITS_METADATA_KEY])["layers"]
-    assert stored["conv"]["weight_bits"] == [2, 2, 4, 4, 8, 8, 0, 8] and stored["conv"]["pruned_channels"] == 1
-    # The pruned channel computes exactly zero (weights and bias).
-    conv = next(n for n in exported.nodes if n.name == "conv")
-    assert not np.asarray(_producer(conv.inputs[1]).inputs[0].values)[6].any()
-    assert int(np.asarray(_producer(conv.inputs[2]).inputs[0].values)[6]) == 0
+    assert stored["conv"]["weight_bits"] == [2, 2, 4, 4, 8, 8, 8] and stored["conv"]["pruned_channels"] == 1
+    assert stored["conv"]["removed_channels"] == [6]
+    nodes = {n.name: n for n in exported.nodes}
+    assert np.shape(_producer(nodes["conv"].inputs[1]).inputs[0].values) == (7, 3, 3, 3)
+    assert np.shape(_producer(nodes["conv"].inputs[2]).inputs[0].values) == (7,)
+    assert np.shape(_producer(nodes["fc"].inputs[1]).inputs[0].values) == (4, 7 * 64)
     # Float layers cost 32 bits.
     float_spec = po.cost.layer_specs(_hand_model())[0]
     assert bit_costs.size_bits(float_spec) == 8 * 27 * 32 + 8 * 32
@@ -609,3 +625,123 @@ def test_conv_transpose_per_channel_and_grouped_per_layer(group):
     model.eval()
     expected = run_torch(model, feeds, ["x"])[0]
     assert np.max(np.abs(expected - run_ort(model.export().to_onnx(), feeds)[0])) <= _output_step(expected)
+
+
+# -- 0-bit channels are sliced out ------------------------------------------------------------
+#: Zoo models whose channel groups pass only ReLU, pooling, flattening and residual adds between
+#: layers: there a channel is removed exactly when every producer of its group chose 0 bits.
+_CHAINS = ("digits_cnn", "fc_autoencoder", "resnet8", "tcn")
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zero_bit_channels_are_sliced_out(name):
+    graph, model, feeds = _searched_model(name, zero_bit=True)
+    expected = run_torch(model, feeds, [t.name for t in graph.gs.inputs])
+    chosen = {node: np.atleast_1d(entry["weight_bits"]) for node, entry in model.chosen_precisions().items()}
+    original = {n.name: n for n in graph.nodes}
+    zeroed_params = po.cost.total(model.searchable_graph())  # what exporting zeroed channels keeps
+    for fmt in ("qdq", "qonnx"):
+        exported = model.export(format=fmt)
+        proto = exported.to_onnx()
+        onnx.checker.check_model(proto)
+        got = run_ort(proto, feeds) if fmt == "qdq" else _run_qonnx_reference(proto, feeds)
+        for e, g in zip(expected, got):
+            assert np.max(np.abs(e - g)) <= _output_step(e), (name, fmt)
+        assert po.cost.total(bit_costs._constant_weights(exported)) < zeroed_params
+        stored = json.loads(exported.metadata[BITS_METADATA_KEY])["layers"]
+        nodes = {n.name: n for n in exported.nodes}
+        for layer, info in model._layers.items():  # every layer keeps what it did not lose
+            weight = weight_source(nodes[layer].inputs[1])
+            assert np.shape(weight.values)[info["axis"]] == info["channels"] - len(stored[layer]["removed_channels"])
+        for group in model.info["groups"]:
+            removed = set(stored[group["producers"][0]["node"]]["removed_channels"])
+            zero = [chosen[p["node"]] == 0 for p in group["producers"]]
+            dw_zero = [chosen[dw] == 0 for dw in group["depthwise"]]
+            assert removed <= set(np.flatnonzero(np.logical_or.reduce(zero + dw_zero)))
+            for dw in dw_zero if len(group["producers"]) == len(group["consumers"]) == 1 else []:
+                # producer → depthwise → consumer: a 0-bit depthwise channel is 0 whatever comes in
+                assert set(np.flatnonzero(dw)) <= removed | {group["size"] - 1}
+            if name in _CHAINS:
+                wanted = np.flatnonzero(np.logical_and.reduce(zero))
+                assert removed == set(wanted[:group["size"] - 1].tolist())
+                for consumer in group["consumers"]:
+                    width = original[consumer["node"]].inputs[1].shape[consumer["axis"]]
+                    got_width = np.shape(weight_source(nodes[consumer["node"]].inputs[1]).values)[consumer["axis"]]
+                    assert got_width == width - len(removed) * consumer["inner"]
+    assert sum(len(e["removed_channels"]) for e in stored.values()) > 0
+
+
+def _hand_graph(nodes, inits, x_shape, y_shape) -> po.Graph:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)
+    proto = helper.make_model(helper.make_graph(nodes, "hand", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    return po.load(proto)
+
+
+def _export_matches(model: po.MPS, graph: po.Graph) -> tuple[po.Graph, dict]:
+    feeds = random_inputs(graph, batch=2, seed=4)
+    model.eval()
+    expected = run_torch(model, feeds, ["x"])[0]
+    exported = model.export()
+    assert np.max(np.abs(expected - run_ort(exported.to_onnx(), feeds)[0])) <= _output_step(expected)
+    return exported, json.loads(exported.metadata[BITS_METADATA_KEY])["layers"]
+
+
+def test_zero_bit_residual_channel_needs_both_producers_and_a_zero_sum():
+    """conv_a + conv_b + k → ReLU → conv_c: channel c goes where both convs chose 0 bits and
+    ReLU(k_c) is 0; a channel only one side chose 0 for, or whose shift survives, stays (zeroed)."""
+    rng = np.random.default_rng(0)
+    shift = np.array([0, 0, 0, -1, 0.5, 0], np.float32).reshape(1, 6, 1, 1)
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="conv_a"),
+             helper.make_node("Conv", ["x", "wb", "bb"], ["b"], name="conv_b"),
+             helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+             helper.make_node("Add", ["s", "k"], ["t"], name="shift"),
+             helper.make_node("Relu", ["t"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "wc"], ["y"], name="conv_c")]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             [("wa", (6, 3, 1, 1)), ("ba", (6,)), ("wb", (6, 3, 1, 1)), ("bb", (6,)), ("wc", (2, 6, 1, 1))]]
+    graph = _hand_graph(nodes, inits + [numpy_helper.from_array(shift, "k")], ["n", 3, 4, 4], ["n", 2, 4, 4])
+    model = po.MPS(graph, zero_bit=True)
+    _choose(model, "conv_a", [0, 0, 8, 0, 0, 8])
+    _choose(model, "conv_b", [0, 8, 0, 0, 0, 8])
+    _choose(model, "conv_c", 8)
+    _choose(model, "x", 8)
+    _choose(model, "r", 8)
+    exported, stored = _export_matches(model, graph)
+    assert stored["conv_a"]["removed_channels"] == stored["conv_b"]["removed_channels"] == [0, 3]
+    assert stored["conv_a"]["weight_bits"] == [0, 8, 0, 8] and stored["conv_b"]["weight_bits"] == [8, 0, 0, 8]
+    nodes = {n.name: n for n in exported.nodes}
+    for name in ("conv_a", "conv_b"):
+        ints = np.asarray(_producer(nodes[name].inputs[1]).inputs[0].values)
+        assert ints.shape == (4, 3, 1, 1)
+        assert [bool(row.any()) for row in ints] == [b > 0 for b in stored[name]["weight_bits"]]
+    assert np.shape(_producer(nodes["conv_c"].inputs[1]).inputs[0].values) == (2, 4, 1, 1)
+    assert np.asarray(nodes["shift"].inputs[1].values).reshape(-1).tolist() == [0, 0, 0.5, 0]
+
+
+def test_zero_bit_depthwise_channel_is_removed_with_its_producer_row():
+    """conv_p → ReLU → depthwise → ReLU → conv_c: a depthwise 0-bit channel is 0 whatever conv_p
+    computes; a conv_p 0-bit channel leaves the depthwise bias, gone after ReLU only if negative."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "wp", "bp"], ["p"], name="conv_p"),
+             helper.make_node("Relu", ["p"], ["rp"], name="relu_p"),
+             helper.make_node("Conv", ["rp", "wd", "bd"], ["d"], name="dw", group=4, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["rd"], name="relu_d"),
+             helper.make_node("Conv", ["rd", "wc"], ["y"], name="conv_c")]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+             [("wp", (4, 3, 1, 1)), ("bp", (4,)), ("wd", (4, 1, 3, 3)), ("wc", (2, 4, 1, 1))]]
+    inits.append(numpy_helper.from_array(np.array([0.3, 0.7, -0.7, 0.2], np.float32), "bd"))
+    graph = _hand_graph(nodes, inits, ["n", 3, 5, 5], ["n", 2, 5, 5])
+    model = po.MPS(graph, zero_bit=True)
+    _choose(model, "conv_p", [8, 0, 0, 8])
+    _choose(model, "dw", [0, 8, 8, 8])
+    _choose(model, "conv_c", 8)
+    for tensor in ("x", "rp", "rd"):
+        _choose(model, tensor, 8)
+    exported, stored = _export_matches(model, graph)
+    assert stored["conv_p"]["removed_channels"] == stored["dw"]["removed_channels"] == [0, 2]
+    assert stored["conv_p"]["weight_bits"] == [0, 8] and stored["dw"]["weight_bits"] == [8, 8]
+    dw = next(n for n in exported.nodes if n.name == "dw")
+    assert dw.attrs["group"] == 2 and np.shape(_producer(dw.inputs[1]).inputs[0].values) == (2, 1, 3, 3)
