@@ -12,6 +12,7 @@ one seed sees the same batches. Every accuracy is measured on the ONNX file in O
 
     python bench/supernet_digits.py                      # strengths 0.1 0.3 3 10 100, seed 0
     python bench/supernet_digits.py --strengths 0.5 --search-epochs 20 --json out.json
+    python bench/supernet_digits.py --pit                # also SuperNet + PIT jointly, same strengths
 
 The expected direction: a larger strength gives fewer MACs, at some accuracy (digits is easy:
 small strengths already cut most MACs within test noise — one test sample is 0.28 points —
@@ -76,17 +77,20 @@ def train_plain(graph, train, val, epochs: int, gen: torch.Generator):
     return po.sync(graph.copy(), module)
 
 
-def search(trained, train, val, strength: float, epochs: int, gen: torch.Generator):
+def search(trained, train, val, strength: float, epochs: int, gen: torch.Generator, pit: bool = False):
     """SuperNet search: Adam on weights (lr 1e-3) and logits (lr 0.05), every training batch,
     loss = CE + strength · MACs / MACs₀, T annealed geometrically from 1 to 0.05. The architecture
     is the one at the end (the mix is then nearly the argmax network its weights were trained
-    in; measured on 3 seeds, steadier after fine-tuning than the best-validation epoch)."""
+    in; measured on 3 seeds, steadier after fine-tuning than the best-validation epoch).
+    ``pit``: PIT masks searched jointly (``po.SuperNet(..., pit=True)``), Adam lr 5e-3 on them."""
     import plinio_onnx as po
     from plinio_onnx.methods.supernet import exponential_temperature
-    model = po.SuperNet(trained, cost=po.cost.macs)
+    model = po.SuperNet(trained, cost=po.cost.macs, pit=pit)
     base = float(po.cost.total(trained, po.cost.macs))
     net_opt = torch.optim.Adam(model.net_parameters(), lr=1e-3, weight_decay=1e-4)
-    nas_opt = torch.optim.Adam(model.nas_parameters(), lr=0.05)
+    logits = [model.logits(choice["id"]) for choice in model.info["choices"]]
+    masks = [p for p in model.nas_parameters() if all(p is not q for q in logits)]
+    nas_opt = torch.optim.Adam([{"params": logits, "lr": 0.05}] + ([{"params": masks, "lr": 5e-3}] if masks else []))
     steps, step = epochs * -(-len(train[1]) // 32), 0
     for epoch in range(epochs):
         model.train()
@@ -118,6 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--search-epochs", type=int, default=15)
     ap.add_argument("--finetune-epochs", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for this model)")
+    ap.add_argument("--pit", action="store_true", help="also search SuperNet + PIT jointly at every strength")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
 
@@ -141,17 +146,20 @@ def main(argv=None) -> int:
     rows.append({"run": "original", "strength": None, "params": po.cost.total(reference, po.cost.params),
                  "macs": po.cost.total(reference, po.cost.macs), "test_acc": 100 * ort_accuracy(reference, test),
                  "seconds": time.perf_counter() - t0, "chosen": {}})
-    for strength in args.strengths:
-        t0 = time.perf_counter()
-        model, searched_acc = search(trained, train, val, strength, args.search_epochs, gen())
-        chosen = {k: v for k, v in model.chosen().items() if v != "original"}
-        tuned = train_plain(model.export(), train, val, args.finetune_epochs, gen())
-        rows.append({"run": f"supernet {strength:g}", "strength": strength,
-                     "params": po.cost.total(tuned, po.cost.params), "macs": po.cost.total(tuned, po.cost.macs),
-                     "test_acc": 100 * ort_accuracy(tuned, test), "seconds": time.perf_counter() - t0,
-                     "val_acc_searched": 100 * searched_acc, "chosen": chosen})
-        print(f"  strength {strength:g}: {rows[-1]['macs']:,} MACs, {rows[-1]['test_acc']:.2f} % "
-              f"({rows[-1]['seconds']:.1f} s)", file=sys.stderr, flush=True)
+    for method in ("supernet", "supernet+pit") if args.pit else ("supernet",):
+        for strength in args.strengths:
+            t0 = time.perf_counter()
+            model, searched_acc = search(trained, train, val, strength, args.search_epochs, gen(),
+                                         pit=method == "supernet+pit")
+            chosen = {k: v for k, v in model.chosen().items() if v != "original"}
+            tuned = train_plain(model.export(), train, val, args.finetune_epochs, gen())
+            rows.append({"run": f"{method} {strength:g}", "method": method, "strength": strength,
+                         "params": po.cost.total(tuned, po.cost.params), "macs": po.cost.total(tuned, po.cost.macs),
+                         "test_acc": 100 * ort_accuracy(tuned, test), "seconds": time.perf_counter() - t0,
+                         "val_acc_searched": 100 * searched_acc, "chosen": chosen,
+                         "kept_channels": {k: list(v) for k, v in model.kept_channels().items()}})
+            print(f"  {method} {strength:g}: {rows[-1]['macs']:,} MACs, {rows[-1]['test_acc']:.2f} % "
+                  f"({rows[-1]['seconds']:.1f} s)", file=sys.stderr, flush=True)
 
     from rich.console import Console
     from rich.table import Table
@@ -166,7 +174,7 @@ def main(argv=None) -> int:
                       ", ".join(f"{k.split('/')[1]}→{v}" for k, v in r["chosen"].items()) or "—")
     console = Console(width=160)
     console.print(table)
-    searched = [r for r in rows if r["strength"] is not None]
+    searched = [r for r in rows if r["strength"] is not None and r["method"] == "supernet"]
     cheaper = all(r["macs"] < base["macs"] for r in searched)
     trend = len(searched) < 2 or (searched[-1]["macs"] < searched[0]["macs"]
                                   and searched[-1]["test_acc"] <= searched[0]["test_acc"])

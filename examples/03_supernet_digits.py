@@ -1,11 +1,13 @@
 """Layer selection with SuperNet on an ONNX model: train → search → export → fine-tune.
 
-    python examples/03_supernet_digits.py [--epochs 10] [--strength 0.5] [--out runs/digits_supernet.onnx]
+    python examples/03_supernet_digits.py [--epochs 10] [--strength 0.5] [--out runs/digits_supernet.onnx] [--pit]
 
 Every conv of the bundled digits CNN gets alternatives (other kernel sizes, depthwise-separable,
 grouped, skip) and every dense layer low-rank ones, all starting from the trained weights. The
 search minimizes cross-entropy + strength · MACs / MACs₀ while the softmax temperature is annealed;
 ``model.eval()`` runs the argmax architecture, which is exactly what ``export`` writes.
+``--pit`` searches PIT channel masks jointly (``po.SuperNet(..., pit=True)``): the export keeps
+the argmax branches and then only the kept channels.
 """
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--strength", type=float, default=0.5)
     parser.add_argument("--out", default=str(ROOT / "runs" / "digits_supernet.onnx"))
+    parser.add_argument("--pit", action="store_true", help="also prune channels (SuperNet + PIT jointly)")
     args = parser.parse_args()
     torch.manual_seed(0)
     data = np.load(ROOT / "models" / "digits.npz")
@@ -66,10 +69,12 @@ def main() -> None:
     print(f"trained: {po.cost.total(trained, po.cost.macs):,} MACs, test accuracy {accuracy(net, x[te], y[te]):.3f}")
 
     # 2. Search: three lines in a normal training loop.
-    model = po.SuperNet(trained, cost=po.cost.macs)
+    model = po.SuperNet(trained, cost=po.cost.macs, pit=args.pit)
     base = float(po.cost.total(trained, po.cost.macs))
+    logits = [model.logits(choice["id"]) for choice in model.info["choices"]]
+    masks = [p for p in model.nas_parameters() if all(p is not q for q in logits)]   # PIT's, with --pit
     optimizers = [torch.optim.Adam(model.net_parameters(), lr=1e-3),
-                  torch.optim.Adam(model.nas_parameters(), lr=0.05)]
+                  torch.optim.Adam([{"params": logits, "lr": 0.05}] + ([{"params": masks, "lr": 5e-3}] if masks else []))]
     train(model, x[tr], y[tr], args.epochs, optimizers, extra=lambda: args.strength * model.cost / base,
           on_step=lambda step, steps: model.set_temperature(exponential_temperature(step, steps, 1.0, 0.05)))
     print(model.summary())

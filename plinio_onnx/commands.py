@@ -14,7 +14,8 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
                     "The data are split into train/validation/test by the tool (test never seen by "
                     "the search). Rerunning the same command resumes from the checkpoint.")
     p.add_argument("model", metavar="MODEL", help="the input .onnx model (never modified)")
-    p.add_argument("--method", default="pit", metavar="NAME", help="search method (default: pit)")
+    p.add_argument("--method", default="pit", metavar="NAME",
+                   help="search method: pit (default), mps, qat, pit+mps, supernet, supernet+pit")
     p.add_argument("--data", required=True, metavar="DATA.npz", help="DATA.npz with x (or one array per graph input) and optional y")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="output .onnx file")
     p.add_argument("--cost", default=None, metavar="NAME", help="cost model of the regularizer: params (default), macs, ops, "

@@ -90,7 +90,7 @@ TASKS = ("auto", "classification", "regression", "distill")
 # Methods: how to build, resume and (if needed) force a searchable model onto a target
 # ==============================================================================================
 class Method(abc.ABC):
-    """What the flow needs of a search method (PIT, MPS/QAT/PIT+MPS, SuperNet)."""
+    """What the flow needs of a search method (PIT, MPS/QAT/PIT+MPS, SuperNet, SuperNet+PIT)."""
 
     name = ""
     metadata_key = ""
@@ -126,6 +126,17 @@ class Method(abc.ABC):
     supports_targets = True
     #: A floor for the architecture parameters' learning rate (logits move further than masks).
     min_lr_nas = 0.0
+
+    @property
+    def metadata_keys(self) -> tuple[str, ...]:
+        """Every metadata record a checkpoint of this method holds (`export_searchable` resumes
+        a checkpoint with the method that matches the most of them)."""
+        return (self.metadata_key,)
+
+    def nas_param_groups(self, model, lr_nas: float) -> list[dict]:
+        """The architecture optimizer's parameter groups (one at ``lr_nas`` unless a method mixes
+        parameters that move at different speeds)."""
+        return [{"params": list(model.nas_parameters())}]
 
     def min_cost(self, model, cost) -> float | None:
         """The cheapest architecture's cost (an impossible target fails before training)."""
@@ -163,8 +174,8 @@ class PITMethod(Method):
 
     def snapshot(self, model):
         from .functions import pit as fn
-        return {group["alpha"]: fn.keep_alive(model.tensor(group["alpha"]).detach().cpu().numpy()) > model.threshold
-                for group in model.info["groups"]}
+        return {name: fn.keep_alive(model.tensor(name).detach().cpu().numpy()) > model.threshold
+                for group in model.info["groups"] for name in _alpha_names(group)}
 
     def restore(self, model, cost, floor: float, before) -> int:
         """Re-keep the channels that crossed the threshold in the last step, those closest to it
@@ -200,18 +211,23 @@ class PITMethod(Method):
         with torch.no_grad():
             candidates = []
             for group in model.info["groups"]:
-                alpha = model.tensor(group["alpha"])
-                values = fn.keep_alive(alpha.detach().cpu().numpy())
-                size = values.size
-                for i in range(size - 1):  # the last channel is kept alive
-                    if values[i] > threshold:
-                        candidates.append((float(values[i]), group["alpha"], i))
+                for name in _alpha_names(group):
+                    values = fn.keep_alive(model.tensor(name).detach().cpu().numpy())
+                    for i in range(values.size - 1):  # the last channel is kept alive
+                        if values[i] > threshold:
+                            candidates.append((float(values[i]), name, i))
             candidates.sort()
             for _, name, index in candidates:
                 if float(model.cost_of(cost)) <= target:
                     return True
                 model.tensor(name)[index] = 0.0
             return float(model.cost_of(cost)) <= target
+
+
+def _alpha_names(group: dict) -> list[str]:
+    """The mask parameters of a PIT group record: one, or one per atom."""
+    alpha = group["alpha"]
+    return [alpha] if isinstance(alpha, str) else list(alpha)
 
 
 class MPSMethod(Method):
@@ -275,9 +291,68 @@ class SuperNetMethod(Method):
         return model.enforce(cost, target)
 
 
+class _PITView:
+    """The PIT side of a `SuperNet` with ``pit``, shaped as `PITMethod` reads a `PIT` model."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.info = model.pit.info
+        self.threshold = model.pit.threshold
+        self.tensor = model.tensor
+        self.cost_of = model.cost_of
+
+
+class SuperNetPITMethod(SuperNetMethod):
+    """SuperNet layer selection and PIT channel pruning searched jointly (``po.SuperNet(...,
+    pit=True)``): the logits anneal like "supernet", the masks learn like "pit" (their own
+    learning rate, re-keeping the most marginal channels under a target); a target the search
+    misses is met by switching to cheaper branches, then by pruning the smallest masks."""
+
+    name = "supernet+pit"
+    min_lr_nas = 0.0  # the masks' learning rate; the logits get at least SuperNetMethod's
+
+    @property
+    def metadata_keys(self) -> tuple[str, ...]:  # type: ignore[override]
+        from plinio_onnx.passes.pit import METADATA_KEY as PIT_KEY
+        return (self.metadata_key, PIT_KEY)
+
+    def build(self, graph: Graph, cost):
+        from .methods.supernet import build_searchable
+        return build_searchable(graph, cost, pit=True)
+
+    def nas_param_groups(self, model, lr_nas: float) -> list[dict]:
+        from plinio_onnx.passes.supernet import LOGITS_SUFFIX
+        logits, masks = [], []
+        for attr, param in model.module.named_parameters():
+            onnx_name = model.module.initializer_names.get(attr, "")
+            if model._is_nas_parameter(onnx_name):
+                (logits if onnx_name.endswith(LOGITS_SUFFIX) else masks).append(param)
+        groups = [{"params": logits, "lr": max(lr_nas, SuperNetMethod.min_lr_nas)}] if logits else []
+        return groups + ([{"params": masks, "lr": lr_nas}] if masks else [])
+
+    def snapshot(self, model):
+        return PITMethod.snapshot(self, _PITView(model)) if model.pit is not None else None
+
+    def restore(self, model, cost, floor: float, before) -> int:
+        return PITMethod.restore(self, _PITView(model), cost, floor, before) if model.pit is not None else 0
+
+    def enforce(self, model, cost, target: float) -> bool:
+        if model.enforce(cost, target):
+            return True
+        if model.pit is None:
+            return False
+        was_training = model.training
+        model.eval()  # the argmax branches: the exported model's cost
+        try:
+            return PITMethod.enforce(self, _PITView(model), cost, target)
+        finally:
+            model.train(was_training)
+
+
 #: Search methods by name; `optimize(method=...)` picks one.
 METHODS: dict[str, Method] = {"pit": PITMethod(), "mps": MPSMethod("mps"), "qat": MPSMethod("qat"),
-                              "pit+mps": MPSMethod("pit+mps"), "supernet": SuperNetMethod()}
+                              "pit+mps": MPSMethod("pit+mps"), "supernet": SuperNetMethod(),
+                              "supernet+pit": SuperNetPITMethod()}
 PLANNED: tuple[str, ...] = ()
 
 
@@ -982,6 +1057,7 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
              callback: Callable[[str, int, dict], None] | None = None) -> Report:
     """Optimize ``model`` on ``data`` and write the deployable result to ``output``.
 
+    ``method``: one of `METHODS` — "pit", "mps", "qat", "pit+mps", "supernet", "supernet+pit".
     ``cost``: the cost model the regularizer uses (``"params"``, ``"macs"``, … or a callable;
     with a target, the target's kind). ``strength`` and ``target_params`` / ``target_macs`` are
     mutually exclusive; a target is an absolute number or a percentage string of the input
@@ -1342,9 +1418,9 @@ class _Flow:
             model = method.build(warmed, cost_fn)
             method.before_search(model, self.train.take(np.arange(min(len(self.train), 256)))[0])
         net_opt = torch.optim.Adam(model.net_parameters(), lr=r.lr_net, weight_decay=r.weight_decay_net)
-        nas_params = list(model.nas_parameters())
+        nas_groups = [group for group in method.nas_param_groups(model, lr_nas) if group["params"]]
         # QAT has no architecture parameters: a dummy keeps the flow (and checkpoints) uniform.
-        nas_opt = torch.optim.Adam(nas_params or [torch.nn.Parameter(torch.zeros(1))], lr=lr_nas,
+        nas_opt = torch.optim.Adam(nas_groups or [torch.nn.Parameter(torch.zeros(1))], lr=lr_nas,
                                    weight_decay=0.0)
         names = _param_names(model)
         if rec:
@@ -1480,8 +1556,8 @@ def export_searchable(searchable: "str | os.PathLike", output: "str | os.PathLik
         raise PlinioOnnxError("refusing to overwrite the input model; choose another output path",
                               file=str(output))
     graph = load(path)
-    for method in METHODS.values():
-        if method.metadata_key in graph.metadata:
+    for method in sorted(METHODS.values(), key=lambda m: -len(m.metadata_keys)):
+        if all(key in graph.metadata for key in method.metadata_keys):
             model = method.resume(graph, "params")
             return model.export(output), method.name
     raise PlinioOnnxError("not a searchable checkpoint (no search metadata); give a file written by "
@@ -1519,8 +1595,10 @@ class _TargetControl:
         self.schedules: list[tuple[torch.optim.Optimizer, float, float]] = []
 
     def settle(self, optimizer: torch.optim.Optimizer, lr: float, minimum: float) -> None:
-        """After the ramp, anneal ``optimizer``'s learning rate (cosine, down to ``minimum``·lr)."""
-        self.schedules.append((optimizer, lr, minimum))
+        """After the ramp, anneal ``optimizer``'s learning rate (cosine, down to ``minimum``·lr);
+        ``lr`` is the base rate, and parameter groups created at other rates keep their ratio."""
+        ratios = [group["lr"] / lr if lr else 1.0 for group in optimizer.param_groups]
+        self.schedules.append((optimizer, lr, minimum, ratios))
         self._apply_schedules()
 
     def _apply_schedules(self) -> None:
@@ -1528,9 +1606,9 @@ class _TargetControl:
             return
         done = (self.state["step"] - self.ramp_steps) / (self.total_steps - self.ramp_steps)
         factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, done))))
-        for optimizer, lr, minimum in self.schedules:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * max(factor, minimum)
+        for optimizer, lr, minimum, ratios in self.schedules:
+            for group, ratio in zip(optimizer.param_groups, ratios):
+                group["lr"] = lr * ratio * max(factor, minimum)
 
     def aim(self) -> float:
         progress = min(1.0, self.state["step"] / self.ramp_steps)

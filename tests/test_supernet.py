@@ -437,10 +437,178 @@ def test_regions_must_have_one_input_and_one_output():
     assert np.array_equal(run_ort(exported.to_onnx(), feeds)[0], np.maximum(feeds["x"], 0))
 
 
-def test_example_script_runs(tmp_path):
+# -- SuperNet + PIT, searched jointly ----------------------------------------------------------
+_PIT_SUFFIXES = (".pit_alpha", ".pit_beta", ".pit_gamma")
+
+
+def _random_architecture(model: po.SuperNet, seed: int = 0, below: float = 0.4) -> None:
+    """Random logits and random PIT masks (each entry below the threshold with probability ``below``)."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for attr, param in model.module.named_parameters():
+            name = model.module.initializer_names.get(attr, "")
+            if name.endswith(".supernet_logits"):
+                param.copy_(torch.from_numpy(rng.standard_normal(param.shape).astype(np.float32)))
+            elif name.endswith(_PIT_SUFFIXES):
+                param.copy_(torch.from_numpy(np.where(rng.random(param.shape) < below, 0.2, 1.0).astype(np.float32)))
+
+
+def _keep(model: po.SuperNet, producer: str, kept: int) -> None:
+    """Keep exactly ``kept`` channels of the PIT group ``producer`` writes (the last ones: PIT
+    always keeps the last channel alive)."""
+    group = next(g for g in model.pit.info["groups"] if producer in [p["node"] for p in g["producers"]])
+    with torch.no_grad():
+        alpha = model.tensor(group["alpha"])
+        alpha.fill_(0.2)
+        alpha[alpha.numel() - kept:] = 1.0
+
+
+def _pit_hand_graph() -> po.Graph:
+    # x[n,4,8,8] → A (4→6, 3x3, pad 1, bias) → relu → B (6→5, 1x1, bias) → relu → flatten(320)
+    #   → G (Gemm 320→3, transB) → y
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="A", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"], name="ra"),
+             helper.make_node("Conv", ["ar", "wb", "bb"], ["b"], name="B"),
+             helper.make_node("Relu", ["b"], ["br"], name="rb"),
+             helper.make_node("Flatten", ["br"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], name="G", transB=1)]
+    inits = [numpy_helper.from_array(_arr((6, 4, 3, 3), 1), "wa"), numpy_helper.from_array(_arr((6,), 2), "ba"),
+             numpy_helper.from_array(_arr((5, 6, 1, 1), 3), "wb"), numpy_helper.from_array(_arr((5,), 4), "bb"),
+             numpy_helper.from_array(_arr((3, 320), 5) / 10, "wg"), numpy_helper.from_array(_arr((3,), 6), "bg")]
+    return po.load(_model(nodes, [x], [y], inits))
+
+
+def test_supernet_pit_cost_is_the_softmax_weighted_pruned_branch_cost_by_hand():
+    graph = _pit_hand_graph()
+    model = po.SuperNet(graph, layers={"A": ["rank:3", "kernel:1"]}, automatic=False, pit=True)
+    assert _names(model, "A") == ["original", "rank3", "kernel1"]
+    # One group couples the three branches' outputs (united at the Choice) and B's input; the
+    # low-rank pair has its own inner group; B's output is read by G; G feeds the graph output.
+    groups = {frozenset(p["node"] for p in g["producers"]): g["size"] for g in model.pit.info["groups"]}
+    assert groups == {frozenset({"A", "A/supernet/rank3/expand", "A/supernet/kernel1/Conv"}): 6,
+                      frozenset({"A/supernet/rank3/reduce"}): 3, frozenset({"B"}): 5}
+    k_a, k_r, k_b = 4, 2, 3   # kept: A's united group, the rank branch's inner group, B's output
+    _keep(model, "A", k_a)
+    _keep(model, "A/supernet/rank3/reduce", k_r)
+    _keep(model, "B", k_b)
+    s = 64  # output pixels
+    a_params = [k_a * (4 * 9 + 1), k_r * 4 * 9 + k_a * (k_r + 1), k_a * (4 + 1)]   # original, rank3, kernel1
+    a_macs = [k_a * 4 * 9 * s, (k_r * 4 * 9 + k_a * k_r) * s, k_a * 4 * s]
+    outside_params = k_b * (k_a + 1) + 3 * (k_b * s + 1)                            # B, G
+    outside_macs = k_b * k_a * s + 3 * k_b * s
+    logits = np.array([0.3, 1.1, -0.4])
+    with torch.no_grad():
+        model.logits("A").copy_(torch.from_numpy(logits.astype(np.float32)))
+    model.set_temperature(0.7)
+    model.train()
+    theta = sn_fn.probabilities(logits.astype(np.float32), 0.7)
+    assert model.cost_of("params").item() == pytest.approx(theta @ a_params + outside_params, rel=1e-6)
+    assert model.cost_of(po.cost.macs).item() == pytest.approx(theta @ a_macs + outside_macs, rel=1e-6)
+    # Gradients reach the logits and the PIT masks (straight-through).
+    model.cost.backward()
+    assert torch.all(model.logits("A").grad != 0)
+    nas = list(model.nas_parameters())   # the logits and the three groups' alphas
+    assert len(nas) == 4 and all(p.grad is not None and torch.any(p.grad != 0) for p in nas)
+    # Eval: the argmax branch (rank3, its inner group pruned too) = the exported model, exactly.
+    feeds = random_inputs(graph, batch=2, seed=3)
+    model.eval()
+    with torch.no_grad():
+        assert float(model.cost_of("params")) == a_params[1] + outside_params
+        assert float(model.cost_of("macs")) == a_macs[1] + outside_macs
+    exported = model.export()
+    assert po.cost.total(exported) == a_params[1] + outside_params
+    assert po.cost.total(exported, po.cost.macs) == a_macs[1] + outside_macs
+    assert relative_error(run_torch(model, feeds, ["x"])[0], run_ort(exported.to_onnx(), feeds)[0]) <= 1e-5
+    assert {n.name for n in exported.nodes} >= {"A/supernet/rank3/reduce", "A/supernet/rank3/expand", "B", "G"}
+    # The masked branch dropped: kernel1 kept, the rank branch's masks leave with it.
+    _pick(model, "A", "kernel1")
+    exported = model.export()
+    assert po.cost.total(exported) == a_params[2] + outside_params == float(model.cost_of("params").detach())
+    assert relative_error(run_torch(model, feeds, ["x"])[0], run_ort(exported.to_onnx(), feeds)[0]) <= 1e-5
+    assert not any((n.domain or "") == PLINIO_DOMAIN for n in exported.nodes)
+    text = model.summary()
+    assert "PIT channels" in text and "A/supernet/rank3/reduce" in text and "dropped branch" in text
+    assert model.architecture()["kept_channels"]["B"] == {"kept": k_b, "total": 5}
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_supernet_pit_random_architecture_export_matches(name):
+    graph = po.load(MODELS / f"{name}.onnx")
+    model = po.SuperNet(graph, pit=True)
+    assert model.pit is not None and model.pit.info["groups"]
+    _random_architecture(model, seed=0)
+    model.eval()
+    feeds = random_inputs(graph, batch=2, seed=0)
+    expected = run_torch(model, feeds, model.module.input_names)
+    exported = model.export()
+    for e, g in zip(expected, run_ort(exported.to_onnx(), feeds)):
+        assert relative_error(e, g) <= 1e-4
+    assert not any((n.domain or "") == PLINIO_DOMAIN for n in exported.nodes)
+    onnx.checker.check_model(exported.to_onnx())
+    with torch.no_grad():
+        assert float(model.cost_of(po.cost.params)) == po.cost.total(exported, po.cost.params)
+        assert float(model.cost_of(po.cost.macs)) == po.cost.total(exported, po.cost.macs)
+        # The same choices without pruning: the SuperNet-only export.
+        for attr, param in model.module.named_parameters():
+            if model.module.initializer_names.get(attr, "").endswith(_PIT_SUFFIXES):
+                param.fill_(1.0)
+    assert po.cost.total(exported) < po.cost.total(model.export())
+
+
+def test_supernet_pit_checkpoint_options_and_refusals(tmp_path):
+    graph = po.load(MODELS / "digits_cnn.onnx")
+    model = po.SuperNet(graph, pit={"exclude": ["/fc1/*"]}, cost="macs")
+    assert not any(g["producers"][0]["node"].startswith("/fc1/") for g in model.pit.info["groups"])
+    names = {model.module.initializer_names[a] for a, p in model.module.named_parameters()
+             if any(p is q for q in model.nas_parameters())}
+    assert any(n.endswith(".supernet_logits") for n in names) and any(n.endswith(".pit_alpha") for n in names)
+    assert not any(n.endswith((".supernet_logits", ".pit_alpha")) for n in
+                   (model.module.initializer_names[a] for a, p in model.module.named_parameters()
+                    if any(p is q for q in model.net_parameters())))
+    _random_architecture(model, seed=5)
+    model.eval()
+    path = model.searchable_graph().save(tmp_path / "search.onnx")
+    resumed = po.SuperNet(path, cost="macs").eval()   # PIT masks resume with the SuperNet
+    assert resumed.pit is not None and resumed.chosen() == model.chosen()
+    assert resumed.kept_channels() == model.kept_channels()
+    with torch.no_grad():
+        assert float(resumed.cost) == float(model.cost)
+    # PIT on a SuperNet graph (the graph-passes route) = the same searchable model.
+    joint = po.passes.pit(po.passes.supernet(graph))
+    assert po.SuperNet(joint).pit is not None
+    with pytest.raises(po.PlinioOnnxError, match="already holds ai.plinio nodes"):
+        po.passes.pit(joint)
+    with pytest.raises(po.PlinioOnnxError, match="already holds ai.plinio nodes"):
+        po.passes.pit(po.passes.mps(graph))
+
+
+def test_cli_optimize_supernet_pit(tmp_path):
+    from plinio_onnx.cli import main
+    out = tmp_path / "snp.onnx"
+    fast = ["--warmup-epochs", "1", "--epochs", "1", "--finetune-epochs", "1", "--threads", "1", "--quiet"]
+    assert main(["optimize", str(MODELS / "digits_cnn.onnx"), "--method", "supernet+pit",
+                 "--data", str(MODELS / "digits.npz"), "-o", str(out), "--target-params", "50%"] + fast) == 0
+    exported = po.load(out)
+    assert not any((n.domain or "") == PLINIO_DOMAIN for n in exported.nodes)
+    assert po.cost.total(exported) <= 0.5 * po.cost.total(po.load(MODELS / "digits_cnn.onnx"))
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["method"] == "supernet+pit" and report["after"]["test"]["accuracy"] > 0.5
+    assert run_ort(out, {"input": np.load(MODELS / "digits.npz")["x"][:4]})[0].shape == (4, 10)
+    # The searchable checkpoint exports again, recognized as the joint method.
+    again = tmp_path / "again.onnx"
+    assert main(["export", str(tmp_path / "snp.ckpt" / "search.best.onnx"), "-o", str(again)]) == 0
+    from plinio_onnx.search import export_searchable
+    _, method = export_searchable(tmp_path / "snp.ckpt" / "search.best.onnx", tmp_path / "again2.onnx")
+    assert method == "supernet+pit"
+
+
+@pytest.mark.parametrize("extra", [[], ["--pit"]], ids=["supernet", "supernet+pit"])
+def test_example_script_runs(tmp_path, extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: threads only add contention
     result = subprocess.run([sys.executable, str(ROOT / "examples" / "03_supernet_digits.py"), "--epochs", "1",
-                             "--out", str(tmp_path / "chosen.onnx")], capture_output=True, text=True, timeout=300,
-                            env=env)
+                             "--out", str(tmp_path / "chosen.onnx")] + extra, capture_output=True, text=True,
+                            timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "ONNX Runtime test accuracy" in result.stdout and (tmp_path / "chosen.onnx").is_file()

@@ -7,13 +7,28 @@
 Cost (PLiNIO's SuperNet, DARTS-style): a layer outside every Choice costs what it costs; a
 Choice costs E_θ[cost] = Σ_i θ_i · Σ_{layers of branch i} cost(spec), with θ = softmax(α / T)
 in training (``discrete_cost=True``: one-hot argmax with softmax gradient) and one-hot argmax in
-eval — exactly the cost of the model `export` writes. Branch layers are costed through
-`SearchableModel.effective_spec`, so a method that also masks channels inside branches combines
-with it; the documented flow for pruning is PIT on the exported model
-(``po.PIT(po.SuperNet(...).export())``).
+eval — exactly the cost of the model `export` writes. Every cost model of `plinio_onnx.cost`
+applies (a callable on a `LayerSpec`, or its name).
+
+Joint search with PIT (``pit=True``, or a dict of `plinio_onnx.passes.pit` options)::
+
+    model = po.SuperNet("model.onnx", cost="macs", pit=True)
+    loss = criterion(model(x), y) + strength * model.cost   # logits and PIT masks both learn
+    model.export("small.onnx")                              # pick branches (10), prune (20)
+
+The PIT pass runs on the SuperNet graph: channels flow through every Choice (its branches'
+outputs are one coupled group, like the inputs of a residual Add), so a layer after a Choice,
+every branch producing it and every branch reading the Choice's input are pruned together, and
+channels inside a branch (a separable or low-rank pair) form their own groups. Every layer is
+then costed with its PIT-effective spec (kept channels, kept taps; discrete, straight-through):
+a layer outside the Choices costs cost(PIT-effective spec), a Choice Σ_i θ_i · Σ_{layers of
+branch i} cost(PIT-effective spec). ``export`` keeps the argmax branches, then slices the kept
+channels (the records of dropped branches are skipped). ``po.PIT(po.SuperNet(...).export())``
+(prune after picking) remains possible.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -21,10 +36,15 @@ from typing import Any, Iterable, Mapping, Sequence
 import onnx
 import torch
 
+from plinio_onnx.functions import pit as pit_fn
 from plinio_onnx.functions import supernet as fn
+from plinio_onnx.passes.pit import METADATA_KEY as PIT_METADATA_KEY
+from plinio_onnx.passes.pit import pit as pit_pass
 from plinio_onnx.passes.supernet import LOGITS_SUFFIX, METADATA_KEY, Menu, supernet
 
+from ..cost import LayerSpec
 from ..graph import Graph
+from .pit import _PIT_SUFFIXES, PIT, _atom_orders
 from .searchable import CostFn, SearchableModel, as_cost, as_graph, as_int, render_summary
 
 __all__ = ["SuperNet", "build_searchable", "exponential_temperature"]
@@ -38,10 +58,13 @@ class SuperNet(SearchableModel):
     ``exclude``, ``op_types``, ``menu``, ``layers``, ``regions``, ``spec``, ``automatic``,
     ``sampling`` and ``temperature`` are those of `plinio_onnx.passes.supernet`.
     ``discrete_cost``: the training cost uses the argmax branch (straight-through gradient)
-    instead of the softmax expectation.
+    instead of the softmax expectation. ``pit``: also search PIT channel (and 1-D kernel) masks
+    on the SuperNet graph, jointly with the logits (True, or a dict of `plinio_onnx.passes.pit`
+    options: ``include``, ``exclude``, ``op_types``, ``masks``, ``threshold``). A checkpoint
+    holding PIT masks resumes them whatever ``pit`` says.
 
-    Training forward: the softmax (or Gumbel / hard) mix of every Choice's branches. Eval
-    forward: the argmax branch of every Choice, i.e. the network `export` writes.
+    Training forward: the softmax (or Gumbel / hard) mix of every Choice's branches (PIT masks
+    binarized). Eval forward: the argmax branch of every Choice, i.e. the network `export` writes.
     """
 
     def __init__(self, model: "str | os.PathLike | onnx.ModelProto | Graph", *,
@@ -52,15 +75,20 @@ class SuperNet(SearchableModel):
                  regions: "Sequence[Mapping[str, Any]] | None" = None,
                  spec: "str | os.PathLike | None" = None, automatic: bool | None = None,
                  sampling: str | None = None, temperature: float | None = None,
-                 discrete_cost: bool = False) -> None:
+                 discrete_cost: bool = False, pit: "bool | Mapping[str, Any]" = False) -> None:
         graph = as_graph(model)
         if METADATA_KEY not in graph.metadata:
             graph = supernet(graph, include=include, exclude=exclude, op_types=op_types, menu=menu,
                              layers=layers, regions=regions, spec=spec, automatic=automatic,
                              sampling=sampling, temperature=temperature)
+        if pit and PIT_METADATA_KEY not in graph.metadata:
+            graph = pit_pass(graph, **(dict(pit) if isinstance(pit, Mapping) else {}))
         super().__init__(graph, cost)
         self.info = json.loads(graph.metadata[METADATA_KEY])
         self.discrete_cost = discrete_cost
+        #: PIT's effective channels and kernels (None: no PIT masks in the graph).
+        self.pit = (_PITCosts(self.tensor, json.loads(graph.metadata[PIT_METADATA_KEY]))
+                    if PIT_METADATA_KEY in graph.metadata else None)
         self._branch_of: dict[str, tuple[int, int]] = {}
         for c, choice in enumerate(self.info["choices"]):
             for b, branch in enumerate(choice["branches"]):
@@ -74,7 +102,9 @@ class SuperNet(SearchableModel):
                 self._branch_specs[where[0]][where[1]].append(spec_)
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
-        return onnx_name.endswith(LOGITS_SUFFIX)
+        if onnx_name.endswith(LOGITS_SUFFIX):
+            return True
+        return self.pit is not None and onnx_name.endswith(_PIT_SUFFIXES)
 
     # -- search controls ----------------------------------------------------------------------
     @property
@@ -126,25 +156,44 @@ class SuperNet(SearchableModel):
             return fn.hard_weights(logits, temperature)
         return fn.soft_weights(logits, temperature)
 
+    def effective_spec(self, spec: LayerSpec) -> LayerSpec:
+        """The layer as PIT's masks leave it (kept channels and taps); as it is without PIT."""
+        return self.pit.effective_spec(spec) if self.pit is not None else spec
+
     def branch_costs(self, choice: int | str, cost: "CostFn | str") -> list[Any]:
         """The cost of every branch of a Choice (its layers, through `effective_spec`)."""
         entry = self._choice(choice)
         fn_ = as_cost(cost)
-        return [sum((fn_(self.effective_spec(s)) for s in specs), 0)
-                for specs in self._branch_specs[entry["id"]]]
+        with self._counting():
+            return [sum((fn_(self.effective_spec(s)) for s in specs), 0)
+                    for specs in self._branch_specs[entry["id"]]]
 
     def cost_of(self, cost: "CostFn | str") -> torch.Tensor:
-        """Σ (layers outside Choices) + Σ_choices Σ_i θ_i · cost(branch i); float64, differentiable
-        in the logits. Eval mode: the argmax branches' cost = the exported model's."""
+        """Σ (layers outside Choices) + Σ_choices Σ_i θ_i · cost(branch i), every layer through
+        `effective_spec` (PIT-effective with ``pit``); float64, differentiable in the logits (and
+        the PIT masks). Eval mode: the argmax branches' cost = the exported model's."""
         fn_ = as_cost(cost)
         total = torch.zeros((), dtype=torch.float64)
-        for spec_ in self._outside:
-            total = total + fn_(self.effective_spec(spec_))
-        for choice in self.info["choices"]:
-            theta = self._theta(choice)
-            costs = self.branch_costs(choice["id"], fn_)
-            total = total + sum(theta[i] * costs[i] for i in range(len(costs)))
+        with self._counting():
+            for spec_ in self._outside:
+                total = total + fn_(self.effective_spec(spec_))
+            for choice in self.info["choices"]:
+                theta = self._theta(choice)
+                costs = self.branch_costs(choice["id"], fn_)
+                total = total + sum(theta[i] * costs[i] for i in range(len(costs)))
         return total
+
+    @contextlib.contextmanager
+    def _counting(self):
+        """Within one cost: count every PIT group's channels (and kernel's taps) once."""
+        if self.pit is None or getattr(self.pit, "_counts", None) is not None:
+            yield
+            return
+        self.pit._counts = {}
+        try:
+            yield
+        finally:
+            self.pit._counts = None
 
     # -- reporting ----------------------------------------------------------------------------
     def chosen(self) -> dict[str, str]:
@@ -163,9 +212,18 @@ class SuperNet(SearchableModel):
     def architecture(self) -> dict:
         """A JSON-able description: the chosen branch and the probabilities of every Choice."""
         probabilities = self.probabilities()
-        return {"temperature": self.temperature, "sampling": self.info["sampling"],
+        arch = {"temperature": self.temperature, "sampling": self.info["sampling"],
                 "choices": {name: {"chosen": branch, "probabilities": probabilities[name]}
                             for name, branch in self.chosen().items()}}
+        if self.pit is not None:
+            arch["kept_channels"] = {name: {"kept": kept, "total": total}
+                                     for name, (kept, total) in self.kept_channels().items()}
+        return arch
+
+    def kept_channels(self) -> dict[str, tuple[int, int]]:
+        """With PIT: for every searched channel group (named after its first producer), (kept,
+        total); groups whose layers all sit in dropped branches included. Empty without PIT."""
+        return self.pit.kept_channels() if self.pit is not None else {}
 
     def enforce(self, cost: "CostFn | str", target: float) -> bool:
         """Greedily switch Choices to cheaper branches until the discrete cost is ≤ ``target``
@@ -197,7 +255,8 @@ class SuperNet(SearchableModel):
             self.train(was_training)
 
     def summary(self) -> str:
-        """A readable table: every Choice's branches with probability, params and MACs; totals."""
+        """A readable table: every Choice's branches with probability, params and MACs (PIT-
+        effective with ``pit``); totals; with ``pit``, the kept channels of every searched group."""
         from rich.table import Table
 
         table = Table(title=f"SuperNet architecture (T = {self.temperature:.3g}, sampling {self.info['sampling']})")
@@ -224,7 +283,44 @@ class SuperNet(SearchableModel):
             self.train(was_training)
         table.add_row("total (chosen = exported)", "", "", f"{discrete_p:,}", f"{discrete_m:,}", "", style="bold")
         table.add_row("total (expected, softmax)", "", "", f"{expected_p:,}", f"{expected_m:,}", "")
-        return render_summary(table, [f"{s['node']} ({s['reason']})" for s in self.info["skipped"]])
+        text = render_summary(table, [f"{s['node']} ({s['reason']})" for s in self.info["skipped"]])
+        if self.pit is None:
+            return text
+        chosen_nodes = {node for choice in self.info["choices"]
+                        for node in choice["branches"][fn.chosen(self.tensor(choice["logits"]).detach().cpu().numpy())]["nodes"]}
+        pit_table = Table(title=f"PIT channels (threshold {self.pit.threshold:g})")
+        for col in ("group", "kept", "total", ""):
+            pit_table.add_column(col, justify="left" if col in ("group", "") else "right")
+        for group in self.pit.info["groups"]:
+            kept = int(pit_fn.group_keep(lambda name: self.tensor(name).detach().cpu().numpy(), group,
+                                         self.pit.threshold).size)
+            producers = [p["node"] for p in group["producers"]]
+            live = any(node not in self._branch_of or node in chosen_nodes for node in producers)
+            pit_table.add_row(group.get("name", producers[0]), f"{kept:,}", f"{int(group['size']):,}",
+                              "" if live else "(dropped branch)", style=None if live else "dim")
+        return text + render_summary(pit_table, [f"{s['group']} ({s['reason']})" for s in self.pit.info["skipped"]])
+
+
+class _PITCosts:
+    """PIT's effective channels, kernels and kept counts for a SuperNet that holds PIT masks: the
+    state `PIT` keeps, bound to the SuperNet's tensors, and PIT's own methods (looked up on `PIT`
+    when called, so the costs are always PIT's)."""
+
+    def __init__(self, tensor, info: dict, discrete_cost: bool = True) -> None:
+        self.tensor = tensor
+        self.info = info
+        self.threshold = float(info["threshold"])
+        self.discrete_cost = discrete_cost
+        self._alpha = {int(gid): name for gid, name in info["group_alpha"].items()}
+        self._atom_order = _atom_orders(info)
+        self._time = {entry["node"]: entry for entry in info["time"]}
+        self._counts = None  # a dict while one cost is computed: each group counted once
+
+    def __getattr__(self, name: str):
+        method = vars(PIT).get(name)
+        if callable(method):
+            return method.__get__(self)
+        raise AttributeError(name)
 
 
 def build_searchable(graph: Graph, cost: "CostFn | str", **options) -> SuperNet:
