@@ -1,9 +1,11 @@
 """PIT overhead: a PIT training step vs the plain model's step, and the time of the graph passes.
 
-    python bench/pit_overhead.py [--batch 32] [--rounds 15]
+    python bench/pit_overhead.py [--batch N] [--rounds 15]
 
-1. Training step (forward + backward + Adam) of `po.PIT(model)` over `po.to_torch(model)`,
-   measured alternately in one run; target ≤ 1.2 (PLiNIO's own PIT step: 1.19× on a small CNN).
+1. Training step (forward + backward + Adam, the loss + 1e-9·cost) of `po.PIT(model)` over the
+   same step of `po.to_torch(model)`, measured alternately in one run, at the batch size the
+   optimize flow trains with (`Recipe.batch_size`, 32); target ≤ 1.2 (PLiNIO's own PIT step:
+   1.19× on a small CNN).
 2. load + PIT pass + finalize wall time for the zoo and the architectures ONNX ships (weights
    saved at opset 17 first, so opset conversion is not counted), with the time per node, to show
    how it grows with graph size; target < 1 s for ~400 nodes (ResNet-50).
@@ -86,7 +88,8 @@ def pass_speed(paths) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
+    from plinio_onnx.search import Recipe
+    parser.add_argument("--batch", type=int, default=Recipe().batch_size)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--models", nargs="*", default=["digits_cnn", "resnet8", "tcn", "dscnn"])
     parser.add_argument("--skip-passes", action="store_true")

@@ -95,6 +95,8 @@ def pit(graph: Graph, *, include: Iterable[str] | None = None, exclude: Iterable
         "layer_inputs": analysis.layer_inputs,
         "layer_output": analysis.layer_output,
         "group_sizes": [grp.size for grp in analysis.groups],
+        "layer_output_part": analysis.layer_output_part,
+        "layer_rows": analysis.layer_rows,
         "grouped": {name: dict(vars(conv)) for name, conv in analysis.grouped.items()},
         "group_alpha": {s["id"]: s["alpha"] for s in searched},
     })
@@ -108,7 +110,7 @@ def _skip_reason(group: ChannelGroup, nodes, include, exclude, op_types) -> str 
         return "not produced by a layer"
     if not group.consumers:
         return "no layer reads it"
-    if group.size < 2:
+    if group.size < 2 or (group.atoms and all(len(atom) < 2 for atom in group.atoms)):
         return "a single channel"
     for producer in group.producers:
         node = nodes[producer.node]
@@ -119,17 +121,35 @@ def _skip_reason(group: ChannelGroup, nodes, include, exclude, op_types) -> str 
 
 def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: float) -> dict:
     base = group.name
-    alpha = gs.Constant(f"{base}.pit_alpha", np.ones(group.size, np.float32))
     mask = gs.Variable(f"{base}.pit_mask", dtype=np.float32, shape=[group.size])
-    g.nodes.append(gs.Node(fn.CHANNEL_MASK, name=f"{base}/pit_channel_mask", domain=PLINIO_DOMAIN,
-                           attrs={"threshold": float(threshold)}, inputs=[alpha], outputs=[mask]))
+    if not group.atoms:
+        alpha = gs.Constant(f"{base}.pit_alpha", np.ones(group.size, np.float32))
+        g.nodes.append(gs.Node(fn.CHANNEL_MASK, name=f"{base}/pit_channel_mask", domain=PLINIO_DOMAIN,
+                               attrs={"threshold": float(threshold)}, inputs=[alpha], outputs=[mask]))
+        alphas = alpha.name
+    else:
+        # One mask parameter per atom (each keeps a channel alive), gathered into channel order.
+        pieces, alphas = [], []
+        for k, atom in enumerate(group.atoms):
+            alpha = gs.Constant(f"{base}.atom{k}.pit_alpha", np.ones(len(atom), np.float32))
+            piece = gs.Variable(f"{base}.atom{k}.pit_mask", dtype=np.float32, shape=[len(atom)])
+            g.nodes.append(gs.Node(fn.CHANNEL_MASK, name=f"{base}/pit_channel_mask{k}", domain=PLINIO_DOMAIN,
+                                   attrs={"threshold": float(threshold)}, inputs=[alpha], outputs=[piece]))
+            pieces.append(piece)
+            alphas.append(alpha.name)
+        stacked = gs.Variable(f"{base}.pit_atoms", dtype=np.float32, shape=[group.size])
+        order = np.argsort(np.concatenate([np.asarray(atom) for atom in group.atoms])).astype(np.int64)
+        g.nodes.append(gs.Node("Concat", name=f"{base}/pit_atoms", attrs={"axis": 0}, inputs=pieces,
+                               outputs=[stacked]))
+        g.nodes.append(gs.Node("Gather", name=f"{base}/pit_order", attrs={"axis": 0},
+                               inputs=[stacked, gs.Constant(f"{base}.pit_order", order)], outputs=[mask]))
     for k, consumer in enumerate(group.consumers):
         node = nodes[consumer.node]
         weight = node.inputs[1]
         channels = np.arange(group.size) if consumer.channels is None else np.asarray(consumer.channels)
         width = int(weight.shape[consumer.axis]) * consumer.groups
         index = np.full(width, group.size, dtype=np.int64)
-        span = group.size * consumer.inner
+        span = channels.size * consumer.inner
         index[consumer.offset:consumer.offset + span] = np.repeat(channels, consumer.inner)
         shape = np.ones(len(weight.shape), dtype=np.int64)
         if consumer.groups > 1:
@@ -148,7 +168,7 @@ def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: flo
                                outputs=[masked]))
         node.inputs[1] = masked
     record = _as_record(group)
-    record["alpha"] = alpha.name
+    record["alpha"] = alphas  # one name, or one per atom
     return record
 
 

@@ -36,7 +36,10 @@ def prune_channels(graph: Graph, **options) -> Graph:
     tensors = graph.gs.tensors()
     selections = []
     for group in info["groups"]:
-        keep = fn.channel_keep(tensors[group["alpha"]].values, threshold)
+        names = [group["alpha"]] if isinstance(group["alpha"], str) else group["alpha"]
+        if any(name not in tensors for name in names):
+            continue  # its readers were all in SuperNet branches that were not picked
+        keep = fn.group_keep(lambda name: tensors[name].values, group, threshold)
         selections.append((group, np.setdiff1d(np.arange(group["size"]), keep)))
     # Kernels first: a grouped Conv that slicing splits into one Conv per group copies them.
     nodes = {n.name: n for n in graph.gs.nodes}
@@ -63,6 +66,7 @@ def slice_groups(graph: Graph, selections) -> None:
     nodes = {n.name: n for n in g.nodes}
     keep_masks: dict[tuple[str, int], np.ndarray] = {}
     grouped_inputs: dict[str, np.ndarray] = {}   # grouped Conv -> kept input channels
+    cut_inputs: dict[tuple[str, int], np.ndarray] = {}   # (Split / Slice, axis) -> kept inputs
 
     def drop(node: str, tensor: str, axis: int, positions: np.ndarray) -> None:
         if node not in nodes or tensor not in tensors:
@@ -99,11 +103,20 @@ def slice_groups(graph: Graph, selections) -> None:
                 continue
             shape = nodes[reshape["node"]].inputs[1]
             values = np.array(shape.values)
-            values[reshape["index"]] -= pruned.size * reshape["per_channel"]
+            values[reshape["index"]] -= _local(reshape, pruned).size * reshape["per_channel"]
             _replace_constant(g, nodes[reshape["node"]], 1, values)
+        for cut in group.get("cuts", []):
+            node = nodes.get(cut["node"])
+            if node is not None:
+                width = int(node.inputs[0].shape[cut["axis"]])
+                kept = cut_inputs.setdefault((node.name, cut["axis"]), np.ones(width, dtype=bool))
+                kept[cut["offset"] + _local(cut, pruned)] = False
         for permutation in group.get("permutations", []):
             if permutation["node"] in nodes:
                 _reindex_gather(g, nodes[permutation["node"]], permutation, pruned)
+
+    for (name, axis), kept in cut_inputs.items():
+        _recut(g, nodes[name], axis, kept)
 
     for node in list(g.nodes):
         if _is_grouped_conv(node):
@@ -124,6 +137,30 @@ def _local(record: dict, pruned: np.ndarray) -> np.ndarray:
     """The record's own positions of the group channels ``pruned`` (permuted spaces map them)."""
     channels = record.get("channels")
     return pruned if channels is None else np.flatnonzero(np.isin(np.asarray(channels), pruned))
+
+
+def _recut(g: gs.Graph, node: gs.Node, axis: int, kept: np.ndarray) -> None:
+    """A Split / Slice of channels after pruning: the same cut, counting kept channels only."""
+    before = np.concatenate([[0], np.cumsum(kept)])
+    if node.op == "Split":
+        bounds = np.concatenate([[0], np.cumsum([int(out.shape[axis]) for out in node.outputs])])
+        sizes = np.array([before[b] - before[a] for a, b in zip(bounds[:-1], bounds[1:])], np.int64)
+        node.attrs.pop("num_outputs", None)
+        node.attrs.pop("split", None)
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            _replace_constant(g, node, 1, sizes)
+        else:
+            node.inputs.append(gs.Constant(f"{node.name}/split_pruned", sizes))
+        return
+    rank = len(node.inputs[0].shape)
+    starts, ends = np.array(node.inputs[1].values), np.array(node.inputs[2].values)
+    axes = (np.array(node.inputs[3].values).reshape(-1) % rank if len(node.inputs) > 3 and node.inputs[3].name
+            else np.arange(starts.size))
+    k = int(np.flatnonzero(axes == axis)[0])
+    begin, end, _ = slice(int(starts[k]), int(ends[k])).indices(kept.size)  # as Slice clamps
+    starts[k], ends[k] = before[begin], before[end]
+    _replace_constant(g, node, 1, starts)
+    _replace_constant(g, node, 2, ends)
 
 
 def _reindex_gather(g: gs.Graph, node: gs.Node, permutation: dict, pruned: np.ndarray) -> None:

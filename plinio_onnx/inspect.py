@@ -55,6 +55,9 @@ def _searchable(graph) -> dict:
     """What each method could search: PIT's channel groups (and why the others are kept whole),
     the layers MPS would quantize, and the layers SuperNet would give alternatives."""
     from .analysis import analyze_channels
+    from .passes.shuffle import shuffles_as_gather
+    graph = graph.copy()
+    shuffles_as_gather(graph.gs)  # as the PIT pass sees the graph
     analysis = analyze_channels(graph)
     prunable = analysis.prunable()
     kept_whole = [{"group": g.name, "channels": g.size,

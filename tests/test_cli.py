@@ -59,7 +59,8 @@ def test_verify_rejects_mismatched_data(tmp_path):
 def test_inspect_says_what_each_method_could_search():
     report = json.loads(_cli("inspect", MODELS / "transformer_tiny.onnx", "--json").stdout)
     pit = report["searchable"]["pit"]
-    assert pit["groups"] == 2 and pit["channels"] == 2 * 96  # the two FFN hidden widths
+    # Two FFN hidden widths and the heads (4 each) of two attention blocks.
+    assert pit["groups"] == 4 and pit["channels"] == 2 * 96 + 2 * 4
     assert any("graph output" in k["reason"] for k in pit["kept_whole"])
     assert report["searchable"]["mps"]["layers"] == 18  # 17 MatMul + 1 Gemm
 

@@ -339,7 +339,8 @@ def test_summary_and_unprunable_reasons_are_reported():
     assert "ff1" in text and "total" in text
     reasons = " ".join(s["reason"] for s in model.info["skipped"])
     assert "LayerNormalization" in reasons or "graph output" in reasons
-    assert len(model.info["groups"]) == 2  # the two FFN hidden widths
+    # The two FFN hidden widths and the two attention blocks' heads.
+    assert sorted(g["size"] for g in model.info["groups"]) == [4, 4, 96, 96]
 
 
 @pytest.mark.parametrize("kernel", [3, 4, 5])
@@ -368,3 +369,311 @@ def test_fused_mask_gradients_equal_the_composed_straight_through_form(kernel, s
     alpha.grad = None
     (pit_fn.binarize(pit_fn._theta(alpha), 0.5) * weights.repeat(3)[:9]).sum().backward()
     assert torch.allclose(fused, alpha.grad)
+
+
+def _split_model(cut: str) -> onnx.ModelProto:
+    # x[n,4,6,6] → A (4→8) → relu → split 3 | 5 ─ B (3→4) → relu ┐
+    #                                            └ C (5→4) → relu ┴ concat (8) + D (4→8)(x) → relu → E (8→2)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 6, 6])
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="A"),
+             helper.make_node("Relu", ["a"], ["ar"], name="ra")]
+    inits = [_init("wa", (8, 4, 1, 1)), _init("ba", (8,), 1), _init("wb", (4, 3, 1, 1), 2),
+             _init("wc", (4, 5, 1, 1), 3), _init("wd", (8, 4, 1, 1), 4), _init("bd", (8,), 5),
+             _init("we", (2, 8, 1, 1), 6)]
+    if cut == "split":
+        nodes.append(helper.make_node("Split", ["ar", "sizes"], ["s1", "s2"], name="cut", axis=1))
+        inits.append(numpy_helper.from_array(np.array([3, 5], np.int64), "sizes"))
+    else:
+        for name, begin, end in (("s1", 0, 3), ("s2", 3, 8)):
+            nodes.append(helper.make_node("Slice", ["ar", f"{name}_begin", f"{name}_end", "axis1"], [name], name=name))
+            inits += [numpy_helper.from_array(np.array([begin], np.int64), f"{name}_begin"),
+                      numpy_helper.from_array(np.array([end], np.int64), f"{name}_end")]
+        inits.append(numpy_helper.from_array(np.array([1], np.int64), "axis1"))
+    nodes += [helper.make_node("Conv", ["s1", "wb"], ["b"], name="B"),
+              helper.make_node("Relu", ["b"], ["br"], name="rb"),
+              helper.make_node("Conv", ["s2", "wc"], ["c"], name="C"),
+              helper.make_node("Relu", ["c"], ["cr"], name="rc"),
+              helper.make_node("Concat", ["br", "cr"], ["bc"], name="cat", axis=1),
+              helper.make_node("Conv", ["x", "wd", "bd"], ["d"], name="D"),
+              helper.make_node("Add", ["bc", "d"], ["s"], name="add"),
+              helper.make_node("Relu", ["s"], ["sr"], name="rs"),
+              helper.make_node("Conv", ["sr", "we"], ["y"], name="E")]
+    return _model(nodes, [x], [y], inits)
+
+
+def _set_atoms(model: po.PIT, producer: str, keep: list[int]) -> None:
+    """Keep exactly ``keep`` of a group whose mask has one parameter per atom (each atom keeps its
+    last channel alive, so ``keep`` must hold every atom's last channel)."""
+    group = next(g for g in model.info["groups"] if producer in {p["node"] for p in g["producers"]})
+    assert all(atom[-1] in keep for atom in group["atoms"])
+    with torch.no_grad():
+        for name, atom in zip(group["alpha"], group["atoms"]):
+            model.tensor(name).copy_(torch.tensor([1.0 if c in keep else 0.1 for c in atom]))
+
+
+@pytest.mark.parametrize("cut", ["split", "slice"])
+def test_split_and_concat_added_to_a_layer_prune_by_parts(cut):
+    graph = po.load(_split_model(cut))
+    model = po.PIT(graph)
+    groups = {p["node"]: g for g in model.info["groups"] for p in g["producers"]}
+    # A's channels are cut 3 | 5; B, C (concatenated) and D share one group of 8, in parts 4 | 4.
+    assert groups["A"]["atoms"] == [[0, 1, 2], [3, 4, 5, 6, 7]]
+    assert {p["node"] for p in groups["B"]["producers"]} == {"B", "C", "D"}
+    assert groups["B"]["atoms"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    keep_a, keep_s = [0, 2, 4, 7], [3, 5, 7]      # B keeps 1 output, C 2, D 3
+    _set_atoms(model, "A", keep_a)
+    _set_atoms(model, "B", keep_s)
+    in_b, in_c = sum(c < 3 for c in keep_a), sum(c >= 3 for c in keep_a)
+    out_b, out_c = sum(c < 4 for c in keep_s), sum(c >= 4 for c in keep_s)
+    params = (4 * 4 + 4) + out_b * in_b + out_c * in_c + (3 * 4 + 3) + 2 * 3
+    with torch.no_grad():
+        assert float(model.cost_of("params")) == params
+        assert float(model.cost_of("macs")) == (params - 4 - 3) * 36
+    model.eval()
+    exported = model.export()
+    assert po.cost.total(exported) == params
+    feeds = random_inputs(graph, batch=2, seed=4)
+    assert relative_error(run_torch(model, feeds, ["x"])[0], run_ort(exported.to_onnx(), feeds)[0]) <= 1e-5
+    onnx.checker.check_model(exported.to_onnx())
+    if cut == "split":
+        split = next(n for n in exported.nodes if n.op == "Split")
+        assert split.inputs[1].values.tolist() == [in_b, in_c]
+    else:
+        bounds = [(int(n.inputs[1].values[0]), int(n.inputs[2].values[0])) for n in exported.nodes if n.op == "Slice"]
+        assert bounds == [(0, in_b), (in_b, in_b + in_c)]
+
+
+def _attention_model() -> onnx.ModelProto:
+    # x[n,5,8] → q/k/v (8→8, +bias) → 2 heads of 4 → softmax(q·kᵀ/2)·v → merge → proj (8→6) → y
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5, 6])
+    nodes, inits = [], [numpy_helper.from_array(np.array([-1, 5, 2, 4], np.int64), "heads"),
+                        numpy_helper.from_array(np.array([-1, 5, 8], np.int64), "merged"),
+                        numpy_helper.from_array(np.array(0.5, np.float32), "scale"),
+                        _init("wp", (8, 6), 9)]
+    for k, name in enumerate("qkv"):
+        nodes += [helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}0"], name=name),
+                  helper.make_node("Add", [f"{name}0", f"b{name}"], [f"{name}1"], name=f"{name}_bias"),
+                  helper.make_node("Reshape", [f"{name}1", "heads"], [f"{name}2"], name=f"{name}_split"),
+                  helper.make_node("Transpose", [f"{name}2"], [f"{name}3"], name=f"{name}_t",
+                                   perm=[0, 2, 3, 1] if name == "k" else [0, 2, 1, 3])]
+        inits += [_init(f"w{name}", (8, 8), k), _init(f"b{name}", (8,), 10 + k)]
+    nodes += [helper.make_node("MatMul", ["q3", "k3"], ["s"], name="scores"),
+              helper.make_node("Mul", ["s", "scale"], ["s1"], name="scaled"),
+              helper.make_node("Softmax", ["s1"], ["p"], name="softmax", axis=-1),
+              helper.make_node("MatMul", ["p", "v3"], ["o"], name="mix"),
+              helper.make_node("Transpose", ["o"], ["o1"], name="o_t", perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["o1", "merged"], ["o2"], name="merge"),
+              helper.make_node("MatMul", ["o2", "wp"], ["y"], name="proj")]
+    return _model(nodes, [x], [y], inits)
+
+
+def test_attention_heads_prune_whole_by_hand():
+    graph = po.load(_attention_model())
+    model = po.PIT(graph)
+    (group,) = model.info["groups"]
+    assert group["size"] == 2 and {p["node"] for p in group["producers"]} == {"q", "k", "v"}
+    full_params = 3 * (8 * 8 + 8) + 8 * 6
+    full_macs = 3 * 8 * 8 * 5 + 2 * (4 * 5 * 2 * 5) + 8 * 6 * 5
+    with torch.no_grad():
+        assert float(model.cost_of("params")) == full_params
+        assert float(model.cost_of("macs")) == full_macs
+        model.tensor(group["alpha"]).copy_(torch.tensor([0.1, 1.0]))   # drop head 0
+    params = 3 * (8 * 4 + 4) + 4 * 6
+    macs = 3 * 8 * 4 * 5 + 2 * (4 * 5 * 5) + 4 * 6 * 5
+    with torch.no_grad():
+        assert float(model.cost_of("params")) == params
+        assert float(model.cost_of("macs")) == macs
+    model.eval()
+    exported = model.export()
+    assert po.cost.total(exported) == params and po.cost.total(exported, po.cost.macs) == macs
+    feeds = random_inputs(graph, batch=2, seed=5)
+    assert relative_error(run_torch(model, feeds, ["x"])[0], run_ort(exported.to_onnx(), feeds)[0]) <= 1e-5
+    nodes = {n.name: n for n in exported.nodes}
+    assert nodes["q"].inputs[1].values.shape == (8, 4) and nodes["proj"].inputs[1].values.shape == (4, 6)
+    assert nodes["q_split"].inputs[1].values.tolist() == [-1, 5, 1, 4]
+    assert nodes["merge"].inputs[1].values.tolist() == [-1, 5, 4]
+
+
+# -- fused masks and compiled costs: the same values and gradients as the per-node functions ---
+def _unfused_twin(graph: po.Graph, monkeypatch) -> po.PIT:
+    """The PIT module built without `fuse_masks`: every mask a node of its own (the reference)."""
+    from plinio_onnx.to_torch import builder
+    with monkeypatch.context() as patch:
+        patch.setattr(builder, "_MODULE_PASSES", [])
+        return po.PIT(graph)
+
+
+def _random_nas(model: po.PIT, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.nas_parameters():  # signs, pruned and kept entries, shortened kernels
+            param.copy_(torch.randn(param.shape, generator=generator))
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "tcn", "resnet8", "densenet_tiny", "transformer_tiny"])
+def test_fused_masks_equal_the_per_node_functions(name, monkeypatch):
+    graph = po.load(MODELS / f"{name}.onnx")
+    fused, reference = po.PIT(graph), _unfused_twin(graph, monkeypatch)
+    assert isinstance(fused.module.pit_masks, pit_fn.PITMasks)
+    assert not any(f"pit_{f}(" in fused.module.code for f in ("channel_mask", "mask_blocks", "mask_weight", "time_mask"))
+    assert "pit_mask_blocks(" in reference.module.code or "pit_mask_weight(" in reference.module.code
+    _random_nas(fused, seed=1)
+    reference.load_state_dict(fused.state_dict())
+    inputs = [torch.from_numpy(v) for v in random_inputs(graph, batch=3, seed=0).values()]
+    results = []
+    for model in (fused, reference):
+        model.train()
+        out = model(*inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
+        ((out * weights).sum() + 1e-3 * model.cost_of(po.cost.macs)).backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out, grads), (out_ref, grads_ref) = results
+    assert torch.equal(out, out_ref)
+    assert grads.keys() == grads_ref.keys()
+    nas = {n for n, p in fused.named_parameters() if fused._is_nas_parameter(fused.module.initializer_names.get(n[7:], ""))}
+    assert nas and nas <= grads.keys()
+    for n in grads:
+        if n in nas:  # sums in another order (groups read by several layers, conv1d chains)
+            assert torch.allclose(grads[n], grads_ref[n], rtol=1e-5, atol=1e-6), n
+        else:         # weights: the same products
+            assert torch.equal(grads[n], grads_ref[n]), n
+
+
+@pytest.mark.parametrize("name", ["tcn", "densenet_tiny", "mobilenetv2_tiny"])
+@pytest.mark.parametrize("discrete", [True, False])
+def test_compiled_costs_equal_the_layer_by_layer_sum(name, discrete):
+    model = po.PIT(MODELS / f"{name}.onnx", discrete_cost=discrete)
+    _random_nas(model, seed=3)
+    for cost_name, cost in po.cost.BY_NAME.items():
+        results = []
+        for fn_ in (cost, lambda spec: cost(spec)):  # a lambda is not compiled: the reference
+            model.zero_grad()
+            value = model.cost_of(fn_)
+            value.backward()
+            results.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        assert model._cost_cache.get(cost) is not None, cost_name
+        (value, grads), (value_ref, grads_ref) = results
+        assert grads.keys() == grads_ref.keys() and grads
+        if discrete:  # integer counts: exactly the same sums
+            assert torch.equal(value, value_ref), cost_name
+            assert all(torch.equal(grads[n], grads_ref[n]) for n in grads), cost_name
+        else:
+            assert torch.allclose(value, value_ref, rtol=1e-12), cost_name
+            assert all(torch.allclose(grads[n], grads_ref[n], rtol=1e-6, atol=1e-9) for n in grads), cost_name
+
+
+def test_cost_reuses_the_forward_masks_only_while_they_are_current(monkeypatch):
+    model = po.PIT(MODELS / "tcn.onnx")
+    _random_nas(model, seed=2)
+    calls = []
+    forward = pit_fn._MaskPlan.forward
+    monkeypatch.setattr(pit_fn._MaskPlan, "forward", lambda self, inputs: calls.append(1) or forward(self, inputs))
+    x = torch.randn(2, *model.graph.gs.inputs[0].shape[1:])
+    (model(x).sum() + model.cost).backward()
+    assert len(calls) == 1  # the cost read the forward's masks
+    with torch.no_grad():
+        expected = float(model.cost)
+        assert len(calls) == 1  # still current
+        model.tensor(model.info["groups"][0]["alpha"]).fill_(0.1)  # prune all but the kept-alive channel
+        after = float(model.cost)
+    assert len(calls) == 2 and after < expected
+    reference = _unfused_twin(model.graph, monkeypatch)
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert after == float(reference.cost_of(lambda spec: po.cost.params(spec)))
+
+
+def test_cost_models_outside_the_polynomials_run_layer_by_layer():
+    model = po.PIT(MODELS / "digits_cnn.onnx")
+    _random_nas(model, seed=4)
+
+    def capped(spec):  # not a polynomial in the counts: a comparison
+        return max(po.cost.params(spec), 100)
+
+    from plinio_onnx.methods.searchable import Sym, compile_cost
+    assert compile_cost(capped, [model.specs[0].with_(out_channels=Sym.var("c"))]) is None
+    with torch.no_grad():
+        expected = sum(max(float(po.cost.params(model.effective_spec(s))), 100) for s in model.specs)
+        assert float(model.cost_of(capped)) == expected
+
+
+def test_depthwise_conv_after_a_concat_costs_what_it_keeps():
+    # C1 (3→4) and C2 (3→6) → concat (10) → depthwise → PW (10→4)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 5, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4, 5, 5])
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="C1"),
+             helper.make_node("Conv", ["x", "w2"], ["c2"], name="C2"),
+             helper.make_node("Concat", ["c1", "c2"], ["c"], name="cat", axis=1),
+             helper.make_node("Conv", ["c", "wd"], ["d"], name="DW", group=10, pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["d", "wp"], ["y"], name="PW")]
+    inits = [_init("w1", (4, 3, 1, 1)), _init("w2", (6, 3, 1, 1), 1), _init("wd", (10, 1, 3, 3), 2),
+             _init("wp", (4, 10, 1, 1), 3)]
+    graph = po.load(_model(nodes, [x], [y], inits))
+    model = po.PIT(graph)
+    _set_alpha(model, "C1", keep=[3])
+    _set_alpha(model, "C2", keep=[5])
+    params = 3 + 3 + 2 * 9 + 4 * 2
+    with torch.no_grad():
+        assert float(model.cost_of("params")) == params
+    exported = model.export()
+    assert po.cost.total(exported) == params
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "tcn"])
+def test_fused_training_follows_the_per_node_functions(name, monkeypatch):
+    # Steps large enough to flip masks: the fused module (with the cost computed in its forward
+    # from the second step on, and everything that depends on the masks reused while they do not
+    # flip) and the per-node one train alike.
+    graph = po.load(MODELS / f"{name}.onnx")
+    fused, reference = po.PIT(graph), _unfused_twin(graph, monkeypatch)
+    _random_nas(fused, seed=7)
+    reference.load_state_dict(fused.state_dict())
+    inputs = [torch.from_numpy(v) for v in random_inputs(graph, batch=4, seed=1).values()]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (fused, reference)]
+    flips = 0
+    for step in range(6):
+        results = []
+        for model, optimizer in zip((fused, reference), optimizers):
+            optimizer.zero_grad()
+            out = model(*inputs)
+            out = out[0] if isinstance(out, tuple) else out
+            cost = model.cost
+            if step % 2:  # separate backward calls work too
+                out.square().mean().backward()
+                (1e-4 * cost).backward()
+            else:
+                (out.square().mean() + 1e-4 * cost).backward()
+            results.append((out.detach(), cost.detach(), [p.grad for p in model.parameters()]))
+            optimizer.step()
+        (out, cost, grads), (out_ref, cost_ref, grads_ref) = results
+        assert torch.equal(out, out_ref) and torch.equal(cost, cost_ref), step
+        assert all((g is None) == (r is None) for g, r in zip(grads, grads_ref))
+        assert all(torch.allclose(g, r, rtol=1e-4, atol=1e-6) for g, r in zip(grads, grads_ref) if g is not None)
+        with torch.no_grad():  # keep the two exactly in step (sums in another order differ by an ulp)
+            for p, r in zip(fused.parameters(), reference.parameters()):
+                r.copy_(p)
+        before = fused.kept_channels()
+        flips += before != reference.kept_channels()
+    assert fused.module.pit_masks.attached_cost() is not None
+
+
+def test_fused_factors_equal_their_per_node_fallback():
+    # Mask parameters of different dtypes (or thresholds) take `PITMasks._per_node`: the same
+    # factors from the per-node functions.
+    model = po.PIT(MODELS / "tcn.onnx")
+    _random_nas(model, seed=3)
+    masks = model.module.pit_masks
+    params = [getattr(model.module, t) for t in masks.plan.targets]
+    results = []
+    for compute in (lambda: masks(*params)[:len(masks.plan.sizes)], lambda: masks._per_node(params)):
+        factors = compute()
+        weights = [torch.linspace(-1, 1, f.numel()).view(f.shape) for f in factors]
+        model.zero_grad()
+        sum((f * w).sum() for f, w in zip(factors, weights)).backward()
+        results.append(([f.detach() for f in factors], [p.grad.clone() for p in params if p.grad is not None]))
+    (factors, grads), (factors_ref, grads_ref) = results
+    assert all(torch.equal(f, r) for f, r in zip(factors, factors_ref))
+    assert len(grads) == len(grads_ref) and all(torch.allclose(g, r, rtol=1e-5, atol=1e-6) for g, r in zip(grads, grads_ref))

@@ -82,6 +82,7 @@ class ReshapeWidth:
     node: str
     index: int
     per_channel: int
+    channels: list[int] | None = None
 
 
 @dataclass
@@ -91,6 +92,16 @@ class Permutation:
     node: str
     channels_in: list[int] | None = None
     channels_out: list[int] | None = None
+
+
+@dataclass
+class ChannelCut:
+    """A Split or Slice of the channel axis reading, from ``offset`` on its input, channels of
+    this group; after pruning its split sizes / bounds count the kept channels only."""
+    node: str
+    axis: int
+    offset: int
+    channels: list[int] | None = None
 
 
 @dataclass
@@ -117,6 +128,11 @@ class ChannelGroup:
     depthwise: list[str] = field(default_factory=list)     # depthwise Conv nodes carrying it
     reshapes: list[ReshapeWidth] = field(default_factory=list)
     permutations: list[Permutation] = field(default_factory=list)
+    cuts: list[ChannelCut] = field(default_factory=list)
+    # Channels that are only ever pruned together with... nothing: a partition of the group's
+    # channels such that every part of it some layer or Split holds is a union of atoms. Each
+    # atom keeps one channel alive, so no layer loses all its channels. Empty: one atom.
+    atoms: list[list[int]] = field(default_factory=list)
     unprunable: list[str] = field(default_factory=list)    # reasons
     outputs: list[str] = field(default_factory=list)       # graph outputs it reaches
 
@@ -132,9 +148,15 @@ class ChannelGroup:
 @dataclass
 class ChannelAnalysis:
     groups: list[ChannelGroup]
-    layer_inputs: dict[str, list[tuple[int, int]]]  # layer node -> [(group id, features/channel)]
-    layer_output: dict[str, int]                   # producer node -> group id
+    # layer node -> [(group id, features per channel, group channels read or None: all of them)]
+    layer_inputs: dict[str, list[tuple[int, int, list[int] | None]]]
+    layer_output: dict[str, int]                   # producer node -> group id (all its channels)
     grouped: dict[str, GroupedConv] = field(default_factory=dict)
+    # producer node -> (group id, group channels) for a producer of part of a group
+    layer_output_part: dict[str, tuple[int, list[int]]] = field(default_factory=dict)
+    # activation MatMul (attention) -> [(group id, its channels or None)] along a batch axis: its
+    # rows scale with the kept channels (heads)
+    layer_rows: dict[str, list[tuple[int, list[int] | None]]] = field(default_factory=dict)
 
     def prunable(self) -> list[ChannelGroup]:
         return [g for g in self.groups if g.prunable]
@@ -152,9 +174,22 @@ def _compose(first: np.ndarray | None, then: np.ndarray | None) -> np.ndarray | 
     return then[first]
 
 
-def _same_map(a: np.ndarray | None, b: np.ndarray | None, size: int) -> bool:
-    identity = np.arange(size)
-    return np.array_equal(identity if a is None else a, identity if b is None else b)
+def _atoms(size: int, images: list[np.ndarray]) -> list[list[int]]:
+    """Partition range(size) by which of ``images`` hold each channel (see `ChannelGroup.atoms`)."""
+    member = np.zeros((size, len(images)), dtype=bool)
+    for k, image in enumerate(images):
+        member[image, k] = True
+    _, label = np.unique(member, axis=0, return_inverse=True)
+    label = label.reshape(-1)
+    order = sorted(set(label.tolist()), key=lambda lab: int(np.flatnonzero(label == lab)[0]))
+    return [np.flatnonzero(label == lab).tolist() for lab in order] if len(order) > 1 else []
+
+
+def _inverse_into(source: np.ndarray, target: np.ndarray, size: int) -> np.ndarray:
+    """The map that sends source[i] to target[i], for ``source`` covering range(size)."""
+    link = np.empty(size, dtype=np.int64)
+    link[source] = target
+    return link
 
 
 # -- the walk -------------------------------------------------------------------------------
@@ -169,6 +204,7 @@ class _Walk:
         self.sizes: list[int] = []
         self.grouped: list[tuple[gs.Node, int, ChannelMap | None, int]] = []
         self.permutes: list[tuple[str, int, int]] = []   # (Gather node, input space, output space)
+        self.layer_rows: dict[str, list[int]] = {}       # activation MatMul -> spaces of its batch axis
         self.spaces: list[ChannelGroup] = []
         self.layer_inputs: dict[str, list[tuple[int, int]]] = {}
         self.layer_output: dict[str, int] = {}
@@ -200,22 +236,58 @@ class _Walk:
         return root, (self.link[path[0]] if path else None)
 
     def unite(self, a: int, b: int, perm: np.ndarray | None = None) -> None:
-        """Tie channel i of space ``b`` to channel perm[i] (None: i) of space ``a``."""
+        """Tie channel i of space ``b`` to channel perm[i] (None: i) of space ``a``; ``perm`` is
+        injective, so ``b`` may be a part of ``a`` (a Split output, a segment of a Concat)."""
         (ra, ma), (rb, mb) = self.find_map(a), self.find_map(b)
-        if self.sizes[ra] != self.sizes[rb]:
+        if perm is None and self.sizes[a] != self.sizes[b]:
             self.block_space(ra, "united with a channel space of another size")
             self.block_space(rb, "united with a channel space of another size")
             return
-        via_a = _compose(perm, ma)  # b's channels as channels of ra
+        n_b = self.sizes[b]
+        via_a = _compose(perm, ma)                             # b's channels as channels of ra
+        via_a = np.arange(n_b) if via_a is None else via_a
+        in_rb = np.arange(n_b) if mb is None else mb           # b's channels as channels of rb
+        if np.unique(via_a).size != n_b or np.unique(in_rb).size != n_b:
+            # A space already cut into blocks (attention heads) met channel by channel.
+            self.block_space(ra, "channels tied both one by one and in blocks")
+            self.block_space(rb, "channels tied both one by one and in blocks")
+            return
         if ra == rb:
-            if not _same_map(via_a, mb, self.sizes[ra]):
+            if not np.array_equal(via_a, in_rb):
                 self.block_space(ra, "channels re-routed onto other channels of the same group")
             return
-        link = np.empty(self.sizes[rb], dtype=np.int64)
-        link[np.arange(self.sizes[rb]) if mb is None else mb] = \
-            np.arange(self.sizes[rb]) if via_a is None else via_a
-        self.parent[rb] = ra
-        self.link[rb] = None if np.array_equal(link, np.arange(link.size)) else link
+        size_a, size_b = self.sizes[ra], self.sizes[rb]
+        if n_b == size_b:       # b covers rb: hang rb below ra
+            self._hang(rb, ra, _inverse_into(in_rb, via_a, size_b))
+        elif n_b == size_a:     # b's image covers ra: hang ra below rb
+            self._hang(ra, rb, _inverse_into(via_a, in_rb, size_a))
+        else:                   # partial overlap: a new root holds ra's channels, then rb's others
+            root = self.new_space(size_a + size_b - n_b)
+            link_b = np.empty(size_b, dtype=np.int64)
+            link_b[in_rb] = via_a
+            rest = np.setdiff1d(np.arange(size_b), in_rb)
+            link_b[rest] = size_a + np.arange(rest.size)
+            self._hang(ra, root, np.arange(size_a))
+            self._hang(rb, root, link_b)
+
+    def coarsen(self, sid: int, block: int) -> int | None:
+        """A new space whose channel h is the block [h·block, (h+1)·block) of space ``sid``'s
+        channels (attention heads: Q/K/V features split per head); ``sid``'s whole group then
+        prunes in blocks. None when ``sid`` is only part of its group."""
+        root, cmap = self.find_map(sid)
+        size = self.sizes[sid]
+        if self.sizes[root] != size or size % block or (cmap is not None and np.unique(cmap).size != size):
+            return None
+        blocks = self.new_space(size // block)
+        position = np.arange(size) if cmap is None else np.argsort(cmap)   # root channel -> sid's
+        self.parent[root] = blocks
+        self.link[root] = position // block
+        return blocks
+
+    def _hang(self, child: int, root: int, link: np.ndarray) -> None:
+        self.parent[child] = root
+        identity = link.size == self.sizes[root] and np.array_equal(link, np.arange(link.size))
+        self.link[child] = None if identity else link
 
     def space(self, sid: int) -> ChannelGroup:
         return self.spaces[self.find(sid)]
@@ -257,16 +329,21 @@ class _Walk:
 
     def _merge(self) -> ChannelAnalysis:
         roots: dict[int, ChannelGroup] = {}
+        parts: dict[int, list[np.ndarray]] = {}
         for sid, space in enumerate(self.spaces):
             root, cmap = self.find_map(sid)
             group = roots.setdefault(root, ChannelGroup(id=-1, size=self.sizes[root]))
-            for name in ("producers", "consumers", "members"):
+            if self.sizes[sid] < self.sizes[root]:
+                parts.setdefault(root, []).append(cmap)
+            for name in ("producers", "consumers", "members", "reshapes", "cuts"):
                 items = getattr(space, name)
                 if cmap is not None:  # a permuted space: say which group channel each one is
                     items = [replace(item, channels=cmap.tolist()) for item in items]
                 getattr(group, name).extend(items)
-            for name in ("depthwise", "reshapes", "unprunable", "outputs"):
+            for name in ("depthwise", "unprunable", "outputs"):
                 getattr(group, name).extend(getattr(space, name))
+        for root, images in parts.items():
+            roots[root].atoms = _atoms(self.sizes[root], images)
         for node, source, target in self.permutes:
             (root, map_in), (_, map_out) = self.find_map(source), self.find_map(target)
             roots[root].permutations.append(Permutation(
@@ -282,17 +359,36 @@ class _Walk:
             group.id = len(groups)
             renumber[root] = group.id
             groups.append(group)
-        layer_inputs = {node: [(renumber[self.find(s)], inner) for s, inner in segs if self.find(s) in renumber]
-                        for node, segs in self.layer_inputs.items()}
-        layer_output = {node: renumber[self.find(s)] for node, s in self.layer_output.items()
-                        if self.find(s) in renumber}
+        layer_inputs = {}
+        for node, segs in self.layer_inputs.items():
+            located = [self._part(s, renumber) for s, _ in segs]
+            layer_inputs[node] = [(gid, inner, part) for (gid, part), (_, inner) in zip(located, segs)
+                                  if gid is not None]
+        layer_output, layer_output_part = {}, {}
+        for node, sid in self.layer_output.items():
+            gid, part = self._part(sid, renumber)
+            if gid is not None and part is None:
+                layer_output[node] = gid
+            elif gid is not None:
+                layer_output_part[node] = (gid, part)
         grouped = {}
         for node, groups_, cmap, out_sid in self.grouped:
             in_groups, in_channels = self._locate(cmap.segments if cmap else (), renumber)
             out_groups, out_channels = self._locate((Segment(out_sid, self.sizes[out_sid]),), renumber)
             out_group = out_groups[0] if out_groups and out_groups[0] >= 0 else None
             grouped[node.name] = GroupedConv(node.name, groups_, in_groups, in_channels, out_group, out_channels)
-        return ChannelAnalysis(groups, layer_inputs, layer_output, grouped)
+        layer_rows = {node: [self._part(sid, renumber) for sid in spaces]
+                      for node, spaces in self.layer_rows.items()}
+        layer_rows = {node: parts for node, parts in layer_rows.items() if all(g is not None for g, _ in parts)}
+        return ChannelAnalysis(groups, layer_inputs, layer_output, grouped, layer_output_part, layer_rows)
+
+    def _part(self, sid: int, renumber: dict[int, int]) -> tuple[int | None, list[int] | None]:
+        """(group, its channels that space ``sid`` holds — None when all of them)."""
+        root, cmap = self.find_map(sid)
+        if root not in renumber:
+            return None, None
+        whole = self.sizes[sid] == self.sizes[root]
+        return renumber[root], (None if whole else cmap.tolist())
 
     def _locate(self, segments, renumber: dict[int, int]) -> tuple[list[int], list[int]]:
         """(group, channel) of every channel along ``segments``; group -1 for channels outside
@@ -443,20 +539,28 @@ def _elementwise(walk: _Walk, node: gs.Node) -> None:
         walk.block_inputs(node, "unknown rank")
         return
     # Align every carried map to the output's axes.
-    reference = None
-    for i, cmap in carried:
-        rank = _rank(node.inputs[i])
-        aligned = ChannelMap(cmap.axis + out_rank - rank, cmap.segments, cmap.inner)
-        if reference is None:
-            reference = aligned
-        elif (aligned.axis != reference.axis or aligned.inner != reference.inner
-              or [s.size for s in aligned.segments] != [s.size for s in reference.segments]):
-            walk.block_inputs(node, "inputs carry channels differently")
-            return
-        else:
-            for a, b in zip(aligned.segments, reference.segments):
-                walk.unite(a.space, b.space)
-    assert reference is not None
+    aligned = [ChannelMap(cmap.axis + out_rank - _rank(node.inputs[i]), cmap.segments, cmap.inner)
+               for i, cmap in carried]
+    reference = aligned[0]
+    if any(m.axis != reference.axis or m.inner != reference.inner or m.width != reference.width
+           for m in aligned):
+        walk.block_inputs(node, "inputs carry channels differently")
+        return
+    if all([s.size for s in m.segments] == [s.size for s in reference.segments] for m in aligned):
+        for m in aligned[1:]:
+            for a, b in zip(m.segments, reference.segments):
+                walk.unite(b.space, a.space)
+    else:
+        # Segments cut differently (a Concat added to a single layer's output): one new space for
+        # the whole width, every segment tied to its stretch of it.
+        total = sum(seg.size for seg in reference.segments)
+        whole = walk.new_space(total)
+        for m in aligned:
+            offset = 0
+            for seg in m.segments:
+                walk.unite(whole, seg.space, offset + np.arange(seg.size))
+                offset += seg.size
+        reference = ChannelMap(reference.axis, (Segment(whole, total),), reference.inner)
     width = reference.width
     members = []
     for i, tensor in enumerate(node.inputs):
@@ -694,6 +798,8 @@ def _reshape(walk: _Walk, node: gs.Node) -> None:
         return
     mapped = _reshape_like(walk, node, _dims(node.inputs[0]), _dims(node.outputs[0]), cmap)
     template = _shape_template(node.inputs[1])
+    if mapped is None and template is not None and _split_heads(walk, node, cmap, template):
+        return
     if mapped is None or template is None or len(template) != len(node.outputs[0].shape):
         walk.block(cmap, f"Reshape {node.name!r} splits or merges the channel axis")
         return
@@ -705,6 +811,29 @@ def _reshape(walk: _Walk, node: gs.Node) -> None:
         walk.spaces[cmap.segments[0].space].reshapes.append(
             ReshapeWidth(node.name, mapped.axis, mapped.inner))
     walk.maps[node.outputs[0].name] = mapped
+
+
+def _split_heads(walk: _Walk, node: gs.Node, cmap: ChannelMap, template: list) -> bool:
+    """Reshape ``[..., H·d, ...] → [..., H, d, ...]`` (multi-head attention): the channels become
+    H blocks of d, pruned a whole block (head) at a time; the head axis carries the map."""
+    in_dims, out_dims = _dims(node.inputs[0]), _dims(node.outputs[0])
+    axis = cmap.axis
+    if in_dims is None or out_dims is None or len(out_dims) != len(in_dims) + 1 or axis == 0 \
+            or len(cmap.segments) != 1 or cmap.inner != 1 or len(template) != len(out_dims):
+        return False
+    heads, block = out_dims[axis], out_dims[axis + 1]
+    if not all(isinstance(d, (int, np.integer)) for d in (heads, block, in_dims[axis])) or heads < 2 or block < 2 \
+            or heads * block != in_dims[axis] or out_dims[1:axis] != in_dims[1:axis] \
+            or out_dims[axis + 2:] != in_dims[axis + 1:] or template[axis + 1] != block \
+            or template[axis] == 0 or (template[axis] != -1 and not _is_const(node.inputs[1])):
+        return False
+    space = walk.coarsen(cmap.segments[0].space, int(block))
+    if space is None:
+        return False
+    if template[axis] != -1:
+        walk.spaces[space].reshapes.append(ReshapeWidth(node.name, axis, 1))
+    walk.maps[node.outputs[0].name] = ChannelMap(axis, (Segment(space, int(heads)),))
+    return True
 
 
 @channel_rule("Shape")
@@ -735,6 +864,8 @@ def _axis_op(walk: _Walk, node: gs.Node) -> None:
         return
     axes = _axes_of(node, rank_in)
     if node.op == "Gather" and axes == [cmap.axis] and _permutes_channels(walk, node, cmap):
+        return
+    if node.op in ("Split", "Slice") and axes is not None and cmap.axis in axes and _cuts_channels(walk, node, cmap):
         return
     if node.op in ("Softmax", "LogSoftmax", "Slice", "Gather", "Split"):
         if axes is None or cmap.axis in axes:
@@ -778,20 +909,86 @@ def _axis_op(walk: _Walk, node: gs.Node) -> None:
 
 
 def _permutes_channels(walk: _Walk, node: gs.Node, cmap: ChannelMap) -> bool:
-    """A Gather of every channel in another order (a channel shuffle, see
-    `plinio_onnx.passes.canonicalize.shuffles_as_gather`): the output is a new space tied to the
-    input's channels through the permutation, so both are pruned together."""
+    """A Gather of distinct channels (a channel shuffle, see `plinio_onnx.passes.shuffle`, or a
+    selection): the output is a new space tied to the input's channels it picks, so both are
+    pruned together and finalize re-indexes the Gather."""
     indices = _static(node.inputs[1])
     if indices is None or indices.ndim != 1 or len(cmap.segments) != 1 or cmap.inner != 1:
         return False
     size = cmap.segments[0].size
-    if indices.size != size or not np.array_equal(np.sort(indices % size), np.arange(size)):
+    picked = np.asarray(indices, dtype=np.int64) % size
+    if picked.size == 0 or np.unique(picked).size != picked.size:
         return False
-    target = walk.new_space(size)
-    walk.unite(cmap.segments[0].space, target, np.asarray(indices % size, dtype=np.int64))
+    target = walk.new_space(picked.size)
+    walk.unite(cmap.segments[0].space, target, picked)
     walk.permutes.append((node.name, cmap.segments[0].space, target))
-    walk.maps[node.outputs[0].name] = ChannelMap(cmap.axis, (Segment(target, size),))
+    walk.maps[node.outputs[0].name] = ChannelMap(cmap.axis, (Segment(target, picked.size),))
     return True
+
+
+def _cuts_channels(walk: _Walk, node: gs.Node, cmap: ChannelMap) -> bool:
+    """Split / Slice (step 1) of the channel axis: every output carries, as new spaces tied to
+    the input's, the stretch of channels it takes (segment by segment)."""
+    if cmap.inner != 1:
+        return False
+    width = sum(seg.size for seg in cmap.segments)
+    ranges = _split_ranges(node, width) if node.op == "Split" else _slice_range(node, cmap.axis, width)
+    if ranges is None or len(ranges) != len(node.outputs):
+        return False
+    offset = 0
+    for seg in cmap.segments:
+        walk.spaces[seg.space].cuts.append(ChannelCut(node.name, cmap.axis, offset))
+        offset += seg.size
+    for out, (begin, end) in zip(node.outputs, ranges):
+        segments, offset = [], 0
+        for seg in cmap.segments:
+            lo, hi = max(begin, offset), min(end, offset + seg.size)
+            if lo < hi:
+                part = walk.new_space(hi - lo)
+                walk.unite(seg.space, part, np.arange(lo - offset, hi - offset))
+                segments.append(Segment(part, hi - lo))
+            offset += seg.size
+        if not segments:
+            return False
+        walk.maps[out.name] = ChannelMap(cmap.axis, tuple(segments))
+    return True
+
+
+def _split_ranges(node: gs.Node, width: int) -> list[tuple[int, int]] | None:
+    sizes = None
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        value = _static(node.inputs[1])
+        if value is None:
+            return None
+        sizes = [int(v) for v in value.reshape(-1)]
+    elif "split" in node.attrs:
+        sizes = [int(v) for v in node.attrs["split"]]
+    else:
+        parts = int(node.attrs.get("num_outputs", len(node.outputs)))
+        chunk = -(-width // parts)
+        sizes = [min(chunk, width - k * chunk) for k in range(parts)]
+    if sum(sizes) != width or any(size <= 0 for size in sizes):
+        return None
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _slice_range(node: gs.Node, axis: int, width: int) -> list[tuple[int, int]] | None:
+    values = [_static(t) if i < len(node.inputs) and t.name else None
+              for i, t in enumerate(node.inputs[1:5], start=1)]
+    starts, ends = values[0], values[1]
+    axes = values[2] if len(values) > 2 and values[2] is not None else None
+    steps = values[3] if len(values) > 3 else None
+    if starts is None or ends is None or (len(node.inputs) > 3 and node.inputs[3].name and axes is None) \
+            or (len(node.inputs) > 4 and node.inputs[4].name and steps is None):
+        return None
+    rank = _rank(node.inputs[0])
+    axes = list(range(starts.size)) if axes is None else [int(a) % rank for a in axes.reshape(-1)]
+    k = axes.index(axis)
+    if steps is not None and int(steps.reshape(-1)[k]) != 1:
+        return None
+    begin, end, _ = slice(int(starts.reshape(-1)[k]), int(ends.reshape(-1)[k])).indices(width)
+    return [(begin, end)] if end > begin else None
 
 
 def _axes_of(node: gs.Node, rank: int) -> list[int] | None:
@@ -950,7 +1147,38 @@ def _matmul(walk: _Walk, node: gs.Node) -> None:
         walk.produce(node, node.outputs[0], int(b.shape[1]), _rank(node.outputs[0]) - 1,
                      Producer(node.name, b.name, 1, None))
         return
-    walk.block_inputs(node, "MatMul between activations (attention) is kept whole")
+    if not _batched_matmul(walk, node):
+        walk.block_inputs(node, "MatMul between activations reads channels along a contracted axis")
+
+
+def _batched_matmul(walk: _Walk, node: gs.Node) -> bool:
+    """MatMul between activations whose channels lie on a batch axis (attention heads: Q·Kᵀ and
+    scores·V per head): the heads of both inputs are tied and carried to the output."""
+    ranks = [_rank(t) for t in node.inputs]
+    out_rank = _rank(node.outputs[0])
+    if None in ranks or out_rank is None:
+        return False
+    carried = [(t, ChannelMap(m.axis + out_rank - r, m.segments, m.inner))
+               for t, r in zip(node.inputs, ranks) if (m := walk.maps.get(t.name)) is not None]
+    if not carried:
+        return True
+    reference = carried[0][1]
+    if reference.axis >= out_rank - 2 or reference.inner != 1:
+        return False
+    for _, m in carried[1:]:
+        if m.axis != reference.axis or m.inner != 1 or [s.size for s in m.segments] != [s.size for s in reference.segments]:
+            return False
+    for tensor, rank in zip(node.inputs, ranks):  # an input without heads must broadcast over them
+        if walk.maps.get(tensor.name) is None:
+            axis = reference.axis - (out_rank - rank)
+            if axis >= 0 and (tensor.shape is None or tensor.shape[axis] != 1):
+                return False
+    for _, m in carried[1:]:
+        for a, b in zip(m.segments, reference.segments):
+            walk.unite(b.space, a.space)
+    walk.maps[node.outputs[0].name] = reference
+    walk.layer_rows[node.name] = [seg.space for seg in reference.segments]
+    return True
 
 
 def analyze_channels(graph: Graph, *, grouped_convs: bool = True) -> ChannelAnalysis:

@@ -116,6 +116,17 @@ def channel_keep(alpha: np.ndarray, threshold: float) -> np.ndarray:
     return np.flatnonzero(keep_alive(alpha) > threshold)
 
 
+def group_keep(values_of, group: dict, threshold: float) -> np.ndarray:
+    """Kept channels of a PIT group record: its one mask parameter, or one per atom (a group
+    whose layers hold parts of it; see `plinio_onnx.analysis.ChannelGroup.atoms`).
+    ``values_of(name)`` reads a parameter's values."""
+    alpha = group["alpha"]
+    if isinstance(alpha, str):
+        return channel_keep(values_of(alpha), threshold)
+    kept = [np.asarray(atom)[channel_keep(values_of(name), threshold)] for name, atom in zip(alpha, group["atoms"])]
+    return np.sort(np.concatenate(kept))
+
+
 def tap_mask(beta: np.ndarray, gamma: np.ndarray, threshold: float) -> np.ndarray:
     kernel = np.asarray(beta).size
     theta_beta = np.cumsum(keep_alive(beta))
@@ -207,7 +218,9 @@ class _Taps(torch.autograd.Function):
         beta_hat[-1] = 1.0
         gamma_hat[-1] = 1.0
         keep_beta = (torch.cumsum(beta_hat, 0) > threshold).to(beta.dtype)
-        keep_gamma = (gamma_map_ @ gamma_hat > threshold).to(beta.dtype)
+        # θγ summed in float64, then rounded: exactly, whatever the order (as θβ's cumsum, which
+        # accumulates in float64 too), so that the fused masks (`_MaskPlan`) compute the same.
+        keep_gamma = ((gamma_map_.double() @ gamma_hat.double()).to(beta.dtype) > threshold).to(beta.dtype)
         ctx.save_for_backward(beta, gamma, gamma_map_, keep_beta, keep_gamma)
         return keep_beta * keep_gamma
 
@@ -276,3 +289,636 @@ def _mask_weight_handler(ctx: NodeContext):
 def _time_mask_handler(ctx: NodeContext):
     return ctx.call(time_mask, ctx.input(0), ctx.input(1), ctx.input(2), ctx.input(3),
                     float(ctx.attr("threshold", 0.5)))
+
+
+# -- fused masks ------------------------------------------------------------------------------
+# On small models a PIT step costs over a plain one what its mask nodes cost: a few tiny ops and
+# autograd nodes each (channel mask, weight masks, tap mask, then the same again for the cost),
+# each paying Python's and the dispatcher's overhead. `fuse_masks` replaces every mask node of a
+# generated module by one autograd node (`_MaskFactors`) computing, from one concatenation of the
+# mask parameters, every channel and tap mask at once and the factor f of every masked weight
+# W ⊙ f by gathers with index arrays made once (W ⊙ f stays a plain product, whose gradients
+# autograd computes); `counts` gives the cost every kept-channel and kept-tap count (and, given a
+# compiled cost model, the cost itself) in one node (`_Counts`), reusing the masks of the
+# module's last forward while the mask parameters are unchanged — or the module computes the
+# cost in its own forward (`PITMasks.attach_cost`). Values and straight-through gradients are
+# those of the per-node functions above, which stay the reference and the fallback (mask nodes
+# the fusion does not recognize, mask parameters of different dtypes).
+import functools  # noqa: E402
+import operator  # noqa: E402
+
+from ..to_torch.builder import register_module_pass  # noqa: E402
+
+
+class _MaskState:
+    """What `_MaskPlan.forward` computed (and the backwards need): the concatenated parameters
+    ``flat``, the concatenated channel masks ``hard``, per tap whether β and γ keep it, and
+    ``extended`` = [channel masks, tap masks, 1]."""
+    __slots__ = ("flat", "hard", "keep_beta", "keep_gamma", "extended", "sign", "previous")
+
+
+class _MaskPlan:
+    """Every channel mask (an alpha per group) and tap mask (a beta and a gamma per time mask)
+    computed from one concatenation of their parameters: |·| and keep-alive once for all, the
+    masks of all groups at once, and θβ = Σ_{i≤j} β̂_i, θγ = G·γ̂ of every tap of every time mask
+    as one product with a constant 0/1 matrix, summed in float64 then rounded (the value
+    `_Taps` computes).
+
+    ``groups``: (size, threshold) per group; ``times``: (beta size, gamma size, gamma map,
+    threshold) per time mask (a γ map is a constant of the plan: its buffer is what `gamma_map`
+    made it). The concatenation of the parameters: group i's alpha is parameter i, time mask t's
+    beta and gamma parameters G + 2t and G + 2t + 1."""
+
+    def __init__(self, groups, times=()) -> None:
+        self.groups = [(int(n), float(t)) for n, t in groups]
+        self.times = [(int(nb), int(ng), np.asarray(m), float(t)) for nb, ng, m, t in times]
+        self.sizes = [n for n, _ in self.groups]
+        self.channels = sum(self.sizes)
+        self.lengths = self.sizes + [n for nb, ng, _, _ in self.times for n in (nb, ng)]
+        self.kernels = [m.shape[0] for _, _, m, _ in self.times]
+        self.tap_starts = np.cumsum([0] + self.kernels, dtype=np.int64)  # of every time mask's taps
+        self.taps = int(self.tap_starts[-1])
+        self.extended_size = self.channels + self.taps + 1
+        self.uniform = len({t for _, t in self.groups}) <= 1
+        # [θβ; θγ] of every tap = M · θ(time parameters)
+        width = sum(self.lengths[len(self.sizes):])
+        matrix = np.zeros((2 * self.taps, width))
+        start = 0
+        for t, (nb, ng, gmap, _) in enumerate(self.times):
+            k, row = self.kernels[t], int(self.tap_starts[t])
+            for j in range(k):
+                if nb > 1:
+                    matrix[row + j, start:start + j + 1] = 1.0
+                else:
+                    matrix[row + j, start] = 1.0
+                matrix[self.taps + row + j, start + nb:start + nb + ng] = gmap[j, :ng]
+            start += nb + ng
+        self.matrix = matrix
+        self.tap_thresholds = np.repeat([t for _, _, _, t in self.times], self.kernels) if self.times else None
+        self._device: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_device"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._device = {}
+
+    def constants(self, device, dtype) -> tuple:
+        """Keep-alive positions in the concatenation, the group of every alpha entry, M in
+        float64 and in ``dtype``, the taps' thresholds (a number when they are one), and a 1."""
+        key = (device, dtype)
+        if key not in self._device:
+            ends = np.cumsum(self.lengths, dtype=np.int64)
+            segment = np.repeat(np.arange(len(self.sizes), dtype=np.int64), self.sizes)
+            thresholds = None
+            if self.times:
+                values = np.unique(self.tap_thresholds)
+                thresholds = float(values[0]) if values.size == 1 else \
+                    torch.as_tensor(np.concatenate([self.tap_thresholds] * 2), dtype=dtype, device=device)
+            self._device[key] = (torch.as_tensor(ends - 1, device=device), torch.as_tensor(segment, device=device),
+                                 torch.as_tensor(self.matrix, dtype=torch.float64, device=device),
+                                 torch.as_tensor(self.matrix, dtype=dtype, device=device), thresholds,
+                                 torch.ones(1, dtype=dtype, device=device))
+        return self._device[key]
+
+    def forward(self, flat: torch.Tensor) -> _MaskState:
+        """The masks of the concatenated parameters ``flat`` (no autograd)."""
+        state = _MaskState()
+        state.flat, state.sign = flat, None
+        last, _, matrix, _, thresholds, one = self.constants(flat.device, flat.dtype)
+        theta = flat.abs()
+        theta.index_fill_(0, last, 1.0)
+        pieces = []
+        state.hard = None
+        if self.groups:
+            state.hard = theta[:self.channels].gt_(self.groups[0][1])  # in place: 0/1 in flat's dtype
+            pieces.append(state.hard)
+        if self.times:
+            kept = (matrix @ theta[self.channels:].double()).to(flat.dtype)
+            kept = kept.gt_(thresholds) if isinstance(thresholds, float) else torch.gt(kept, thresholds).to(flat.dtype)
+            state.keep_beta, state.keep_gamma = kept[:self.taps], kept[self.taps:]
+            pieces.append(state.keep_beta * state.keep_gamma)
+        pieces.append(one)
+        state.extended = extended = torch.cat(pieces)
+        # The masks flip rarely: what depends on them only (the factors, the counts, the cost and
+        # the taps' gradient matrix) is reused while they equal the last call's (``previous``).
+        before, state.previous = self._device.get("last"), None
+        if before is not None and before.device == extended.device and before.dtype == extended.dtype \
+                and torch.equal(before, extended):
+            state.previous = before
+        self._device["last"] = extended
+        return state
+
+    def grad(self, state: _MaskState, grad_extended: torch.Tensor) -> torch.Tensor:
+        """∂/∂(the concatenated parameters) given ∂/∂(``extended``): the straight-through
+        gradients of `_ChannelMask` (grad·sign(α)) and `_Taps` (θβ = M_β·θ, θγ = M_γ·θ:
+        ∂/∂θ = (grad ⊙ kept by γ)·M_β + (grad ⊙ kept by β)·M_γ), none for kept-alive entries."""
+        flat, channels = state.flat, self.channels
+        pieces = [grad_extended[:channels]] if self.groups else []
+        if self.times:
+            pieces.append(grad_extended[channels:channels + self.taps] @ self._tap_grad_matrix(state))
+        if state.sign is None:  # sign(·), 0 for the kept-alive entries
+            state.sign = torch.sign(flat)
+            state.sign.index_fill_(0, self.constants(flat.device, flat.dtype)[0], 0.0)
+        return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).mul_(state.sign)
+
+    def _tap_grad_matrix(self, state: _MaskState) -> torch.Tensor:
+        """diag(kept by γ)·M_β + diag(kept by β)·M_γ (the same while the masks are)."""
+        cached = self._device.get("tap grad matrix")
+        if cached is not None and (cached[0] is state.extended or cached[0] is state.previous):
+            matrix = cached[1]
+        else:
+            both = self.constants(state.flat.device, state.flat.dtype)[3]
+            matrix = state.keep_gamma[:, None] * both[:self.taps] + state.keep_beta[:, None] * both[self.taps:]
+        self._device["tap grad matrix"] = (state.extended, matrix)
+        return matrix
+
+
+_BLOCKS, _INDEX, _TIME = "blocks", "index", "time"
+
+
+class _FusedPlan:
+    """How `_MaskFactors` makes the factor f of every masked weight W ⊙ f: a product of gathers
+    from the masks' ``extended`` vector (the last entry a 1) by index ``rows`` made once, so that
+    all factors of a module take a handful of tensor ops and their gradients as many (scatters by
+    the same indices).
+
+    ``masks``: the `_MaskPlan`; ``targets``: the module attribute of every input (the mask
+    parameters, in ``masks``' order); ``shapes``: every factor's ([1, *W.shape[1:]] when no mask
+    lies along W's first axis: a product broadcasting over the first axis only, and its ∂/∂f a
+    sum over it, are several times faster than broadcasting a [1, C, 1, 1] mask);
+    ``thresholds``: every group's."""
+
+    def __init__(self, masks: _MaskPlan, shapes, rows, targets, thresholds) -> None:
+        self.masks, self.shapes = masks, [tuple(s) for s in shapes]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.targets, self.thresholds = list(targets), thresholds
+        self._device: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_device"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._device = {}
+
+    def indices(self, device) -> list:
+        if device not in self._device:
+            self._device[device] = [torch.as_tensor(row, device=device) for row in self.rows]
+        return self._device[device]
+
+    def factors(self, extended: torch.Tensor, previous: torch.Tensor | None = None) -> tuple:
+        """(every factor, the gathered entries per index row) from ``extended`` (with autograd or
+        not; without, the last ones are reused while ``extended`` equals ``previous``, theirs)."""
+        last = self._device.get("last")
+        if previous is not None and last is not None and last[0] is previous:
+            pieces, gathered = last[1], last[2]
+        else:
+            gathered = [torch.index_select(extended, 0, index) for index in self.indices(extended.device)]
+            flat = functools.reduce(operator.mul, gathered) if len(gathered) > 1 else gathered[0]
+            pieces = flat.split_with_sizes(self.sizes) if len(self.sizes) > 1 else (flat,)
+        if not extended.requires_grad:
+            self._device["last"] = (extended, pieces, gathered)
+        return tuple(p.view(s) for p, s in zip(pieces, self.shapes)), gathered
+
+
+class _MaskFactors(torch.autograd.Function):
+    """The factor f of every masked weight W ⊙ f of a PIT module, from the concatenated mask
+    parameters, in one autograd node; W ⊙ f itself is a plain product, so autograd computes
+    ∂/∂W = grad ⊙ f and ∂/∂f = Σ grad ⊙ W (summed to f's shape) as for the per-node functions,
+    and this node maps ∂/∂f to the straight-through gradients of `channel_mask` and `time_mask`
+    (and, with a cost attached to its `PITMasks`, computes that cost too: one more output)."""
+
+    @staticmethod
+    def forward(ctx, plan: _FusedPlan, owner, flat):
+        ctx.set_materialize_grads(False)
+        state = plan.masks.forward(flat)
+        factors, gathered = plan.factors(state.extended, state.previous)
+        ctx.plan, ctx.state, ctx.gathered, ctx.cost = plan, state, gathered, None
+        if owner is not None:
+            owner.remember(state)
+            attached = owner.attached_cost()
+            if attached is not None:  # the cost too, as `_Counts` would
+                count_plan, cost = attached
+                x, value = count_plan.evaluate(state, cost)
+                ctx.cost = (count_plan, cost, x)
+                factors += (torch.tensor(value, dtype=torch.float64, device=flat.device),)
+        return factors
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        if not ctx.needs_input_grad[2]:
+            return None, None, None
+        plan: _FusedPlan = ctx.plan
+        mask_plan, state = plan.masks, ctx.state
+        chains = len(plan.sizes)
+        grad_extended = None
+        if any(g is not None for g in grads[:chains]):
+            flat = state.flat
+            grad = torch.cat([g.reshape(-1) if g is not None else flat.new_zeros(n)
+                              for g, n in zip(grads[:chains], plan.sizes)]) if chains > 1 else grads[0].reshape(-1)
+            gathered = ctx.gathered
+            grad_extended = flat.new_zeros(mask_plan.extended_size)
+            for p, index in enumerate(plan.indices(grad.device)):
+                product = grad
+                for q, other in enumerate(gathered):
+                    if q != p:
+                        product = product * other
+                grad_extended.index_add_(0, index, product)
+        if ctx.cost is not None and len(grads) > chains and grads[-1] is not None:
+            count_plan, cost, x = ctx.cost
+            from_cost = count_plan.cost_grads(x, cost, float(grads[-1]), state.flat)
+            grad_extended = from_cost if grad_extended is None else grad_extended.add_(from_cost)
+        if grad_extended is None:
+            return None, None, None
+        return None, None, mask_plan.grad(state, grad_extended)
+
+
+class PITMasks(torch.nn.Module):
+    """The factors of every PIT-masked weight of a generated module, in one autograd node (see
+    `fuse_masks`); its inputs are the module's mask parameters. It keeps the masks of its last
+    call (values, no graph) for `counts`, valid while its mask parameters are the same tensors at
+    the same versions, and computes an attached cost (`attach_cost`) in every call."""
+
+    def __init__(self, plan: _FusedPlan) -> None:
+        super().__init__()
+        self.plan = plan
+        self._memo: dict = {}  # "last": (masks, concatenation, parameters, versions) of the last call
+
+    def forward(self, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        plan, memo = self.plan, self._memo
+        dtype = params[0].dtype
+        memo.pop("cost_out", None)
+        if not plan.masks.uniform or any(p.dtype != dtype for p in params):
+            return self._per_node(params)
+        flat = torch.cat(params) if len(params) > 1 else params[0]
+        memo["pending"] = (params, flat)
+        outputs = _MaskFactors.apply(plan, self, flat)
+        if len(outputs) > len(plan.sizes):
+            memo["cost_out"] = (outputs[-1], memo["cost"][1])
+        return outputs
+
+    def remember(self, state: _MaskState) -> None:
+        params, flat = self._memo.pop("pending")
+        self._memo["last"] = (state, flat, params, [p._version for p in params])
+
+    def last_masks(self, params) -> tuple | None:
+        """(masks, concatenated parameters) of the last call if ``params`` (its mask parameters)
+        are the same tensors at the same versions as then; else None. (The concatenation is the
+        autograd `cat` of the call: backward through it needs no saved tensor, so a cost on it
+        backpropagates on its own as well as with the forward's loss.)"""
+        last = self._memo.get("last")
+        if last is None or len(last[2]) != len(params):
+            return None
+        state, flat, before, versions = last
+        if not all(map(operator.is_, params, before)) or [p._version for p in params] != versions:
+            return None
+        return state, flat
+
+    def attach_cost(self, count_plan: "CountPlan", cost) -> None:
+        """Compute ``cost`` (a compiled cost model bound to ``count_plan``'s counts, whose masks
+        are this plan's) in every call too, for `take_cost`."""
+        self._memo["cost"] = (count_plan, cost)
+
+    def attached_cost(self):
+        """(count plan, cost) attached, or None."""
+        return self._memo.get("cost")
+
+    def take_cost(self, cost, params) -> torch.Tensor | None:
+        """The attached ``cost`` as the last call computed it — a node of that call's graph, so
+        it backpropagates with the masked weights (or on its own) — if ``params`` are what they
+        were then and it is still to be taken (once per call); else None."""
+        out = self._memo.pop("cost_out", None)
+        if out is None or out[1] is not cost or self.last_masks(params) is None:
+            return None
+        value = out[0]
+        if not value.requires_grad and torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return None
+        return value
+
+    def _per_node(self, params) -> tuple[torch.Tensor, ...]:
+        """The per-node functions, composed (mask parameters of different dtypes or thresholds)."""
+        plan, mask_plan = self.plan, self.plan.masks
+        self._memo.pop("last", None)
+        groups = len(mask_plan.groups)
+        pieces = [channel_mask(params[g], plan.thresholds[g]) for g in range(groups)]
+        for t, (_, _, gmap, threshold) in enumerate(mask_plan.times):
+            beta, gamma = params[groups + 2 * t], params[groups + 2 * t + 1]
+            pieces.append(taps(beta, gamma, torch.as_tensor(gmap, device=beta.device), threshold))
+        dtype = pieces[0].dtype
+        pieces = [p.to(dtype) for p in pieces] + [torch.ones(1, dtype=dtype, device=params[0].device)]
+        return plan.factors(torch.cat(pieces))[0]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_memo"] = {}
+        return state
+
+
+def _target(module: torch.nn.Module, target: str) -> torch.Tensor:
+    return functools.reduce(getattr, target.split("."), module)
+
+
+def fuse_masks(module) -> None:
+    """Replace, in a generated ``torch.fx.GraphModule``, the PIT mask calls on parameters
+    (`channel_mask` → `mask_blocks` / `mask_weight` → `time_mask` chains from a weight) by one
+    `PITMasks` call computing the factor of every masked weight, each weight then one product;
+    in place. Calls it does not recognize (and channel masks read by them) stay as they are."""
+    graph = module.graph
+
+    def attr(node) -> bool:
+        return isinstance(node, torch.fx.Node) and node.op == "get_attr"
+
+    def called(node, fn) -> bool:
+        return node.op == "call_function" and node.target is fn and not node.kwargs
+
+    cmasks = {n for n in graph.nodes if called(n, channel_mask) and len(n.args) == 2 and attr(n.args[0])
+              and isinstance(n.args[1], float)}
+
+    def parse(node):
+        args = node.args
+        if called(node, mask_blocks) and len(args) == 4 and args[1] in cmasks \
+                and all(isinstance(a, int) for a in args[2:]):
+            return args[0], (_BLOCKS, args[1], args[2], args[3])
+        if called(node, mask_weight) and len(args) == 4 and args[1] in cmasks and attr(args[2]) \
+                and isinstance(args[3], (list, tuple)) and all(isinstance(a, int) for a in args[3]):
+            return args[0], (_INDEX, args[1], args[2], tuple(args[3]))
+        if called(node, time_mask) and len(args) == 5 and all(attr(a) for a in args[1:4]) \
+                and isinstance(args[4], float):
+            return args[0], (_TIME, args[1], args[2], args[3], args[4])
+        return None
+
+    parsed = {}
+    for node in graph.nodes:
+        entry = parse(node)
+        if entry is not None:
+            parsed[node] = entry
+    chains = []
+    for node, (source, part) in parsed.items():
+        if not attr(source):
+            continue
+        members, parts = [node], [part]
+        while len(members[-1].users) == 1:
+            (user,) = members[-1].users
+            if user not in parsed or parsed[user][0] is not members[-1]:
+                break
+            members.append(user)
+            parts.append(parsed[user][1])
+        chains.append((source, parts, members))
+    # A channel mask read elsewhere than by fused chains stays a node, and so do its chains.
+    while True:
+        inside = {m for _, _, members in chains for m in members}
+        outside = {m for m in cmasks if any(u not in inside for u in m.users)}
+        kept = [c for c in chains if not any(p[0] is not _TIME and p[1] in outside for p in c[1])]
+        if len(kept) == len(chains):
+            break
+        chains = kept
+    if not chains:
+        return
+
+    groups: dict = {}   # channel mask node -> (group, alpha target, size, threshold)
+    times: dict = {}    # (beta, gamma, gamma map targets, threshold) -> (time mask, spec)
+    for _, parts, _ in chains:
+        for part in parts:
+            if part[0] is _TIME:
+                _, beta, gamma, gmap, threshold = part
+                key = (beta.target, gamma.target, gmap.target, threshold)
+                if key not in times:
+                    times[key] = (len(times), (int(_target(module, beta.target).numel()),
+                                               int(_target(module, gamma.target).numel()),
+                                               _target(module, gmap.target).detach().cpu().numpy(), float(threshold)))
+            elif part[1] not in groups:
+                alpha = part[1].args[0]
+                groups[part[1]] = (len(groups), alpha.target, int(_target(module, alpha.target).numel()),
+                                   float(part[1].args[1]))
+    mask_plan = _MaskPlan([(size, threshold) for _, _, size, threshold in groups.values()],
+                          [spec for _, spec in times.values()])
+    group_start = np.cumsum([0] + mask_plan.sizes)
+    one = mask_plan.extended_size - 1   # the extending 1
+
+    # Every part as an index array broadcastable to W: the entry of ``extended`` each weight
+    # entry is multiplied by.
+    shapes, columns = [], []
+    for source, parts, _ in chains:
+        weight_shape = tuple(_target(module, source.target).shape)
+        rank = len(weight_shape)
+        arrays = []
+        for part in parts:
+            if part[0] is _TIME:
+                t = times[(part[1].target, part[2].target, part[3].target, part[4])][0]
+                kernel = weight_shape[-1]
+                start = mask_plan.channels + int(mask_plan.tap_starts[t])
+                arrays.append((start + np.arange(kernel)).reshape((1,) * (rank - 1) + (kernel,)))
+                continue
+            group, _, size, _ = groups[part[1]]
+            if part[0] is _BLOCKS:
+                _, _, axis, inner = part
+                shape = [1] * rank
+                shape[axis] = weight_shape[axis]
+                arrays.append((group_start[group] + np.arange(weight_shape[axis]) // inner).reshape(shape))
+            else:
+                _, _, index, shape = part
+                values = _target(module, index.target).detach().cpu().numpy().astype(np.int64)
+                resolved = [w if s == -1 else s for s, w in zip(shape, weight_shape)]
+                arrays.append(np.where(values < size, group_start[group] + values, one).reshape(resolved))
+        along_first = weight_shape[0] != 1 and any(a.shape[0] != 1 for a in arrays)
+        shape = weight_shape if along_first or rank < 2 else (1,) + weight_shape[1:]
+        shapes.append(shape)
+        columns.append([np.broadcast_to(a, shape).reshape(-1) for a in arrays])
+    rows = [np.concatenate([c[p] if p < len(c) else np.full(int(np.prod(s)), one) for c, s in zip(columns, shapes)])
+            for p in range(max(len(c) for c in columns))]
+    param_targets = [target for _, target, _, _ in groups.values()] + \
+        [t for (beta, gamma, _, _) in times for t in (beta, gamma)]
+    plan = _FusedPlan(mask_plan, shapes, rows, param_targets,
+                      [threshold for _, _, _, threshold in groups.values()])
+
+    name, k = "pit_masks", 1
+    while hasattr(module, name):
+        name, k = f"pit_masks_{k}", k + 1
+    module.add_submodule(name, PITMasks(plan))
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        inputs = [graph.get_attr(t) for t in plan.targets]
+        fused = graph.call_module(name, tuple(inputs))
+        factors = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(chains))]
+    orphans = set()
+    for (source, _, members), factor in zip(chains, factors):
+        with graph.inserting_before(members[-1]):
+            masked = graph.call_function(torch.mul, (graph.get_attr(source.target), factor))
+        members[-1].replace_all_uses_with(masked)
+        for member in reversed(members):
+            orphans.update(a for a in member.args if isinstance(a, torch.fx.Node))
+            graph.erase_node(member)
+    for mask in groups:
+        if not mask.users:
+            orphans.update(a for a in mask.args if isinstance(a, torch.fx.Node))
+            graph.erase_node(mask)
+    for node in orphans:  # (indices and γ maps are constants of the plan: their get_attr nodes go too)
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    module.recompile()
+
+
+register_module_pass(fuse_masks)
+
+
+# -- counts for the cost ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=4096)
+def _exported_taps(mask: tuple, dilation: int, pads: tuple) -> int:
+    return len(kernel_plan(np.asarray(mask, dtype=np.float32), dilation, pads).taps)
+
+
+class CountPlan:
+    """What `counts` computes from ``masks`` (a `_MaskPlan`): x = [kept channels of every group,
+    exported taps of every time mask (``exports``: its (dilation, pads)), 1] — sums of segments
+    of the masks' ``extended`` vector. ``shared``: the `PITMasks` whose last masks it may reuse
+    (``masks`` is its plan's)."""
+
+    def __init__(self, masks: _MaskPlan, exports, shared: PITMasks | None = None) -> None:
+        self.masks, self.shared = masks, shared
+        self.exports = [(int(d), tuple(int(p) for p in pads)) for d, pads in exports]
+        groups = len(masks.groups)
+        self.size = groups + len(masks.times) + 1
+        self.starts = np.concatenate([np.cumsum([0] + masks.sizes[:-1]) if groups else [],
+                                      masks.channels + masks.tap_starts[:-1], [masks.extended_size - 1]]).astype(np.int64)
+        # x position of every extended entry (for ∂/∂extended = ∂/∂x at the count it is in)
+        self.position = np.repeat(np.arange(self.size), np.diff(np.append(self.starts, masks.extended_size)))
+        self.kernels = np.asarray(masks.kernels, dtype=np.float64)
+        self._last: dict = {}
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_last"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._last = {}
+
+    def evaluate(self, state: _MaskState, cost) -> tuple:
+        """(x, ``cost`` at x or None): the counts change only when a mask flips, so the last
+        ones are reused while the masks are equal to theirs."""
+        last, extended = self._last, state.extended
+        before = last.get("extended")
+        if before is not None and last["cost"] is cost and (before is extended or before is state.previous):
+            last["extended"] = extended
+            return last["x"], last["value"]
+        x = self.values(state)
+        value = None if cost is None else cost.value_np(x)
+        self._last = {"extended": extended, "cost": cost, "x": x, "value": value}
+        return x, value
+
+    def cost_grads(self, x: np.ndarray, cost, grad: float, like: torch.Tensor) -> torch.Tensor:
+        """∂cost/∂extended · ``grad`` at ``x`` (like ``like``): ∂cost/∂x on every entry of its
+        count, at unit gradient computed once per x."""
+        last = self._last
+        unit = last.get("unit") if last.get("x") is x and last.get("cost") is cost else None
+        if unit is None or unit.dtype != like.dtype or unit.device != like.device:
+            unit = self.entry_grads(cost.grad_np(x, 1.0), like)
+            if last.get("x") is x:
+                last["unit"] = unit
+        return unit * grad
+
+    def values(self, state: _MaskState) -> np.ndarray:
+        """x (numpy float64) from the masks."""
+        extended = state.extended.detach().cpu().numpy()
+        x = np.add.reduceat(extended, self.starts).astype(np.float64)  # exact below 2^24
+        groups = len(self.masks.groups)
+        if self.masks.times:
+            taps = x[groups:-1]
+            for t in np.flatnonzero(taps != self.kernels):  # shortened kernels: their exported size
+                start = self.masks.channels + int(self.masks.tap_starts[t])
+                mask = tuple(bool(v) for v in extended[start:start + self.masks.kernels[t]])
+                taps[t] = _exported_taps(mask, *self.exports[t])
+        return x
+
+    def entry_grads(self, grad: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+        """∂/∂extended (like ``like``) given ∂/∂x (numpy): every entry gets its count's."""
+        return torch.as_tensor(grad[self.position], dtype=like.dtype, device=like.device)
+
+
+class _Counts(torch.autograd.Function):
+    """x = float64 [kept channels of each group…, exported taps of each time mask…, 1] — the values
+    of Σ channel_mask(α) and of `PIT.kernel` — with the straight-through gradients of
+    Σ channel_mask(α) and Σ taps(β, γ), from the concatenated mask parameters in one autograd
+    node; or, given a compiled cost model, its value at x."""
+
+    @staticmethod
+    def forward(ctx, plan: CountPlan, cost, state, flat):
+        ctx.set_materialize_grads(False)
+        if state is None:
+            state = plan.masks.forward(flat)
+        x, value = plan.evaluate(state, cost)
+        ctx.plan, ctx.state, ctx.cost, ctx.x = plan, state, cost, x
+        return torch.tensor(x if cost is None else value, dtype=torch.float64, device=flat.device)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        if grad is None or not ctx.needs_input_grad[3]:
+            return None, None, None, None
+        state, plan = ctx.state, ctx.plan
+        if ctx.cost is None:
+            from_counts = plan.entry_grads(grad.detach().cpu().numpy(), state.flat)
+        else:
+            from_counts = plan.cost_grads(ctx.x, ctx.cost, float(grad), state.flat)
+        return None, None, None, plan.masks.grad(state, from_counts)
+
+
+def counts(plan: CountPlan, params: list, cost=None) -> torch.Tensor | None:
+    """The `_Counts` vector of ``params`` (the mask parameters, in ``plan.masks``' order); with
+    ``cost`` (an object with ``value_np(x)`` and ``grad_np(x, grad)``, e.g. a compiled cost model),
+    its value there. None when the parameters' dtypes differ (count them one by one instead)."""
+    dtype = params[0].dtype
+    if any(p.dtype != dtype for p in params):
+        return None
+    last = plan.shared.last_masks(params) if plan.shared is not None else None
+    if last is not None:
+        state, flat = last
+        if flat.requires_grad or not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
+            return _Counts.apply(plan, cost, state, flat)
+        return _Counts.apply(plan, cost, state, torch.cat(params) if len(params) > 1 else params[0])
+    return _Counts.apply(plan, cost, None, torch.cat(params) if len(params) > 1 else params[0])
+
+
+def count_plan(model_masks: "PITMasks | None", alphas: dict, times: dict, threshold: float):
+    """A `CountPlan` for the groups ``alphas`` (key → (attribute, tensor)) and time masks
+    ``times`` (key → ((beta attribute, beta), (gamma attribute, gamma), gamma map, dilation,
+    pads)), reusing the masks of ``model_masks`` (the module's `PITMasks`) when its plan holds
+    them all at ``threshold``. Returns the plan, the attributes of its parameters (in its
+    masks' order) and the position of every key in the counts."""
+    if model_masks is not None:
+        plan = model_masks.plan
+        mp = plan.masks
+        index_of = {target: i for i, target in enumerate(plan.targets)}
+        groups_count = len(mp.groups)
+        positions, exports = {}, [(1, (0, 0))] * len(mp.times)
+        ok = mp.uniform and all(t == threshold for _, t in mp.groups) and all(t[3] == threshold for t in mp.times)
+        for key, (attr, _) in alphas.items():
+            index = index_of.get(attr)
+            ok = ok and index is not None and index < groups_count
+            if not ok:
+                break
+            positions[key] = index
+        for key, ((battr, _), (gattr, _), _, dilation, pads) in (times.items() if ok else ()):
+            index = index_of.get(battr)
+            ok = index is not None and index >= groups_count and (index - groups_count) % 2 == 0 \
+                and index_of.get(gattr) == index + 1
+            if not ok:
+                break
+            t = (index - groups_count) // 2
+            positions[key] = groups_count + t
+            exports[t] = (dilation, pads)
+        if ok:
+            return CountPlan(mp, exports, model_masks), list(plan.targets), positions
+    groups = [(int(t.numel()), threshold) for _, t in alphas.values()]
+    specs, exports, attrs = [], [], [attr for attr, _ in alphas.values()]
+    for (battr, beta), (gattr, gamma), gmap, dilation, pads in times.values():
+        specs.append((int(beta.numel()), int(gamma.numel()), gmap.detach().cpu().numpy(), threshold))
+        attrs += [battr, gattr]
+        exports.append((dilation, pads))
+    positions = {key: i for i, key in enumerate(alphas)}
+    positions.update({key: len(groups) + i for i, key in enumerate(times)})
+    return CountPlan(_MaskPlan(groups, specs), exports), attrs, positions

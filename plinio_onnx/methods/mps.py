@@ -28,7 +28,7 @@ from plinio_onnx.passes.pit import pit as pit_pass
 from ..cost import LayerSpec
 from ..errors import PlinioOnnxError
 from ..graph import Graph
-from .pit import _PIT_SUFFIXES, PIT
+from .pit import _PIT_SUFFIXES, PIT, _atom_orders
 from .searchable import CostFn, SearchableModel, as_graph
 
 _MPS_SUFFIXES = (".mps_w_alpha", ".mps_a_alpha")
@@ -65,6 +65,8 @@ class MPS(SearchableModel):
                 options = dict(pit) if isinstance(pit, dict) else {}
                 options.setdefault("include", include)
                 options.setdefault("exclude", exclude)
+                # A grouped Conv left uneven is exported as one Conv per group, around its quantizer.
+                options.setdefault("grouped_convs", False)
                 graph = pit_pass(graph, **options)
             graph = mps(graph, w_precisions=w_precisions, a_precisions=a_precisions, per_channel=per_channel,
                         weight_scale=weight_scale, zero_bit=zero_bit, sampling=sampling,
@@ -257,7 +259,8 @@ class MPS(SearchableModel):
 
     def export(self, path: "str | os.PathLike | None" = None, *, format: str = "qdq", **options) -> Graph:
         """Finalize into a deployable quantized graph (``format="qdq"`` or ``"qonnx"``); save it
-        when ``path`` is given."""
+        when ``path`` is given. Channels that chose 0 bits are sliced out wherever that leaves
+        the output unchanged (`plinio_onnx.passes.quantize`)."""
         return super().export(path, format=format, **options)
 
 
@@ -266,12 +269,17 @@ class _PITChannels:
     quantizers (PIT's own code, bound to this model's tensors)."""
 
     channels = PIT.channels
+    part = PIT.part
     kernel = PIT.kernel
     effective_spec = PIT.effective_spec
     kept_channels = PIT.kept_channels
     _count = PIT._count
     _cached = PIT._cached
     _kernel = PIT._kernel
+    _not_compiled = PIT._not_compiled
+    _group_vector = PIT._group_vector
+    _kept_vector = PIT._kept_vector
+    _grouped_in_channels = PIT._grouped_in_channels
 
     def __init__(self, tensor, info: dict, discrete_cost: bool = True) -> None:
         self.tensor = tensor
@@ -279,15 +287,23 @@ class _PITChannels:
         self.threshold = float(info["threshold"])
         self.discrete_cost = discrete_cost
         self._alpha = {int(gid): name for gid, name in info["group_alpha"].items()}
+        self._atom_order = _atom_orders(info)
         self._time = {entry["node"]: entry for entry in info["time"]}
 
     def output_keep(self, node: str) -> torch.Tensor | None:
         """The binarized mask of the channels layer ``node`` produces (None: not searched)."""
-        gid = self.info["layer_output"].get(node)
+        gid, channels = self.info["layer_output"].get(node), None
+        if gid is None and node in self.info.get("layer_output_part", {}):
+            gid, channels = self.info["layer_output_part"][node]
         name = self._alpha.get(int(gid)) if gid is not None else None
         if name is None:
             return None
-        return pit_fn.binarize(pit_fn._theta(self.tensor(name)), self.threshold)
+        if isinstance(name, str):
+            keep = pit_fn.binarize(pit_fn._theta(self.tensor(name)), self.threshold)
+        else:
+            keep = torch.cat([pit_fn.binarize(pit_fn._theta(self.tensor(n)), self.threshold) for n in name])
+            keep = keep[self._atom_order[int(gid)]]
+        return keep if channels is None else keep[torch.as_tensor(channels)]
 
 
 # -- the CLI's entry point --------------------------------------------------------------------

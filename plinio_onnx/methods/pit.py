@@ -19,7 +19,10 @@ from plinio_onnx.passes.pit import LAYER_OPS, MASKS, METADATA_KEY, pit
 
 from ..cost import LayerSpec
 from ..graph import Graph
-from .searchable import CostFn, SearchableModel, as_graph, as_int, render_summary
+from .searchable import (CostFn, SearchableModel, Sym, as_cost, as_graph, as_int, compile_cost,
+                         is_builtin_cost, render_summary)
+
+_SYMBOLIC = object()  # `_counts` while a cost model is compiled: counts are `Sym` variables
 
 _PIT_SUFFIXES = (".pit_alpha", ".pit_beta", ".pit_gamma")
 
@@ -49,6 +52,7 @@ class PIT(SearchableModel):
         self.threshold = float(self.info["threshold"])
         self.discrete_cost = discrete_cost
         self._alpha = {int(gid): name for gid, name in self.info["group_alpha"].items()}
+        self._atom_order = _atom_orders(self.info)
         self._time = {entry["node"]: entry for entry in self.info["time"]}
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
@@ -61,17 +65,72 @@ class PIT(SearchableModel):
         return kept.sum(dtype=torch.float64)
 
     def cost_of(self, cost) -> torch.Tensor:
-        # Layers share groups: count each group's channels (and each kernel's taps) once per call.
+        # The built-in cost models are polynomials in the effective counts: compiled once (the
+        # layers evaluated on `Sym` counts), then every call is one node giving all the counts
+        # (`_count_vector`) and a few tensor ops. Other callables, and specs a polynomial cannot
+        # express, run layer by layer, with each group's (and kernel's) count computed once.
+        cost = as_cost(cost)
+        compiled = self._cost_cache.get(cost, False)
+        if compiled is False and not is_builtin_cost(cost):
+            compiled = None
+        if compiled is False:
+            self._counts = _SYMBOLIC
+            try:
+                compiled = compile_cost(cost, (self.effective_spec(spec) for spec in self.specs),
+                                        order=lambda key: key[0] != "group")
+            finally:
+                self._counts = None
+            self._cost_cache[cost] = compiled
+        if compiled is not None:
+            value = self._count_vector(compiled.keys, compiled)
+            if value is not None:
+                return value
         self._counts: dict = {}
         try:
             return super().cost_of(cost)
         finally:
-            self._counts = {}
+            self._counts = None
+
+    def _count_vector(self, keys: tuple, compiled) -> torch.Tensor:
+        """``compiled`` at the counts of its keys: ("group", gid) a group's effective channels,
+        ("kernel", node) a Conv1d's effective kernel; the masks come from the module's last
+        forward when the mask parameters have not changed since. None: count layer by layer."""
+        if not self.discrete_cost:
+            values = [self._count(self.tensor(self._alpha[k[1]])) if k[0] == "group" else
+                      self._kernel(k[1], self._time[k[1]]) for k in keys]
+            return compiled(torch.stack(values + [torch.ones((), dtype=torch.float64)]))
+        entry = self._cost_cache.get(("counts", compiled, self.threshold))
+        if entry is None:
+            attr = self._onnx_to_attr
+            alphas = {k: (attr[self._alpha[k[1]]], self.tensor(self._alpha[k[1]])) for k in keys if k[0] == "group"}
+            times = {}
+            for k in keys:
+                if k[0] == "kernel":
+                    e = self._time[k[1]]
+                    times[k] = ((attr[e["beta"]], self.tensor(e["beta"])), (attr[e["gamma"]], self.tensor(e["gamma"])),
+                                self.tensor(f"{k[1]}.pit_gamma_map"), e["dilation"], e["pads"])
+            fused = [m for m in self.module.children() if isinstance(m, fn.PITMasks)]
+            plan, attrs, positions = fn.count_plan(fused[0] if len(fused) == 1 else None, alphas, times, self.threshold)
+            entry = (plan, attrs, compiled.bind([positions[k] for k in keys], plan.size))
+            self._cost_cache[("counts", compiled, self.threshold)] = entry
+        plan, attrs, bound = entry
+        module = self._modules["module"]
+        parameters, buffers = module._parameters, module._buffers  # (getattr is slower)
+        tensors = [parameters[a] if a in parameters else buffers[a] for a in attrs]
+        if plan.shared is not None and compiled is self._cost_cache.get(self.cost_model):
+            # `.cost`: computed by the module's forward itself from then on (one node fewer)
+            taken = plan.shared.take_cost(bound, tensors)
+            if taken is not None:
+                return taken
+            plan.shared.attach_cost(plan, bound)
+        return fn.counts(plan, tensors, bound)
 
     def _cached(self, key, compute):
         counts = getattr(self, "_counts", None)
         if counts is None:
             return compute()
+        if counts is _SYMBOLIC:
+            return Sym.var(key)
         if key not in counts:
             counts[key] = compute()
         return counts[key]
@@ -81,7 +140,38 @@ class PIT(SearchableModel):
         name = self._alpha.get(gid)
         if name is None:
             return int(self.info["group_sizes"][gid])
+        if not isinstance(name, str):  # one mask parameter per atom
+            self._not_compiled()
+            return self._cached(("group", gid), lambda: sum(self._count(self.tensor(n)) for n in name))
         return self._cached(("group", gid), lambda: self._count(self.tensor(name)))
+
+    def part(self, gid: int, channels: list[int] | None) -> torch.Tensor | int:
+        """Effective count of ``channels`` of group ``gid`` (all of them: None), for a layer that
+        holds only part of a group (a Split output, attention heads' features)."""
+        if channels is None:
+            return self.channels(gid)
+        if self._alpha.get(gid) is None:
+            return len(channels)
+        self._not_compiled()
+        return self._cached(("part", gid, tuple(channels)),
+                            lambda: self._group_vector(gid)[torch.as_tensor(channels)].sum())
+
+    def _not_compiled(self) -> None:
+        """Per-channel counts are no polynomial in group counts: cost models run layer by layer."""
+        if getattr(self, "_counts", None) is _SYMBOLIC:
+            raise TypeError("per-channel counts")
+
+    def _group_vector(self, gid: int) -> torch.Tensor:
+        """float64 kept value (0/1, or |θ| for a continuous cost) of every channel of group ``gid``."""
+        def values(name: str) -> torch.Tensor:
+            alpha = self.tensor(name)
+            kept = fn.channel_mask(alpha, self.threshold) if self.discrete_cost else fn._theta(alpha)
+            return kept.to(torch.float64)
+
+        name = self._alpha[gid]
+        if isinstance(name, str):
+            return values(name)
+        return torch.cat([values(n) for n in name])[self._atom_order[gid]]
 
     def kernel(self, node: str, static: int):
         entry = self._time.get(node)
@@ -114,11 +204,23 @@ class PIT(SearchableModel):
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:
         inputs = self.info["layer_inputs"].get(spec.name)
         output = self.info["layer_output"].get(spec.name)
+        part = self.info.get("layer_output_part", {}).get(spec.name)
+        rows = self.info.get("layer_rows", {}).get(spec.name)
         changes = {}
-        if inputs:
-            changes["in_channels"] = sum(self.channels(gid) * inner for gid, inner in inputs)
+        if inputs:  # [group, features per channel(, channels read)]
+            changes["in_channels"] = sum(self.part(entry[0], entry[2] if len(entry) > 2 else None) * entry[1]
+                                         for entry in inputs)
         if output is not None:
             changes["out_channels"] = self.channels(output)
+        elif part is not None:
+            changes["out_channels"] = self.part(*part)
+        elif spec.depthwise and "in_channels" in changes:
+            changes["out_channels"] = changes["in_channels"]  # it carries what it reads (a Concat's parts)
+        if rows and any(self._alpha.get(gid) is not None for gid, _ in rows):
+            # Attention MatMuls: their rows (per head) scale with the kept heads.
+            total = sum(len(ch) if ch is not None else self.info["group_sizes"][gid] for gid, ch in rows)
+            kept = sum(self.part(gid, ch) for gid, ch in rows)
+            changes["output_positions"] = spec.output_positions // total * kept
         if spec.name in self._time:
             changes["kernel_size"] = self.kernel(spec.name, spec.kernel_size)
         grouped = self.info.get("grouped", {}).get(spec.name)
@@ -143,21 +245,19 @@ class PIT(SearchableModel):
         return groups * (per_in * per_out).sum() / out_channels
 
     def _kept_vector(self, gids: list, channels: list) -> torch.Tensor | None:
-        """Kept (0/1, or |θ| when the cost is continuous) value of every listed channel; None when
-        no listed channel is searched."""
-        if not any(gid is not None and self._alpha.get(int(gid)) is not None for gid in gids):
-            return None
+        """Kept value of every listed (group, channel); None when no listed channel is searched."""
+        self._not_compiled()
         gids = np.asarray([-1 if gid is None else gid for gid in gids])
+        if not any(self._alpha.get(int(gid)) is not None for gid in set(gids.tolist())):
+            return None
         bounds = [0, *(np.flatnonzero(np.diff(gids)) + 1).tolist(), len(gids)]
         pieces = []
         for start, end in zip(bounds[:-1], bounds[1:]):
-            name = self._alpha.get(int(gids[start]))
-            if name is None:
+            gid = int(gids[start])
+            if self._alpha.get(gid) is None:
                 pieces.append(torch.ones(end - start, dtype=torch.float64))
             else:
-                alpha = self.tensor(name)
-                kept = fn.channel_mask(alpha, self.threshold) if self.discrete_cost else fn._theta(alpha)
-                pieces.append(kept.to(torch.float64)[torch.as_tensor(channels[start:end])])
+                pieces.append(self._group_vector(gid)[torch.as_tensor(channels[start:end])])
         return torch.cat(pieces)
 
     # -- reporting ----------------------------------------------------------------------------
@@ -165,9 +265,9 @@ class PIT(SearchableModel):
         """For every searched group (named after its first producer): (kept, total)."""
         out = {}
         for group in self.info["groups"]:
-            alpha = self.tensor(group["alpha"]).detach().cpu().numpy()
+            kept = fn.group_keep(lambda name: self.tensor(name).detach().cpu().numpy(), group, self.threshold)
             out[group["name"] if "name" in group else group["producers"][0]["node"]] = (
-                int(fn.channel_keep(alpha, self.threshold).size), int(group["size"]))
+                int(kept.size), int(group["size"]))
         return out
 
     def summary(self) -> str:
@@ -188,3 +288,9 @@ class PIT(SearchableModel):
             total_p, total_m = as_int(self.cost_of("params")), as_int(self.cost_of("macs"))
         table.add_row("total", "", "", "", "", f"{total_p:,}", f"{total_m:,}", style="bold")
         return render_summary(table, [f"{s['group']} ({s['reason']})" for s in self.info["skipped"]])
+
+
+def _atom_orders(info: dict) -> dict[int, torch.Tensor]:
+    """For groups with one mask parameter per atom: where each channel sits in the atoms' concatenation."""
+    return {int(g["id"]): torch.as_tensor(np.argsort(np.concatenate([np.asarray(a) for a in g["atoms"]])))
+            for g in info["groups"] if g.get("atoms")}

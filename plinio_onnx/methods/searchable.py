@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import abc
-
+import copy
+import math
+import numbers
 import os
+from fractions import Fraction
 from typing import Callable, Iterator
 
+import numpy as np
 import onnx
 import torch
 
@@ -47,6 +51,7 @@ class SearchableModel(torch.nn.Module, abc.ABC):
         self.cost_model = as_cost(cost)
         self.specs = layer_specs(graph)
         self._onnx_to_attr = {onnx_name: attr for attr, onnx_name in self.module.initializer_names.items()}
+        self._cost_cache: dict = {}  # per cost model: its `CompiledCost` (or None), see `compile_cost`
 
     # -- running ------------------------------------------------------------------------------
     def forward(self, *inputs: torch.Tensor):
@@ -103,6 +108,264 @@ class SearchableModel(torch.nn.Module, abc.ABC):
         if path is not None:
             deployable.save(path)
         return deployable
+
+
+# -- compiled costs ---------------------------------------------------------------------------
+class Sym:
+    """A polynomial with exact rational coefficients over named variables (effective channel
+    counts, kernel sizes): what a cost model returns when a spec holds `Sym`s instead of tensors.
+
+    Only +, -, ·, / by a number and integer powers are defined; anything else (comparisons,
+    ``float()``, ``abs``, numpy or torch functions) raises ``TypeError``, so a cost model that is
+    not a polynomial in the searched quantities is found out, not mis-compiled."""
+
+    __slots__ = ("terms",)
+    __array_ufunc__ = None  # numpy defers to the reflected operators (and its functions fail)
+
+    def __init__(self, terms: dict) -> None:
+        self.terms = terms  # monomial (sorted tuple of variable keys, repeated by power) -> Fraction
+
+    @staticmethod
+    def var(key) -> "Sym":
+        return Sym({(key,): Fraction(1)})
+
+    @staticmethod
+    def _coerce(value) -> "Sym | None":
+        if isinstance(value, Sym):
+            return value
+        if isinstance(value, numbers.Rational):
+            return Sym({(): Fraction(int(value.numerator), int(value.denominator))} if value else {})
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            number = float(value)
+            if number != number or number in (float("inf"), float("-inf")):
+                return None
+            return Sym({(): Fraction(number)} if number else {})
+        return None
+
+    def __add__(self, other):
+        other = Sym._coerce(other)
+        if other is None:
+            return NotImplemented
+        terms = dict(self.terms)
+        for mono, coef in other.terms.items():
+            total = terms.get(mono, 0) + coef
+            if total:
+                terms[mono] = total
+            else:
+                terms.pop(mono, None)
+        return Sym(terms)
+
+    __radd__ = __add__
+
+    def __neg__(self):
+        return Sym({mono: -coef for mono, coef in self.terms.items()})
+
+    def __pos__(self):
+        return self
+
+    def __sub__(self, other):
+        other = Sym._coerce(other)
+        return NotImplemented if other is None else self + (-other)
+
+    def __rsub__(self, other):
+        other = Sym._coerce(other)
+        return NotImplemented if other is None else other + (-self)
+
+    def __mul__(self, other):
+        other = Sym._coerce(other)
+        if other is None:
+            return NotImplemented
+        terms: dict = {}
+        for m1, c1 in self.terms.items():
+            for m2, c2 in other.terms.items():
+                mono = tuple(sorted(m1 + m2, key=repr))
+                total = terms.get(mono, 0) + c1 * c2
+                if total:
+                    terms[mono] = total
+                else:
+                    terms.pop(mono, None)
+        return Sym(terms)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        if isinstance(other, Sym) or not isinstance(other, numbers.Real) or isinstance(other, bool) or not other:
+            return NotImplemented
+        inverse = Sym._coerce(other)
+        if inverse is None:
+            return NotImplemented
+        (value,) = inverse.terms.values()
+        return self * Sym({(): 1 / value})
+
+    def __pow__(self, power):
+        if not isinstance(power, numbers.Integral) or isinstance(power, bool) or power < 0:
+            return NotImplemented
+        result = Sym({(): Fraction(1)})
+        for _ in range(int(power)):
+            result = result * self
+        return result
+
+    def _refuse(self, *args):
+        raise TypeError("a compiled cost model must be a polynomial in the searched quantities")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __float__ = __int__ = _refuse
+    __hash__ = None
+
+
+class CompiledCost:
+    """A cost model summed over a model's layers as one polynomial in the searched quantities
+    (``keys``), evaluated on the vector x of their values (then a 1) by a few array ops — a
+    gather, a product, a dot — and differentiated by hand as cheaply."""
+
+    def __init__(self, polynomial: Sym, order: Callable | None = None) -> None:
+        constant = polynomial.terms.get((), Fraction(0))
+        monomials = [(mono, coef) for mono, coef in polynomial.terms.items() if mono]
+        keys: list = []
+        for mono, _ in monomials:
+            for key in mono:
+                if key not in keys:
+                    keys.append(key)
+        if order is not None:
+            keys.sort(key=order)
+        self.keys = tuple(keys)
+        self.constant = constant
+        # Σ coef·Π x as (Σ numerator·Π x) / denominator: exact while the numerators' sum is an
+        # integer below 2^53 (every cost model that counts), rounded once otherwise.
+        denominator = math.lcm(1, *(coef.denominator for _, coef in monomials))
+        self.denominator = denominator
+        # x carries a trailing 1 that pads the monomials of lower degree
+        self.degree = max((len(mono) for mono, _ in monomials), default=0)
+        self._monomials = [[keys.index(k) for k in mono] for mono, _ in monomials]
+        self._numerators = [int(coef * denominator) for _, coef in monomials]
+        self.positions, self.size = list(range(len(keys))), len(keys) + 1
+        self._device: dict = {}
+
+    def bind(self, positions, size: int) -> "CompiledCost":
+        """This cost reading key i at ``x[positions[i]]`` of an ``x`` of ``size`` entries whose
+        last is 1."""
+        bound = copy.copy(self)
+        bound.positions, bound.size, bound._device = list(positions), int(size), {}
+        return bound
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_device"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._device = {}
+
+    def _arrays(self):
+        """(index [monomials, degree] into x, the same flat, the other factors of every factor,
+        numerators) as numpy arrays."""
+        if "numpy" not in self._device:
+            one, degree = self.size - 1, self.degree
+            rows = [[self.positions[i] for i in mono] + [one] * (degree - len(mono)) for mono in self._monomials]
+            index = np.array(rows, dtype=np.int64).reshape(len(rows), degree)
+            # ∂/∂x: factor d of a monomial is multiplied by its other factors.
+            others = np.array([[row[j] for j in range(degree) if j != d] for row in rows for d in range(degree)]
+                              if degree > 1 else [[one]], dtype=np.int64)
+            self._device["numpy"] = (index, index.reshape(-1), others, np.array(self._numerators, dtype=np.float64))
+        return self._device["numpy"]
+
+    def _tensors(self, device):
+        if device not in self._device:
+            self._device[device] = tuple(torch.as_tensor(a, device=device) for a in self._arrays())
+        return self._device[device]
+
+    def value_np(self, x: np.ndarray) -> float:
+        """The cost at ``x`` (numpy float64 [value of each key…, 1])."""
+        if not self.keys:
+            return float(self.constant)
+        index, _, _, numerators = self._arrays()
+        factors = x[index]
+        total = (factors.prod(1) if self.degree > 1 else factors[:, 0]) @ numerators
+        if self.denominator != 1:
+            total = total / self.denominator
+        if self.constant:
+            total = total + float(self.constant)
+        return float(total)
+
+    def grad_np(self, x: np.ndarray, grad: float) -> np.ndarray:
+        """∂cost/∂x · ``grad`` (numpy)."""
+        if not self.keys:
+            return np.zeros_like(x)
+        _, flat, others, numerators = self._arrays()
+        scale = numerators * (grad / self.denominator if self.denominator != 1 else grad)
+        per_factor = scale if self.degree == 1 else x[others].prod(1).reshape(-1, self.degree) * scale[:, None]
+        return np.bincount(flat, weights=per_factor.reshape(-1), minlength=x.size)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The cost at ``x`` = float64 [value of each key…, 1] (differentiable)."""
+        if not self.keys:
+            return torch.tensor(float(self.constant), dtype=torch.float64, device=x.device)
+        return _Polynomial.apply(self, x)
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:
+        """The cost at ``x`` (no autograd; in numpy on the CPU: a few tiny ops)."""
+        if not self.keys or x.device.type == "cpu":
+            return torch.tensor(self.value_np(x.detach().numpy()) if self.keys else float(self.constant),
+                                dtype=torch.float64, device=x.device)
+        index, _, _, numerators = self._tensors(x.device)
+        factors = x[index]
+        total = (factors.prod(1) if self.degree > 1 else factors[:, 0]) @ numerators
+        if self.denominator != 1:
+            total = total / self.denominator
+        if self.constant:
+            total = total + float(self.constant)
+        return total
+
+    def grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """∂cost/∂x · ``grad`` (no autograd)."""
+        if x.device.type == "cpu":
+            return torch.from_numpy(self.grad_np(x.detach().numpy(), float(grad)))
+        result = torch.zeros_like(x)
+        if not self.keys:
+            return result
+        _, flat, others, numerators = self._tensors(x.device)
+        scale = numerators * (grad / self.denominator if self.denominator != 1 else grad)
+        if self.degree == 1:
+            per_factor = scale
+        else:
+            per_factor = x[others].prod(1).view(-1, self.degree) * scale[:, None]
+        return result.index_add_(0, flat, per_factor.reshape(-1))
+
+
+class _Polynomial(torch.autograd.Function):
+    """A `CompiledCost` at a differentiable ``x``, with its hand-written gradient: one node."""
+
+    @staticmethod
+    def forward(ctx, cost: CompiledCost, x: torch.Tensor) -> torch.Tensor:
+        ctx.cost = cost
+        ctx.save_for_backward(x)
+        return cost.value(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return None, ctx.cost.grad(x, grad)
+
+
+def is_builtin_cost(fn) -> bool:
+    """Whether ``fn`` is one of `plinio_onnx.cost`'s models (pure: compiled once, then reused)."""
+    return any(fn is model for model in BY_NAME.values())
+
+
+def compile_cost(fn: CostFn, specs, order: Callable | None = None) -> CompiledCost | None:
+    """``fn`` summed over ``specs`` (an iterable of specs whose searched fields hold `Sym`
+    variables) as a `CompiledCost` whose keys are sorted by ``order``; None when ``fn`` (or
+    making the specs) is not a polynomial in them."""
+    total = Sym({})
+    try:
+        for spec in specs:
+            value = fn(spec)
+            term = Sym._coerce(value)
+            if term is None:
+                return None
+            total = total + term
+    except (TypeError, ValueError, ArithmeticError, AttributeError):
+        return None
+    return CompiledCost(total, order)
 
 
 def as_int(value) -> int:

@@ -8,6 +8,7 @@ is how `sync` writes trained values into the graph.
 from __future__ import annotations
 
 import re
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -30,6 +31,18 @@ class OnnxModule(fx.GraphModule):
     initializer_names: dict[str, str]
     input_names: list[str]
     output_names: list[str]
+
+
+#: Rewrites run on every generated module, in registration order (e.g. PIT's `fuse_masks`, which
+#: computes all mask nodes in one autograd node); each leaves what it does not recognize alone.
+_MODULE_PASSES: list[Callable[[OnnxModule], None]] = []
+
+
+def register_module_pass(rewrite: Callable[[OnnxModule], None]) -> Callable[[OnnxModule], None]:
+    """Run ``rewrite(module)`` (in place) on every module `to_torch` generates."""
+    if rewrite not in _MODULE_PASSES:
+        _MODULE_PASSES.append(rewrite)
+    return rewrite
 
 
 def _is_trainable(values: np.ndarray) -> bool:
@@ -135,6 +148,8 @@ class _Builder:
         module.initializer_names = self.initializer_names
         module.input_names = [t.name for t in g.inputs]
         module.output_names = [t.name for t in g.outputs]
+        for rewrite in _MODULE_PASSES:
+            rewrite(module)
         return module
 
     def _poison(self) -> fx.Node:
