@@ -470,32 +470,36 @@ class _FusedPlan:
         return self._device[device]
 
     def factors(self, extended: torch.Tensor, previous: torch.Tensor | None = None) -> tuple:
-        """(every factor, the gathered entries per index row) from ``extended`` (with autograd or
-        not; without, the last ones are reused while ``extended`` equals ``previous``, theirs)."""
+        """(every factor, flattened and concatenated; the gathered entries per index row) from
+        ``extended`` (with autograd or not; without, the last ones are reused while ``extended``
+        equals ``previous``, theirs)."""
         last = self._device.get("last")
         if previous is not None and last is not None and last[0] is previous:
-            pieces, gathered = last[1], last[2]
+            flat, gathered = last[1].view(-1), last[2]
         else:
             gathered = [torch.index_select(extended, 0, index) for index in self.indices(extended.device)]
-            flat = functools.reduce(operator.mul, gathered) if len(gathered) > 1 else gathered[0]
-            pieces = flat.split_with_sizes(self.sizes) if len(self.sizes) > 1 else (flat,)
-        if not extended.requires_grad:
-            self._device["last"] = (extended, pieces, gathered)
-        return tuple(p.view(s) for p, s in zip(pieces, self.shapes)), gathered
+            flat = functools.reduce(operator.mul, gathered) if len(gathered) > 1 else gathered[0].view(-1)
+        if not extended.requires_grad:  # (detached: ``flat`` itself becomes an output of the call)
+            self._device["last"] = (extended, flat.detach(), gathered)
+        return flat, gathered
 
 
 class _MaskFactors(torch.autograd.Function):
-    """The factor f of every masked weight W ⊙ f of a PIT module, from the concatenated mask
-    parameters, in one autograd node; W ⊙ f itself is a plain product, so autograd computes
-    ∂/∂W = grad ⊙ f and ∂/∂f = Σ grad ⊙ W (summed to f's shape) as for the per-node functions,
-    and this node maps ∂/∂f to the straight-through gradients of `channel_mask` and `time_mask`
-    (and, with a cost attached to its `PITMasks`, computes that cost too: one more output)."""
+    """The factor f of every masked weight W ⊙ f of a PIT module (flattened, concatenated: the
+    module splits them), from the concatenated mask parameters, in one autograd node; W ⊙ f
+    itself is a plain product, so autograd computes ∂/∂W = grad ⊙ f and ∂/∂f = Σ grad ⊙ W
+    (summed to f's shape) as for the per-node functions, and this node maps ∂/∂f to the
+    straight-through gradients of `channel_mask` and `time_mask` (and, with a cost attached to
+    its `PITMasks`, computes that cost too: a second output). It saves no tensor for backward
+    (what it needs lives on ``ctx``), so a cost taken from it backpropagates on its own after
+    the loss did, or before."""
 
     @staticmethod
     def forward(ctx, plan: _FusedPlan, owner, flat):
         ctx.set_materialize_grads(False)
         state = plan.masks.forward(flat)
         factors, gathered = plan.factors(state.extended, state.previous)
+        factors = (factors,)
         ctx.plan, ctx.state, ctx.gathered, ctx.cost = plan, state, gathered, None
         if owner is not None:
             owner.remember(state)
@@ -514,12 +518,9 @@ class _MaskFactors(torch.autograd.Function):
             return None, None, None
         plan: _FusedPlan = ctx.plan
         mask_plan, state = plan.masks, ctx.state
-        chains = len(plan.sizes)
-        grad_extended = None
-        if any(g is not None for g in grads[:chains]):
+        grad_extended, grad = None, grads[0]
+        if grad is not None:
             flat = state.flat
-            grad = torch.cat([g.reshape(-1) if g is not None else flat.new_zeros(n)
-                              for g, n in zip(grads[:chains], plan.sizes)]) if chains > 1 else grads[0].reshape(-1)
             gathered = ctx.gathered
             grad_extended = flat.new_zeros(mask_plan.extended_size)
             for p, index in enumerate(plan.indices(grad.device)):
@@ -528,7 +529,7 @@ class _MaskFactors(torch.autograd.Function):
                     if q != p:
                         product = product * other
                 grad_extended.index_add_(0, index, product)
-        if ctx.cost is not None and len(grads) > chains and grads[-1] is not None:
+        if ctx.cost is not None and len(grads) > 1 and grads[-1] is not None:
             count_plan, cost, x = ctx.cost
             from_cost = count_plan.cost_grads(x, cost, float(grads[-1]), state.flat)
             grad_extended = from_cost if grad_extended is None else grad_extended.add_(from_cost)
@@ -539,9 +540,10 @@ class _MaskFactors(torch.autograd.Function):
 
 class PITMasks(torch.nn.Module):
     """The factors of every PIT-masked weight of a generated module, in one autograd node (see
-    `fuse_masks`); its inputs are the module's mask parameters. It keeps the masks of its last
-    call (values, no graph) for `counts`, valid while its mask parameters are the same tensors at
-    the same versions, and computes an attached cost (`attach_cost`) in every call."""
+    `fuse_masks`): returns (the factors, flattened and concatenated[, the attached cost]); its
+    inputs are the module's mask parameters. It keeps the masks of its last call (values, no
+    graph) for `counts`, valid while its mask parameters are the same tensors at the same
+    versions, and computes an attached cost (`attach_cost`) in every call."""
 
     def __init__(self, plan: _FusedPlan) -> None:
         super().__init__()
@@ -557,7 +559,7 @@ class PITMasks(torch.nn.Module):
         flat = torch.cat(params) if len(params) > 1 else params[0]
         memo["pending"] = (params, flat)
         outputs = _MaskFactors.apply(plan, self, flat)
-        if len(outputs) > len(plan.sizes):
+        if len(outputs) > 1:
             memo["cost_out"] = (outputs[-1], memo["cost"][1])
         return outputs
 
@@ -610,7 +612,7 @@ class PITMasks(torch.nn.Module):
             pieces.append(taps(beta, gamma, torch.as_tensor(gmap, device=beta.device), threshold))
         dtype = pieces[0].dtype
         pieces = [p.to(dtype) for p in pieces] + [torch.ones(1, dtype=dtype, device=params[0].device)]
-        return plan.factors(torch.cat(pieces))[0]
+        return (plan.factors(torch.cat(pieces))[0],)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -625,8 +627,9 @@ def _target(module: torch.nn.Module, target: str) -> torch.Tensor:
 def fuse_masks(module) -> None:
     """Replace, in a generated ``torch.fx.GraphModule``, the PIT mask calls on parameters
     (`channel_mask` → `mask_blocks` / `mask_weight` → `time_mask` chains from a weight) by one
-    `PITMasks` call computing the factor of every masked weight, each weight then one product;
-    in place. Calls it does not recognize (and channel masks read by them) stay as they are."""
+    `PITMasks` call computing the factor of every masked weight (split into views), each weight
+    then one product; in place. Calls it does not recognize (and channel masks read by them)
+    stay as they are. Run by `to_torch` on every module it generates."""
     graph = module.graph
 
     def attr(node) -> bool:
@@ -727,7 +730,10 @@ def fuse_masks(module) -> None:
         along_first = weight_shape[0] != 1 and any(a.shape[0] != 1 for a in arrays)
         shape = weight_shape if along_first or rank < 2 else (1,) + weight_shape[1:]
         shapes.append(shape)
-        columns.append([np.broadcast_to(a, shape).reshape(-1) for a in arrays])
+        # Entry by entry, the masks that apply first (the 1s last: the product is the same), so
+        # that the parts of different groups along one axis (a Concat's) share a row.
+        column = np.sort(np.stack([np.broadcast_to(a, shape).reshape(-1) for a in arrays]), axis=0)
+        columns.append(column[(column != one).any(axis=1)] if (column != one).any() else column[:1])
     rows = [np.concatenate([c[p] if p < len(c) else np.full(int(np.prod(s)), one) for c, s in zip(columns, shapes)])
             for p in range(max(len(c) for c in columns))]
     param_targets = [target for _, target, _, _ in groups.values()] + \
@@ -740,14 +746,29 @@ def fuse_masks(module) -> None:
         name, k = f"pit_masks_{k}", k + 1
     module.add_submodule(name, PITMasks(plan))
     first = next(n for n in graph.nodes if n.op != "placeholder")
+    existing = {n.target: n for n in graph.nodes if n.op == "get_attr"}
+    inputs = []
+    for target in plan.targets:  # the parameters' get_attr nodes, moved first
+        node = existing.get(target)
+        if node is None:
+            with graph.inserting_before(first):
+                node = graph.get_attr(target)
+        elif node is not first:
+            first.prepend(node)
+        inputs.append(node)
     with graph.inserting_before(first):
-        inputs = [graph.get_attr(t) for t in plan.targets]
         fused = graph.call_module(name, tuple(inputs))
-        factors = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(chains))]
+        flat = graph.call_function(operator.getitem, (fused, 0))
+        if len(chains) > 1:  # (one output split here: autograd concatenates the gradients in C++)
+            pieces = graph.call_method("split_with_sizes", (flat, plan.sizes))
+            flat_factors = [graph.call_function(operator.getitem, (pieces, i)) for i in range(len(chains))]
+        else:
+            flat_factors = [flat]
+        factors = [graph.call_method("view", (f, shape)) for f, shape in zip(flat_factors, plan.shapes)]
     orphans = set()
     for (source, _, members), factor in zip(chains, factors):
         with graph.inserting_before(members[-1]):
-            masked = graph.call_function(torch.mul, (graph.get_attr(source.target), factor))
+            masked = graph.call_function(torch.mul, (source, factor))
         members[-1].replace_all_uses_with(masked)
         for member in reversed(members):
             orphans.update(a for a in member.args if isinstance(a, torch.fx.Node))
