@@ -28,7 +28,7 @@ from plinio_onnx.passes.pit import pit as pit_pass
 from ..cost import LayerSpec
 from ..errors import PlinioOnnxError
 from ..graph import Graph
-from .pit import _PIT_SUFFIXES, PIT, _atom_orders
+from .pit import _PIT_SUFFIXES, BoundPIT
 from .searchable import CostFn, SearchableModel, as_graph
 
 _MPS_SUFFIXES = (".mps_w_alpha", ".mps_a_alpha")
@@ -264,31 +264,9 @@ class MPS(SearchableModel):
         return super().export(path, format=format, **options)
 
 
-class _PITChannels:
-    """PIT's effective channels and kernels for a model that holds PIT masks besides MPS
-    quantizers (PIT's own code, bound to this model's tensors)."""
-
-    channels = PIT.channels
-    part = PIT.part
-    kernel = PIT.kernel
-    effective_spec = PIT.effective_spec
-    kept_channels = PIT.kept_channels
-    _count = PIT._count
-    _cached = PIT._cached
-    _kernel = PIT._kernel
-    _not_compiled = PIT._not_compiled
-    _group_vector = PIT._group_vector
-    _kept_vector = PIT._kept_vector
-    _grouped_in_channels = PIT._grouped_in_channels
-
-    def __init__(self, tensor, info: dict, discrete_cost: bool = True) -> None:
-        self.tensor = tensor
-        self.info = info
-        self.threshold = float(info["threshold"])
-        self.discrete_cost = discrete_cost
-        self._alpha = {int(gid): name for gid, name in info["group_alpha"].items()}
-        self._atom_order = _atom_orders(info)
-        self._time = {entry["node"]: entry for entry in info["time"]}
+class _PITChannels(BoundPIT):
+    """PIT's counts for a model that holds PIT masks besides MPS quantizers, and the kept mask of
+    each layer's output (per-channel precisions count only kept channels)."""
 
     def output_keep(self, node: str) -> torch.Tensor | None:
         """The binarized mask of the channels layer ``node`` produces (None: not searched)."""

@@ -294,3 +294,25 @@ def _atom_orders(info: dict) -> dict[int, torch.Tensor]:
     """For groups with one mask parameter per atom: where each channel sits in the atoms' concatenation."""
     return {int(g["id"]): torch.as_tensor(np.argsort(np.concatenate([np.asarray(a) for a in g["atoms"]])))
             for g in info["groups"] if g.get("atoms")}
+
+
+class BoundPIT:
+    """PIT's effective channels, kernels and kept counts for another searchable model that holds
+    PIT masks (MPS, SuperNet): the state `PIT` keeps, bound to that model's tensors, and PIT's own
+    methods (looked up on `PIT` when called, so the costs are always PIT's)."""
+
+    def __init__(self, tensor, info: dict, discrete_cost: bool = True) -> None:
+        self.tensor = tensor
+        self.info = info
+        self.threshold = float(info["threshold"])
+        self.discrete_cost = discrete_cost
+        self._alpha = {int(gid): name for gid, name in info["group_alpha"].items()}
+        self._atom_order = _atom_orders(info)
+        self._time = {entry["node"]: entry for entry in info["time"]}
+        self._counts = None  # a dict while one cost is computed: each group counted once
+
+    def __getattr__(self, name: str):
+        method = vars(PIT).get(name)
+        if callable(method):
+            return method.__get__(self)
+        raise AttributeError(name)

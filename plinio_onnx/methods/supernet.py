@@ -44,7 +44,7 @@ from plinio_onnx.passes.supernet import LOGITS_SUFFIX, METADATA_KEY, Menu, super
 
 from ..cost import LayerSpec
 from ..graph import Graph
-from .pit import _PIT_SUFFIXES, PIT, _atom_orders
+from .pit import _PIT_SUFFIXES, BoundPIT
 from .searchable import CostFn, SearchableModel, as_cost, as_graph, as_int, render_summary
 
 __all__ = ["SuperNet", "build_searchable", "exponential_temperature"]
@@ -87,7 +87,7 @@ class SuperNet(SearchableModel):
         self.info = json.loads(graph.metadata[METADATA_KEY])
         self.discrete_cost = discrete_cost
         #: PIT's effective channels and kernels (None: no PIT masks in the graph).
-        self.pit = (_PITCosts(self.tensor, json.loads(graph.metadata[PIT_METADATA_KEY]))
+        self.pit = (BoundPIT(self.tensor, json.loads(graph.metadata[PIT_METADATA_KEY]))
                     if PIT_METADATA_KEY in graph.metadata else None)
         self._branch_of: dict[str, tuple[int, int]] = {}
         for c, choice in enumerate(self.info["choices"]):
@@ -299,28 +299,6 @@ class SuperNet(SearchableModel):
             pit_table.add_row(group.get("name", producers[0]), f"{kept:,}", f"{int(group['size']):,}",
                               "" if live else "(dropped branch)", style=None if live else "dim")
         return text + render_summary(pit_table, [f"{s['group']} ({s['reason']})" for s in self.pit.info["skipped"]])
-
-
-class _PITCosts:
-    """PIT's effective channels, kernels and kept counts for a SuperNet that holds PIT masks: the
-    state `PIT` keeps, bound to the SuperNet's tensors, and PIT's own methods (looked up on `PIT`
-    when called, so the costs are always PIT's)."""
-
-    def __init__(self, tensor, info: dict, discrete_cost: bool = True) -> None:
-        self.tensor = tensor
-        self.info = info
-        self.threshold = float(info["threshold"])
-        self.discrete_cost = discrete_cost
-        self._alpha = {int(gid): name for gid, name in info["group_alpha"].items()}
-        self._atom_order = _atom_orders(info)
-        self._time = {entry["node"]: entry for entry in info["time"]}
-        self._counts = None  # a dict while one cost is computed: each group counted once
-
-    def __getattr__(self, name: str):
-        method = vars(PIT).get(name)
-        if callable(method):
-            return method.__get__(self)
-        raise AttributeError(name)
 
 
 def build_searchable(graph: Graph, cost: "CostFn | str", **options) -> SuperNet:
