@@ -2,7 +2,7 @@
 
     python bench/pit_overhead.py [--batch N] [--rounds 15]
 
-1. Training step (forward + backward + Adam, the loss + 1e-9·cost) of `po.PIT(model)` over the
+1. Training step (forward + backward + the search's fused Adam, the loss + 1e-9·cost) of `po.PIT(model)` over the
    same step of `po.to_torch(model)`, measured alternately in one run, at the batch size the
    optimize flow trains with (`Recipe.batch_size`, 32); target ≤ 1.2 (PLiNIO's own PIT step:
    1.19× on a small CNN).
@@ -28,10 +28,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 import plinio_onnx as po  # noqa: E402
 from _timing import paired_ratio  # noqa: E402
 from plinio_onnx.data import random_inputs  # noqa: E402
+from plinio_onnx.search import adam  # noqa: E402
 
 
 def _step(module, x, y, parameters):
-    optimizer = torch.optim.Adam(parameters, lr=1e-4)
+    optimizer = adam(parameters, lr=1e-4)  # the optimizer the search uses, for both steps
     module.train()
 
     def step() -> None:
