@@ -4,7 +4,9 @@ They read ``spec.weight_bits`` (bits per weight, the mean over a layer's channel
 pruned channel counts 0) and ``spec.input_bits`` (bits per input activation); ``None`` means a
 float32 layer (32 bits). Under MPS both are differentiable expectations over the precision
 choices (exact integers in eval, where the choice is the argmax), so these costs train the
-logits and, in eval, equal the cost of the exported model:
+logits and, in eval, equal the cost of the exported model (with the 0-bit choice, a bound from
+above: the export also removes the biases and the readers' input columns of the channels it
+slices away):
 
 * ``size_bits``: weights × weight bits + biases × 32 (biases are 32-bit integers or floats);
 * ``size`` (bytes) = ``size_bits`` / 8; ``params_bit``: weights × weight bits (PLiNIO, no bias);

@@ -317,7 +317,18 @@ class _MaskState:
     __slots__ = ("flat", "hard", "keep_beta", "keep_gamma", "extended", "sign", "previous")
 
 
-class _MaskPlan:
+class _DeviceCache:
+    """Plans keep per-device copies of their constants in ``_device``; pickling drops them."""
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_device"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._device = {}
+
+
+class _MaskPlan(_DeviceCache):
     """Every channel mask (an alpha per group) and tap mask (a beta and a gamma per time mask)
     computed from one concatenation of their parameters: |·| and keep-alive once for all, the
     masks of all groups at once, and θβ = Σ_{i≤j} β̂_i, θγ = G·γ̂ of every tap of every time mask
@@ -356,13 +367,6 @@ class _MaskPlan:
         self.matrix = matrix
         self.tap_thresholds = np.repeat([t for _, _, _, t in self.times], self.kernels) if self.times else None
         self._device: dict = {}
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_device"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._device = {}
 
     def constants(self, device, dtype) -> tuple:
         """Keep-alive positions in the concatenation, the group of every alpha entry, M in
@@ -438,7 +442,7 @@ class _MaskPlan:
 _BLOCKS, _INDEX, _TIME = "blocks", "index", "time"
 
 
-class _FusedPlan:
+class _FusedPlan(_DeviceCache):
     """How `_MaskFactors` makes the factor f of every masked weight W ⊙ f: a product of gathers
     from the masks' ``extended`` vector (the last entry a 1) by index ``rows`` made once, so that
     all factors of a module take a handful of tensor ops and their gradients as many (scatters by
@@ -456,13 +460,6 @@ class _FusedPlan:
         self.rows = np.asarray(rows, dtype=np.int64)
         self.targets, self.thresholds = list(targets), thresholds
         self._device: dict = {}
-
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_device"}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._device = {}
 
     def indices(self, device) -> list:
         if device not in self._device:
