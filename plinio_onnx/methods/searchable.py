@@ -111,6 +111,15 @@ class SearchableModel(torch.nn.Module, abc.ABC):
 
 
 # -- compiled costs ---------------------------------------------------------------------------
+def _accumulate(terms: dict, mono: tuple, coef) -> None:
+    """terms[mono] += coef, dropping the monomial when it cancels."""
+    total = terms.get(mono, 0) + coef
+    if total:
+        terms[mono] = total
+    else:
+        terms.pop(mono, None)
+
+
 class Sym:
     """A polynomial with exact rational coefficients over named variables (effective channel
     counts, kernel sizes): what a cost model returns when a spec holds `Sym`s instead of tensors.
@@ -148,11 +157,7 @@ class Sym:
             return NotImplemented
         terms = dict(self.terms)
         for mono, coef in other.terms.items():
-            total = terms.get(mono, 0) + coef
-            if total:
-                terms[mono] = total
-            else:
-                terms.pop(mono, None)
+            _accumulate(terms, mono, coef)
         return Sym(terms)
 
     __radd__ = __add__
@@ -178,12 +183,7 @@ class Sym:
         terms: dict = {}
         for m1, c1 in self.terms.items():
             for m2, c2 in other.terms.items():
-                mono = tuple(sorted(m1 + m2, key=repr))
-                total = terms.get(mono, 0) + c1 * c2
-                if total:
-                    terms[mono] = total
-                else:
-                    terms.pop(mono, None)
+                _accumulate(terms, tuple(sorted(m1 + m2, key=repr)), c1 * c2)
         return Sym(terms)
 
     __rmul__ = __mul__
