@@ -323,10 +323,9 @@ class SuperNetPITMethod(SuperNetMethod):
     def nas_param_groups(self, model, lr_nas: float) -> list[dict]:
         from plinio_onnx.passes.supernet import LOGITS_SUFFIX
         logits, masks = [], []
-        for attr, param in model.module.named_parameters():
-            onnx_name = model.module.initializer_names.get(attr, "")
-            if model._is_nas_parameter(onnx_name):
-                (logits if onnx_name.endswith(LOGITS_SUFFIX) else masks).append(param)
+        for _, param, names in model.module.parameter_initializers():
+            if model._holds_nas(names):
+                (logits if all(n.endswith(LOGITS_SUFFIX) for n in names) else masks).append(param)
         groups = [{"params": logits, "lr": max(lr_nas, SuperNetMethod.min_lr_nas)}] if logits else []
         return groups + ([{"params": masks, "lr": lr_nas}] if masks else [])
 
@@ -613,6 +612,10 @@ def _values_from_graph(module: torch.nn.Module, graph: Graph) -> dict[str, torch
         if onnx_name in constants and attr in state:
             out[attr] = torch.from_numpy(np.array(constants[onnx_name].values)).to(state[attr].dtype).reshape(
                 state[attr].shape)
+    for path, param, names in getattr(module, "parameter_initializers", lambda: ())():
+        if path not in out and path in state and names and all(n in constants for n in names):  # packed
+            out[path] = torch.from_numpy(np.concatenate(
+                [np.asarray(constants[n].values).reshape(-1) for n in names])).to(param.dtype)
     return out
 
 
@@ -623,7 +626,9 @@ def _inner(model: torch.nn.Module) -> torch.nn.Module:
 
 def _param_names(model: torch.nn.Module) -> dict[int, str]:
     inner = _inner(model)
-    return {id(p): inner.initializer_names.get(attr, attr) for attr, p in inner.named_parameters()}
+    if not hasattr(inner, "parameter_initializers"):
+        return {id(p): attr for attr, p in inner.named_parameters()}
+    return {id(p): "|".join(names) if names else attr for attr, p, names in inner.parameter_initializers()}
 
 
 def _optimizer_arrays(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, np.ndarray]:

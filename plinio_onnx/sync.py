@@ -20,14 +20,12 @@ def sync(graph: Graph, module: torch.nn.Module) -> Graph:
         raise PlinioOnnxError("sync needs a module made by plinio_onnx.to_torch (or a searchable "
                               "model wrapping one)", file=graph.source)
     constants = graph.initializers()
-    state = dict(module.named_parameters())
-    state.update(module.named_buffers())
     for attr, onnx_name in names.items():
         tensor = constants.get(onnx_name)
         if tensor is None:
             raise PlinioOnnxError(f"initializer {onnx_name!r} of the module is not in the graph; "
                                   "was the module made from another graph?", file=graph.source)
-        value = state[attr].detach().cpu().numpy()
+        value = module.initializer(attr).detach().cpu().numpy()
         tensor.values = np.array(value, dtype=np.asarray(tensor.values).dtype, copy=True).reshape(
             np.asarray(tensor.values).shape)
     return graph

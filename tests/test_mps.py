@@ -32,8 +32,10 @@ def _randomize_logits(model: po.MPS, seed: int = 0, pit_below: float = 0.4) -> N
     """Random precision logits (and, with PIT, random masks): mixed bit-widths everywhere."""
     rng = np.random.default_rng(seed)
     with torch.no_grad():
-        for attr, param in model.module.named_parameters():
-            onnx_name = model.module.initializer_names[attr]
+        for onnx_name in model.module.initializer_names.values():
+            param = model.tensor(onnx_name)
+            if not param.requires_grad:
+                continue
             if onnx_name.endswith((".mps_w_alpha", ".mps_a_alpha")):
                 param.copy_(torch.from_numpy(rng.standard_normal(param.shape).astype(np.float32)))
             elif onnx_name.endswith(".pit_alpha"):
@@ -582,7 +584,8 @@ def test_pit_plus_mps_exports_what_it_evaluates_and_costs(name):
     graph = po.load(MODELS / f"{name}.onnx")
     model = build_searchable("pit+mps", graph, "size", zero_bit=True)
     assert model.pit is not None
-    names = [model.module.initializer_names[a] for a, p in model.module.named_parameters() if any(p is q for q in model.nas_parameters())]
+    names = [n for _, p, held in model.module.parameter_initializers() if any(p is q for q in model.nas_parameters())
+             for n in held]
     assert any(n.endswith(".pit_alpha") for n in names) and any(n.endswith(".mps_w_alpha") for n in names)
     feeds = random_inputs(graph, batch=2, seed=1)
     model.calibrate(*_tensors(feeds))

@@ -505,6 +505,31 @@ def _unfused_twin(graph: po.Graph, monkeypatch) -> po.PIT:
         return po.PIT(graph)
 
 
+def _by_onnx_name(model, of=lambda t: t) -> dict[str, torch.Tensor]:
+    """``of`` of every initializer's tensor, by ONNX name (packed parameters split into theirs)."""
+    module, out = model.module, {}
+    for attr, name in module.initializer_names.items():
+        entry = module.packed.get(attr)
+        if entry is None:
+            value = of(getattr(module, attr))
+        else:
+            owner, offset, shape = entry
+            value = of(module.get_parameter(owner))
+            value = None if value is None else value[offset:offset + int(np.prod(shape))].view(shape)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _copy_values(source, target) -> None:
+    """Copy every initializer's value from ``source`` to ``target`` (made from the same graph,
+    packed or not) by ONNX name."""
+    values = _by_onnx_name(source)
+    with torch.no_grad():
+        for name, value in values.items():
+            target.tensor(name).copy_(value)
+
+
 def _random_nas(model: po.PIT, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -520,7 +545,7 @@ def test_fused_masks_equal_the_per_node_functions(name, monkeypatch):
     assert not any(f"pit_{f}(" in fused.module.code for f in ("channel_mask", "mask_blocks", "mask_weight", "time_mask"))
     assert "pit_mask_blocks(" in reference.module.code or "pit_mask_weight(" in reference.module.code
     _random_nas(fused, seed=1)
-    reference.load_state_dict(fused.state_dict())
+    _copy_values(fused, reference)
     inputs = [torch.from_numpy(v) for v in random_inputs(graph, batch=3, seed=0).values()]
     results = []
     for model in (fused, reference):
@@ -529,11 +554,13 @@ def test_fused_masks_equal_the_per_node_functions(name, monkeypatch):
         out = out[0] if isinstance(out, tuple) else out
         weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
         ((out * weights).sum() + 1e-3 * model.cost_of(po.cost.macs)).backward()
-        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        results.append((out.detach(), _by_onnx_name(model, lambda t: t.grad if t.requires_grad else None)))
     (out, grads), (out_ref, grads_ref) = results
     assert torch.equal(out, out_ref)
     assert grads.keys() == grads_ref.keys()
-    nas = {n for n, p in fused.named_parameters() if fused._is_nas_parameter(fused.module.initializer_names.get(n[7:], ""))}
+    assert fused.module.packed and not reference.module.packed  # the masks: one parameter
+    assert len(list(fused.nas_parameters())) == 1
+    nas = {n for n in fused.module.initializer_names.values() if fused._is_nas_parameter(n)}
     assert nas and nas <= grads.keys()
     for n in grads:
         if n in nas:  # sums in another order (groups read by several layers, conv1d chains)
@@ -581,7 +608,7 @@ def test_cost_reuses_the_forward_masks_only_while_they_are_current(monkeypatch):
         after = float(model.cost)
     assert len(calls) == 2 and after < expected
     reference = _unfused_twin(model.graph, monkeypatch)
-    reference.load_state_dict(model.state_dict())
+    _copy_values(model, reference)
     with torch.no_grad():
         assert after == float(reference.cost_of(lambda spec: po.cost.params(spec)))
 
@@ -630,10 +657,10 @@ def test_fused_training_follows_the_per_node_functions(name, monkeypatch):
     graph = po.load(MODELS / f"{name}.onnx")
     fused, reference = po.PIT(graph), _unfused_twin(graph, monkeypatch)
     _random_nas(fused, seed=7)
-    reference.load_state_dict(fused.state_dict())
+    _copy_values(fused, reference)
     inputs = [torch.from_numpy(v) for v in random_inputs(graph, batch=4, seed=1).values()]
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (fused, reference)]
-    flips = 0
+    flips, kept = 0, fused.kept_channels()
     for step in range(6):
         results = []
         for model, optimizer in zip((fused, reference), optimizers):
@@ -646,34 +673,63 @@ def test_fused_training_follows_the_per_node_functions(name, monkeypatch):
                 (1e-4 * cost).backward()
             else:
                 (out.square().mean() + 1e-4 * cost).backward()
-            results.append((out.detach(), cost.detach(), [p.grad for p in model.parameters()]))
+            results.append((out.detach(), cost.detach(), _by_onnx_name(model, lambda t: t.grad)))
             optimizer.step()
         (out, cost, grads), (out_ref, cost_ref, grads_ref) = results
         assert torch.equal(out, out_ref) and torch.equal(cost, cost_ref), step
-        assert all((g is None) == (r is None) for g, r in zip(grads, grads_ref))
-        assert all(torch.allclose(g, r, rtol=1e-4, atol=1e-6) for g, r in zip(grads, grads_ref) if g is not None)
-        with torch.no_grad():  # keep the two exactly in step (sums in another order differ by an ulp)
-            for p, r in zip(fused.parameters(), reference.parameters()):
-                r.copy_(p)
-        before = fused.kept_channels()
-        flips += before != reference.kept_channels()
+        assert grads.keys() == grads_ref.keys()
+        assert all(torch.allclose(grads[n], grads_ref[n], rtol=1e-4, atol=1e-6) for n in grads)
+        _copy_values(fused, reference)  # keep the two exactly in step (sums in another order differ by an ulp)
+        flips += fused.kept_channels() != kept
+        kept = fused.kept_channels()
+    assert flips
     assert fused.module.pit_masks.attached_cost() is not None
 
 
 def test_fused_factors_equal_their_per_node_fallback():
     # Mask parameters of different dtypes (or thresholds) take `PITMasks._per_node`: the same
-    # factors from the per-node functions.
+    # masked weights, and gradients, from the per-node functions.
     model = po.PIT(MODELS / "tcn.onnx")
     _random_nas(model, seed=3)
     masks = model.module.pit_masks
-    params = [getattr(model.module, t) for t in masks.plan.targets]
+    (packed,) = params = masks.mask_inputs(model.module)
+    weights = [torch.linspace(-1, 1, int(np.prod(s))).view(s).requires_grad_() for s in masks.plan.shapes]
     results = []
-    for compute in (lambda: masks(*params)[:1], lambda: masks._per_node(params)):
-        factors = compute()
-        weights = [torch.linspace(-1, 1, f.numel()).view(f.shape) for f in factors]
+    for compute in (lambda: masks(*weights), lambda: masks._per_node(packed.split(masks.plan.masks.lengths), weights)):
+        masked = compute()
+        assert len(masked) == len(weights)
         model.zero_grad()
-        sum((f * w).sum() for f, w in zip(factors, weights)).backward()
-        results.append(([f.detach() for f in factors], [p.grad.clone() for p in params if p.grad is not None]))
-    (factors, grads), (factors_ref, grads_ref) = results
-    assert all(torch.equal(f, r) for f, r in zip(factors, factors_ref))
+        for w in weights:
+            w.grad = None
+        sum((m * torch.cos(torch.arange(m.numel()).view(m.shape))).sum() for m in masked).backward()
+        results.append(([m.detach() for m in masked], [p.grad.clone() for p in params if p.grad is not None],
+                        [w.grad.clone() for w in weights]))
+    (masked, grads, wgrads), (masked_ref, grads_ref, wgrads_ref) = results
+    assert all(torch.equal(m, r) for m, r in zip(masked, masked_ref))
+    assert all(torch.equal(g, r) for g, r in zip(wgrads, wgrads_ref))
     assert len(grads) == len(grads_ref) and all(torch.allclose(g, r, rtol=1e-5, atol=1e-6) for g, r in zip(grads, grads_ref))
+
+
+def test_packed_masks_read_write_and_sync_by_onnx_name():
+    # The mask parameters of the fused module are one packed parameter; each initializer stays
+    # reachable by its ONNX name (a view: writes land in the packed values and in `sync`).
+    model = po.PIT(MODELS / "tcn.onnx")
+    packed = list(model.nas_parameters())
+    assert len(packed) == 1 and packed[0].numel() == sum(
+        model.tensor(n).numel() for n in model.module.initializer_names.values() if model._is_nas_parameter(n))
+    name = model.info["groups"][0]["alpha"]
+    with torch.no_grad():
+        model.tensor(name).fill_(0.25)
+    assert np.all(np.asarray(model.searchable_graph().initializers()[name].values) == 0.25)
+    x = torch.randn(2, *model.graph.gs.inputs[0].shape[1:])
+    model(x).sum().backward()
+    assert model.grad(name) is not None and model.grad(name).shape == model.tensor(name).shape
+
+
+def test_weights_changed_in_place_before_backward_are_refused():
+    model = po.PIT(MODELS / "digits_cnn.onnx")
+    out = model(torch.randn(2, 1, 8, 8)).sum()
+    with torch.no_grad():
+        model.module.conv2_weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        out.backward()

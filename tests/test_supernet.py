@@ -445,8 +445,10 @@ def _random_architecture(model: po.SuperNet, seed: int = 0, below: float = 0.4) 
     """Random logits and random PIT masks (each entry below the threshold with probability ``below``)."""
     rng = np.random.default_rng(seed)
     with torch.no_grad():
-        for attr, param in model.module.named_parameters():
-            name = model.module.initializer_names.get(attr, "")
+        for name in model.module.initializer_names.values():
+            param = model.tensor(name)
+            if not param.requires_grad:
+                continue
             if name.endswith(".supernet_logits"):
                 param.copy_(torch.from_numpy(rng.standard_normal(param.shape).astype(np.float32)))
             elif name.endswith(_PIT_SUFFIXES):
@@ -509,8 +511,9 @@ def test_supernet_pit_cost_is_the_softmax_weighted_pruned_branch_cost_by_hand():
     # Gradients reach the logits and the PIT masks (straight-through).
     model.cost.backward()
     assert torch.all(model.logits("A").grad != 0)
-    nas = list(model.nas_parameters())   # the logits and the three groups' alphas
-    assert len(nas) == 4 and all(p.grad is not None and torch.any(p.grad != 0) for p in nas)
+    alphas = [n for n in model.module.initializer_names.values() if n.endswith(".pit_alpha")]
+    assert len(alphas) == 3 and all(torch.any(model.grad(n) != 0) for n in alphas)
+    assert len(list(model.nas_parameters())) == 2  # the logits, the three alphas packed
     # Eval: the argmax branch (rank3, its inner group pruned too) = the exported model, exactly.
     feeds = random_inputs(graph, batch=2, seed=3)
     model.eval()
@@ -551,9 +554,9 @@ def test_zoo_supernet_pit_random_architecture_export_matches(name):
         assert float(model.cost_of(po.cost.params)) == po.cost.total(exported, po.cost.params)
         assert float(model.cost_of(po.cost.macs)) == po.cost.total(exported, po.cost.macs)
         # The same choices without pruning: the SuperNet-only export.
-        for attr, param in model.module.named_parameters():
-            if model.module.initializer_names.get(attr, "").endswith(_PIT_SUFFIXES):
-                param.fill_(1.0)
+        for name in model.module.initializer_names.values():
+            if name.endswith(_PIT_SUFFIXES):
+                model.tensor(name).fill_(1.0)
     assert po.cost.total(exported) < po.cost.total(model.export())
 
 
@@ -561,12 +564,13 @@ def test_supernet_pit_checkpoint_options_and_refusals(tmp_path):
     graph = po.load(MODELS / "digits_cnn.onnx")
     model = po.SuperNet(graph, pit={"exclude": ["/fc1/*"]}, cost="macs")
     assert not any(g["producers"][0]["node"].startswith("/fc1/") for g in model.pit.info["groups"])
-    names = {model.module.initializer_names[a] for a, p in model.module.named_parameters()
-             if any(p is q for q in model.nas_parameters())}
+    def held(parameters) -> set[str]:
+        parameters = list(parameters)
+        return {n for _, p, names in model.module.parameter_initializers() if any(p is q for q in parameters)
+                for n in names}
+    names = held(model.nas_parameters())
     assert any(n.endswith(".supernet_logits") for n in names) and any(n.endswith(".pit_alpha") for n in names)
-    assert not any(n.endswith((".supernet_logits", ".pit_alpha")) for n in
-                   (model.module.initializer_names[a] for a, p in model.module.named_parameters()
-                    if any(p is q for q in model.net_parameters())))
+    assert not any(n.endswith((".supernet_logits", ".pit_alpha")) for n in held(model.net_parameters()))
     _random_architecture(model, seed=5)
     model.eval()
     path = model.searchable_graph().save(tmp_path / "search.onnx")

@@ -295,15 +295,16 @@ def _time_mask_handler(ctx: NodeContext):
 # On small models a PIT step costs over a plain one what its mask nodes cost: a few tiny ops and
 # autograd nodes each (channel mask, weight masks, tap mask, then the same again for the cost),
 # each paying Python's and the dispatcher's overhead. `fuse_masks` replaces every mask node of a
-# generated module by one autograd node (`_MaskFactors`) computing, from one concatenation of the
-# mask parameters, every channel and tap mask at once and the factor f of every masked weight
-# W ⊙ f by gathers with index arrays made once (W ⊙ f stays a plain product, whose gradients
-# autograd computes); `counts` gives the cost every kept-channel and kept-tap count (and, given a
-# compiled cost model, the cost itself) in one node (`_Counts`), reusing the masks of the
-# module's last forward while the mask parameters are unchanged — or the module computes the
-# cost in its own forward (`PITMasks.attach_cost`). Values and straight-through gradients are
-# those of the per-node functions above, which stay the reference and the fallback (mask nodes
-# the fusion does not recognize, mask parameters of different dtypes).
+# generated module, and the products W ⊙ f of the weights they mask, by one autograd node
+# (`_MaskFactors`): from one concatenation of the mask parameters it computes every channel and
+# tap mask at once, the factor f of every masked weight by gathers with index arrays made once,
+# and all the products W ⊙ f in one foreach call (their gradients likewise). `counts` gives the
+# cost every kept-channel and kept-tap count (and, given a compiled cost model, the cost itself)
+# in one node (`_Counts`), reusing the masks of the module's last forward while the mask
+# parameters are unchanged — or the module computes the cost in its own forward
+# (`PITMasks.attach_cost`). Values and straight-through gradients are those of the per-node
+# functions above, which stay the reference and the fallback (mask nodes the fusion does not
+# recognize, mask parameters of different dtypes).
 import functools  # noqa: E402
 import operator  # noqa: E402
 
@@ -467,37 +468,39 @@ class _FusedPlan(_DeviceCache):
         return self._device[device]
 
     def factors(self, extended: torch.Tensor, previous: torch.Tensor | None = None) -> tuple:
-        """(every factor, flattened and concatenated; the gathered entries per index row) from
-        ``extended`` (with autograd or not; without, the last ones are reused while ``extended``
-        equals ``previous``, theirs)."""
+        """(every factor, shaped; the gathered entries per index row) from ``extended`` (with
+        autograd or not; without, the last ones are reused while ``extended`` equals
+        ``previous``, theirs)."""
         last = self._device.get("last")
         if previous is not None and last is not None and last[0] is previous:
-            flat, gathered = last[1].view(-1), last[2]
+            views, gathered = last[1], last[2]
         else:
             gathered = [torch.index_select(extended, 0, index) for index in self.indices(extended.device)]
-            flat = functools.reduce(operator.mul, gathered) if len(gathered) > 1 else gathered[0].view(-1)
-        if not extended.requires_grad:  # (detached: ``flat`` itself becomes an output of the call)
-            self._device["last"] = (extended, flat.detach(), gathered)
-        return flat, gathered
+            flat = functools.reduce(operator.mul, gathered) if len(gathered) > 1 else gathered[0]
+            pieces = flat.split_with_sizes(self.sizes) if len(self.sizes) > 1 else (flat,)
+            views = [piece.view(shape) for piece, shape in zip(pieces, self.shapes)]
+        if not extended.requires_grad:
+            self._device["last"] = (extended, views, gathered)
+        return views, gathered
 
 
 class _MaskFactors(torch.autograd.Function):
-    """The factor f of every masked weight W ⊙ f of a PIT module (flattened, concatenated: the
-    module splits them), from the concatenated mask parameters, in one autograd node; W ⊙ f
-    itself is a plain product, so autograd computes ∂/∂W = grad ⊙ f and ∂/∂f = Σ grad ⊙ W
-    (summed to f's shape) as for the per-node functions, and this node maps ∂/∂f to the
-    straight-through gradients of `channel_mask` and `time_mask` (and, with a cost attached to
-    its `PITMasks`, computes that cost too: a second output). It saves no tensor for backward
-    (what it needs lives on ``ctx``), so a cost taken from it backpropagates on its own after
-    the loss did, or before."""
+    """Every masked weight W ⊙ f of a PIT module from the concatenated mask parameters and the
+    weights, in one autograd node: ∂/∂W = grad ⊙ f, and ∂/∂f = Σ grad ⊙ W (summed to f's shape)
+    mapped to the straight-through gradients of `channel_mask` and `time_mask` — what autograd
+    computes through the per-node functions (and, with a cost attached to its `PITMasks`, that
+    cost too: a last output). It saves no tensor for backward (what it needs lives on ``ctx``;
+    the weights' versions are checked by hand), so a cost taken from it backpropagates on its
+    own after the loss did, or before."""
 
     @staticmethod
-    def forward(ctx, plan: _FusedPlan, owner, flat):
+    def forward(ctx, plan: _FusedPlan, owner, flat, *weights):
         ctx.set_materialize_grads(False)
         state = plan.masks.forward(flat)
         factors, gathered = plan.factors(state.extended, state.previous)
-        factors = (factors,)
+        outputs = tuple(torch._foreach_mul(list(weights), factors))
         ctx.plan, ctx.state, ctx.gathered, ctx.cost = plan, state, gathered, None
+        ctx.factors, ctx.weights, ctx.versions = factors, weights, [w._version for w in weights]
         if owner is not None:
             owner.remember(state)
             attached = owner.attached_cost()
@@ -505,60 +508,96 @@ class _MaskFactors(torch.autograd.Function):
                 count_plan, cost = attached
                 x, value = count_plan.evaluate(state, cost)
                 ctx.cost = (count_plan, cost, x)
-                factors += (torch.tensor(value, dtype=torch.float64, device=flat.device),)
-        return factors
+                outputs += (torch.tensor(value, dtype=torch.float64, device=flat.device),)
+        return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        if not ctx.needs_input_grad[2]:
-            return None, None, None
         plan: _FusedPlan = ctx.plan
+        weights, factors = ctx.weights, ctx.factors
+        if [w._version for w in weights] != ctx.versions:
+            raise RuntimeError("a PIT-masked weight was modified in place between the forward and the backward")
+        grad_weights = grads[:len(weights)]
+        present = [i for i, g in enumerate(grad_weights) if g is not None]
+        result = [None] * (3 + len(weights))
+        if present and any(ctx.needs_input_grad[3:]):
+            wanted = [i for i in present if ctx.needs_input_grad[3 + i]]
+            for i, g in zip(wanted, torch._foreach_mul([grad_weights[i] for i in wanted], [factors[i] for i in wanted])):
+                result[3 + i] = g
+        if not ctx.needs_input_grad[2]:
+            return tuple(result)
         mask_plan, state = plan.masks, ctx.state
-        grad_extended, grad = None, grads[0]
-        if grad is not None:
-            flat = state.flat
+        grad_extended = None
+        if present:
+            products = torch._foreach_mul([grad_weights[i] for i in present], [weights[i] for i in present])
+            pieces = [None] * len(weights)
+            for i, product in zip(present, products):  # summed to f's shape (a leading 1 or W's)
+                pieces[i] = (product.sum(0) if product.dim() and factors[i].shape[0] != product.shape[0]
+                             else product).reshape(-1)
+            for i, piece in enumerate(pieces):
+                if piece is None:
+                    pieces[i] = factors[i].new_zeros(plan.sizes[i])
+            grad = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             gathered = ctx.gathered
-            grad_extended = flat.new_zeros(mask_plan.extended_size)
+            grad_extended = state.flat.new_zeros(mask_plan.extended_size)
             for p, index in enumerate(plan.indices(grad.device)):
                 product = grad
                 for q, other in enumerate(gathered):
                     if q != p:
                         product = product * other
                 grad_extended.index_add_(0, index, product)
-        if ctx.cost is not None and len(grads) > 1 and grads[-1] is not None:
+        if ctx.cost is not None and len(grads) > len(weights) and grads[-1] is not None:
             count_plan, cost, x = ctx.cost
             from_cost = count_plan.cost_grads(x, cost, float(grads[-1]), state.flat)
             grad_extended = from_cost if grad_extended is None else grad_extended.add_(from_cost)
-        if grad_extended is None:
-            return None, None, None
-        return None, None, mask_plan.grad(state, grad_extended)
+        if grad_extended is not None:
+            result[2] = mask_plan.grad(state, grad_extended)
+        return tuple(result)
 
 
 class PITMasks(torch.nn.Module):
-    """The factors of every PIT-masked weight of a generated module, in one autograd node (see
-    `fuse_masks`): returns (the factors, flattened and concatenated[, the attached cost]); its
-    inputs are the module's mask parameters. It keeps the masks of its last call (values, no
-    graph) for `counts`, valid while its mask parameters are the same tensors at the same
-    versions, and computes an attached cost (`attach_cost`) in every call."""
+    """Every PIT-masked weight of a generated module, in one autograd node (see `fuse_masks`):
+    called with the module's mask parameters then the weights they mask, returns the masked
+    weights[, the attached cost]. It keeps the masks of its last call (values, no graph) for
+    `counts`, valid while its mask parameters are the same tensors at the same versions, and
+    computes an attached cost (`attach_cost`) in every call."""
 
     def __init__(self, plan: _FusedPlan) -> None:
         super().__init__()
         self.plan = plan
         self._memo: dict = {}  # "last": (masks, concatenation, parameters, versions) of the last call
 
-    def forward(self, *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         plan, memo = self.plan, self._memo
-        dtype = params[0].dtype
         memo.pop("cost_out", None)
-        if not plan.masks.uniform or any(p.dtype != dtype for p in params):
-            return self._per_node(params)
-        flat = torch.cat(params) if len(params) > 1 else params[0]
+        packed = self._parameters.get("packed")
+        if packed is not None:  # the mask parameters, packed (see `_pack_mask_parameters`)
+            params, weights = (packed,), tensors
+            if not plan.masks.uniform:
+                return self._per_node(packed.split(plan.masks.lengths), weights)
+            flat = packed
+        else:
+            count = len(plan.targets)
+            params, weights = tensors[:count], tensors[count:]
+            dtype = params[0].dtype
+            if not plan.masks.uniform or any(p.dtype != dtype for p in params):
+                return self._per_node(params, weights)
+            flat = torch.cat(params) if len(params) > 1 else params[0]
         memo["pending"] = (params, flat)
-        outputs = _MaskFactors.apply(plan, self, flat)
-        if len(outputs) > 1:
+        outputs = _MaskFactors.apply(plan, self, flat, *weights)
+        if len(outputs) > len(weights):
             memo["cost_out"] = (outputs[-1], memo["cost"][1])
         return outputs
+
+    def mask_inputs(self, module) -> list[torch.Tensor]:
+        """What ``module`` (the generated module holding this) passes as mask parameters: the
+        packed parameter, or the plan's targets."""
+        packed = self._parameters.get("packed")
+        if packed is not None:
+            return [packed]
+        parameters, buffers = module._parameters, module._buffers  # (getattr is slower)
+        return [parameters[a] if a in parameters else buffers[a] for a in self.plan.targets]
 
     def remember(self, state: _MaskState) -> None:
         params, flat = self._memo.pop("pending")
@@ -598,7 +637,7 @@ class PITMasks(torch.nn.Module):
             return None
         return value
 
-    def _per_node(self, params) -> tuple[torch.Tensor, ...]:
+    def _per_node(self, params, weights) -> tuple[torch.Tensor, ...]:
         """The per-node functions, composed (mask parameters of different dtypes or thresholds)."""
         plan, mask_plan = self.plan, self.plan.masks
         self._memo.pop("last", None)
@@ -609,7 +648,8 @@ class PITMasks(torch.nn.Module):
             pieces.append(taps(beta, gamma, torch.as_tensor(gmap, device=beta.device), threshold))
         dtype = pieces[0].dtype
         pieces = [p.to(dtype) for p in pieces] + [torch.ones(1, dtype=dtype, device=params[0].device)]
-        return (plan.factors(torch.cat(pieces))[0],)
+        factors = plan.factors(torch.cat(pieces))[0]
+        return tuple(weight * factor for weight, factor in zip(weights, factors))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -753,20 +793,16 @@ def fuse_masks(module) -> None:
         elif node is not first:
             first.prepend(node)
         inputs.append(node)
-    with graph.inserting_before(first):
+    for source, _, _ in chains:  # then the weights'
+        if source is not first:
+            first.prepend(source)
+        inputs.append(source)
+    with graph.inserting_before(first.next if first in inputs else first):  # (after every input)
         fused = graph.call_module(name, tuple(inputs))
-        flat = graph.call_function(operator.getitem, (fused, 0))
-        if len(chains) > 1:  # (one output split here: autograd concatenates the gradients in C++)
-            pieces = graph.call_method("split_with_sizes", (flat, plan.sizes))
-            flat_factors = [graph.call_function(operator.getitem, (pieces, i)) for i in range(len(chains))]
-        else:
-            flat_factors = [flat]
-        factors = [graph.call_method("view", (f, shape)) for f, shape in zip(flat_factors, plan.shapes)]
+        masked = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(chains))]
     orphans = set()
-    for (source, _, members), factor in zip(chains, factors):
-        with graph.inserting_before(members[-1]):
-            masked = graph.call_function(torch.mul, (source, factor))
-        members[-1].replace_all_uses_with(masked)
+    for (_, _, members), weight in zip(chains, masked):
+        members[-1].replace_all_uses_with(weight)
         for member in reversed(members):
             orphans.update(a for a in member.args if isinstance(a, torch.fx.Node))
             graph.erase_node(member)
@@ -777,8 +813,24 @@ def fuse_masks(module) -> None:
     for node in orphans:  # (indices and γ maps are constants of the plan: their get_attr nodes go too)
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)
+    _pack_mask_parameters(module, name, fused, inputs[:len(plan.targets)])
     graph.lint()
     module.recompile()
+
+
+def _pack_mask_parameters(module, name: str, fused, nodes) -> None:
+    """Pack the mask parameters read by ``fused`` only (their get_attr ``nodes``) into one flat
+    parameter of its `PITMasks`: one autograd leaf, gradient and optimizer entry instead of one
+    per group and time mask (on a small model, a sizable part of a step)."""
+    targets = [node.target for node in nodes]
+    params = [module._parameters.get(t) for t in targets]
+    if any(p is None for p in params) or len({(p.dtype, p.device, p.requires_grad) for p in params}) != 1 \
+            or any(set(node.users) != {fused} for node in nodes) or not hasattr(module, "pack"):
+        return
+    fused.args = fused.args[len(nodes):]
+    for node in nodes:
+        module.graph.erase_node(node)
+    module.pack(targets, name)
 
 
 register_module_pass(fuse_masks)
@@ -906,7 +958,8 @@ def count_plan(model_masks: "PITMasks | None", alphas: dict, times: dict, thresh
     ``times`` (key → ((beta attribute, beta), (gamma attribute, gamma), gamma map, dilation,
     pads)), reusing the masks of ``model_masks`` (the module's `PITMasks`) when its plan holds
     them all at ``threshold``. Returns the plan, the attributes of its parameters (in its
-    masks' order) and the position of every key in the counts."""
+    masks' order; None: those of ``model_masks``, `PITMasks.mask_inputs`) and the position of
+    every key in the counts."""
     if model_masks is not None:
         plan = model_masks.plan
         mp = plan.masks
@@ -930,7 +983,7 @@ def count_plan(model_masks: "PITMasks | None", alphas: dict, times: dict, thresh
             positions[key] = groups_count + t
             exports[t] = (dilation, pads)
         if ok:
-            return CountPlan(mp, exports, model_masks), list(plan.targets), positions
+            return CountPlan(mp, exports, model_masks), None, positions
     groups = [(int(t.numel()), threshold) for _, t in alphas.values()]
     specs, exports, attrs = [], [], [attr for attr, _ in alphas.values()]
     for (battr, beta), (gattr, gamma), gmap, dilation, pads in times.values():

@@ -115,8 +115,10 @@ class PIT(SearchableModel):
             self._cost_cache[("counts", compiled, self.threshold)] = entry
         plan, attrs, bound = entry
         module = self._modules["module"]
-        parameters, buffers = module._parameters, module._buffers  # (getattr is slower)
-        tensors = [parameters[a] if a in parameters else buffers[a] for a in attrs]
+        if attrs is None:  # the module's own mask parameters
+            tensors = plan.shared.mask_inputs(module)
+        else:
+            tensors = [module.initializer(a) for a in attrs]
         if plan.shared is not None and compiled is self._cost_cache.get(self.cost_model):
             # `.cost`: computed by the module's forward itself from then on (one node fewer)
             taken = plan.shared.take_cost(bound, tensors)

@@ -58,9 +58,13 @@ class SearchableModel(torch.nn.Module, abc.ABC):
         return self.module(*inputs)
 
     def tensor(self, onnx_name: str) -> torch.Tensor:
-        """The parameter/buffer holding initializer ``onnx_name``."""
-        attr = self._onnx_to_attr[onnx_name]
-        return getattr(self.module, attr)
+        """The tensor of initializer ``onnx_name``: its parameter or buffer, or its view into a packed
+        parameter (reads, in-place writes and autograd all reach the packed values)."""
+        return self.module.initializer(self._onnx_to_attr[onnx_name])
+
+    def grad(self, onnx_name: str) -> torch.Tensor | None:
+        """The gradient of initializer ``onnx_name`` (its part of a packed parameter's)."""
+        return self.module.initializer_grad(self._onnx_to_attr[onnx_name])
 
     # -- parameters ---------------------------------------------------------------------------
     @abc.abstractmethod
@@ -68,16 +72,20 @@ class SearchableModel(torch.nn.Module, abc.ABC):
         """Whether initializer ``onnx_name`` is an architecture parameter of this method."""
 
     def nas_parameters(self) -> Iterator[torch.nn.Parameter]:
-        """Architecture parameters (masks, logits): for the search optimizer."""
-        for attr, param in self.module.named_parameters():
-            if self._is_nas_parameter(self.module.initializer_names.get(attr, "")):
+        """Architecture parameters (masks, logits): for the search optimizer. (Masks a module
+        reads together may be one packed parameter: `tensor` gives each one's view.)"""
+        for _, param, names in self.module.parameter_initializers():
+            if self._holds_nas(names):
                 yield param
 
     def net_parameters(self) -> Iterator[torch.nn.Parameter]:
         """Network weights: everything that is not an architecture parameter."""
-        for attr, param in self.module.named_parameters():
-            if not self._is_nas_parameter(self.module.initializer_names.get(attr, "")):
+        for _, param, names in self.module.parameter_initializers():
+            if not self._holds_nas(names):
                 yield param
+
+    def _holds_nas(self, names: list[str]) -> bool:
+        return bool(names) and all(self._is_nas_parameter(name) for name in names)
 
     # -- cost ---------------------------------------------------------------------------------
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:

@@ -26,11 +26,64 @@ class OnnxModule(fx.GraphModule):
 
     ``initializer_names`` maps module attribute names to ONNX initializer names.
     Calling it takes the graph inputs in order; returns one tensor or a tuple.
+
+    Small parameters that one node reads together may be packed into one flat parameter (`pack`):
+    an optimizer then updates them as one tensor. `initializer` gives any initializer's tensor
+    (a view into its packed parameter), `parameter_initializers` every parameter with the ONNX
+    names it holds.
     """
 
     initializer_names: dict[str, str]
     input_names: list[str]
     output_names: list[str]
+    packed: dict[str, tuple[str, int, tuple[int, ...]]]  # attribute -> (packed parameter, offset, shape)
+
+    def initializer(self, attr: str) -> torch.Tensor:
+        """The tensor of initializer attribute ``attr`` (for a packed one, a view into its packed
+        parameter: values, in-place writes and gradients go to the packed parameter)."""
+        entry = self.packed.get(attr)
+        if entry is None:
+            return getattr(self, attr)
+        owner, offset, shape = entry
+        flat = self.get_parameter(owner)
+        return flat[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
+
+    def initializer_grad(self, attr: str) -> torch.Tensor | None:
+        """The gradient of initializer attribute ``attr`` (a view into its packed parameter's)."""
+        entry = self.packed.get(attr)
+        if entry is None:
+            return getattr(self, attr).grad
+        owner, offset, shape = entry
+        grad = self.get_parameter(owner).grad
+        return None if grad is None else grad[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
+
+    def parameter_initializers(self):
+        """(attribute path, parameter, ONNX names it holds) for every parameter."""
+        holds: dict[str, list[str]] = {}
+        for attr, (owner, _, _) in self.packed.items():
+            holds.setdefault(owner, []).append(self.initializer_names[attr])
+        for path, param in self.named_parameters():
+            names = holds.get(path)
+            if names is None:
+                name = self.initializer_names.get(path)
+                names = [name] if name is not None else []
+            yield path, param, names
+
+    def pack(self, attrs: list[str], owner: str, name: str = "packed") -> torch.nn.Parameter:
+        """Replace the parameters ``attrs`` (same dtype and device; no graph node may read them any
+        more) by one flat parameter ``name`` of submodule ``owner``, their values concatenated
+        in order; returns it."""
+        params = [getattr(self, attr) for attr in attrs]
+        flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]),
+                                  requires_grad=all(p.requires_grad for p in params))
+        self.get_submodule(owner).register_parameter(name, flat)
+        path = f"{owner}.{name}"
+        offset = 0
+        for attr, param in zip(attrs, params):
+            delattr(self, attr)
+            self.packed[attr] = (path, offset, tuple(param.shape))
+            offset += param.numel()
+        return flat
 
 
 #: Rewrites run on every generated module, in registration order (e.g. PIT's `fuse_masks`, which
@@ -146,6 +199,7 @@ class _Builder:
         self.fx.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
         module = OnnxModule(self.root, self.fx, class_name="OnnxModule")
         module.initializer_names = self.initializer_names
+        module.packed = {}
         module.input_names = [t.name for t in g.inputs]
         module.output_names = [t.name for t in g.outputs]
         for rewrite in _MODULE_PASSES:
