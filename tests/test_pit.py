@@ -687,7 +687,7 @@ def test_fused_training_follows_the_per_node_functions(name, monkeypatch):
 
 
 def test_fused_factors_equal_their_per_node_fallback():
-    # Mask parameters of different dtypes (or thresholds) take `PITMasks._per_node`: the same
+    # Mask parameters of different dtypes take `PITMasks._per_node`: the same
     # masked weights, and gradients, from the per-node functions.
     model = po.PIT(MODELS / "tcn.onnx")
     _random_nas(model, seed=3)

@@ -313,9 +313,9 @@ from ..to_torch.builder import register_module_pass  # noqa: E402
 
 class _MaskState:
     """What `_MaskPlan.forward` computed (and the backwards need): the concatenated parameters
-    ``flat``, the concatenated channel masks ``hard``, per tap whether β and γ keep it, and
-    ``extended`` = [channel masks, tap masks, 1]."""
-    __slots__ = ("flat", "hard", "keep_beta", "keep_gamma", "extended", "sign", "previous")
+    ``flat``, per tap whether β and γ keep it, and ``extended`` = [channel masks, tap masks, 1]
+    (``previous``: the same object, when the masks equal the last call's)."""
+    __slots__ = ("flat", "keep_beta", "keep_gamma", "extended", "sign", "previous")
 
 
 class _DeviceCache:
@@ -351,7 +351,9 @@ class _MaskPlan(_DeviceCache):
         self.tap_starts = np.cumsum([0] + self.kernels, dtype=np.int64)  # of every time mask's taps
         self.taps = int(self.tap_starts[-1])
         self.extended_size = self.channels + self.taps + 1
-        self.uniform = len({t for _, t in self.groups}) <= 1
+        # Gradients w.r.t. ``extended`` are gathered in one more entry, a sink, where everything
+        # bound for a kept-alive channel goes: those parameters get no gradient.
+        self.kept_alive_channels = np.cumsum(self.sizes, dtype=np.int64) - 1
         # [θβ; θγ] of every tap = M · θ(time parameters)
         width = sum(self.lengths[len(self.sizes):])
         matrix = np.zeros((2 * self.taps, width))
@@ -369,50 +371,48 @@ class _MaskPlan(_DeviceCache):
         self.tap_thresholds = np.repeat([t for _, _, _, t in self.times], self.kernels) if self.times else None
         self._device: dict = {}
 
-    def constants(self, device, dtype) -> tuple:
-        """Keep-alive positions in the concatenation, the group of every alpha entry, M in
-        float64 and in ``dtype``, the taps' thresholds (a number when they are one), and a 1."""
+    def constants(self, device, dtype) -> "_MaskConstants":
+        """The plan's constants as tensors on ``device`` (floating ones in ``dtype``)."""
         key = (device, dtype)
         if key not in self._device:
-            ends = np.cumsum(self.lengths, dtype=np.int64)
-            segment = np.repeat(np.arange(len(self.sizes), dtype=np.int64), self.sizes)
-            thresholds = None
-            if self.times:
-                values = np.unique(self.tap_thresholds)
-                thresholds = float(values[0]) if values.size == 1 else \
-                    torch.as_tensor(np.concatenate([self.tap_thresholds] * 2), dtype=dtype, device=device)
-            self._device[key] = (torch.as_tensor(ends - 1, device=device), torch.as_tensor(segment, device=device),
-                                 torch.as_tensor(self.matrix, dtype=torch.float64, device=device),
-                                 torch.as_tensor(self.matrix, dtype=dtype, device=device), thresholds,
-                                 torch.ones(1, dtype=dtype, device=device))
+            self._device[key] = _MaskConstants(self, device, dtype)
         return self._device[key]
 
     def forward(self, flat: torch.Tensor) -> _MaskState:
         """The masks of the concatenated parameters ``flat`` (no autograd)."""
         state = _MaskState()
         state.flat, state.sign = flat, None
-        last, _, matrix, _, thresholds, one = self.constants(flat.device, flat.dtype)
+        const = self.constants(flat.device, flat.dtype)
         theta = flat.abs()
-        theta.index_fill_(0, last, 1.0)
-        pieces = []
-        state.hard = None
+        # Which channels and which taps' θβ, θγ pass their thresholds (kept-alive entries always):
+        # compared first, as booleans, so that the common case — no mask flipped since the last
+        # call — costs a handful of ops, and what depends on the masks only (the factors, the
+        # counts, the cost and the taps' gradient matrix) is reused (``previous``).
+        keys = []
         if self.groups:
-            state.hard = theta[:self.channels].gt_(self.groups[0][1])  # in place: 0/1 in flat's dtype
-            pieces.append(state.hard)
+            keys.append(torch.gt(theta[:self.channels], const.channel_thresholds))
         if self.times:
-            kept = (matrix @ theta[self.channels:].double()).to(flat.dtype)
-            kept = kept.gt_(thresholds) if isinstance(thresholds, float) else torch.gt(kept, thresholds).to(flat.dtype)
-            state.keep_beta, state.keep_gamma = kept[:self.taps], kept[self.taps:]
+            sums = torch.addmv(const.tap_offset, const.tap_matrix, theta[self.channels:].double())
+            keys.append(torch.gt(sums.to(flat.dtype), const.tap_thresholds))
+        key = torch.cat(keys) if len(keys) > 1 else keys[0]
+        before = self._device.get("last")
+        if before is not None and before[1].dtype == flat.dtype and before[0].device == key.device \
+                and torch.equal(before[0], key):
+            _, state.extended, state.keep_beta, state.keep_gamma = before
+            state.previous = state.extended
+            return state
+        pieces, channels, taps = [], self.channels, self.taps
+        if self.groups:
+            pieces.append(key[:channels].to(flat.dtype))
+        if self.times:
+            kept = key[channels:].to(flat.dtype)
+            state.keep_beta, state.keep_gamma = kept[:taps], kept[taps:]
             pieces.append(state.keep_beta * state.keep_gamma)
-        pieces.append(one)
-        state.extended = extended = torch.cat(pieces)
-        # The masks flip rarely: what depends on them only (the factors, the counts, the cost and
-        # the taps' gradient matrix) is reused while they equal the last call's (``previous``).
-        before, state.previous = self._device.get("last"), None
-        if before is not None and before.device == extended.device and before.dtype == extended.dtype \
-                and torch.equal(before, extended):
-            state.previous = before
-        self._device["last"] = extended
+        else:
+            state.keep_beta = state.keep_gamma = None
+        pieces.append(const.one)
+        state.extended, state.previous = torch.cat(pieces), None
+        self._device["last"] = (key, state.extended, state.keep_beta, state.keep_gamma)
         return state
 
     def grad(self, state: _MaskState, grad_extended: torch.Tensor) -> torch.Tensor:
@@ -423,9 +423,8 @@ class _MaskPlan(_DeviceCache):
         pieces = [grad_extended[:channels]] if self.groups else []
         if self.times:
             pieces.append(grad_extended[channels:channels + self.taps] @ self._tap_grad_matrix(state))
-        if state.sign is None:  # sign(·), 0 for the kept-alive entries
+        if state.sign is None:
             state.sign = torch.sign(flat)
-            state.sign.index_fill_(0, self.constants(flat.device, flat.dtype)[0], 0.0)
         return (torch.cat(pieces) if len(pieces) > 1 else pieces[0]).mul_(state.sign)
 
     def _tap_grad_matrix(self, state: _MaskState) -> torch.Tensor:
@@ -434,10 +433,33 @@ class _MaskPlan(_DeviceCache):
         if cached is not None and (cached[0] is state.extended or cached[0] is state.previous):
             matrix = cached[1]
         else:
-            both = self.constants(state.flat.device, state.flat.dtype)[3]
+            both = self.constants(state.flat.device, state.flat.dtype).tap_grad_matrix
             matrix = state.keep_gamma[:, None] * both[:self.taps] + state.keep_beta[:, None] * both[self.taps:]
         self._device["tap grad matrix"] = (state.extended, matrix)
         return matrix
+
+
+class _MaskConstants:
+    """A `_MaskPlan`'s constants on one device: ``channel_thresholds`` (per alpha entry; −inf where kept
+    alive), ``tap_matrix`` and ``tap_offset`` (float64: [θβ; θγ] of every tap = M·θ, the
+    kept-alive columns of M folded into the offset, as θ is 1 there), ``tap_thresholds``
+    (per row), ``tap_grad_matrix`` (M in the parameters' dtype, the kept-alive columns zero: they
+    get no gradient) and ``one``."""
+
+    def __init__(self, plan: "_MaskPlan", device, dtype) -> None:
+        last = np.cumsum(plan.lengths, dtype=np.int64) - 1
+        thresholds = np.repeat([t for _, t in plan.groups], plan.sizes).astype(np.float64)
+        thresholds[last[:len(plan.sizes)]] = -np.inf
+        self.channel_thresholds = torch.as_tensor(thresholds, dtype=dtype, device=device)
+        alive = last[len(plan.sizes):] - plan.channels  # kept-alive columns of M
+        folded = plan.matrix.copy()
+        folded[:, alive] = 0.0
+        self.tap_matrix = torch.as_tensor(folded, dtype=torch.float64, device=device)
+        self.tap_offset = torch.as_tensor(plan.matrix[:, alive].sum(axis=1), dtype=torch.float64, device=device)
+        taps = np.concatenate([plan.tap_thresholds] * 2) if plan.times else np.zeros(0)
+        self.tap_thresholds = torch.as_tensor(taps, dtype=dtype, device=device)
+        self.tap_grad_matrix = torch.as_tensor(folded, dtype=dtype, device=device)
+        self.one = torch.ones(1, dtype=dtype, device=device)
 
 
 _BLOCKS, _INDEX, _TIME = "blocks", "index", "time"
@@ -462,26 +484,35 @@ class _FusedPlan(_DeviceCache):
         self.targets, self.thresholds = list(targets), thresholds
         self._device: dict = {}
 
-    def indices(self, device) -> list:
+    def indices(self, device) -> tuple:
+        """The index rows on ``device``, and their concatenation with the kept-alive channels'
+        entries sent to the sink (the backward's one scatter, see `_MaskPlan`)."""
         if device not in self._device:
-            self._device[device] = [torch.as_tensor(row, device=device) for row in self.rows]
+            rows = [torch.as_tensor(row, device=device) for row in self.rows]
+            scatter = np.concatenate(list(self.rows))
+            scatter[np.isin(scatter, self.masks.kept_alive_channels)] = self.masks.extended_size
+            self._device[device] = (rows, torch.as_tensor(scatter, device=device))
         return self._device[device]
 
     def factors(self, extended: torch.Tensor, previous: torch.Tensor | None = None) -> tuple:
-        """(every factor, shaped; the gathered entries per index row) from ``extended`` (with
-        autograd or not; without, the last ones are reused while ``extended`` equals
-        ``previous``, theirs)."""
+        """(every factor, shaped; with several index rows, the product of the other rows'
+        entries for each row, [rows, entries] — ∂f/∂(row p's entries) — else None) from
+        ``extended`` (with autograd or not; without, the last ones are reused while ``extended``
+        equals ``previous``, theirs)."""
         last = self._device.get("last")
         if previous is not None and last is not None and last[0] is previous:
-            views, gathered = last[1], last[2]
+            views, others = last[1], last[2]
         else:
-            gathered = [torch.index_select(extended, 0, index) for index in self.indices(extended.device)]
+            gathered = [torch.index_select(extended, 0, index) for index in self.indices(extended.device)[0]]
             flat = functools.reduce(operator.mul, gathered) if len(gathered) > 1 else gathered[0]
             pieces = flat.split_with_sizes(self.sizes) if len(self.sizes) > 1 else (flat,)
             views = [piece.view(shape) for piece, shape in zip(pieces, self.shapes)]
+            others = None if len(gathered) == 1 else torch.stack(
+                [functools.reduce(operator.mul, [g for q, g in enumerate(gathered) if q != p])
+                 for p in range(len(gathered))])
         if not extended.requires_grad:
-            self._device["last"] = (extended, views, gathered)
-        return views, gathered
+            self._device["last"] = (extended, views, others)
+        return views, others
 
 
 class _MaskFactors(torch.autograd.Function):
@@ -497,9 +528,9 @@ class _MaskFactors(torch.autograd.Function):
     def forward(ctx, plan: _FusedPlan, owner, flat, *weights):
         ctx.set_materialize_grads(False)
         state = plan.masks.forward(flat)
-        factors, gathered = plan.factors(state.extended, state.previous)
+        factors, others = plan.factors(state.extended, state.previous)
         outputs = tuple(torch._foreach_mul(list(weights), factors))
-        ctx.plan, ctx.state, ctx.gathered, ctx.cost = plan, state, gathered, None
+        ctx.plan, ctx.state, ctx.others, ctx.cost = plan, state, others, None
         ctx.factors, ctx.weights, ctx.versions = factors, weights, [w._version for w in weights]
         if owner is not None:
             owner.remember(state)
@@ -508,7 +539,7 @@ class _MaskFactors(torch.autograd.Function):
                 count_plan, cost = attached
                 x, value = count_plan.evaluate(state, cost)
                 ctx.cost = (count_plan, cost, x)
-                outputs += (torch.tensor(value, dtype=torch.float64, device=flat.device),)
+                outputs += (torch.scalar_tensor(value, dtype=torch.float64, device=flat.device),)
         return outputs
 
     @staticmethod
@@ -529,6 +560,9 @@ class _MaskFactors(torch.autograd.Function):
             return tuple(result)
         mask_plan, state = plan.masks, ctx.state
         grad_extended = None
+        if ctx.cost is not None and len(grads) > len(weights) and grads[-1] is not None:
+            count_plan, cost, x = ctx.cost  # the cost's share first: the scatter adds to it
+            grad_extended = count_plan.cost_grads(x, cost, grads[-1], state.flat)
         if present:
             products = torch._foreach_mul([grad_weights[i] for i in present], [weights[i] for i in present])
             pieces = [None] * len(weights)
@@ -539,18 +573,11 @@ class _MaskFactors(torch.autograd.Function):
                 if piece is None:
                     pieces[i] = factors[i].new_zeros(plan.sizes[i])
             grad = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-            gathered = ctx.gathered
-            grad_extended = state.flat.new_zeros(mask_plan.extended_size)
-            for p, index in enumerate(plan.indices(grad.device)):
-                product = grad
-                for q, other in enumerate(gathered):
-                    if q != p:
-                        product = product * other
-                grad_extended.index_add_(0, index, product)
-        if ctx.cost is not None and len(grads) > len(weights) and grads[-1] is not None:
-            count_plan, cost, x = ctx.cost
-            from_cost = count_plan.cost_grads(x, cost, float(grads[-1]), state.flat)
-            grad_extended = from_cost if grad_extended is None else grad_extended.add_(from_cost)
+            if ctx.others is not None:  # ∂f/∂(each row's entries): every row scattered at once
+                grad = torch.mul(ctx.others, grad).view(-1)
+            if grad_extended is None:
+                grad_extended = state.flat.new_zeros(mask_plan.extended_size + 1)
+            grad_extended.index_add_(0, plan.indices(grad.device)[1], grad)
         if grad_extended is not None:
             result[2] = mask_plan.grad(state, grad_extended)
         return tuple(result)
@@ -574,14 +601,12 @@ class PITMasks(torch.nn.Module):
         packed = self._parameters.get("packed")
         if packed is not None:  # the mask parameters, packed (see `_pack_mask_parameters`)
             params, weights = (packed,), tensors
-            if not plan.masks.uniform:
-                return self._per_node(packed.split(plan.masks.lengths), weights)
             flat = packed
         else:
             count = len(plan.targets)
             params, weights = tensors[:count], tensors[count:]
             dtype = params[0].dtype
-            if not plan.masks.uniform or any(p.dtype != dtype for p in params):
+            if any(p.dtype != dtype for p in params):
                 return self._per_node(params, weights)
             flat = torch.cat(params) if len(params) > 1 else params[0]
         memo["pending"] = (params, flat)
@@ -638,7 +663,7 @@ class PITMasks(torch.nn.Module):
         return value
 
     def _per_node(self, params, weights) -> tuple[torch.Tensor, ...]:
-        """The per-node functions, composed (mask parameters of different dtypes or thresholds)."""
+        """The per-node functions, composed (mask parameters of different dtypes)."""
         plan, mask_plan = self.plan, self.plan.masks
         self._memo.pop("last", None)
         groups = len(mask_plan.groups)
@@ -856,7 +881,9 @@ class CountPlan:
         self.starts = np.concatenate([np.cumsum([0] + masks.sizes[:-1]) if groups else [],
                                       masks.channels + masks.tap_starts[:-1], [masks.extended_size - 1]]).astype(np.int64)
         # x position of every extended entry (for ∂/∂extended = ∂/∂x at the count it is in)
-        self.position = np.repeat(np.arange(self.size), np.diff(np.append(self.starts, masks.extended_size)))
+        position = np.repeat(np.arange(self.size), np.diff(np.append(self.starts, masks.extended_size)))
+        position[masks.kept_alive_channels] = self.size  # (no gradient: a zero appended to ∂/∂x)
+        self.position = np.append(position, self.size)  # the sink
         self.kernels = np.asarray(masks.kernels, dtype=np.float64)
         self._last: dict = {}
 
@@ -880,9 +907,9 @@ class CountPlan:
         self._last = {"extended": extended, "cost": cost, "x": x, "value": value}
         return x, value
 
-    def cost_grads(self, x: np.ndarray, cost, grad: float, like: torch.Tensor) -> torch.Tensor:
-        """∂cost/∂extended · ``grad`` at ``x`` (like ``like``): ∂cost/∂x on every entry of its
-        count, at unit gradient computed once per x."""
+    def cost_grads(self, x: np.ndarray, cost, grad, like: torch.Tensor) -> torch.Tensor:
+        """∂cost/∂extended · ``grad`` (a number or a 0-d tensor) at ``x`` (like ``like``, a new
+        tensor): ∂cost/∂x on every entry of its count, at unit gradient computed once per x."""
         last = self._last
         unit = last.get("unit") if last.get("x") is x and last.get("cost") is cost else None
         if unit is None or unit.dtype != like.dtype or unit.device != like.device:
@@ -905,8 +932,9 @@ class CountPlan:
         return x
 
     def entry_grads(self, grad: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-        """∂/∂extended (like ``like``) given ∂/∂x (numpy): every entry gets its count's."""
-        return torch.as_tensor(grad[self.position], dtype=like.dtype, device=like.device)
+        """∂/∂extended and the sink (like ``like``) given ∂/∂x (numpy): every entry gets its
+        count's, but kept-alive channels and the sink get 0."""
+        return torch.as_tensor(np.append(grad, 0.0)[self.position], dtype=like.dtype, device=like.device)
 
 
 class _Counts(torch.autograd.Function):
@@ -922,7 +950,9 @@ class _Counts(torch.autograd.Function):
             state = plan.masks.forward(flat)
         x, value = plan.evaluate(state, cost)
         ctx.plan, ctx.state, ctx.cost, ctx.x = plan, state, cost, x
-        return torch.tensor(x if cost is None else value, dtype=torch.float64, device=flat.device)
+        if cost is not None:
+            return torch.scalar_tensor(value, dtype=torch.float64, device=flat.device)
+        return torch.tensor(x, dtype=torch.float64, device=flat.device)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -966,7 +996,7 @@ def count_plan(model_masks: "PITMasks | None", alphas: dict, times: dict, thresh
         index_of = {target: i for i, target in enumerate(plan.targets)}
         groups_count = len(mp.groups)
         positions, exports = {}, [(1, (0, 0))] * len(mp.times)
-        ok = mp.uniform and all(t == threshold for _, t in mp.groups) and all(t[3] == threshold for t in mp.times)
+        ok = all(t == threshold for _, t in mp.groups) and all(t[3] == threshold for t in mp.times)
         for key, (attr, _) in alphas.items():
             index = index_of.get(attr)
             ok = ok and index is not None and index < groups_count
