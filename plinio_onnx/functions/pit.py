@@ -482,7 +482,22 @@ class _FusedPlan(_DeviceCache):
         self.sizes = [int(np.prod(s)) for s in self.shapes]
         self.rows = np.asarray(rows, dtype=np.int64)
         self.targets, self.thresholds = list(targets), thresholds
+        # the factors with a leading 1 where their weight has more: ∂/∂f sums over that axis
+        self.reduced = [len(shape) > 1 and shape[0] == 1 for shape in self.shapes]
         self._device: dict = {}
+
+    def factor_grad_buffer(self, like: torch.Tensor) -> tuple:
+        """A vector for ∂/∂(every factor, concatenated) like ``like``, and a view per factor of
+        its part (the shape the backward's sum gives: without a reduced first axis). Reused by
+        every backward: what it holds is consumed before the backward returns."""
+        key = ("factor grads", like.device, like.dtype)
+        if key not in self._device:
+            buffer = torch.empty(sum(self.sizes), dtype=like.dtype, device=like.device)
+            pieces = buffer.split_with_sizes(self.sizes) if len(self.sizes) > 1 else (buffer,)
+            slots = [piece.view(shape[1:] if reduced else shape)
+                     for piece, shape, reduced in zip(pieces, self.shapes, self.reduced)]
+            self._device[key] = (buffer, slots)
+        return self._device[key]
 
     def indices(self, device) -> tuple:
         """The index rows on ``device``, and their concatenation with the kept-alive channels'
@@ -547,32 +562,45 @@ class _MaskFactors(torch.autograd.Function):
     def backward(ctx, *grads):
         plan: _FusedPlan = ctx.plan
         weights, factors = ctx.weights, ctx.factors
+        count = len(weights)
         if [w._version for w in weights] != ctx.versions:
             raise RuntimeError("a PIT-masked weight was modified in place between the forward and the backward")
-        grad_weights = grads[:len(weights)]
+        grad_weights = grads[:count]
+        needs = ctx.needs_input_grad
+        result = [None] * (3 + count)
         present = [i for i, g in enumerate(grad_weights) if g is not None]
-        result = [None] * (3 + len(weights))
-        if present and any(ctx.needs_input_grad[3:]):
-            wanted = [i for i in present if ctx.needs_input_grad[3 + i]]
-            for i, g in zip(wanted, torch._foreach_mul([grad_weights[i] for i in wanted], [factors[i] for i in wanted])):
-                result[3 + i] = g
-        if not ctx.needs_input_grad[2]:
+        wanted = [i for i in present if needs[3 + i]]
+        to_masks = needs[2] and present
+        # ∂/∂W = grad ⊙ f, and grad ⊙ W (for ∂/∂f): one foreach call for both
+        if len(present) == count and len(wanted) == count and to_masks:
+            products = torch._foreach_mul(grad_weights + grad_weights, [*factors, *weights])
+            result[3:] = products[:count]
+            products = products[count:]
+        else:
+            if wanted:
+                result[3:] = [None] * count
+                for i, g in zip(wanted, torch._foreach_mul([grad_weights[i] for i in wanted],
+                                                           [factors[i] for i in wanted])):
+                    result[3 + i] = g
+            products = torch._foreach_mul([grad_weights[i] for i in present],
+                                          [weights[i] for i in present]) if to_masks else []
+        if not needs[2]:
             return tuple(result)
         mask_plan, state = plan.masks, ctx.state
         grad_extended = None
-        if ctx.cost is not None and len(grads) > len(weights) and grads[-1] is not None:
+        if ctx.cost is not None and len(grads) > count and grads[-1] is not None:
             count_plan, cost, x = ctx.cost  # the cost's share first: the scatter adds to it
             grad_extended = count_plan.cost_grads(x, cost, grads[-1], state.flat)
         if present:
-            products = torch._foreach_mul([grad_weights[i] for i in present], [weights[i] for i in present])
-            pieces = [None] * len(weights)
-            for i, product in zip(present, products):  # summed to f's shape (a leading 1 or W's)
-                pieces[i] = (product.sum(0) if product.dim() and factors[i].shape[0] != product.shape[0]
-                             else product).reshape(-1)
-            for i, piece in enumerate(pieces):
-                if piece is None:
-                    pieces[i] = factors[i].new_zeros(plan.sizes[i])
-            grad = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+            # ∂/∂f: every product summed to its factor's shape, straight into one vector
+            grad, slots = plan.factor_grad_buffer(state.flat)
+            if len(present) < count:
+                grad.zero_()
+            for i, product in zip(present, products):
+                if plan.reduced[i]:
+                    torch.sum(product, 0, out=slots[i])
+                else:
+                    slots[i].copy_(product)
             if ctx.others is not None:  # ∂f/∂(each row's entries): every row scattered at once
                 grad = torch.mul(ctx.others, grad).view(-1)
             if grad_extended is None:
