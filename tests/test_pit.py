@@ -505,17 +505,12 @@ def _unfused_twin(graph: po.Graph, monkeypatch) -> po.PIT:
         return po.PIT(graph)
 
 
-def _by_onnx_name(model, of=lambda t: t) -> dict[str, torch.Tensor]:
-    """``of`` of every initializer's tensor, by ONNX name (packed parameters split into theirs)."""
+def _by_onnx_name(model, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every initializer's tensor (or gradient, where it has one) by ONNX name (packed
+    parameters split into theirs)."""
     module, out = model.module, {}
     for attr, name in module.initializer_names.items():
-        entry = module.packed.get(attr)
-        if entry is None:
-            value = of(getattr(module, attr))
-        else:
-            owner, offset, shape = entry
-            value = of(module.get_parameter(owner))
-            value = None if value is None else value[offset:offset + int(np.prod(shape))].view(shape)
+        value = module.initializer_grad(attr) if grads else module.initializer(attr)
         if value is not None:
             out[name] = value
     return out
@@ -554,7 +549,7 @@ def test_fused_masks_equal_the_per_node_functions(name, monkeypatch):
         out = out[0] if isinstance(out, tuple) else out
         weights = torch.linspace(-1, 1, out.numel()).view(out.shape)
         ((out * weights).sum() + 1e-3 * model.cost_of(po.cost.macs)).backward()
-        results.append((out.detach(), _by_onnx_name(model, lambda t: t.grad if t.requires_grad else None)))
+        results.append((out.detach(), _by_onnx_name(model, grads=True)))
     (out, grads), (out_ref, grads_ref) = results
     assert torch.equal(out, out_ref)
     assert grads.keys() == grads_ref.keys()
@@ -673,7 +668,7 @@ def test_fused_training_follows_the_per_node_functions(name, monkeypatch):
                 (1e-4 * cost).backward()
             else:
                 (out.square().mean() + 1e-4 * cost).backward()
-            results.append((out.detach(), cost.detach(), _by_onnx_name(model, lambda t: t.grad)))
+            results.append((out.detach(), cost.detach(), _by_onnx_name(model, grads=True)))
             optimizer.step()
         (out, cost, grads), (out_ref, cost_ref, grads_ref) = results
         assert torch.equal(out, out_ref) and torch.equal(cost, cost_ref), step

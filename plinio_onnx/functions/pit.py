@@ -440,8 +440,8 @@ class _MaskPlan(_DeviceCache):
 
 
 class _MaskConstants:
-    """A `_MaskPlan`'s constants on one device: ``channel_thresholds`` (per alpha entry; −inf where kept
-    alive), ``tap_matrix`` and ``tap_offset`` (float64: [θβ; θγ] of every tap = M·θ, the
+    """A `_MaskPlan`'s constants on one device: ``channel_thresholds`` (per alpha entry; −inf
+    where kept alive), ``tap_matrix`` and ``tap_offset`` (float64: [θβ; θγ] of every tap = M·θ, the
     kept-alive columns of M folded into the offset, as θ is 1 there), ``tap_thresholds``
     (per row), ``tap_grad_matrix`` (M in the parameters' dtype, the kept-alive columns zero: they
     get no gradient) and ``one``."""
@@ -578,7 +578,6 @@ class _MaskFactors(torch.autograd.Function):
             products = products[count:]
         else:
             if wanted:
-                result[3:] = [None] * count
                 for i, g in zip(wanted, torch._foreach_mul([grad_weights[i] for i in wanted],
                                                            [factors[i] for i in wanted])):
                     result[3 + i] = g

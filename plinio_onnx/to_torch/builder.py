@@ -41,21 +41,20 @@ class OnnxModule(fx.GraphModule):
     def initializer(self, attr: str) -> torch.Tensor:
         """The tensor of initializer attribute ``attr`` (for a packed one, a view into its packed
         parameter: values, in-place writes and gradients go to the packed parameter)."""
-        entry = self.packed.get(attr)
-        if entry is None:
+        if attr not in self.packed:
             return getattr(self, attr)
-        owner, offset, shape = entry
-        flat = self.get_parameter(owner)
-        return flat[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
+        return self._packed_part(attr, self.get_parameter(self.packed[attr][0]))
 
     def initializer_grad(self, attr: str) -> torch.Tensor | None:
         """The gradient of initializer attribute ``attr`` (a view into its packed parameter's)."""
-        entry = self.packed.get(attr)
-        if entry is None:
+        if attr not in self.packed:
             return getattr(self, attr).grad
-        owner, offset, shape = entry
-        grad = self.get_parameter(owner).grad
-        return None if grad is None else grad[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
+        grad = self.get_parameter(self.packed[attr][0]).grad
+        return None if grad is None else self._packed_part(attr, grad)
+
+    def _packed_part(self, attr: str, flat: torch.Tensor) -> torch.Tensor:
+        _, offset, shape = self.packed[attr]
+        return flat[offset:offset + int(np.prod(shape, dtype=np.int64))].view(shape)
 
     def parameter_initializers(self):
         """(attribute path, parameter, ONNX names it holds) for every parameter."""
