@@ -728,3 +728,10 @@ def test_weights_changed_in_place_before_backward_are_refused():
         model.module.conv2_weight.mul_(2.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         out.backward()
+
+
+def test_double_backward_through_the_masks_is_refused():
+    model = po.PIT(MODELS / "digits_cnn.onnx")
+    out = model(torch.randn(2, 1, 8, 8)).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out, list(model.nas_parameters()), create_graph=True)
