@@ -4,7 +4,8 @@
 
 1. Training step (forward + backward + the search's fused Adam, the loss + 1e-9·cost) of `po.PIT(model)` over the
    same step of `po.to_torch(model)`, measured alternately in one run, at the batch size the
-   optimize flow trains with (`Recipe.batch_size`, 32); target ≤ 1.2 (PLiNIO's own PIT step:
+   optimize flow trains with (`Recipe.batch_size`, 32), with every mask kept (a fresh search)
+   and with about half of them pruned (mid-search); target ≤ 1.2 (PLiNIO's own PIT step:
    1.19× on a small CNN).
 2. load + PIT pass + finalize wall time for the zoo and the architectures ONNX ships (weights
    saved at opset 17 first, so opset conversion is not counted), with the time per node, to show
@@ -59,8 +60,16 @@ def training_overhead(names, batch: int, rounds: int) -> None:
         pit = po.PIT(graph)
         result = paired_ratio(_step(pit, x, y, list(pit.parameters())),
                               _step(plain, x, y, list(plain.parameters())), rounds=rounds)
+        # Mid-search: about half of every group's channels (and taps) pruned.
+        pruned = po.PIT(graph)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for param in pruned.nas_parameters():
+                param.copy_(torch.where(torch.rand(param.shape, generator=generator) < 0.5, 0.3, 1.0))
+        mid = paired_ratio(_step(pruned, x, y, list(pruned.parameters())),
+                           _step(plain, x, y, list(plain.parameters())), rounds=rounds)
         print(f"  {name:18s} PIT {result['candidate_ms']:7.2f} ms  plain {result['baseline_ms']:7.2f} ms"
-              f"  ratio {result['ratio']:.3f} (target <= 1.2)")
+              f"  ratio {result['ratio']:.3f}, half pruned {mid['ratio']:.3f} (target <= 1.2)")
 
 
 def pass_speed(paths) -> None:
