@@ -34,3 +34,19 @@ def relative_error(expected: np.ndarray, got: np.ndarray) -> float:
         return 0.0
     scale = max(1.0, float(np.max(np.abs(expected))))
     return float(np.max(np.abs(expected.astype(np.float64) - got.astype(np.float64)))) / scale
+
+
+def random_architecture(model, seed: int, logits: tuple[str, ...], masks: tuple[str, ...], below: float) -> None:
+    """Random architecture parameters of a searchable model, by ONNX name: standard normal for the
+    initializers ending in ``logits``, and for those ending in ``masks`` each entry 0.2 (below
+    the threshold) with probability ``below``, else 1."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name in model.module.initializer_names.values():
+            param = model.tensor(name)
+            if not param.requires_grad:
+                continue
+            if name.endswith(logits):
+                param.copy_(torch.from_numpy(rng.standard_normal(param.shape).astype(np.float32)))
+            elif name.endswith(masks):
+                param.copy_(torch.from_numpy(np.where(rng.random(param.shape) < below, 0.2, 1.0).astype(np.float32)))

@@ -20,7 +20,7 @@ from plinio_onnx.graph import PLINIO_DOMAIN
 from plinio_onnx.methods.mps import build_searchable
 from plinio_onnx.passes.quantize import BITS_METADATA_KEY, QONNX_DOMAIN
 
-from _util import MODELS, ZOO_NAMES, relative_error, run_ort, run_torch
+from _util import MODELS, ZOO_NAMES, random_architecture, relative_error, run_ort, run_torch
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -30,17 +30,7 @@ def _tensors(feeds: dict) -> list[torch.Tensor]:
 
 def _randomize_logits(model: po.MPS, seed: int = 0, pit_below: float = 0.4) -> None:
     """Random precision logits (and, with PIT, random masks): mixed bit-widths everywhere."""
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for onnx_name in model.module.initializer_names.values():
-            param = model.tensor(onnx_name)
-            if not param.requires_grad:
-                continue
-            if onnx_name.endswith((".mps_w_alpha", ".mps_a_alpha")):
-                param.copy_(torch.from_numpy(rng.standard_normal(param.shape).astype(np.float32)))
-            elif onnx_name.endswith(".pit_alpha"):
-                param.copy_(torch.from_numpy(np.where(rng.random(param.shape) < pit_below, 0.2, 1.0)
-                                             .astype(np.float32)))
+    random_architecture(model, seed, (".mps_w_alpha", ".mps_a_alpha"), (".pit_alpha",), pit_below)
 
 
 def _output_step(reference: np.ndarray) -> float:

@@ -20,7 +20,7 @@ from plinio_onnx.functions import supernet as sn_fn
 from plinio_onnx.graph import PLINIO_DOMAIN
 from plinio_onnx.methods.supernet import build_searchable, exponential_temperature
 
-from _util import MODELS, ROOT, ZOO_NAMES, relative_error, run_ort, run_torch
+from _util import MODELS, ROOT, ZOO_NAMES, random_architecture, relative_error, run_ort, run_torch
 
 
 def _random_logits(model: po.SuperNet, seed: int = 0) -> None:
@@ -443,16 +443,7 @@ _PIT_SUFFIXES = (".pit_alpha", ".pit_beta", ".pit_gamma")
 
 def _random_architecture(model: po.SuperNet, seed: int = 0, below: float = 0.4) -> None:
     """Random logits and random PIT masks (each entry below the threshold with probability ``below``)."""
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name in model.module.initializer_names.values():
-            param = model.tensor(name)
-            if not param.requires_grad:
-                continue
-            if name.endswith(".supernet_logits"):
-                param.copy_(torch.from_numpy(rng.standard_normal(param.shape).astype(np.float32)))
-            elif name.endswith(_PIT_SUFFIXES):
-                param.copy_(torch.from_numpy(np.where(rng.random(param.shape) < below, 0.2, 1.0).astype(np.float32)))
+    random_architecture(model, seed, (".supernet_logits",), _PIT_SUFFIXES, below)
 
 
 def _keep(model: po.SuperNet, producer: str, kept: int) -> None:

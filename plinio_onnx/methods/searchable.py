@@ -285,13 +285,17 @@ class CompiledCost:
         if not self.keys:
             return float(self.constant)
         index, _, _, numerators = self._arrays()
+        return float(self._total(x, index, numerators))
+
+    def _total(self, x, index, numerators):
+        """The polynomial at ``x`` (numpy or torch alike)."""
         factors = x[index]
         total = (factors.prod(1) if self.degree > 1 else factors[:, 0]) @ numerators
         if self.denominator != 1:
             total = total / self.denominator
         if self.constant:
             total = total + float(self.constant)
-        return float(total)
+        return total
 
     def grad_np(self, x: np.ndarray, grad: float) -> np.ndarray:
         """∂cost/∂x · ``grad`` (numpy)."""
@@ -314,13 +318,7 @@ class CompiledCost:
             return torch.tensor(self.value_np(x.detach().numpy()) if self.keys else float(self.constant),
                                 dtype=torch.float64, device=x.device)
         index, _, _, numerators = self._tensors(x.device)
-        factors = x[index]
-        total = (factors.prod(1) if self.degree > 1 else factors[:, 0]) @ numerators
-        if self.denominator != 1:
-            total = total / self.denominator
-        if self.constant:
-            total = total + float(self.constant)
-        return total
+        return self._total(x, index, numerators)
 
     def grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """∂cost/∂x · ``grad`` (no autograd)."""
