@@ -351,9 +351,11 @@ class _MaskPlan(_DeviceCache):
         self.tap_starts = np.cumsum([0] + self.kernels, dtype=np.int64)  # of every time mask's taps
         self.taps = int(self.tap_starts[-1])
         self.extended_size = self.channels + self.taps + 1
-        # Gradients w.r.t. ``extended`` are gathered in one more entry, a sink, where everything
-        # bound for a kept-alive channel goes: those parameters get no gradient.
-        self.kept_alive_channels = np.cumsum(self.sizes, dtype=np.int64) - 1
+        # The last entry of every parameter is kept alive (θ = 1). Gradients w.r.t. ``extended``
+        # are gathered in one more entry, a sink, where everything bound for a kept-alive
+        # channel goes: those parameters get no gradient.
+        self.kept_alive = np.cumsum(self.lengths, dtype=np.int64) - 1
+        self.kept_alive_channels = self.kept_alive[:len(self.sizes)]
         # [θβ; θγ] of every tap = M · θ(time parameters)
         width = sum(self.lengths[len(self.sizes):])
         matrix = np.zeros((2 * self.taps, width))
@@ -447,11 +449,10 @@ class _MaskConstants:
     get no gradient) and ``one``."""
 
     def __init__(self, plan: "_MaskPlan", device, dtype) -> None:
-        last = np.cumsum(plan.lengths, dtype=np.int64) - 1
         thresholds = np.repeat([t for _, t in plan.groups], plan.sizes).astype(np.float64)
-        thresholds[last[:len(plan.sizes)]] = -np.inf
+        thresholds[plan.kept_alive_channels] = -np.inf
         self.channel_thresholds = torch.as_tensor(thresholds, dtype=dtype, device=device)
-        alive = last[len(plan.sizes):] - plan.channels  # kept-alive columns of M
+        alive = plan.kept_alive[len(plan.sizes):] - plan.channels  # kept-alive columns of M
         folded = plan.matrix.copy()
         folded[:, alive] = 0.0
         self.tap_matrix = torch.as_tensor(folded, dtype=torch.float64, device=device)
