@@ -13,7 +13,8 @@ import torch
 
 import plinio_onnx as po
 from plinio_onnx.cli import main
-from plinio_onnx.search import _split_indices, optimize, parse_amount
+from plinio_onnx.optimize import optimize, parse_amount
+from plinio_onnx.optimize.data import split_indices
 
 from _util import MODELS, run_ort
 
@@ -218,11 +219,11 @@ def test_parse_amount():
 
 def test_splits_are_disjoint_stratified_and_seeded():
     y = np.load(DATA)["y"]
-    train, val, test = _split_indices(len(y), y, 0, 0.2, 0.2)
+    train, val, test = split_indices(len(y), y, 0, 0.2, 0.2)
     assert len(set(train) | set(val) | set(test)) == len(y) == len(train) + len(val) + len(test)
     assert abs(len(test) - 0.2 * len(y)) <= 2
     assert np.all(np.abs(np.bincount(y[test], minlength=10) / len(test) - np.bincount(y) / len(y)) < 0.02)
-    again = _split_indices(len(y), y, 0, 0.2, 0.2)
+    again = split_indices(len(y), y, 0, 0.2, 0.2)
     assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
 
 
