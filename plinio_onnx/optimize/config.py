@@ -78,17 +78,16 @@ def parse_amount(value: "int | float | str | None", base: float, *, what: str) -
     return number
 
 
-def _option(default: Any = None, *, flag: str | None = None, help: str | None = None,
-            metavar: str | None = None, type: Callable | None = None, required: bool = False,
-            action: str | None = None) -> Any:
-    """A config field; ``flag``: its command-line flag (None: not on the command line), with
+def _option(default: Any = None, *flags: str, help: str | None = None, metavar: str | None = None,
+            type: Callable | None = None, required: bool = False, action: str | None = None) -> Any:
+    """A config field; ``flags``: its command-line flags (none: not on the command line), with
     argparse's ``help``, ``metavar``, ``type``, ``required`` and ``action``."""
     cli = None
-    if flag is not None:
+    if flags:
         cli = {key: value for key, value in (("help", help), ("metavar", metavar), ("type", type),
                                              ("required", required or None), ("action", action))
                if value is not None}
-        cli["flags"] = (flag,) if flag != "--output" else ("-o", "--output")
+        cli["flags"] = flags
     if default is MISSING:
         return field(metadata={"cli": cli})
     return field(default=default, metadata={"cli": cli})
@@ -109,43 +108,43 @@ class OptimizeConfig:
     else the idle cores). Invalid combinations raise `PlinioOnnxError` on construction.
     """
 
-    output: "str | os.PathLike" = _option(MISSING, flag="--output", metavar="OUT.onnx", required=True,
+    output: "str | os.PathLike" = _option(MISSING, "-o", "--output", metavar="OUT.onnx", required=True,
                                           help="output .onnx file")
-    method: str = _option("pit", flag="--method", metavar="NAME",
+    method: str = _option("pit", "--method", metavar="NAME",
                           help="search method: pit (default), mps, qat, pit+mps, supernet, supernet+pit")
     cost: "str | Callable | None" = _option(
-        flag="--cost", metavar="NAME",
+        None, "--cost", metavar="NAME",
         help="cost model of the regularizer: params (default), macs, ops, params_no_bias; with a "
              "target, the target's kind")
-    strength: float | None = _option(flag="--strength", type=float, metavar="S",
+    strength: float | None = _option(None, "--strength", type=float, metavar="S",
                                      help="regularization strength S in loss = task + S*cost "
                                           "(default: initial task loss / cost)")
     target_params: "int | float | str | None" = _option(
-        flag="--target-params", metavar="N",
+        None, "--target-params", metavar="N",
         help="parameter budget: a number (12000, 12k) or a percentage of the input model (50%%)")
     target_macs: "int | float | str | None" = _option(
-        flag="--target-macs", metavar="N",
+        None, "--target-macs", metavar="N",
         help="MAC budget: a number (1.5M) or a percentage of the input model (25%%)")
-    epochs: int | None = _option(flag="--epochs", type=int, metavar="N",
+    epochs: int | None = _option(None, "--epochs", type=int, metavar="N",
                                  help="search epochs (default 100, early stopping)")
     warmup_epochs: int | None = _option(
-        flag="--warmup-epochs", type=int, metavar="N",
+        None, "--warmup-epochs", type=int, metavar="N",
         help="warm-up epochs (default 100 with early stopping; 0 skips it; distillation: 0)")
     finetune_epochs: int | None = _option(
-        flag="--finetune-epochs", type=int, metavar="N",
+        None, "--finetune-epochs", type=int, metavar="N",
         help="fine-tune epochs after export (default 100 with early stopping; 0 skips it)")
-    labels: str = _option("auto", flag="--labels", metavar="MODE",
+    labels: str = _option("auto", "--labels", metavar="MODE",
                           help="auto (default), classification, regression or distill (match the input "
                                "model's outputs; the default without y)")
-    batch_size: int | None = _option(flag="--batch-size", type=int, metavar="N", help="batch size (default 32)")
-    seed: int = _option(0, flag="--seed", type=int, metavar="N",
+    batch_size: int | None = _option(None, "--batch-size", type=int, metavar="N", help="batch size (default 32)")
+    seed: int = _option(0, "--seed", type=int, metavar="N",
                         help="seed of the splits and the shuffling (default 0)")
     checkpoint_dir: "str | os.PathLike | None | bool" = _option(
-        flag="--checkpoint-dir", metavar="DIR", help="checkpoint folder (default: OUT.ckpt next to the output)")
-    threads: int | None = _option(flag="--threads", type=int, metavar="N",
+        None, "--checkpoint-dir", metavar="DIR", help="checkpoint folder (default: OUT.ckpt next to the output)")
+    threads: int | None = _option(None, "--threads", type=int, metavar="N",
                                   help="torch CPU threads (default: 1 for small models or a busy machine, "
                                        "else the idle cores)")
-    quiet: bool = _option(False, flag="--quiet", action="store_true", help="no progress bars and no summary")
+    quiet: bool = _option(False, "--quiet", action="store_true", help="no progress bars and no summary")
     progress: bool = _option(True)
     recipe: Recipe | None = _option()
     callback: "Callable[[str, int, dict], None] | None" = _option()
