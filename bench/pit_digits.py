@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     import torch
     torch.set_num_threads(args.threads)
-    from plinio_onnx.search import baseline, optimize
+    from plinio_onnx.optimize import baseline, optimize
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import plinio_onnx as po  # noqa: E402
 from _timing import paired_ratio  # noqa: E402
 from plinio_onnx.data import random_inputs  # noqa: E402
-from plinio_onnx.search import adam  # noqa: E402
+from plinio_onnx.optimize import adam  # noqa: E402
 
 
 def _step(module, x, y, parameters):
@@ -98,7 +98,7 @@ def pass_speed(paths) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    from plinio_onnx.search import Recipe
+    from plinio_onnx.optimize import Recipe
     parser.add_argument("--batch", type=int, default=Recipe().batch_size)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--models", nargs="*", default=["digits_cnn", "resnet8", "tcn", "dscnn"])

@@ -5,7 +5,7 @@ from .finalize import finalize
 from .graph import Graph
 from .load import load
 from .methods import MPS, PIT, SuperNet
-from .search import optimize
+from .optimize import optimize
 from .sync import sync
 from .to_torch import to_torch
 

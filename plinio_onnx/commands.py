@@ -14,32 +14,11 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
                     "The data are split into train/validation/test by the tool (test never seen by "
                     "the search). Rerunning the same command resumes from the checkpoint.")
     p.add_argument("model", metavar="MODEL", help="the input .onnx model (never modified)")
-    p.add_argument("--method", default="pit", metavar="NAME",
-                   help="search method: pit (default), mps, qat, pit+mps, supernet, supernet+pit")
-    p.add_argument("--data", required=True, metavar="DATA.npz", help="DATA.npz with x (or one array per graph input) and optional y")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="output .onnx file")
-    p.add_argument("--cost", default=None, metavar="NAME", help="cost model of the regularizer: params (default), macs, ops, "
-                                                "params_no_bias; with a target, the target's kind")
-    p.add_argument("--strength", type=float, default=None, metavar="S",
-                   help="regularization strength S in loss = task + S*cost (default: initial task loss / cost)")
-    p.add_argument("--target-params", default=None, metavar="N",
-                   help="parameter budget: a number (12000, 12k) or a percentage of the input model (50%%)")
-    p.add_argument("--target-macs", default=None, metavar="N",
-                   help="MAC budget: a number (1.5M) or a percentage of the input model (25%%)")
-    p.add_argument("--epochs", type=int, default=None, metavar="N", help="search epochs (default 100, early stopping)")
-    p.add_argument("--warmup-epochs", type=int, default=None, metavar="N",
-                   help="warm-up epochs (default 100 with early stopping; 0 skips it; distillation: 0)")
-    p.add_argument("--finetune-epochs", type=int, default=None, metavar="N",
-                   help="fine-tune epochs after export (default 100 with early stopping; 0 skips it)")
-    p.add_argument("--labels", default="auto", metavar="MODE", help="auto (default), classification, regression or distill "
-                                                    "(match the input model's outputs; the default without y)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="N", help="batch size (default 32)")
-    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the splits and the shuffling (default 0)")
-    p.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                   help="checkpoint folder (default: OUT.ckpt next to the output)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: 1 for small models or a busy machine, else the idle cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
+    p.add_argument("--data", required=True, metavar="DATA.npz",
+                   help="DATA.npz with x (or one array per graph input) and optional y")
+    from .optimize.config import cli_arguments
+    for flags, options in cli_arguments():   # every other flag is an `OptimizeConfig` field
+        p.add_argument(*flags, **options)
     p.set_defaults(run=_optimize)
     _one_line_errors(p)
 
@@ -61,18 +40,14 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from .search import optimize
-    report = optimize(args.model, args.data, output=args.output, method=args.method, cost=args.cost,
-                      strength=args.strength, target_params=args.target_params,
-                      target_macs=args.target_macs, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                      finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, seed=args.seed,
-                      labels=args.labels, checkpoint_dir=args.checkpoint_dir, progress=not args.quiet,
-                      quiet=args.quiet, threads=args.threads)
+    from .optimize import optimize
+    from .optimize.config import config_from_cli
+    report = optimize(args.model, args.data, config_from_cli(vars(args)))
     return 0 if report is not None else 1
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .search import export_searchable
+    from .optimize import export_searchable
     graph, method = export_searchable(args.model, args.output)
     from .cost import params, macs, total
     print(f"{args.output}: {method} → {total(graph, params):,} params, {total(graph, macs):,} MACs")

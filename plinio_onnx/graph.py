@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+
+from .atomic import atomic_path
 
 #: IR version written on every save: ONNX Runtime 1.19 reads IR <= 10.
 IR_VERSION = 10
@@ -160,31 +161,22 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
         raise PlinioOnnxError("refusing to overwrite the input model; choose another output path",
                               file=str(path))
     model.ir_version = IR_VERSION
-    path.parent.mkdir(parents=True, exist_ok=True)
     large = _weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if large:
             data_name = path.name + ".data"
-            tmp_data = path.parent / (data_name + ".tmp")
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name + ".tmp", size_threshold=1024)
-            # The proto names the final data file; rewrite the location before renaming both.
-            saved = onnx.load(tmp, load_external_data=False)
-            for tensor in onnx.external_data_helper._get_all_tensors(saved):
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        entry.value = data_name
-            onnx.save_model(saved, tmp)
-            os.replace(tmp_data, path.parent / data_name)
+            with atomic_path(path.parent / data_name) as tmp_data:
+                onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=tmp_data.name, size_threshold=1024)
+                # The proto names the final data file; rewrite the location before renaming both.
+                saved = onnx.load(tmp, load_external_data=False)
+                for tensor in onnx.external_data_helper._get_all_tensors(saved):
+                    for entry in tensor.external_data:
+                        if entry.key == "location":
+                            entry.value = data_name
+                onnx.save_model(saved, tmp)
         else:
             onnx.save_model(model, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

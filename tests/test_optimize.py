@@ -13,7 +13,8 @@ import torch
 
 import plinio_onnx as po
 from plinio_onnx.cli import main
-from plinio_onnx.search import _split_indices, optimize, parse_amount
+from plinio_onnx.optimize import optimize, parse_amount
+from plinio_onnx.optimize.data import split_indices
 
 from _util import MODELS, run_ort
 
@@ -218,11 +219,11 @@ def test_parse_amount():
 
 def test_splits_are_disjoint_stratified_and_seeded():
     y = np.load(DATA)["y"]
-    train, val, test = _split_indices(len(y), y, 0, 0.2, 0.2)
+    train, val, test = split_indices(len(y), y, 0, 0.2, 0.2)
     assert len(set(train) | set(val) | set(test)) == len(y) == len(train) + len(val) + len(test)
     assert abs(len(test) - 0.2 * len(y)) <= 2
     assert np.all(np.abs(np.bincount(y[test], minlength=10) / len(test) - np.bincount(y) / len(y)) < 0.02)
-    again = _split_indices(len(y), y, 0, 0.2, 0.2)
+    again = split_indices(len(y), y, 0, 0.2, 0.2)
     assert all(np.array_equal(a, b) for a, b in zip((train, val, test), again))
 
 
@@ -251,3 +252,57 @@ def test_targets_are_refused_for_quantizing_methods(tmp_path, capsys):
     code = main(["optimize", str(MODEL), "--method", "mps", "--data", str(DATA), "-o", str(tmp_path / "x.onnx"),
                  "--target-params", "50%"] + FAST)
     assert code != 0 and "does not apply" in capsys.readouterr().err
+
+
+def test_options_are_spelled_once_in_the_config():
+    """The command line's flags are `OptimizeConfig`'s fields: parsing them gives the config the
+    keywords give."""
+    import argparse
+
+    from plinio_onnx.optimize.config import OptimizeConfig, cli_arguments, config_from_cli
+    parser = argparse.ArgumentParser()
+    for flags, options in cli_arguments():
+        parser.add_argument(*flags, **options)
+    argv = ["-o", "s.onnx", "--method", "supernet", "--target-macs", "40%", "--epochs", "7", "--warmup-epochs",
+            "0", "--finetune-epochs", "3", "--labels", "classification", "--batch-size", "16", "--seed", "4",
+            "--checkpoint-dir", "ck", "--threads", "2", "--quiet"]
+    config = config_from_cli(vars(parser.parse_args(argv)))
+    assert config == OptimizeConfig(output="s.onnx", method="supernet", target_macs="40%", epochs=7, warmup_epochs=0,
+                                    finetune_epochs=3, labels="classification", batch_size=16, seed=4,
+                                    checkpoint_dir="ck", threads=2, quiet=True)
+    assert config.cost_name == "macs" and config.target_kind == "macs"
+    assert config.recipe_with_overrides.search_epochs == 7 and config.recipe_with_overrides.batch_size == 16
+    assert config_from_cli(vars(parser.parse_args(["-o", "d.onnx"]))) == OptimizeConfig(output="d.onnx")
+    assert OptimizeConfig(output="d.onnx", method="mps").cost_name == "size"   # the method's default cost
+
+
+def test_config_refuses_bad_options_before_any_work(tmp_path):
+    from plinio_onnx.optimize import OptimizeConfig
+    for options, message in (({"output": "x.txt"}, ".onnx"), ({"epochs": -1}, "negative"),
+                             ({"batch_size": 0}, "at least 1"), ({"method": "darts"}, "darts"),
+                             ({"labels": "maybe"}, "labels"), ({"cost": "watts"}, "watts"),
+                             ({"strength": float("nan")}, "non-negative"),
+                             ({"target_params": "5%", "target_macs": "5%"}, "at most one"),
+                             ({"target_params": "5%", "cost": "macs"}, "conflicts")):
+        with pytest.raises(po.PlinioOnnxError, match=message):
+            OptimizeConfig(**{"output": "o.onnx", **options})
+    with pytest.raises(TypeError):
+        optimize(MODEL, tmp_path / "never-read.npz", output=tmp_path / "o.onnx", epoch=3)   # a misspelt option
+    base = OptimizeConfig(output=tmp_path / "o.onnx", method="qat")
+    with pytest.raises(po.PlinioOnnxError, match="does not apply"):
+        optimize(MODEL, DATA, base, target_params="50%")          # keywords override the config's fields
+
+
+def test_checkpoint_fingerprint_options_are_those_of_earlier_releases():
+    """The options hashed into ``state.json``'s fingerprint, exactly as earlier releases wrote
+    them: a checkpoint they made still resumes."""
+    from plinio_onnx.optimize import OptimizeConfig
+    config = OptimizeConfig(output="o.onnx", target_params="30%", warmup_epochs=2, epochs=5, finetune_epochs=1)
+    expected = (
+        '{"batch_size": 32, "cost": "params", "labels": "auto", "method": "pit", "recipe": {"batch_size": 32, '
+        '"floor": 0.95, "lambda_down": 0.99, "lambda_init": 1.0, "lambda_up": 1.01, "lr": 0.01, "lr_nas": null, '
+        '"lr_net": 0.001, "margin": 0.97, "momentum": 0.9, "nas_reach": 0.3, "patience": 10, "ramp": 0.4, '
+        '"relax": 0.97, "search_patience": 15, "settle": true, "test_fraction": 0.2, "val_fraction": 0.2, '
+        '"weight_decay": 0.0001, "weight_decay_net": 0.0001}, "seed": 0, "strength": null, "target": 14259.0, '
+        '"target_kind": "params"}')
+    assert json.dumps(config.fingerprint(config.recipe_with_overrides, 14259.0), sort_keys=True, default=str) == expected

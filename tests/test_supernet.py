@@ -594,7 +594,7 @@ def test_cli_optimize_supernet_pit(tmp_path):
     # The searchable checkpoint exports again, recognized as the joint method.
     again = tmp_path / "again.onnx"
     assert main(["export", str(tmp_path / "snp.ckpt" / "search.best.onnx"), "-o", str(again)]) == 0
-    from plinio_onnx.search import export_searchable
+    from plinio_onnx.optimize import export_searchable
     _, method = export_searchable(tmp_path / "snp.ckpt" / "search.best.onnx", tmp_path / "again2.onnx")
     assert method == "supernet+pit"
 

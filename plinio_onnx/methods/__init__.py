@@ -1,7 +1,8 @@
 """Searchable models, PLiNIO style: a torch module built from an ONNX model by a search pass.
 
-Each method's CLI hook is module-qualified (``plinio_onnx.methods.mps.build_searchable``,
-``plinio_onnx.methods.supernet.build_searchable``).
+Every searchable model answers the optimization flow's questions (learning-rate floor, parameter
+groups, schedules, cost-target repair, report) through `search_hooks.SearchHooks`;
+`plinio_onnx.optimize.methods` names the methods of ``optimize`` after these classes.
 """
 from .mps import MPS
 from .pit import PIT

@@ -264,6 +264,26 @@ class MPS(SearchableModel):
         return super().export(path, format=format, **options)
 
 
+    # -- search hooks (`SearchHooks`: what `plinio_onnx.optimize` asks) -----------------------
+    default_cost = "size"
+    supports_targets = False  # bit-level costs: a strength, not a params/MACs target
+    finetune_export = False   # the weights train quantized during the search
+
+    @classmethod
+    def search_metadata_keys(cls, **options) -> tuple[str, ...]:
+        return (METADATA_KEY,)
+
+    @property
+    def nas_lr_floor(self) -> float:
+        return 1e-2
+
+    def before_search(self, inputs) -> None:
+        """Activation clips from a batch of training data."""
+        self.calibrate(*inputs)
+
+    def after_search_epoch(self, epoch: int, epochs: int) -> None:
+        self.anneal(0.9)
+
 class _PITChannels(BoundPIT):
     """PIT's counts for a model that holds PIT masks besides MPS quantizers, and the kept mask of
     each layer's output (per-channel precisions count only kept channels)."""

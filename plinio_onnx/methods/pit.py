@@ -19,6 +19,7 @@ from plinio_onnx.passes.pit import LAYER_OPS, MASKS, METADATA_KEY, pit
 
 from ..cost import LayerSpec
 from ..graph import Graph
+from .pit_edits import PITMaskEdits
 from .searchable import (CostFn, SearchableModel, Sym, as_cost, as_graph, as_int, compile_cost,
                          is_builtin_cost, render_summary)
 
@@ -283,6 +284,31 @@ class PIT(SearchableModel):
             out[group["name"] if "name" in group else group["producers"][0]["node"]] = (
                 int(kept.size), int(group["size"]))
         return out
+
+    # -- search hooks (`SearchHooks`: what `plinio_onnx.optimize` asks) -----------------------
+    @classmethod
+    def search_metadata_keys(cls, **options) -> tuple[str, ...]:
+        return (METADATA_KEY,)
+
+    def architecture(self) -> dict:
+        """A JSON-able description of the chosen architecture: kept/total channels per group."""
+        return {"kept_channels": {name: {"kept": kept, "total": total}
+                                  for name, (kept, total) in self.kept_channels().items()}}
+
+    def _mask_edits(self, cost) -> PITMaskEdits:
+        return PITMaskEdits(self.tensor, self.info["groups"], self.threshold, lambda: self.cost_of(cost))
+
+    def architecture_snapshot(self) -> dict[str, np.ndarray]:
+        return self._mask_edits("params").kept()
+
+    def restore_marginal(self, cost, floor: float, before) -> int:
+        """Re-keep the channels that crossed the threshold since ``before``, those closest to it
+        first, until the cost is back at ``floor``."""
+        return self._mask_edits(cost).restore(floor, before)
+
+    def enforce_target(self, cost, target: float) -> bool:
+        """Greedy fallback: prune the kept channel with the smallest mask until the cost fits."""
+        return self._mask_edits(cost).enforce(target)
 
     def summary(self) -> str:
         """A readable table: every layer's kept input/output channels and kernel, and the costs."""

@@ -20,6 +20,7 @@ from ..graph import Graph
 from ..load import load
 from ..sync import sync
 from ..to_torch import to_torch
+from .search_hooks import SearchHooks
 
 CostFn = Callable[[LayerSpec], object]
 
@@ -36,7 +37,7 @@ def as_cost(cost: "CostFn | str") -> CostFn:
     return cost
 
 
-class SearchableModel(torch.nn.Module, abc.ABC):
+class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
     """A searchable ``graph`` and the torch ``module`` generated from it.
 
     Subclasses say which parameters are architecture parameters (`_is_nas_parameter`) and how a

@@ -45,9 +45,13 @@ from plinio_onnx.passes.supernet import LOGITS_SUFFIX, METADATA_KEY, Menu, super
 from ..cost import LayerSpec
 from ..graph import Graph
 from .pit import _PIT_SUFFIXES, BoundPIT
+from .pit_edits import PITMaskEdits
 from .searchable import CostFn, SearchableModel, as_cost, as_graph, as_int, render_summary
 
 __all__ = ["SuperNet", "build_searchable", "exponential_temperature"]
+
+#: The least learning rate of the Choice logits in `optimize` (they move further than masks).
+_LOGITS_LR_FLOOR = 5e-2
 
 
 class SuperNet(SearchableModel):
@@ -251,6 +255,60 @@ class SuperNet(SearchableModel):
                     _, logits, b = best
                     logits[b] = logits.max() + 1.0
                 return True
+        finally:
+            self.train(was_training)
+
+    # -- search hooks (`SearchHooks`: what `plinio_onnx.optimize` asks) -----------------------
+    default_cost = "macs"
+
+    @classmethod
+    def search_metadata_keys(cls, *, pit: "bool | Mapping[str, Any]" = False, **options) -> tuple[str, ...]:
+        return (METADATA_KEY, PIT_METADATA_KEY) if pit else (METADATA_KEY,)
+
+    @property
+    def nas_lr_floor(self) -> float:
+        # With PIT: the masks' floor (none); the logits get their own in `nas_param_groups`.
+        return 0.0 if self.pit is not None else _LOGITS_LR_FLOOR
+
+    def nas_param_groups(self, lr_nas: float) -> list[dict]:
+        """Without PIT one group; with PIT the logits (at least `_LOGITS_LR_FLOOR`) and the masks
+        (at ``lr_nas``) in two."""
+        if self.pit is None:
+            return super().nas_param_groups(lr_nas)
+        logits, masks = [], []
+        for _, param, names in self.module.parameter_initializers():
+            if self._holds_nas(names):
+                (logits if all(n.endswith(LOGITS_SUFFIX) for n in names) else masks).append(param)
+        groups = [{"params": logits, "lr": max(lr_nas, _LOGITS_LR_FLOOR)}] if logits else []
+        return groups + ([{"params": masks, "lr": lr_nas}] if masks else [])
+
+    def min_cost(self, cost) -> None:
+        return None  # `enforce_target` picks the cheapest branches when the search falls short
+
+    def after_search_epoch(self, epoch: int, epochs: int) -> None:
+        self.set_temperature(exponential_temperature(epoch, max(epochs, 1), 1.0, 0.05))
+
+    def _pit_edits(self, cost) -> PITMaskEdits:
+        # The masks are PIT's; the cost they are judged by is the whole SuperNet's.
+        return PITMaskEdits(self.tensor, self.pit.info["groups"], self.pit.threshold, lambda: self.cost_of(cost))
+
+    def architecture_snapshot(self):
+        return self._pit_edits("params").kept() if self.pit is not None else None
+
+    def restore_marginal(self, cost, floor: float, before) -> int:
+        return self._pit_edits(cost).restore(floor, before) if self.pit is not None else 0
+
+    def enforce_target(self, cost, target: float) -> bool:
+        """Cheaper branches first (`enforce`); with PIT, then the smallest masks of the argmax
+        branches' network."""
+        if self.enforce(cost, target):
+            return True
+        if self.pit is None:
+            return False
+        was_training = self.training
+        self.eval()  # the argmax branches: the exported model's cost
+        try:
+            return self._pit_edits(cost).enforce(target)
         finally:
             self.train(was_training)
 

@@ -1,0 +1,219 @@
+"""Checkpoints of an `optimize` run: ``state.json`` + epoch-numbered ONNX graphs and optimizer
+``.npz`` files in one folder, and the optimizer state's conversion to and from arrays.
+
+Layout (unchanged since the first release, so old checkpoints resume): ``state.json`` holds
+``{"version": 1, "fingerprint": <sha256 of model, data and options>, "phases": {name: record}}``;
+a record names its files in keys ending in ``_file`` (``warmup-e0003.onnx``,
+``search-e0007.optim.npz``, ``search.best.onnx``, …). An optimizer's arrays are
+``p<i>.<state key>`` for the i-th parameter with state, whose names are listed in ``__names__``;
+the search phase prefixes its two optimizers' arrays with ``net.`` and ``nas.``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..atomic import atomic_path, write_text
+from ..errors import PlinioOnnxError
+from ..graph import Graph
+from ..load import load
+
+__all__ = ["Checkpoint", "STATE_VERSION", "PHASES", "dumps", "fingerprint", "load_optimizer",
+           "optimizer_arrays", "parameter_names"]
+
+STATE_VERSION = 1
+PHASES = ("warmup", "search", "finetune")
+
+
+def dumps(value: Any, indent: int) -> str:
+    """JSON text of ``value``; numpy scalars and paths as plain numbers and strings."""
+    return json.dumps(value, indent=indent, default=_json_default)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(type(value).__name__)
+
+
+class Checkpoint:
+    """``state.json`` + epoch-numbered ONNX graphs and optimizer ``.npz`` files in one folder
+    (without a folder: the same, kept in memory for the run).
+
+    Files are written first, ``state.json`` (which names them) last and atomically, so a run killed
+    at any moment leaves the previous consistent state; files no longer named are removed.
+    """
+
+    def __init__(self, folder: Path | None, fingerprint: str) -> None:
+        self.folder = folder
+        self.fingerprint = fingerprint
+        self.state: dict[str, Any] = {"version": STATE_VERSION, "fingerprint": fingerprint, "phases": {}}
+        self.resumed = False
+        self.discarded = False
+        self._memory: dict[str, Any] = {}   # without a folder: the "files", kept in memory
+
+    @property
+    def enabled(self) -> bool:
+        return self.folder is not None
+
+    def open(self) -> None:
+        """Read the folder's state when it was made by the same command (else start over)."""
+        if not self.enabled:
+            return
+        path = self.folder / "state.json"
+        if path.is_file():
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                state = None
+            if state and state.get("version") == STATE_VERSION and state.get("fingerprint") == self.fingerprint:
+                self.state = state
+                self.resumed = bool(state.get("phases"))
+            else:
+                self.discarded = True
+        if self.folder.exists() and not self.folder.is_dir():
+            raise PlinioOnnxError("the checkpoint path exists and is not a folder", file=str(self.folder))
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def phase(self, name: str) -> dict:
+        return self.state["phases"].get(name, {})
+
+    def keep_budgets(self, budgets: dict[str, int]) -> list[str]:
+        """Forget a finished phase whose epoch budget changed, and every phase after it.
+
+        An unfinished phase simply continues under the new budget; returns the phases dropped."""
+        dropped: list[str] = []
+        for name in PHASES:
+            rec = self.state["phases"].get(name)
+            if rec is None:
+                continue
+            if dropped or (rec.get("done") and rec.get("budget") != budgets[name]):
+                dropped.append(name)
+                del self.state["phases"][name]
+        return dropped
+
+    def save_graph(self, graph: Graph, name: str) -> str:
+        if self.enabled:
+            graph.save(self.folder / name)
+        else:
+            self._memory[name] = graph.to_onnx(check=False)
+        return name
+
+    def load_graph(self, name: str) -> Graph:
+        if self.enabled:
+            return load(self.folder / name)
+        return load(self._memory[name])
+
+    def save_arrays(self, arrays: dict[str, np.ndarray], name: str) -> str:
+        if not self.enabled:
+            self._memory[name] = {k: np.array(v) for k, v in arrays.items()}
+            return name
+        with atomic_path(self.folder / name) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+        return name
+
+    def load_arrays(self, name: str) -> dict[str, np.ndarray]:
+        if not self.enabled:
+            return dict(self._memory[name])
+        with np.load(self.folder / name, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+
+    def commit(self, phase: str, record: dict) -> None:
+        """Record ``phase``'s state; files no phase names any more are removed."""
+        self.state["phases"][phase] = record
+        referenced = set()
+        for rec in self.state["phases"].values():
+            for key, value in rec.items():
+                if key.endswith("_file") and value:
+                    referenced.add(value)
+        if not self.enabled:
+            for name in [n for n in self._memory if n not in referenced]:
+                del self._memory[name]
+            return
+        write_text(self.folder / "state.json", dumps(self.state, indent=1))
+        for entry in self.folder.iterdir():
+            if entry.is_file() and entry.name not in referenced \
+                    and re.match(r"(warmup|search|finetune)[-.].*\.(onnx|npz)$", entry.name):
+                entry.unlink()
+
+
+def fingerprint(model: "str | os.PathLike", data, arrays: dict[str, np.ndarray], options: dict) -> str:
+    """sha256 of the model file, the data (file, or arrays by sorted name) and ``options``."""
+    digest = hashlib.sha256()
+    _hash_file(model, digest)
+    if isinstance(data, dict):
+        for key in sorted(arrays):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    else:
+        _hash_file(data, digest)
+    digest.update(json.dumps(options, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _hash_file(path: "str | os.PathLike", digest) -> None:
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+
+
+# -- optimizer state --------------------------------------------------------------------------
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """The generated module (a searchable model wraps one in ``.module``)."""
+    return getattr(model, "module", model) if not hasattr(model, "initializer_names") else model
+
+
+def parameter_names(model: torch.nn.Module) -> dict[int, str]:
+    """A stable name for each parameter (by ``id``): its ONNX initializers' names."""
+    inner = _inner(model)
+    if not hasattr(inner, "parameter_initializers"):
+        return {id(p): attr for attr, p in inner.named_parameters()}
+    return {id(p): "|".join(names) if names else attr for attr, p, names in inner.parameter_initializers()}
+
+
+def optimizer_arrays(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, np.ndarray]:
+    """``optimizer``'s state as arrays (see the module's docstring)."""
+    arrays: dict[str, np.ndarray] = {}
+    listed = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            i = len(listed)
+            listed.append(names[id(p)])
+            for key, value in state.items():
+                if value is None:
+                    continue
+                arrays[f"p{i}.{key}"] = (value.detach().cpu().numpy() if isinstance(value, torch.Tensor)
+                                         else np.asarray(value, dtype=np.float64))
+    arrays["__names__"] = np.array(listed, dtype=str)
+    return arrays
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarray], names: dict[int, str]) -> None:
+    """Give ``optimizer`` the state `optimizer_arrays` wrote, parameter by parameter name."""
+    listed = [str(s) for s in arrays.get("__names__", np.array([], dtype=str)).tolist()]
+    by_name = {name: i for i, name in enumerate(listed)}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            i = by_name.get(names[id(p)])
+            if i is None:
+                continue
+            prefix = f"p{i}."
+            state = {}
+            for key, value in arrays.items():
+                if key.startswith(prefix):
+                    state[key[len(prefix):]] = torch.from_numpy(np.array(value))
+            optimizer.state[p] = state

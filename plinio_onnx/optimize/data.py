@@ -1,0 +1,243 @@
+"""The task and the data of an `optimize` run: reading the arrays, inferring the task
+(classification, regression or distillation), and the tool's own train/validation/test splits.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+
+from ..data import input_arrays, load_npz
+from ..errors import PlinioOnnxError
+from ..graph import Graph
+from ..load import load
+from ..to_torch import to_torch
+
+__all__ = ["TASKS", "Problem", "Split", "Task", "ort_outputs", "prepare", "split_indices", "task_scores"]
+
+#: The ``labels`` modes.
+TASKS = ("auto", "classification", "regression", "distill")
+
+
+@dataclass
+class Split:
+    """Inputs and targets of one split: labels (one tensor) or teacher outputs (one per output)."""
+
+    inputs: list[torch.Tensor]
+    target: list[torch.Tensor] | None
+
+    def __len__(self) -> int:
+        return int(self.inputs[0].shape[0])
+
+    def take(self, index: np.ndarray | slice) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        inputs = [t[index] for t in self.inputs]
+        target = None if self.target is None else [t[index] for t in self.target]
+        return inputs, target
+
+
+@dataclass
+class Task:
+    """The training objective and the metric reported for it."""
+
+    kind: str                    # classification | regression | distill
+    metric: str                  # accuracy | mse
+    higher_is_better: bool
+    output_kind: str = "logits"  # classification: logits | probabilities | log_probabilities
+
+    def loss(self, outputs: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.kind == "classification":
+            out, y = outputs[0], target[0]
+            if self.output_kind == "logits":
+                return F.cross_entropy(out, y)
+            logp = out if self.output_kind == "log_probabilities" else torch.log(out.clamp_min(1e-12))
+            return F.nll_loss(logp, y)
+        if self.kind == "regression":
+            return F.mse_loss(outputs[0], target[0])
+        return sum(F.mse_loss(o, t) for o, t in zip(outputs, target)) / len(target)
+
+    def scores(self, outputs: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> dict[str, float]:
+        """Sums over the batch (divided by the split size by the caller)."""
+        n = outputs[0].shape[0]
+        loss = float(self.loss(outputs, target)) * n
+        if self.kind == "classification":
+            hit = (outputs[0].argmax(1) == target[0]).float()
+            correct = float((hit.flatten(1).mean(1) if hit.dim() > 1 else hit).sum())
+            return {"loss": loss, "accuracy": correct}
+        result = {"loss": loss, "mse": loss}
+        if self.kind == "distill" and outputs[0].dim() == 2 and outputs[0].shape[1] > 1:
+            result["agreement"] = float((outputs[0].argmax(1) == target[0].argmax(1)).sum())
+        return result
+
+
+def task_scores(task: Task, outputs: list[torch.Tensor], target: list[torch.Tensor]) -> dict[str, float]:
+    """The task's loss and metric(s), averaged over the samples."""
+    n = outputs[0].shape[0]
+    with torch.no_grad():
+        return {k: v / n for k, v in task.scores(outputs, target).items()}
+
+
+def as_outputs(result) -> list[torch.Tensor]:
+    """A module's result as a list of output tensors."""
+    return [result] if isinstance(result, torch.Tensor) else list(result)
+
+
+def ort_outputs(model: onnx.ModelProto, graph_inputs: list[str], inputs: list[np.ndarray],
+                *, source: str | None, batch: int = 256) -> list[np.ndarray]:
+    """``model``'s outputs on ``inputs`` in ONNX Runtime, in batches."""
+    from ..runtime import ort_session
+    session = ort_session(model, source=source)
+    chunks: list[list[np.ndarray]] = []
+    n = inputs[0].shape[0]
+    for start in range(0, n, batch):
+        feeds = {name: value[start:start + batch] for name, value in zip(graph_inputs, inputs)}
+        chunks.append(session.run(None, feeds))
+    return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
+
+
+# -- reading ----------------------------------------------------------------------------------
+def _file_or_arrays(data) -> tuple[dict[str, np.ndarray], str]:
+    if isinstance(data, dict):
+        return {k: np.asarray(v) for k, v in data.items()}, "<arrays>"
+    return load_npz(data), str(data)
+
+
+def _read_data(graph: Graph, arrays: dict[str, np.ndarray], source: str) -> tuple[list[np.ndarray], np.ndarray | None]:
+    values = input_arrays(graph, arrays, source)
+    counts = {int(v.shape[0]) for v in values}
+    y = arrays.get("y")
+    if y is not None:
+        counts.add(int(np.asarray(y).shape[0]) if np.ndim(y) else -1)
+    if len(counts) != 1:
+        raise PlinioOnnxError(f"the arrays have different numbers of samples ({sorted(counts)})", file=source)
+    n = counts.pop()
+    if n < 10:
+        raise PlinioOnnxError(f"too few samples ({n}); at least 10 are needed to hold out "
+                              "validation and test splits", file=source)
+    return values, (None if y is None else np.asarray(y))
+
+
+def split_indices(n: int, labels: np.ndarray | None, seed: int, test: float, val: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train/val/test indices; stratified by ``labels`` (1-D class labels) when given."""
+    rng = np.random.default_rng([seed, 7919])
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    parts: list[list[np.ndarray]] = [[], [], []]
+    # Fractional allocation carried across classes so the totals match the fractions.
+    carry_test = carry_val = 0.0
+    for members in groups:
+        members = rng.permutation(members)
+        want_test = len(members) * test + carry_test
+        n_test = int(round(want_test))
+        carry_test = want_test - n_test
+        rest = len(members) - n_test
+        want_val = rest * val + carry_val
+        n_val = int(round(want_val))
+        carry_val = want_val - n_val
+        parts[2].append(members[:n_test])
+        parts[1].append(members[n_test:n_test + n_val])
+        parts[0].append(members[n_test + n_val:])
+    train, valid, test_idx = (rng.permutation(np.concatenate(p)) for p in parts)
+    if min(len(train), len(valid), len(test_idx)) == 0:
+        raise PlinioOnnxError(f"cannot split {n} samples into non-empty train/validation/test sets")
+    return train, valid, test_idx
+
+
+def _classification(y: np.ndarray, out: np.ndarray, graph: Graph, *, auto: bool) -> "tuple[Task, np.ndarray] | None":
+    """The classification task, when ``y`` holds class labels of ``out`` (None: not, under
+    ``auto``; an error when classification was asked for)."""
+    integer = np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)
+    classification_shape = (integer and out.ndim >= 2 and tuple(out.shape[2:]) == tuple(y.shape[1:])
+                            and y.size > 0 and y.min() >= 0 and int(y.max()) < out.shape[1])
+    if auto and not classification_shape:
+        return None
+    if not integer:
+        raise PlinioOnnxError(f"classification needs integer class labels in 'y' (got {y.dtype})")
+    if not classification_shape:
+        raise PlinioOnnxError(f"labels 'y' {list(y.shape)} (classes {int(y.min())}..{int(y.max())}) do not "
+                              f"match the model output {['N', *out.shape[1:]]} for classification")
+    producer = graph.gs.outputs[0].inputs[0].op if graph.gs.outputs[0].inputs else ""
+    kind = {"Softmax": "probabilities", "LogSoftmax": "log_probabilities"}.get(producer, "logits")
+    return Task("classification", "accuracy", True, kind), y.astype(np.int64)
+
+
+def _infer_task(labels: str, y: np.ndarray | None, outputs: list[np.ndarray], graph: Graph) -> tuple[Task, np.ndarray | None]:
+    """The task and the label array in the form its loss wants."""
+    if labels not in TASKS:
+        raise PlinioOnnxError(f"unknown --labels {labels!r}; choose from {', '.join(TASKS)}")
+    if labels == "distill" or y is None:
+        if labels in ("classification", "regression"):
+            raise PlinioOnnxError(f"--labels {labels} needs a 'y' array in the data file")
+        return Task("distill", "mse", False), None
+    out = outputs[0]
+    if labels in ("auto", "classification"):
+        found = _classification(y, out, graph, auto=labels == "auto")
+        if found is not None:
+            return found
+    # regression: y must have the output's per-sample size
+    per_sample = int(np.prod(out.shape[1:], dtype=np.int64))
+    if int(np.prod(y.shape[1:], dtype=np.int64)) != per_sample:
+        raise PlinioOnnxError(f"regression targets 'y' {list(y.shape)} do not match the model output "
+                              f"{['N', *out.shape[1:]]}")
+    return Task("regression", "mse", False), y.astype(np.float32).reshape((y.shape[0], *out.shape[1:]))
+
+
+# -- the problem ------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    """The model, the task and the tool's own train/validation/test splits."""
+
+    base: Graph
+    task: Task
+    train: Split
+    val: Split
+    test: Split
+    input_names: list[str]
+    test_inputs: list[np.ndarray]
+    arrays: dict[str, np.ndarray]
+    source: str
+
+
+def _probe(base: Graph, inputs: list[np.ndarray], data_source: str) -> list[np.ndarray]:
+    """One forward of the input model: does it run on this data, and what does it output?"""
+    module = to_torch(base)
+    module.eval()
+    try:
+        with torch.no_grad():
+            return [o.numpy() for o in as_outputs(module(*[torch.from_numpy(v[:2]) for v in inputs]))]
+    except PlinioOnnxError:
+        raise
+    except Exception as err:
+        raise PlinioOnnxError(f"the model does not run on the data ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:200]})", file=data_source) from None
+
+
+def prepare(model: "str | os.PathLike", data, labels: str, seed: int, test_fraction: float,
+            val_fraction: float) -> Problem:
+    """Load ``model`` and ``data`` (an .npz path or a dict of arrays), infer the task and split."""
+    base = load(model)
+    arrays, data_source = _file_or_arrays(data)
+    inputs, y = _read_data(base, arrays, data_source)
+    input_names = [t.name for t in base.gs.inputs]
+    task, y = _infer_task(labels, y, _probe(base, inputs, data_source), base)
+
+    train_idx, val_idx, test_idx = split_indices(
+        len(inputs[0]), y if task.kind == "classification" and y.ndim == 1 else None, seed,
+        test_fraction, val_fraction)
+    if task.kind == "distill":
+        teacher = ort_outputs(base.to_onnx(), input_names, inputs, source=str(model))
+        targets = [torch.from_numpy(np.ascontiguousarray(t.astype(np.float32))) for t in teacher]
+    else:
+        targets = [torch.from_numpy(np.ascontiguousarray(y))]
+    tensors = [torch.from_numpy(v) for v in inputs]
+
+    def make_split(index: np.ndarray) -> Split:
+        idx = torch.from_numpy(index)
+        return Split([t[idx] for t in tensors], [t[idx] for t in targets])
+
+    return Problem(base, task, make_split(train_idx), make_split(val_idx), make_split(test_idx), input_names,
+                   [v[test_idx] for v in inputs], arrays, data_source)

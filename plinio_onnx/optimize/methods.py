@@ -1,0 +1,74 @@
+"""The method names of `optimize` and the searchable-model class (and options) each one builds.
+
+How a method searches — its learning-rate floor, parameter groups, schedules, cost-target repair,
+report — is answered by its model class through `plinio_onnx.methods.search_hooks.SearchHooks`;
+this table only names the methods.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from ..errors import PlinioOnnxError
+from ..graph import Graph
+from ..methods import MPS, PIT, SearchableModel, SuperNet
+
+__all__ = ["METHODS", "Method", "get_method"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method of `optimize`: its name, its searchable-model class and the options it builds the
+    model with. A searchable graph (a checkpoint) is resumed by the same call."""
+
+    name: str
+    model_class: type[SearchableModel]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self, graph: Graph, cost) -> SearchableModel:
+        """A fresh searchable model on ``graph``, or the resumed one for a searchable graph."""
+        return self.model_class(graph, cost=cost, **self.options)
+
+    @property
+    def metadata_keys(self) -> tuple[str, ...]:
+        """Every metadata record a searchable graph of this method holds."""
+        return self.model_class.search_metadata_keys(**self.options)
+
+    @property
+    def default_cost(self) -> str:
+        return self.model_class.default_cost
+
+    @property
+    def supports_targets(self) -> bool:
+        return self.model_class.supports_targets
+
+    @property
+    def finetune_export(self) -> bool:
+        return self.model_class.finetune_export
+
+
+#: Search methods by name; `optimize(method=...)` picks one.
+METHODS: dict[str, Method] = {
+    "pit": Method("pit", PIT, {"discrete_cost": True}),
+    "mps": Method("mps", MPS),
+    "qat": Method("qat", MPS, {"w_precisions": (8,), "a_precisions": (8,)}),   # uniform int8
+    "pit+mps": Method("pit+mps", MPS, {"pit": True}),
+    "supernet": Method("supernet", SuperNet),
+    "supernet+pit": Method("supernet+pit", SuperNet, {"pit": True}),
+}
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name`` (any case); a clear error naming the supported ones otherwise."""
+    key = str(name).lower()
+    if key in METHODS:
+        return METHODS[key]
+    raise PlinioOnnxError(f"unknown method {name!r}; supported: {', '.join(sorted(METHODS))}")
+
+
+def method_of_checkpoint(graph: Graph) -> Method | None:
+    """The method whose metadata records ``graph`` holds (the one with most records first)."""
+    for method in sorted(METHODS.values(), key=lambda m: -len(m.metadata_keys)):
+        if all(key in graph.metadata for key in method.metadata_keys):
+            return method
+    return None

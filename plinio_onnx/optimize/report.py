@@ -1,0 +1,134 @@
+"""What an `optimize` run did: the `Report` (JSON, markdown, a rich table on the console)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..atomic import write_text
+from ..cost import layer_specs
+from ..cost import macs as macs_cost
+from ..cost import params as params_cost
+from ..graph import Graph
+from .checkpoint import dumps
+
+__all__ = ["Report", "layer_rows", "percent"]
+
+
+@dataclass
+class Report:
+    """What `optimize` did; ``to_json()`` / ``to_markdown()`` are what lands next to the output."""
+
+    model: str
+    output: str
+    method: str
+    task: str
+    metric: str
+    cost: str
+    target: dict | None
+    strength: float | None
+    splits: dict
+    before: dict
+    after: dict
+    layers: list[dict]
+    architecture: dict
+    phases: dict
+    seed: int
+    resumed: bool
+    seconds: float
+    files: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def _fmt_metric(self, value: float | None) -> str:
+        if value is None:
+            return "n/a"
+        return f"{100 * value:.2f}%" if self.metric == "accuracy" else f"{value:.4g}"
+
+    def headline(self) -> str:
+        """One line: params, MACs and the test metric, before → after."""
+        b, a = self.before, self.after
+        parts = [f"params {b['params']:,} → {a['params']:,} ({percent(a['params'], b['params'])})",
+                 f"MACs {b['macs']:,} → {a['macs']:,} ({percent(a['macs'], b['macs'])})",
+                 f"test {self.metric} {self._fmt_metric(b['test'].get(self.metric))} → "
+                 f"{self._fmt_metric(a['test'].get(self.metric))}"]
+        return "; ".join(parts)
+
+    def to_markdown(self) -> str:
+        lines = [f"# plinio-onnx optimize: {Path(self.model).name} → {Path(self.output).name}", "",
+                 f"- method: {self.method}, cost: {self.cost}"
+                 + (f", target: {self.target['kind']} ≤ {self.target['value']:,.0f} ({self.target['given']})"
+                    if self.target else "")
+                 + (f", strength: {self.strength:.3g}" if self.strength is not None else ""),
+                 f"- task: {self.task} (metric: {self.metric}); splits: train {self.splits['train']}, "
+                 f"validation {self.splits['val']}, test {self.splits['test']} (seed {self.seed})",
+                 f"- {self.headline()}",
+                 f"- test metrics measured in ONNX Runtime; 'before' is the input model after warm-up",
+                 f"- wall time {self.seconds:.1f} s" + (" (resumed)" if self.resumed else ""), "",
+                 "| | params | MACs | test " + self.metric + " | test loss |", "|---|---:|---:|---:|---:|"]
+        for label, d in (("before", self.before), ("after", self.after)):
+            lines.append(f"| {label} | {d['params']:,} | {d['macs']:,} | {self._fmt_metric(d['test'].get(self.metric))} "
+                         f"| {d['test'].get('loss', float('nan')):.4g} |")
+        lines += ["", "| layer | op | in | out | kernel | params | MACs |", "|---|---|---:|---:|---:|---:|---:|"]
+        for row in self.layers:
+            lines.append(f"| {row['name']} | {row['op']} | {row['in_after']}/{row['in_before']} | "
+                         f"{row['out_after']}/{row['out_before']} | {row['kernel_after']}/{row['kernel_before']} | "
+                         f"{row['params_after']:,}/{row['params_before']:,} | {row['macs_after']:,}/{row['macs_before']:,} |")
+        lines += ["", "| phase | epochs | best epoch | val loss | val " + self.metric + " | seconds |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, p in self.phases.items():
+            lines.append(f"| {name} | {p.get('epochs', 0)} | {p.get('best_epoch', '')} | "
+                         f"{p.get('val_loss', float('nan')):.4g} | {self._fmt_metric(p.get('val_metric'))} | "
+                         f"{p.get('seconds', 0):.1f} |")
+        if self.files:
+            lines += [""] + [f"- {k}: `{v}`" for k, v in self.files.items()]
+        return "\n".join(lines) + "\n"
+
+    def print(self, console=None) -> None:
+        """The layer table and the headline on ``console`` (default: stdout)."""
+        from rich.console import Console
+        from rich.table import Table
+        if console is None:
+            console = Console()
+            if not console.is_terminal:   # logs: wide enough for the whole table
+                console = Console(width=120)
+        table = Table(title=f"{Path(self.output).name}: {self.method} ({self.task})")
+        for col in ("layer", "op", "in", "out", "kernel", "params", "MACs"):
+            table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+        for row in self.layers:
+            table.add_row(row["name"], row["op"], f"{row['in_after']}/{row['in_before']}",
+                          f"{row['out_after']}/{row['out_before']}", f"{row['kernel_after']}/{row['kernel_before']}",
+                          f"{row['params_after']:,}/{row['params_before']:,}", f"{row['macs_after']:,}/{row['macs_before']:,}")
+        table.add_row("total", "", "", "", "", f"{self.after['params']:,}/{self.before['params']:,}",
+                      f"{self.after['macs']:,}/{self.before['macs']:,}", style="bold")
+        console.print(table)
+        console.print(self.headline(), highlight=False)
+        for key, value in self.files.items():
+            console.print(f"  {key}: {value}", highlight=False)
+
+    def write(self, json_path: "str | Path", markdown_path: "str | Path") -> None:
+        """``to_json()`` and ``to_markdown()`` to their files, each written atomically."""
+        write_text(json_path, dumps(self.to_json(), indent=2))
+        write_text(markdown_path, self.to_markdown())
+
+
+def percent(a: float, b: float) -> str:
+    """``a`` as a percentage of ``b`` ("n/a" for b = 0)."""
+    return f"{100.0 * a / b:.1f}%" if b else "n/a"
+
+
+def layer_rows(before: Graph, after: Graph) -> list[dict]:
+    """Every layer of ``before`` with its channels, kernel, params and MACs before and after."""
+    final = {spec.name: spec for spec in layer_specs(after)}
+    rows = []
+    for spec in layer_specs(before):
+        new = final.get(spec.name)
+        rows.append({
+            "name": spec.name, "op": spec.op,
+            "in_before": int(spec.in_channels), "in_after": int(new.in_channels) if new else 0,
+            "out_before": int(spec.out_channels), "out_after": int(new.out_channels) if new else 0,
+            "kernel_before": int(spec.kernel_size), "kernel_after": int(new.kernel_size) if new else 0,
+            "params_before": int(params_cost(spec)), "params_after": int(params_cost(new)) if new else 0,
+            "macs_before": int(macs_cost(spec)), "macs_after": int(macs_cost(new)) if new else 0,
+        })
+    return rows

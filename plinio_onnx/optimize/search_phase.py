@@ -1,0 +1,213 @@
+"""The search phase: the method's searchable model trained with two Adam optimizers (weights;
+architecture parameters) on ``task loss + regularizer``, checkpointed every epoch; the best
+epoch that meets the target (by validation metric) is the chosen architecture.
+
+The regularizer is ``strength · cost`` or, with a target, `TargetControl`'s moving-target hinge.
+What differs between methods is asked of the model through its `SearchHooks`.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..errors import PlinioOnnxError
+from ..graph import Graph
+from .checkpoint import load_optimizer, optimizer_arrays, parameter_names
+from .control import TargetControl
+from .methods import Method
+from .report import percent
+from .training import Run, adam, batches
+
+__all__ = ["search"]
+
+
+def search(run: Run, method: Method, warmed: Graph, cost_fn, strength: float | None, target: float | None,
+           base_cost: float):
+    """Search ``method`` on the warmed-up graph; returns the chosen searchable model and the
+    phase's summary (a finished phase is read back from the checkpoint)."""
+    rec = run.ckpt.phase("search")
+    if rec.get("done"):
+        return method.build(run.ckpt.load_graph(rec["best_file"]), cost_fn), rec["info"]
+    return _SearchPhase(run, method, warmed, cost_fn, strength, target, base_cost, rec).search()
+
+
+def _nas_learning_rate(run: Run, model, epochs: int) -> float:
+    """The recipe's ``lr_nas``, else one that lets a mask cross its threshold within ``nas_reach``
+    of the search, in [5e-4, 1e-2], and not below the model's floor."""
+    r = run.recipe
+    if r.lr_nas:
+        return r.lr_nas
+    steps_per_epoch = len(batches(len(run.train), r.batch_size, run.rng("search", 0)))
+    return max(model.nas_lr_floor, min(1e-2, max(5e-4, 1.0 / (r.nas_reach * max(epochs, 1) * steps_per_epoch))))
+
+
+class _SearchPhase:
+    """One search: the model, its two optimizers, the checkpointed ``state`` and the objective."""
+
+    def __init__(self, run: Run, method: Method, warmed: Graph, cost_fn, strength: float | None,
+                 target: float | None, base_cost: float, rec: dict) -> None:
+        self.run, self.method, self.cost_fn = run, method, cost_fn
+        self.target, self.base_cost = target, base_cost
+        self.epochs = run.recipe.search_epochs
+        self.t0 = time.perf_counter()
+        if rec:
+            self.model = method.build(run.ckpt.load_graph(rec["current_file"]), cost_fn)
+        else:
+            self.model = method.build(warmed, cost_fn)
+            self.model.before_search(run.train.take(np.arange(min(len(run.train), 256)))[0])
+        self.lr_nas = _nas_learning_rate(run, self.model, self.epochs)
+        self._make_optimizers()
+        if rec:
+            self._resume(rec)
+        else:
+            self._start(strength)
+        self.current_file = self.rec.get("current_file")
+        self._make_objective()
+
+    def _make_optimizers(self) -> None:
+        r, model = self.run.recipe, self.model
+        self.net_opt = adam(model.net_parameters(), lr=r.lr_net, weight_decay=r.weight_decay_net)
+        nas_groups = [group for group in model.nas_param_groups(self.lr_nas) if group["params"]]
+        # QAT has no architecture parameters: a dummy keeps the flow (and checkpoints) uniform.
+        self.nas_opt = adam(nas_groups or [torch.nn.Parameter(torch.zeros(1))], lr=self.lr_nas, weight_decay=0.0)
+        self.names = parameter_names(model)
+
+    def _resume(self, rec: dict) -> None:
+        arrays = self.run.ckpt.load_arrays(rec["optim_file"])
+        for prefix, optimizer in (("net.", self.net_opt), ("nas.", self.nas_opt)):
+            load_optimizer(optimizer, {k[4:]: v for k, v in arrays.items() if k.startswith(prefix)}, self.names)
+        self.state = rec["state"]
+        self.elapsed = rec.get("seconds", 0.0)
+        self.rec = rec
+
+    def _start(self, strength: float | None) -> None:
+        initial = self.run.evaluate(self.model)
+        with torch.no_grad():
+            initial_cost = float(self.model.cost_of(self.cost_fn))
+        reference = self.run.reference_loss(initial["loss"])
+        if strength is None and self.target is None:
+            strength = reference / max(initial_cost, 1e-12)
+        lam = reference * self.run.recipe.lambda_init if self.target is not None else None
+        self.state = {"epoch": 0, "lam": lam, "step": 0, "strength": strength, "best": None, "best_epoch": None,
+                      "met_epoch": None, "initial": initial, "initial_cost": initial_cost, "history": []}
+        self.elapsed = 0.0
+        self.rec = {}
+
+    def _cost(self) -> torch.Tensor:
+        return self.model.cost_of(self.cost_fn)
+
+    def _make_objective(self) -> None:
+        """The regularizer and the per-step control: the moving target, or ``strength · cost``."""
+        if self.target is None:
+            strength = self.state["strength"]
+            self.control = None
+            self.regularizer, self.after_step = (lambda: strength * self._cost()), None
+            self.ramp_epochs = 0
+            return
+        r = self.run.recipe
+        steps = self.epochs * len(batches(len(self.run.train), r.batch_size, self.run.rng("search", 0)))
+        self.control = TargetControl(
+            r, self.target, self.state, steps,
+            restore=lambda floor, before: self.model.restore_marginal(self.cost_fn, floor, before),
+            snapshot=lambda: self.model.architecture_snapshot())
+        self.regularizer, self.after_step = self.control.regularizer(self._cost), self.control.after_step
+        self.ramp_epochs = math.ceil(r.ramp * self.epochs)
+        self.control.settle(self.net_opt, r.lr_net, 0.05)
+        self.control.settle(self.nas_opt, self.lr_nas, 0.0)
+
+    def search(self):
+        state, run = self.state, self.run
+        run.bar.start("search", self.epochs, state["epoch"])
+        epoch = state["epoch"]
+        stopped = "budget"
+        while epoch < self.epochs:
+            # Early stop once a qualifying architecture exists and has not improved for a while.
+            anchor = state["best_epoch"]
+            if anchor is not None and epoch - max(anchor, self.ramp_epochs) >= run.recipe.search_patience:
+                stopped = "early"
+                break
+            epoch += 1
+            self._epoch(epoch)
+        fallback = self._choose(epoch)
+        return self.model, self._finish(epoch, stopped, fallback)
+
+    def _judge(self, scores: dict, cost: float) -> tuple[bool, list]:
+        """Whether the epoch meets the target, and its rank (higher is better)."""
+        if self.target is None:
+            return True, [-(scores["loss"] + self.state["strength"] * cost)]
+        score = scores[self.run.task.metric]
+        return cost <= self.target + 1e-6, [score if self.run.task.higher_is_better else -score, -scores["loss"]]
+
+    def _epoch(self, epoch: int) -> None:
+        run, state, model = self.run, self.state, self.model
+        train_loss = run.train_epoch("search", model, [self.net_opt, self.nas_opt], epoch, self.epochs,
+                                     self.regularizer, self.after_step)
+        model.after_search_epoch(epoch, self.epochs)
+        scores = run.evaluate(model)
+        with torch.no_grad():
+            c = float(self._cost())
+        eligible, key = self._judge(scores, c)
+        improved = eligible and (state["best"] is None or tuple(key) > tuple(state["best"]))
+        if eligible and state["met_epoch"] is None:
+            state["met_epoch"] = epoch
+        self.current_file = run.ckpt.save_graph(model.searchable_graph(), f"search-e{epoch:04d}.onnx")
+        if improved:
+            state["best"], state["best_epoch"] = list(key), epoch
+            state["best_scores"], state["best_cost"] = scores, c
+            self.rec["best_file"] = self.current_file
+        state["epoch"] = epoch
+        control = self.control
+        state["history"].append({"epoch": epoch, "train_loss": train_loss, "val": scores, "cost": c,
+                                 "lambda": state["lam"] if self.target is not None else state["strength"],
+                                 **({"aim": control.aim(), "restored": state.get("restored", 0)}
+                                    if control else {})})
+        arrays = {**{f"net.{k}": v for k, v in optimizer_arrays(self.net_opt, self.names).items()},
+                  **{f"nas.{k}": v for k, v in optimizer_arrays(self.nas_opt, self.names).items()}}
+        optim_file = run.ckpt.save_arrays(arrays, f"search-e{epoch:04d}.optim.npz")
+        self.rec.update(state=state, current_file=self.current_file, optim_file=optim_file,
+                        seconds=self.elapsed + time.perf_counter() - self.t0)
+        run.ckpt.commit("search", self.rec)
+        extra = f"  {c:,.0f} ({percent(c, self.base_cost)})"
+        if control is not None:
+            extra += f" → {control.aim():,.0f}  λ {state['lam']:.3g}"
+        run.bar.epoch(epoch, run.info(scores, extra))
+        run.epoch_done("search", epoch, {"val": scores, "cost": c})
+
+    def _choose(self, epoch: int) -> bool:
+        """The chosen architecture: the best qualifying epoch, else (with a target) the last one
+        forced onto the target; returns whether it was forced."""
+        ckpt, rec = self.run.ckpt, self.rec
+        if self.state["best_epoch"] is not None:
+            self.model = self.method.build(ckpt.load_graph(rec["best_file"]), self.cost_fn)
+            return False
+        if self.target is not None:
+            if not self.model.enforce_target(self.cost_fn, self.target):
+                raise PlinioOnnxError(f"the search could not reach the target ({self.target:,.0f}); "
+                                      "try a larger target or more --epochs")
+            rec["best_file"] = ckpt.save_graph(self.model.searchable_graph(), "search-best-fallback.onnx")
+            return True
+        rec["best_file"] = self.current_file if epoch else ckpt.save_graph(self.model.searchable_graph(),
+                                                                           "search-e0000.onnx")
+        return False
+
+    def _finish(self, epoch: int, stopped: str, fallback: bool) -> dict:
+        state, model, run = self.state, self.model, self.run
+        model.eval()
+        with torch.no_grad():
+            final_scores = run.evaluate(model)
+            final_cost = float(self._cost())
+        info = {"epochs": epoch, "best_epoch": state["best_epoch"], "val_loss": final_scores["loss"],
+                "val_metric": final_scores[run.task.metric], "cost": final_cost, "lr_nas": self.lr_nas,
+                "strength": state["strength"], "lambda": state["lam"] if self.target is not None else None,
+                "target_met_epoch": state["met_epoch"], "fallback": fallback, "stopped": stopped,
+                "initial_val_loss": state["initial"]["loss"], "initial_cost": state["initial_cost"],
+                "history": state["history"], "seconds": self.elapsed + time.perf_counter() - self.t0,
+                "best_file": self.rec["best_file"], "architecture": model.architecture()}
+        # The chosen searchable graph under a stable name: `plinio-onnx export` takes it.
+        info["best_file"] = run.ckpt.save_graph(model.searchable_graph(), "search.best.onnx")
+        run.ckpt.commit("search", {"done": True, "best_file": info["best_file"], "info": info, "budget": self.epochs})
+        run.bar.stop()
+        return info
