@@ -47,7 +47,8 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
                        description="SEARCHABLE.onnx (e.g. OUT.ckpt/search.best.onnx) → finalized, "
                                    "deployable OUT.onnx (masks applied, no ai.plinio nodes); with "
                                    "--training-artifacts, ONNX Runtime on-device training artifacts "
-                                   "of the exported (or a deployable) model.")
+                                   "of the exported (or a deployable) model; a QDQ model fine-tuned "
+                                   "with them (FakeQuant nodes) → standard QDQ OUT.onnx.")
     p.add_argument("model", metavar="SEARCHABLE_OR_DEPLOYABLE.onnx",
                    help="a searchable .onnx checkpoint (or, with --training-artifacts, a deployable model)")
     p.add_argument("-o", "--output", default=None, metavar="OUT.onnx",
@@ -88,7 +89,13 @@ def _export(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     model = args.model
-    if args.output is not None:
+    from .requantize import holds_fake_quantizers
+    if args.output is not None and holds_fake_quantizers(args.model):
+        from .requantize import requantize   # a fine-tuned QDQ model back to standard QDQ
+        requantize(args.model).save(args.output)
+        print(f"{args.output}: fine-tuned QDQ model, FakeQuant → QuantizeLinear/DequantizeLinear")
+        model = args.output
+    elif args.output is not None:
         from .search import export_searchable
         graph, method = export_searchable(args.model, args.output)
         from .cost import params, macs, total

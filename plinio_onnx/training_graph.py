@@ -18,9 +18,10 @@ things in a deployable model would make what it trains differ from what it deplo
   FakeQuant; an integer weight under a (per-channel) ``DequantizeLinear`` becomes its float
   value ``W`` → ``W / s → FakeQuant(1, 0, range) → · s`` (FakeQuant takes one scale per
   tensor; dividing first gives the per-channel rounding), each channel clamped to its recorded
-  bit-width (``mps.bit_widths``; the container's range without it); integer biases become
-  float biases, trained unquantized. The eval and inference models keep FakeQuant, which
-  ONNX Runtime training builds (the ones that run on-device training) execute.
+  bit-width (``mps.bit_widths``; the container's range without it); an int32 bias the same way
+  in its accumulator scale, so the trained forward is exactly the integer model's. The eval
+  and inference models keep FakeQuant, which ONNX Runtime training builds (the ones that run
+  on-device training) execute; `plinio_onnx.requantize` writes standard QDQ back.
 
 Every other node is kept as it is. The result is standard ONNX at the input's opset.
 """
@@ -47,8 +48,8 @@ PARAMETER_INPUTS: dict[str, tuple[int, ...]] = {
 #: Elementwise ops whose constant operand is a parameter only when it holds a vector (a bias,
 #: a per-channel scale); a scalar there is a fixed constant of the architecture.
 _ELEMENTWISE = ("Add", "Sub", "Mul")
-#: Inputs of a layer that read its weights (a fake-quantized integer weight goes there).
-_WEIGHT_INPUTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (0, 1), "MatMul": (0, 1)}
+#: Inputs of a layer that read its weights and bias (a fake-quantized integer tensor goes there).
+_QUANTIZED_PARAMETER_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
 #: ONNX Runtime's contrib domain, where its training op FakeQuant lives.
 _MS_DOMAIN = "com.microsoft"
 _BITS_METADATA_KEY = "mps.bit_widths"
@@ -217,8 +218,8 @@ def _quantize_chain(graph: Graph, q: gs.Node) -> tuple[list[gs.Node], gs.Node | 
 
 
 def _fake_quantize_weights(graph: Graph, bits: dict[str, np.ndarray]) -> tuple[set[str], set[str]]:
-    """Integer constants under DequantizeLinear → float initializers: a layer's weights
-    fake-quantized, a bias (or other constant) plain. Returns (weights, quantizer constants)."""
+    """Integer constants under DequantizeLinear → float initializers: a layer's weights and
+    bias fake-quantized, any other constant plain. Returns (parameters, quantizer constants)."""
     g = graph.gs
     weights: set[str] = set()
     constants: set[str] = set()
@@ -235,18 +236,19 @@ def _fake_quantize_weights(graph: Graph, bits: dict[str, np.ndarray]) -> tuple[s
         value = gs.Constant(f"{stored.name}.float", ((q.astype(np.float32) - zero_b) * scale.reshape(
             along if scale.size > 1 else ())).astype(np.float32))
         readers = list(dq.outputs[0].outputs)
-        is_weight = q.dtype in (np.int8, np.uint8) and readers and all(
-            i in _WEIGHT_INPUTS.get(r.op, ()) for r in readers for i, t in enumerate(r.inputs)
-            if t is dq.outputs[0])
-        if not is_weight:  # a bias (int32) or another constant: a plain float initializer
+        is_parameter = q.dtype in (np.int8, np.uint8, np.int32) and readers and all(
+            i in _QUANTIZED_PARAMETER_INPUTS.get(r.op, ()) for r in readers
+            for i, t in enumerate(r.inputs) if t is dq.outputs[0])
+        if not is_parameter:  # another constant: a plain float initializer
             _replace(dq, value)
             continue
         if np.any(zero != 0):
             raise PlinioOnnxError("fine-tuning needs symmetric weight quantization (zero point 0)",
                                   file=graph.source, node=dq.name, op=dq.op)
         weights.add(value.name)
-        constants |= _write_weight_fake_quant(g, dq, value, scale, along,
-                                              bits.get(readers[0].name),
+        # the recorded bit-widths are the weights'; a bias (int32) keeps its container's range
+        layer_bits = bits.get(readers[0].name) if q.dtype != np.int32 else None
+        constants |= _write_weight_fake_quant(g, dq, value, scale, along, layer_bits,
                                               _integer_range(graph, stored, q.dtype))
     g.cleanup().toposort()
     return weights, constants

@@ -11,6 +11,7 @@ from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
 import plinio_onnx as po
 from plinio_onnx.cli import main
+from plinio_onnx.requantize import requantize
 from plinio_onnx.runtime import ort_session
 from plinio_onnx.training_artifacts import ARTIFACT_NAMES
 from plinio_onnx.training_graph import prepare_for_training
@@ -129,6 +130,39 @@ def test_qdq_fine_tunes_with_fake_quant_and_exports_what_it_trained(tmp_path):
     frozen = [n for n in artifacts.frozen if n in trained]
     assert frozen and all(np.array_equal(initial[n], trained[n]) for n in frozen)
 
+    # back to standard QDQ (CLI export): the fine-tuned network with integer weights and biases,
+    # the same nodes as the input export, computing what the artifacts trained
+    out = tmp_path / "fine_tuned_qdq.onnx"
+    assert main(["export", str(result["inference"]), "-o", str(out)]) == 0
+    requantized, original = onnx.load(str(out)), onnx.load(str(path))
+    assert sorted(n.op_type for n in requantized.graph.node) == sorted(n.op_type for n in original.graph.node)
+    assert {o.domain for o in requantized.opset_import} == {""}
+    stored = {t.name: t for t in requantized.graph.initializer}
+    for node in requantized.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in stored:
+            assert stored[node.input[0]].data_type in (TensorProto.INT8, TensorProto.INT32)
+    got = ort_session(requantized, optimize=False).run(None, {"input": x})[0]
+    assert relative_error(result["after"][1], got) <= 1e-6
+
+
+def test_requantizing_untrained_artifacts_gives_back_the_qdq_export(tmp_path):
+    """Fake quantizers and their inverse are exact: no training → the same integers."""
+    path = _mixed_precision_qdq().save(tmp_path / "mps.onnx")
+    artifacts = po.training_artifacts(path, tmp_path / "artifacts")
+    state = CheckpointState.load_checkpoint(str(artifacts.checkpoint))
+    module = Module(str(artifacts.training_model), state, str(artifacts.eval_model))
+    module.export_model_for_inferencing(str(tmp_path / "inference.onnx"), list(artifacts.outputs))
+    requantized = requantize(tmp_path / "inference.onnx").to_onnx()
+    original = onnx.load(str(path))
+    values = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    integers = [t for t in requantized.graph.initializer if t.data_type in (TensorProto.INT8, TensorProto.INT32)]
+    assert len(integers) >= 10
+    for tensor in integers:
+        assert np.array_equal(numpy_helper.to_array(tensor), values[tensor.name]), tensor.name
+    x = _digits(128)[0]
+    expected = ort_session(original, optimize=False).run(None, {"input": x})[0]
+    assert np.array_equal(expected, ort_session(requantized, optimize=False).run(None, {"input": x})[0])
+
 
 def test_cli_export_of_a_searchable_checkpoint_with_training_artifacts(tmp_path, capsys):
     model = po.PIT(MODELS / "digits_cnn.onnx")
@@ -145,6 +179,10 @@ def test_cli_export_of_a_searchable_checkpoint_with_training_artifacts(tmp_path,
     state = CheckpointState.load_checkpoint(str(folder / "checkpoint"))
     assert tuple(state.parameters["conv1.weight"].data.shape) == tuple(pruned["conv1.weight"])
     assert pruned["conv1.weight"][0] < 16
+    # the Python call finalizes the searchable checkpoint the same way
+    direct = po.training_artifacts(searchable, tmp_path / "direct")
+    state = CheckpointState.load_checkpoint(str(direct.checkpoint))
+    assert tuple(state.parameters["conv1.weight"].data.shape) == tuple(pruned["conv1.weight"])
     # a deployable model straight to artifacts, mse loss, SGD
     again = tmp_path / "again"
     assert main(["export", str(out), "--training-artifacts", str(again), "--loss", "mse",
