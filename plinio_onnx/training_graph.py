@@ -78,6 +78,7 @@ def prepare_for_training(graph: Graph, *, frozen: tuple[str, ...] = ()) -> Train
     """
     graph = graph.copy()
     _refuse_foreign_domains(graph)
+    _name_nodes(graph)
     quantized = any(node.op in ("QuantizeLinear", "DequantizeLinear") for node in graph.nodes)
     weights: set[str] = set()
     quantizer_constants: set[str] = set()
@@ -88,9 +89,20 @@ def prepare_for_training(graph: Graph, *, frozen: tuple[str, ...] = ()) -> Train
     model = graph.to_onnx(check=False)
     if quantized and all(o.domain != _MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(_MS_DOMAIN, 1))
-    onnx.checker.check_model(model)
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as err:
+        raise PlinioOnnxError(f"the graph prepared for training fails the ONNX checker: "
+                              f"{' '.join(str(err).split())[:300]}", file=graph.source) from None
     trainable, frozen_names = _split_parameters(model, set(frozen), quantizer_constants, weights)
     return TrainingGraph(model, tuple(trainable), tuple(frozen_names), quantized)
+
+
+def _name_nodes(graph: Graph) -> None:
+    """Every node gets a name: the rewrites name what they write after the node they replace."""
+    for index, node in enumerate(graph.nodes):
+        if not node.name:
+            node.name = f"{node.op}_{index}"
 
 
 def _refuse_foreign_domains(graph: Graph) -> None:
