@@ -180,9 +180,9 @@ def _located(err: Exception, source: str | None) -> PlinioOnnxError:
         return PlinioOnnxError("ONNX Runtime training cannot differentiate this op; freeze the "
                                "weights before it (frozen=...) or replace the op",
                                file=source, node=node, op=op)
-    enforced = re.search(r"(?:was false\.|Expected[: ]) ?(.*)$", text)
-    return PlinioOnnxError("ONNX Runtime cannot build the training graph: "
-                           + (enforced.group(1) if enforced else text)[:400], file=source)
+    # drop the C++ location and signature ORT puts before its own words
+    reason = re.sub(r"^\S+\.(?:cc|h):\d+ .*?\) (?:const )?", "", text)
+    return PlinioOnnxError("ONNX Runtime cannot build the training graph: " + reason[-400:], file=source)
 
 
 def _check_versions(path: Path, source: str | None) -> None:

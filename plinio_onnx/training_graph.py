@@ -81,11 +81,13 @@ def prepare_for_training(graph: Graph, *, frozen: tuple[str, ...] = ()) -> Train
     _name_nodes(graph)
     quantized = any(node.op in ("QuantizeLinear", "DequantizeLinear") for node in graph.nodes)
     weights: set[str] = set()
-    quantizer_constants: set[str] = set()
+    fixed: set[str] = set()   # constants the rewrites add that must not train
     if quantized:
-        weights, quantizer_constants = _fake_quantize_weights(graph, _weight_bits(graph))
-        quantizer_constants |= _fake_quantize_activations(graph)
+        weights, fixed = _fake_quantize_weights(graph, _weight_bits(graph))
+        fixed |= _fake_quantize_activations(graph)
     _freeze_batchnorm(graph)
+    fixed |= _average_pools_as_convolutions(graph)
+    _layer_norm_statistics(graph)
     model = graph.to_onnx(check=False)
     if quantized and all(o.domain != _MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(_MS_DOMAIN, 1))
@@ -94,7 +96,7 @@ def prepare_for_training(graph: Graph, *, frozen: tuple[str, ...] = ()) -> Train
     except onnx.checker.ValidationError as err:
         raise PlinioOnnxError(f"the graph prepared for training fails the ONNX checker: "
                               f"{' '.join(str(err).split())[:300]}", file=graph.source) from None
-    trainable, frozen_names = _split_parameters(model, set(frozen), quantizer_constants, weights)
+    trainable, frozen_names = _split_parameters(model, set(frozen), fixed, weights)
     return TrainingGraph(model, tuple(trainable), tuple(frozen_names), quantized)
 
 
@@ -115,6 +117,50 @@ def _refuse_foreign_domains(graph: Graph) -> None:
                 f"ops of domain {node.domain!r} have no gradient in ONNX Runtime")
         raise PlinioOnnxError(f"{len(foreign)} node(s) outside the ONNX domain; {what}",
                               file=graph.source, node=node.name, op=node.op)
+
+
+# -- ops whose ORT gradient needs another form -----------------------------------------------------
+def _average_pools_as_convolutions(graph: Graph) -> set[str]:
+    """AveragePool → a depthwise Conv with a frozen 1/k kernel (the same sums and divisor).
+
+    ORT 1.19's AveragePoolGrad sizes its result from the graph's static shapes, so a symbolic
+    batch dimension crashes it; ConvGrad takes the runtime shape. Exact where the divisor is the
+    kernel size: count_include_pad=1 or no padding, and no ceil_mode. Returns the kernels' names.
+    """
+    kernels: set[str] = set()
+    for node in [n for n in graph.gs.nodes if n.op == "AveragePool"]:
+        x = node.inputs[0]
+        kernel = list(node.attrs["kernel_shape"])
+        pads = list(node.attrs.get("pads", [0] * 2 * len(kernel)))
+        auto_pad = node.attrs.get("auto_pad", "NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        padded = any(pads) or auto_pad not in ("NOTSET", "VALID")
+        channels = x.shape[1] if x.shape is not None and len(x.shape) > 1 else None
+        if (padded and not node.attrs.get("count_include_pad", 0)) or node.attrs.get("ceil_mode", 0) \
+                or not isinstance(channels, (int, np.integer)):
+            raise PlinioOnnxError(
+                "ONNX Runtime training differentiates AveragePool only with a static batch size; "
+                "as a convolution it needs a known channel count, no ceil_mode and, with "
+                "padding, count_include_pad=1", file=graph.source, node=node.name, op=node.op)
+        weight = gs.Constant(f"{node.name}.averaging_kernel", np.full(
+            [int(channels), 1] + kernel, 1.0 / float(np.prod(kernel)), dtype=np.float32))
+        attrs = {"kernel_shape": kernel, "strides": list(node.attrs.get("strides", [1] * len(kernel))),
+                 "dilations": list(node.attrs.get("dilations", [1] * len(kernel))), "group": int(channels)}
+        attrs.update({"pads": pads} if auto_pad == "NOTSET" else {"auto_pad": auto_pad})
+        graph.gs.nodes.append(gs.Node("Conv", node.name, inputs=[x, weight], outputs=list(node.outputs),
+                                      attrs=attrs))
+        node.inputs.clear()
+        node.outputs.clear()
+        kernels.add(weight.name)
+    graph.gs.cleanup().toposort()
+    return kernels
+
+
+def _layer_norm_statistics(graph: Graph) -> None:
+    """LayerNormalization's optional Mean and InvStdDev outputs, which its ORT gradient reads."""
+    for node in [n for n in graph.gs.nodes if n.op == "LayerNormalization" and len(n.outputs) < 3]:
+        while len(node.outputs) < 3:
+            node.outputs.append(gs.Variable(f"{node.name}.statistic{len(node.outputs)}", dtype=np.float32))
 
 
 # -- batch normalization -------------------------------------------------------------------------
@@ -318,10 +364,11 @@ def _replace(node: gs.Node, constant: gs.Constant) -> None:
 
 
 # -- which parameters train ---------------------------------------------------------------------
-def _split_parameters(model: onnx.ModelProto, frozen: set[str], quantizer_constants: set[str],
+def _split_parameters(model: onnx.ModelProto, frozen: set[str], fixed: set[str],
                       weights: set[str]) -> tuple[list[str], list[str]]:
     """Float initializers read only at weight/bias positions (and the fake-quantized
-    ``weights``) train; the others, the user's ``frozen`` and the quantizers' constants not."""
+    ``weights``) train; the others, the user's ``frozen`` and the rewrites' ``fixed`` constants
+    (quantizers, averaging kernels) not."""
     floats = {t.name: t for t in model.graph.initializer
               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                                  onnx.TensorProto.FLOAT16)}
@@ -340,5 +387,5 @@ def _split_parameters(model: onnx.ModelProto, frozen: set[str], quantizer_consta
             ok = ok or name in weights
             trainable_positions[name] = trainable_positions.get(name, True) and ok
     trainable = [name for name, ok in trainable_positions.items()
-                 if ok and name not in frozen and name not in quantizer_constants]
+                 if ok and name not in frozen and name not in fixed]
     return trainable, [name for name in floats if name not in trainable]

@@ -11,12 +11,13 @@ from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
 import plinio_onnx as po
 from plinio_onnx.cli import main
+from plinio_onnx.data import random_inputs
 from plinio_onnx.requantize import requantize
 from plinio_onnx.runtime import ort_session
 from plinio_onnx.training_artifacts import ARTIFACT_NAMES
 from plinio_onnx.training_graph import prepare_for_training
 
-from _util import MODELS, random_architecture, relative_error
+from _util import MODELS, ZOO_NAMES, random_architecture, relative_error
 
 DIGITS = np.load(MODELS / "digits.npz")
 
@@ -77,6 +78,37 @@ def test_float_digits_cnn_fine_tunes_and_exports_what_it_trained(tmp_path):
     # before training the eval forward is the input model
     reference = ort_session(onnx.load(str(MODELS / "digits_cnn.onnx"))).run(None, {"input": result["x"]})[0]
     assert relative_error(reference, result["before"][1]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ZOO_NAMES)
+def test_zoo_artifacts_train_and_evaluate_the_input_model(name, tmp_path):
+    """Every zoo model (BN, average pools, LayerNorm, depthwise and dilated convs, attention):
+    the eval forward is the input model, the loss falls, the inference export is the eval."""
+    graph = po.load(MODELS / f"{name}.onnx")
+    artifacts = po.training_artifacts(MODELS / f"{name}.onnx", tmp_path / "artifacts", loss="mse")
+    assert not any(n.endswith(".averaging_kernel") for n in artifacts.trainable)
+    feeds = random_inputs(graph, batch=4, seed=0)
+    reference = ort_session(graph.to_onnx()).run(None, feeds)
+    state = CheckpointState.load_checkpoint(str(artifacts.checkpoint))
+    module = Module(str(artifacts.training_model), state, str(artifacts.eval_model))
+    optimizer = Optimizer(str(artifacts.optimizer_model), module)
+    target = np.zeros_like(reference[0])
+    module.eval()
+    before = module(*feeds.values(), target)
+    for expected, got in zip(reference, before[1:]):
+        assert relative_error(expected, got) <= 1e-5
+    module.train()
+    for _ in range(3):
+        module(*feeds.values(), target)
+        optimizer.step()
+        module.lazy_reset_grad()
+    module.eval()
+    after = module(*feeds.values(), target)
+    assert after[0] < before[0]
+    module.export_model_for_inferencing(str(tmp_path / "inference.onnx"), list(artifacts.outputs))
+    got = ort_session(onnx.load(str(tmp_path / "inference.onnx"))).run(None, feeds)
+    for expected, value in zip(after[1:], got):
+        assert relative_error(expected, value) <= 1e-5
 
 
 def test_frozen_batchnorm_forward_equals_the_input_model():
@@ -211,6 +243,18 @@ def test_bad_inputs_are_one_clear_error(tmp_path, capsys):
     with pytest.raises(po.PlinioOnnxError, match=r"node 'the_round' \(Round\)"):
         po.training_artifacts(proto, tmp_path / "b", loss="mse")
     assert not (tmp_path / "b").exists()
+    # an average pool whose divisor depends on the position: no exact convolution form
+    pool = helper.make_graph(
+        [helper.make_node("Conv", ["x", "K"], ["c"], name="conv", kernel_shape=[1, 1]),
+         helper.make_node("AveragePool", ["c"], ["y"], name="border_pool", kernel_shape=[3, 3],
+                          pads=[1, 1, 1, 1], count_include_pad=0)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 6, 6])],
+        [numpy_helper.from_array(np.ones((2, 2, 1, 1), np.float32), "K")])
+    proto = helper.make_model(pool, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    with pytest.raises(po.PlinioOnnxError, match=r"node 'border_pool' \(AveragePool\).*count_include_pad"):
+        po.training_artifacts(proto, tmp_path / "b", loss="mse")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left
     # a folder with other files is never overwritten; the input model never
     busy = tmp_path / "busy"
