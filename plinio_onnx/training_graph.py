@@ -1,8 +1,8 @@
 """The forward graph that ONNX Runtime's training API fine-tunes, made from a deployable model.
 
-ONNX Runtime builds the gradient graph of a model offline (`onnxruntime.training.artifacts`); two
-things in a deployable model would make what it trains differ from what it deploys, and
-`prepare_for_training` rewrites both so that the trained forward is the deployed forward:
+ONNX Runtime builds the gradient graph of a model offline (`onnxruntime.training.artifacts`).
+`prepare_for_training` rewrites what would make the trained forward differ from the deployed
+one, or what ORT 1.19's gradient kernels cannot take, into equal forms:
 
 * ``BatchNormalization`` becomes a training-mode batch norm in ORT's gradient graph (batch
   statistics, running statistics never written back). Fine-tuning on a device with small
@@ -22,8 +22,12 @@ things in a deployable model would make what it trains differ from what it deplo
   in its accumulator scale, so the trained forward is exactly the integer model's. The eval
   and inference models keep FakeQuant, which ONNX Runtime training builds (the ones that run
   on-device training) execute; `plinio_onnx.requantize` writes standard QDQ back.
+* ``AveragePool`` becomes the equal depthwise ``Conv`` with a frozen 1/k kernel (ORT's
+  AveragePoolGrad sizes its result from static shapes and crashes on a symbolic batch);
+  ``LayerNormalization`` gets its optional statistics outputs, which its gradient reads.
 
-Every other node is kept as it is. The result is standard ONNX at the input's opset.
+Every other node is kept as it is. The result is ONNX at the input's opset (plus the
+``com.microsoft`` domain for FakeQuant in quantized models).
 """
 from __future__ import annotations
 
