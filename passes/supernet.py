@@ -307,6 +307,13 @@ def _conv_attrs(node: gs.Node, spatial: int, **changes) -> dict:
     return attrs
 
 
+def _pointwise_attrs(spatial: int) -> dict:
+    """A 1×1 convolution's attributes, all explicit (consumers such as qonnx's channels-last
+    conversion require strides, pads and dilations even where ONNX has defaults)."""
+    return {"kernel_shape": [1] * spatial, "strides": [1] * spatial, "pads": [0] * (2 * spatial),
+            "dilations": [1] * spatial, "group": 1}
+
+
 def _resolve_rank(arg, smallest: int) -> tuple[int, bool] | str:
     """(rank, given as an int); a float is a fraction of ``smallest``."""
     if isinstance(arg, bool) or not isinstance(arg, (int, float, np.integer, np.floating)):
@@ -405,7 +412,7 @@ def _conv_separable(region: _Region, arg, explicit: bool) -> _Candidate | str:
             attrs["auto_pad"] = node.attrs["auto_pad"]
         h = e.node("Conv", "depthwise", [region.x, e.const("depthwise", depthwise)], attrs)
         inputs = [h, e.const("pointwise", pointwise)] + ([e.const("bias", bias.copy())] if bias is not None else [])
-        return e.node("Conv", "pointwise", inputs, {"kernel_shape": [1] * spatial, "group": 1})
+        return e.node("Conv", "pointwise", inputs, _pointwise_attrs(spatial))
     return _Candidate("separable", emit)
 
 
@@ -460,7 +467,7 @@ def _conv_rank(region: _Region, arg, explicit: bool) -> _Candidate | str:
             attrs["auto_pad"] = node.attrs["auto_pad"]
         h = e.node("Conv", "reduce", [region.x, e.const("reduce", first)], attrs)
         inputs = [h, e.const("expand", second)] + ([e.const("bias", bias.copy())] if bias is not None else [])
-        return e.node("Conv", "expand", inputs, {"kernel_shape": [1] * spatial, "group": 1})
+        return e.node("Conv", "expand", inputs, _pointwise_attrs(spatial))
     return _Candidate(f"rank{rank}", emit)
 
 

@@ -8,7 +8,8 @@ from .methods import MPS, PIT, SuperNet
 from .optimize import optimize
 from .sync import sync
 from .to_torch import to_torch
+from .training_artifacts import training_artifacts
 
 __all__ = ["MPS", "PIT", "SuperNet", "Graph", "ModelLoadError", "PlinioOnnxError", "UnsupportedOpError",
-           "cost", "finalize", "load", "optimize", "passes", "sync", "to_torch"]
+           "cost", "finalize", "load", "optimize", "passes", "sync", "to_torch", "training_artifacts"]
 __version__ = "0.1.0"

@@ -24,9 +24,21 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="turn a searchable checkpoint into the deployable ONNX model",
                        description="SEARCHABLE.onnx (e.g. OUT.ckpt/search.best.onnx) → finalized, "
-                                   "deployable OUT.onnx (masks applied, no ai.plinio nodes).")
-    p.add_argument("model", metavar="SEARCHABLE.onnx", help="a searchable .onnx checkpoint")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="output .onnx file")
+                                   "deployable OUT.onnx (masks applied, no ai.plinio nodes); with "
+                                   "--training-artifacts, ONNX Runtime on-device training artifacts "
+                                   "of the exported (or a deployable) model; a QDQ model fine-tuned "
+                                   "with them (FakeQuant nodes) → standard QDQ OUT.onnx.")
+    p.add_argument("model", metavar="SEARCHABLE_OR_DEPLOYABLE.onnx",
+                   help="a searchable .onnx checkpoint (or, with --training-artifacts, a deployable model)")
+    p.add_argument("-o", "--output", default=None, metavar="OUT.onnx",
+                   help="output .onnx file (required without --training-artifacts)")
+    p.add_argument("--training-artifacts", default=None, metavar="DIR",
+                   help="write ONNX Runtime training artifacts (training, eval and optimizer models, "
+                        "checkpoint) into DIR for on-device fine-tuning")
+    p.add_argument("--loss", default="cross_entropy", metavar="NAME",
+                   help="loss of the training artifacts: cross_entropy (default), mse, bce_with_logits, l1")
+    p.add_argument("--optimizer", default="adamw", metavar="NAME",
+                   help="optimizer of the training artifacts: adamw (default) or sgd")
     p.set_defaults(run=_export)
     _one_line_errors(p)
 
@@ -47,8 +59,27 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .optimize import export_searchable
-    graph, method = export_searchable(args.model, args.output)
-    from .cost import params, macs, total
-    print(f"{args.output}: {method} → {total(graph, params):,} params, {total(graph, macs):,} MACs")
+    if args.output is None and args.training_artifacts is None:
+        print("plinio-onnx export: error: give -o OUT.onnx, --training-artifacts DIR or both",
+              file=sys.stderr)
+        return 2
+    model = args.model
+    from .requantize import holds_fake_quantizers
+    if args.output is not None and holds_fake_quantizers(args.model):
+        from .requantize import requantize   # a fine-tuned QDQ model back to standard QDQ
+        requantize(args.model).save(args.output)
+        print(f"{args.output}: fine-tuned QDQ model, FakeQuant → QuantizeLinear/DequantizeLinear")
+        model = args.output
+    elif args.output is not None:
+        from .optimize import export_searchable
+        graph, method = export_searchable(args.model, args.output)
+        from .cost import params, macs, total
+        print(f"{args.output}: {method} → {total(graph, params):,} params, {total(graph, macs):,} MACs")
+        model = args.output
+    if args.training_artifacts is not None:
+        from .training_artifacts import training_artifacts
+        result = training_artifacts(model, args.training_artifacts, loss=args.loss, optimizer=args.optimizer)
+        print(f"{result.directory}: ONNX Runtime training artifacts, {len(result.trainable)} trainable "
+              f"tensors ({'QDQ quantizers as fake-quant' if result.quantized else 'float'}), "
+              f"loss {result.loss} on {result.loss_output!r} with labels {result.label_input!r}")
     return 0
