@@ -279,8 +279,10 @@ class AdaptiveTarget(_Targeted):
     model's — so λ answers what export would write. ``strength``: the first λ (a good value: the
     warm-up task loss).
 
-    ``state``: a mapping that holds λ and the step count (``{"step": s, "lam": {name: λ}}``),
-    e.g. a training loop's checkpointed record; a new one by default.
+    ``state``: a mapping that holds the step count, λ and the initial costs (``{"step": s,
+    "lam": {name: λ}, "initial": {name: C(0)}}``, names by `cost_label`), e.g. a training loop's
+    checkpointed record; a new one by default. Handing the same state to a new regularizer
+    resumes it where it was.
     """
 
     def __init__(self, targets: Mapping[CostRef, TargetValue], total_steps: int, *, strength: float = 1.0,
@@ -300,6 +302,14 @@ class AdaptiveTarget(_Targeted):
             lam.setdefault(cost_label(cost), _positive(strength, "strength"))
         #: The costs seen by the last call (before the optimizer step), by label.
         self.last: dict[str, float] = {}
+
+    def start(self, model: Any = None, *, initial: Mapping[CostRef, float] | None = None) -> None:
+        """As `Constraint.start`; a state that already holds initial costs (a resumed run) keeps them."""
+        stored = self.state.get("initial")
+        if initial is None and stored and all(cost_label(c) in stored for c in self.target_values):
+            initial = {c: stored[cost_label(c)] for c in self.target_values}
+        super().start(model, initial=initial)
+        self.state["initial"] = {cost_label(c): value for c, value in self.initial.items()}
 
     def strength(self, cost: CostRef) -> float:
         """λ of ``cost`` now."""

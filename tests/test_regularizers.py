@@ -275,7 +275,7 @@ def test_adaptive_target_equals_the_optimize_flow_on_a_scripted_cost_sequence():
         current["cost"] = torch.tensor(float(cost), dtype=torch.float64, requires_grad=True)
         expected = flow_term()
         got = ours.penalty({"params": current["cost"]})
-        assert float(got) == float(expected)
+        assert float(got.detach()) == float(expected.detach())
         assert ours.aim() == flow.aim() == pytest.approx(max(50.0, 100.0 * 0.5 ** (step / 12)))
         flow.after_step()
         ours.after_step()
@@ -309,6 +309,17 @@ def test_adaptive_target_by_hand_on_a_model_with_two_costs():
     assert state["lam"] == pytest.approx({"params": 2.02 * 0.99, "latency": 2.02 * 0.99})
     with pytest.raises(PlinioOnnxError, match="name the cost"):
         reg.aim()
+    # The state is the checkpoint: a new regularizer on it resumes (initial costs, λ, step).
+    assert state["initial"] == {"params": FULL_PARAMS, "latency": FULL_LATENCY} and state["step"] == 3
+    resumed = AdaptiveTarget({"params": "25%", latency: 10000}, total_steps=10, strength=5.0, state=state)
+    with torch.no_grad():
+        resumed(model)   # started from the state, not from the pruned model it is called on
+        assert resumed.targets == {"params": t_params, latency: t_latency}
+        value = float(resumed(_pit()))
+    lam, progress = 2.02 * 0.99, 3 / 4
+    aims = FULL_PARAMS * 0.25 ** progress, FULL_LATENCY * (t_latency / FULL_LATENCY) ** progress
+    assert value == pytest.approx(lam * (FULL_PARAMS - 0.97 * aims[0]) / t_params
+                                  + lam * (FULL_LATENCY - 0.97 * aims[1]) / t_latency)
 
 
 # -- a short search on real data ------------------------------------------------------------------
