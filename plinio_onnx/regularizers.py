@@ -30,19 +30,15 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping, Union
 
 import torch
 
-from .errors import PlinioOnnxError
+from .errors import RegularizerError
 
 #: A cost: its name (a named cost of the model or a built-in cost model) or a cost function.
 CostRef = Union[str, Callable[..., Any]]
 #: A target: an absolute number, or a fraction of the initial cost written ``"30%"``.
 TargetValue = Union[int, float, str]
 
-__all__ = ["AdaptiveTarget", "Constraint", "CostRef", "DUCCIO", "Linear", "Regularizer", "TargetValue",
-           "cost_label"]
-
-
-class RegularizerError(PlinioOnnxError):
-    """A regularizer was given inconsistent costs, targets or strengths."""
+__all__ = ["AdaptiveTarget", "Constraint", "CostRef", "DUCCIO", "Linear", "Regularizer", "RegularizerError",
+           "TargetValue", "cost_label"]
 
 
 def cost_label(cost: CostRef) -> str:
@@ -304,7 +300,8 @@ class AdaptiveTarget(_Targeted):
         self.last: dict[str, float] = {}
 
     def start(self, model: Any = None, *, initial: Mapping[CostRef, float] | None = None) -> None:
-        """As `Constraint.start`; a state that already holds initial costs (a resumed run) keeps them."""
+        """Measure (or take) the initial costs and fix the targets; a state that already holds
+        initial costs (a resumed run) keeps them."""
         stored = self.state.get("initial")
         if initial is None and stored and all(cost_label(c) in stored for c in self.target_values):
             initial = {c: stored[cost_label(c)] for c in self.target_values}
