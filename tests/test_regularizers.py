@@ -207,6 +207,25 @@ def test_constraint_on_mps_and_supernet_reaches_their_parameters():
     assert supernet.logits("A").grad is not None and bool(torch.all(supernet.logits("A").grad != 0))
 
 
+def test_regularizers_on_combined_methods_reach_every_kind_of_parameter():
+    # PIT+MPS: a byte budget and a parameter budget move the precisions and the channel masks.
+    joint = po.MPS(_hand_graph(), cost={"size": "size", "params": "params"}, per_channel=False, pit=True)
+    joint.train()
+    Constraint({"size": "30%", "params": "50%"})(joint).backward()
+    moved = {name.rsplit(".", 1)[-1] for name in joint.module.initializer_names.values()
+             if (grad := joint.grad(name)) is not None and bool(grad.abs().sum() > 0)}
+    assert {"pit_alpha", "mps_w_alpha"} <= moved
+    # SuperNet+PIT: the logits and the masks.
+    both = po.SuperNet(_hand_graph(), cost={"macs": "macs", "latency": latency}, layers={"A": ["kernel:1"]},
+                       automatic=False, pit=True)
+    both.train()
+    DUCCIO({"macs": "50%", latency: "50%"}, task_loss=1.0)(both, 1, 4).backward()
+    moved = {name.rsplit(".", 1)[-1] for name in both.module.initializer_names.values()
+             if (grad := both.grad(name)) is not None and bool(grad.abs().sum() > 0)}
+    assert "pit_alpha" in moved and both.logits("A").grad is not None
+    assert bool(torch.all(both.logits("A").grad != 0))
+
+
 # -- DUCCIO ---------------------------------------------------------------------------------------
 def test_duccio_final_strengths_and_schedule_follow_the_paper():
     model = _pit()
