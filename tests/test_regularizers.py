@@ -310,7 +310,7 @@ def test_adaptive_target_by_hand_on_a_model_with_two_costs():
     penalty = reg(model)
     t_params, t_latency = FULL_PARAMS / 4, 10000.0
     # Step 0: the moving targets are the initial costs; the hinge aims at 0.97 of them.
-    assert float(penalty) == pytest.approx(2.0 * 0.03 * FULL_PARAMS / t_params + 2.0 * 0.03 * FULL_LATENCY / t_latency)
+    assert float(penalty.detach()) == pytest.approx(2.0 * 0.03 * FULL_PARAMS / t_params + 2.0 * 0.03 * FULL_LATENCY / t_latency)
     penalty.backward()
     assert _nas_gradient(model) > 0
     reg.after_step()   # both costs above their moving targets' relax band: no change…
