@@ -47,3 +47,7 @@ class UnsupportedOpError(PlinioOnnxError):
 
 class PassError(PlinioOnnxError):
     """A pass's precondition or postcondition failed."""
+
+
+class RegularizerError(PlinioOnnxError):
+    """A regularizer was given inconsistent costs, targets or strengths."""

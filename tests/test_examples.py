@@ -35,3 +35,18 @@ def test_mps_to_onnxruntime_example(tmp_path):
     assert out.exists() and out.with_suffix(".qonnx.onnx").exists()
     qdq_line = next(line for line in result.stdout.splitlines() if line.startswith("qdq"))
     assert float(qdq_line.split("accuracy")[1].split(",")[0]) > 0.8
+
+
+def test_regularizers_example_meets_two_targets(tmp_path):
+    out = tmp_path / "regularized.onnx"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "06_regularizers.py"),
+                             "--regularizer", "adaptive", "--warmup-epochs", "1", "--epochs", "4",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    targets = next(line for line in lines if line.startswith("targets:"))
+    target_params, target_macs = (float(v.split("'")[1].replace(",", "")) for v in targets.split(":")[2:4])
+    words = lines[-1].split()
+    params, macs = (int(words[i + 1].replace(",", "")) for i in (words.index("params"), words.index("MACs")))
+    assert out.exists() and params <= target_params and macs <= target_macs
+    assert float(words[-1]) > 0.85

@@ -81,7 +81,7 @@ class PIT(SearchableModel):
         # layers evaluated on `Sym` counts), then every call is one node giving all the counts
         # (`_count_vector`) and a few tensor ops. Other callables, and specs a polynomial cannot
         # express, run layer by layer, with each group's (and kernel's) count computed once.
-        cost = as_cost(cost)
+        cost = self.cost_fn(cost)
         compiled = self._cost_cache.get(cost, False)
         if compiled is False and not is_builtin_cost(cost):
             compiled = None

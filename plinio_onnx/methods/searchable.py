@@ -7,7 +7,7 @@ import math
 import numbers
 import os
 from fractions import Fraction
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -29,12 +29,30 @@ def as_graph(model: "str | os.PathLike | onnx.ModelProto | Graph") -> Graph:
     return model.copy() if isinstance(model, Graph) else load(model)
 
 
-def as_cost(cost: "CostFn | str") -> CostFn:
+def as_cost(cost: "CostFn | str", named: "Mapping[str, CostFn] | None" = None) -> CostFn:
+    """A cost model from itself or its name: one of ``named`` (a model's named costs) first, then
+    a built-in one."""
     if isinstance(cost, str):
+        if named and cost in named:
+            return named[cost]
         if cost not in BY_NAME:
-            raise PlinioOnnxError(f"unknown cost model {cost!r}; choose from {sorted(BY_NAME)}")
+            choices = sorted(set(BY_NAME) | set(named or ()))
+            raise PlinioOnnxError(f"unknown cost model {cost!r}; choose from {choices}")
         return BY_NAME[cost]
+    if not callable(cost):
+        raise PlinioOnnxError(f"a cost model is a function of a LayerSpec or its name, got {cost!r}")
     return cost
+
+
+def named_costs(cost: "CostFn | str | Mapping[str, CostFn | str]") -> dict[str, CostFn]:
+    """``{name: cost model}`` from one cost model (named after itself) or a mapping of them."""
+    if isinstance(cost, Mapping):
+        if not cost or not all(isinstance(name, str) and name for name in cost):
+            raise PlinioOnnxError("named costs: give a non-empty mapping {name: cost model}, "
+                                  "e.g. {'params': po.cost.params, 'latency': my_latency}")
+        return {name: as_cost(fn) for name, fn in cost.items()}
+    fn = as_cost(cost)
+    return {cost if isinstance(cost, str) else getattr(fn, "__name__", "cost"): fn}
 
 
 class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
@@ -45,11 +63,14 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
     the differentiable cost; ``.export(path)`` syncs, finalizes and saves.
     """
 
-    def __init__(self, graph: Graph, cost: "CostFn | str") -> None:
+    def __init__(self, graph: Graph, cost: "CostFn | str | Mapping[str, CostFn | str]") -> None:
         super().__init__()
         self.graph = graph
         self.module = to_torch(graph)
-        self.cost_model = as_cost(cost)
+        #: The named costs (``cost={"params": ..., "latency": ...}``; one cost: named after itself).
+        self.costs = named_costs(cost)
+        #: The primary cost model: the first named cost, what `.cost` computes.
+        self.cost_model = next(iter(self.costs.values()))
         self.specs = layer_specs(graph)
         self._onnx_to_attr = {onnx_name: attr for attr, onnx_name in self.module.initializer_names.items()}
         self._cost_cache: dict = {}  # per cost model: its `CompiledCost` (or None), see `compile_cost`
@@ -92,9 +113,14 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:
         return spec
 
+    def cost_fn(self, cost: "CostFn | str") -> CostFn:
+        """The cost model ``cost`` names: one of `costs`, else a built-in one (or ``cost`` itself)."""
+        return as_cost(cost, self.costs)
+
     def cost_of(self, cost: "CostFn | str") -> torch.Tensor:
-        """``cost`` summed over all layers at the current architecture (differentiable)."""
-        fn = as_cost(cost)
+        """``cost`` (a cost model, or the name of one of `costs` or of a built-in one) summed over
+        all layers at the current architecture (differentiable)."""
+        fn = self.cost_fn(cost)
         total = torch.zeros((), dtype=torch.float64)
         for spec in self.specs:
             total = total + fn(self.effective_spec(spec))
@@ -102,7 +128,9 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
 
     @property
     def cost(self) -> torch.Tensor:
-        """The cost model given at construction, summed over layers (differentiable)."""
+        """The primary cost — the cost model given at construction, or the first of the named
+        ones — summed over layers (differentiable). Several named costs are not summed: their
+        units differ (parameters, seconds, bytes); weigh them with a `plinio_onnx.regularizers`."""
         return self.cost_of(self.cost_model)
 
     # -- export -------------------------------------------------------------------------------

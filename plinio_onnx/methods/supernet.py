@@ -167,7 +167,7 @@ class SuperNet(SearchableModel):
     def branch_costs(self, choice: int | str, cost: "CostFn | str") -> list[Any]:
         """The cost of every branch of a Choice (its layers, through `effective_spec`)."""
         entry = self._choice(choice)
-        fn_ = as_cost(cost)
+        fn_ = self.cost_fn(cost)
         with self._counting():
             return [sum((fn_(self.effective_spec(s)) for s in specs), 0)
                     for specs in self._branch_specs[entry["id"]]]
@@ -176,7 +176,7 @@ class SuperNet(SearchableModel):
         """Σ (layers outside Choices) + Σ_choices Σ_i θ_i · cost(branch i), every layer through
         `effective_spec` (PIT-effective with ``pit``); float64, differentiable in the logits (and
         the PIT masks). Eval mode: the argmax branches' cost = the exported model's."""
-        fn_ = as_cost(cost)
+        fn_ = self.cost_fn(cost)
         total = torch.zeros((), dtype=torch.float64)
         with self._counting():
             for spec_ in self._outside:
@@ -233,7 +233,7 @@ class SuperNet(SearchableModel):
         """Greedily switch Choices to cheaper branches until the discrete cost is ≤ ``target``
         (each step takes the most probable cheaper branch); True on success. For targets a
         search did not reach."""
-        fn_ = as_cost(cost)
+        fn_ = self.cost_fn(cost)
         was_training = self.training
         self.eval()
         try:
