@@ -1,5 +1,5 @@
 """plinio-onnx: gradient-based DNN optimization (PIT, MPS, SuperNet) on ONNX graphs."""
-from . import cost, passes
+from . import cost, hardware, passes
 from .errors import ModelLoadError, PlinioOnnxError, UnsupportedOpError
 from .finalize import finalize
 from .graph import Graph
@@ -10,5 +10,5 @@ from .sync import sync
 from .to_torch import to_torch
 
 __all__ = ["MPS", "PIT", "SuperNet", "Graph", "ModelLoadError", "PlinioOnnxError", "UnsupportedOpError",
-           "cost", "finalize", "load", "optimize", "passes", "sync", "to_torch"]
+           "cost", "finalize", "hardware", "load", "optimize", "passes", "sync", "to_torch"]
 __version__ = "0.1.0"
