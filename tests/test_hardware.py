@@ -210,3 +210,67 @@ def test_user_profile_from_a_file(tmp_path):
         po.hardware.get(f"{path}:NOT_A_PROFILE")
     with pytest.raises(PlinioOnnxError, match="no such file"):
         po.hardware.get(f"{tmp_path / 'missing.py'}:PROFILE")
+
+
+# -- inspect --hardware -----------------------------------------------------------------------
+def _small_cnn(path) -> None:
+    """conv 3×3 16→32 (pad 1) on 8×8 → depthwise 3×3 32 → global average pool → flatten →
+    linear 32→10, all with bias: the conv, depthwise and linear layers of the tests above."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    def init(name, *shape):
+        return onnx.numpy_helper.from_array(np.full(shape, 0.01, np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Conv", ["a", "w2", "b2"], ["d"], name="dw", kernel_shape=[3, 3], pads=[1] * 4, group=32),
+             helper.make_node("GlobalAveragePool", ["d"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "small", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+                              [init("w1", 32, 16, 3, 3), init("b1", 32), init("w2", 32, 1, 3, 3), init("b2", 32),
+                               init("w3", 10, 32), init("b3", 10)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+@pytest.mark.parametrize("name, latency, energy", [
+    ("gap8", 17760 + 18432 + 16 * 3, None),                         # linear 32→10: ⌈32/2⌉·⌈10/4⌉
+    # ne16: 9 spatial tiles · 355; dw 9 · 2 · (67 + 160); linear n_in 2, 2·(33+k)+22+k at k = 10
+    ("ne16", 9 * 355 + 9 * 2 * 227 + 118, None),
+    # diana digital: 2304 + 384; dw 2304 + 512; linear 1·32·1·1·1 + 42/8
+    ("diana", 2688 + 2816 + 32 + 42 / 8, None),
+    # mpic: ops (conv 32·145·64, dw 32·10·64, linear 10·33) / 2.1 at 8×8 bits
+    ("mpic", (296960 + 20480 + 330) / 2.1, (296960 + 20480 + 330) / 2.1 / 250e6 * 5.3825e-3),
+])
+def test_inspect_reports_modelled_latency_and_energy(tmp_path, capsys, name, latency, energy):
+    import json
+
+    from plinio_onnx.cli import main
+    path = tmp_path / "small.onnx"
+    _small_cnn(path)
+    assert main(["inspect", str(path), "--hardware", name, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["latency"] == pytest.approx(latency, rel=1e-12)
+    assert [row["name"] for row in report["layers"]] == ["conv", "dw", "fc"]
+    assert sum(row["latency"] for row in report["layers"]) == pytest.approx(latency, rel=1e-12)
+    if energy is None:
+        assert report["energy"] is None and "energy" not in report["layers"][0]
+    else:
+        assert report["energy"] == pytest.approx(energy, rel=1e-12)
+    assert report["hardware"]["hardware"] == name and report["hardware"]["default_bits"] == 8
+
+
+def test_inspect_with_a_user_profile_and_a_bad_name(tmp_path, capsys):
+    from plinio_onnx.cli import main
+    path = tmp_path / "small.onnx"
+    _small_cnn(path)
+    (tmp_path / "board.py").write_text("import plinio_onnx as po\n"
+                                       "BOARD = po.hardware.HardwareProfile('board', latency=po.cost.macs)\n")
+    assert main(["inspect", str(path), "--hardware", f"{tmp_path / 'board.py'}:BOARD"]) == 0
+    out = capsys.readouterr().out
+    assert "latency" in out and "board: latency in cycles" in out
+    assert main(["inspect", str(path), "--hardware", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown hardware profile 'tpu'" in err and len(err.strip().splitlines()) == 1
