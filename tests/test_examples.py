@@ -35,3 +35,14 @@ def test_mps_to_onnxruntime_example(tmp_path):
     assert out.exists() and out.with_suffix(".qonnx.onnx").exists()
     qdq_line = next(line for line in result.stdout.splitlines() if line.startswith("qdq"))
     assert float(qdq_line.split("accuracy")[1].split(",")[0]) > 0.8
+
+
+def test_custom_hardware_example():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "05_custom_hardware.py"), "--steps", "20"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert lines["my-board"].startswith("digits CNN 130,544 cycles")
+    for method in ("pit", "mps"):
+        before, after = (float(v.replace(",", "")) for v in lines[method].removesuffix(" cycles").split(" -> "))
+        assert after < before

@@ -274,3 +274,51 @@ def test_inspect_with_a_user_profile_and_a_bad_name(tmp_path, capsys):
     assert main(["inspect", str(path), "--hardware", "tpu"]) == 2
     err = capsys.readouterr().err
     assert "unknown hardware profile 'tpu'" in err and len(err.strip().splitlines()) == 1
+
+
+# -- a user-defined profile drives the searches -----------------------------------------------
+def _board_cycles(spec: LayerSpec):
+    """8-channel blocks, 32 bits of MACs per cycle, 300 cycles per layer."""
+    blocked = po.hardware.rounding.ceil_div(spec.out_channels, 8) * 8
+    return po.cost.macs(spec.with_(out_channels=blocked)) * spec.weight_bits / 32 + 300
+
+
+BOARD = HardwareProfile("board", latency=_board_cycles, channel_multiple=8, weight_bits=(2, 4, 8))
+
+
+def test_user_profile_drives_pit():
+    from _util import MODELS
+    model = po.PIT(MODELS / "digits_cnn.onnx", cost=BOARD.cost())
+    # digits CNN at 8 bits: conv1 1→16 3×3 on 8×8, conv2 16→32 3×3 on 8×8, conv3 32→32 3×3 on 4×4,
+    # fc1 512→64, fc2 64→10 (blocked to 16): MACs / 4 + 300 each
+    macs = 16 * 9 * 64 + 32 * 144 * 64 + 32 * 288 * 16 + 512 * 64 + 16 * 64
+    assert float(model.cost.detach()) == macs / 4 + 5 * 300
+    with torch.no_grad():
+        model.tensor("/conv2/Conv.pit_alpha")[:12] = 0.2   # conv2 keeps 20 channels: 24 blocked
+    cost = model.cost
+    cost.backward()
+    # conv2 24·144·64 and conv3 reads 20 of its inputs: 32·180·16
+    pruned = 16 * 9 * 64 + 24 * 144 * 64 + 32 * 180 * 16 + 512 * 64 + 16 * 64
+    assert float(cost.detach()) == pruned / 4 + 5 * 300
+    grad = model.grad("/conv2/Conv.pit_alpha")
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
+def test_user_profile_drives_mps():
+    from _util import MODELS
+    model = po.MPS(MODELS / "digits_cnn.onnx", cost=BOARD.cost(), w_precisions=BOARD.weight_bits,
+                   a_precisions=(8,))
+    model.eval()  # the argmax precisions: 8 bits at the initial logits
+    eight = float(model.cost.detach())
+    logits = {layer["node"]: layer["alpha"] for layer in model.info["layers"]}["/conv2/Conv"]
+    with torch.no_grad():
+        alpha = model.tensor(logits)
+        alpha.zero_()
+        alpha[0] = 1.0                                  # conv2 at 2 bits (precisions 2, 4, 8)
+    two = float(model.cost.detach())
+    assert eight - two == pytest.approx(32 * 144 * 64 * (8 - 2) / 32)
+    model.train()
+    cost = model.cost
+    cost.backward()
+    grad = model.grad(logits)
+    assert grad is not None and float(grad.abs().sum()) > 0
