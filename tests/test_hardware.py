@@ -322,3 +322,34 @@ def test_user_profile_drives_mps():
     cost.backward()
     grad = model.grad(logits)
     assert grad is not None and float(grad.abs().sum()) > 0
+
+
+# -- built-in profiles in the searches --------------------------------------------------------
+@pytest.mark.parametrize("model_name", ["dscnn", "tcn"])   # depthwise 2-D convs; 1-D convs
+@pytest.mark.parametrize("profile", ["gap8", "ne16", "diana", "mpic", "simd-mcu"])
+def test_builtin_profiles_count_the_graph_exactly_and_train_pit(model_name, profile):
+    from _util import MODELS
+    path = MODELS / f"{model_name}.onnx"
+    cost = po.hardware.get(profile).cost()
+    on_graph = sum(cost(spec) for spec in po.cost.layer_specs(po.load(path)))
+    model = po.PIT(path, cost=cost)
+    value = model.cost
+    value.backward()
+    assert float(value.detach()) == pytest.approx(on_graph, rel=1e-12)
+    grads = [p.grad for p in model.nas_parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+
+
+@pytest.mark.parametrize("profile", ["ne16", "diana", "mpic", "simd-mcu"])
+def test_bit_dependent_profiles_train_mps(profile):
+    from _util import MODELS
+    hardware = po.hardware.get(profile)  # the bit-widths each runs (simd-mcu: the wider operand counts)
+    model = po.MPS(MODELS / "dscnn.onnx", cost=hardware.cost(), w_precisions=hardware.weight_bits,
+                   a_precisions=hardware.activation_bits)
+    value = model.cost
+    value.backward()
+    grads = [p.grad for p in model.nas_parameters() if p.grad is not None]
+    assert grads and sum(float(g.abs().sum()) for g in grads) > 0
+    model.eval()  # the initial argmax is 8 bits everywhere: the float model's cost at 8 bits
+    on_graph = sum(po.hardware.get(profile).cost()(spec) for spec in po.cost.layer_specs(po.load(MODELS / "dscnn.onnx")))
+    assert float(model.cost.detach()) == pytest.approx(on_graph, rel=1e-9)
