@@ -1,6 +1,7 @@
 """`hardware_costs`: a model's per-layer modelled latency (and energy) on a hardware profile."""
 from __future__ import annotations
 
+from ..errors import PlinioOnnxError
 from .profile import HardwareProfile, get
 
 
@@ -16,9 +17,13 @@ def hardware_costs(graph, hardware: "str | HardwareProfile") -> dict:
     energy = profile.cost("energy") if profile.has_energy else None
     layers = []
     for spec in quantized_specs(graph):
-        row = {"name": spec.name, "op": spec.op, "latency": float(latency(spec))}
-        if energy is not None:
-            row["energy"] = float(energy(spec))
+        try:
+            row = {"name": spec.name, "op": spec.op, "latency": float(latency(spec))}
+            if energy is not None:
+                row["energy"] = float(energy(spec))
+        except ValueError as err:  # a layer the model cannot cost (symbolic sizes, bit-widths)
+            raise PlinioOnnxError(f"{graph.source or 'model'}: node {spec.name!r} ({spec.op}) on "
+                                  f"{profile.name}: {err}") from None
         layers.append(row)
     return {"hardware": profile.name, "source": profile.source, "channel_multiple": profile.channel_multiple,
             "default_bits": profile.default_bits, "latency_unit": profile.latency_unit,
