@@ -140,7 +140,7 @@ def memory_plan(graph) -> MemoryPlan:
             index = owner[node.inputs[0].name]
             owner[view.name] = index
             buffers[index].tensors.append(view.name)
-            static_channels[view.name] = _view_channels(view, buffers[index].elements, static_channels[node.inputs[0].name])
+            static_channels[view.name] = _view_channels(view, static_channels[node.inputs[0].name])
         for tensor in outputs:
             new_buffer(tensor, step, node)
     last = max(len(steps) - 1, 0)
@@ -184,7 +184,7 @@ def _static_size(tensor: gs.Tensor, node: gs.Node | None, source: str) -> tuple[
     return elements, int(dims[1]) if len(dims) >= 2 else elements
 
 
-def _view_channels(view: gs.Tensor, elements: int, source_channels: int) -> int:
+def _view_channels(view: gs.Tensor, source_channels: int) -> int:
     shape = view.shape
     if shape is None or len(shape) < 2 or not isinstance(shape[1], (int, np.integer)):
         return source_channels  # e.g. an ai.plinio node's output without an inferred shape

@@ -68,14 +68,6 @@ def maximum(*values: Any) -> Any:
     return max(values)
 
 
-def minimum(*values: Any) -> Any:
-    """The smallest of ``values``."""
-    if is_tensor(*values):
-        tensors = [torch.as_tensor(v, dtype=torch.float64) for v in values]
-        return torch.stack(torch.broadcast_tensors(*tensors)).amin(0)
-    return min(values)
-
-
 def clamp(x: Any, low: float, high: float) -> Any:
     """x limited to [low, high]."""
     if is_tensor(x):
