@@ -17,6 +17,7 @@ PIT masks and MPS bit-widths (through the step that holds the peak). In a search
     loss = task_loss + strength * po.cost.peak_memory_of(model, bits=8) / budget_bytes
 
 `peak_memory_of` reads the effective channels (and MPS's activation bits) off a searchable model.
+On a SuperNet it is the supernet's own memory: every branch runs, so every branch is counted.
 """
 from __future__ import annotations
 
@@ -115,8 +116,10 @@ def memory_plan(graph) -> MemoryPlan:
     owner: dict[str, int] = {}
     static_channels: dict[str, int] = {}
 
+    batch = {d for t in g.inputs if t.shape and not isinstance(t.shape[0], (int, np.integer)) for d in t.shape[:1]}
+
     def new_buffer(tensor: gs.Tensor, start: int, node: gs.Node | None) -> None:
-        elements, channels = _static_size(tensor, node, source)
+        elements, channels = _static_size(tensor, node, source, batch)
         owner[tensor.name] = len(buffers)
         static_channels[tensor.name] = channels
         buffers.append(Buffer([tensor.name], elements, start, start))
@@ -168,15 +171,14 @@ def _is_view(node: gs.Node) -> bool:
     return _is_plinio(node) or ((node.domain or "") in ("", "ai.onnx") and node.op in VIEW_OPS)
 
 
-def _static_size(tensor: gs.Tensor, node: gs.Node | None, source: str) -> tuple[int, int]:
-    """(elements at batch 1, axis-1 size) of ``tensor``; a symbolic first dim is the batch."""
+def _static_size(tensor: gs.Tensor, node: gs.Node | None, source: str, batch: set) -> tuple[int, int]:
+    """(elements at batch 1, axis-1 size) of ``tensor``: a symbolic first dim, or a dim named as
+    a graph input's symbolic first dim (``batch``), is the batch."""
     shape = tensor.shape
     where = f"{source}: tensor {tensor.name!r}" + (f" (output of node {node.name!r}, {node.op})" if node else "")
     if shape is None:
         raise PlinioOnnxError(f"{where} has no known shape; peak memory needs static shapes")
-    dims = list(shape)
-    if dims and not isinstance(dims[0], (int, np.integer)):
-        dims[0] = 1
+    dims = [1 if not isinstance(d, (int, np.integer)) and (i == 0 or d in batch) else d for i, d in enumerate(shape)]
     if any(not isinstance(d, (int, np.integer)) for d in dims):
         raise PlinioOnnxError(f"{where} has a symbolic dimension beyond the batch ({list(shape)}); "
                               "peak memory needs static shapes")
