@@ -1,6 +1,7 @@
 """Peak activation memory against hand computation on small hand-built graphs."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -13,7 +14,6 @@ from _util import MODELS, random_architecture
 
 
 def _model(nodes, inputs, outputs, weights) -> po.Graph:
-    import numpy as np
     inits = [onnx.numpy_helper.from_array(np.full(shape, 0.1, np.float32), name) for name, shape in weights.items()]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs], inits)
@@ -120,3 +120,15 @@ def test_mps_peak_memory_follows_the_activation_bits():
     # input (16·64 at 8 bits) and its output (32·64 at 2 bits) = 1536; the peak moves to conv1's
     # ReLU: conv1's output and the ReLU's, 16·64 each at 8 bits = 2048
     assert float(po.cost.peak_memory_of(model, bits=8).detach()) == 2 * 16 * 64
+
+
+def test_the_batch_dim_is_found_by_name_wherever_it_sits():
+    # x [batch, 4]; two Unsqueeze views [1, batch, 4]; Concat → [2, batch, 4] (SuperNet stacks its
+    # candidates so): x 4 + the stack 8 = 12 elements while the Concat runs
+    nodes = [helper.make_node("Unsqueeze", ["x", "axes"], [f"u{i}"], name=f"unsqueeze{i}") for i in (0, 1)]
+    nodes.append(helper.make_node("Concat", ["u0", "u1"], ["s"], name="stack", axis=0))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, "batch", 4])],
+                              [onnx.numpy_helper.from_array(np.array([0], np.int64), "axes")])
+    g = po.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert po.cost.memory_plan(g).live_bytes(bits=8) == [4, 4, 12]
