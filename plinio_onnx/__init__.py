@@ -1,5 +1,5 @@
 """plinio-onnx: gradient-based DNN optimization (PIT, MPS, SuperNet) on ONNX graphs."""
-from . import cost, passes, regularizers
+from . import cost, hardware, passes, regularizers
 from .errors import ModelLoadError, PlinioOnnxError, UnsupportedOpError
 from .finalize import finalize
 from .graph import Graph
@@ -11,6 +11,6 @@ from .to_torch import to_torch
 from .training_artifacts import training_artifacts
 
 __all__ = ["MPS", "PIT", "SuperNet", "Graph", "ModelLoadError", "PlinioOnnxError", "UnsupportedOpError",
-           "cost", "finalize", "load", "optimize", "passes", "regularizers", "sync", "to_torch",
-           "training_artifacts"]
+           "cost", "finalize", "hardware", "load", "optimize", "passes", "regularizers", "sync",
+           "to_torch", "training_artifacts"]
 __version__ = "0.1.0"

@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="graph summary and per-layer parameters and MACs")
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--hardware", metavar="NAME", help="also each layer's modelled latency (and energy) on a "
+                   "hardware profile: gap8, ne16, diana, mpic, simd-mcu, or FILE.py:NAME")
     p.set_defaults(run=_inspect)
 
     p = sub.add_parser("verify", help="compare the torch module with ONNX Runtime on the same inputs")
@@ -61,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 # -- inspect ----------------------------------------------------------------------------------
 def _inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_model
-    report = inspect_model(args.model)
+    report = inspect_model(args.model, hardware=args.hardware)
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -73,12 +75,20 @@ def _inspect(args: argparse.Namespace) -> int:
         console.print(f"  {kind}: " + ", ".join(f"{t['name']} {t['shape']} {t['dtype']}" for t in report[kind]))
     console.print("  ops: " + ", ".join(f"{op}×{n}" for op, n in report["op_counts"].items()))
     table = Table(title="layers")
-    for col in ("layer", "op", "in", "out", "kernel", "groups", "params", "MACs"):
+    hw = report.get("hardware")
+    modelled = [k for k in ("latency", "energy") if hw and report[k] is not None]
+    for col in ("layer", "op", "in", "out", "kernel", "groups", "params", "MACs", *modelled):
         table.add_column(col, justify="right" if col not in ("layer", "op") else "left")
     for row in report["layers"]:
         table.add_row(row["name"], row["op"], str(row["in_channels"]), str(row["out_channels"]),
-                      str(row["kernel_size"]), str(row["groups"]), f"{row['params']:,}", f"{row['macs']:,}")
-    table.add_row("total", "", "", "", "", "", f"{report['params']:,}", f"{report['macs']:,}", style="bold")
+                      str(row["kernel_size"]), str(row["groups"]), f"{row['params']:,}", f"{row['macs']:,}",
+                      *(_figure(row[k]) for k in modelled))
+    table.add_row("total", "", "", "", "", "", f"{report['params']:,}", f"{report['macs']:,}",
+                  *(_figure(report[k]) for k in modelled), style="bold")
+    if hw:
+        table.caption = (f"{hw['hardware']}: latency in {hw['latency_unit']}" + (
+            f", energy in {hw['energy_unit']}" if "energy" in modelled else "") + f"; float layers at "
+            f"{hw['default_bits']} bits; channel multiple {hw['channel_multiple']}; after {hw['source']}")
     console.print(table)
     console.print(f"  all float parameters (incl. normalization): {report['all_parameters']:,}")
     pit = report["searchable"]["pit"]
@@ -92,6 +102,10 @@ def _inspect(args: argparse.Namespace) -> int:
         console.print("[red]unsupported by the loader:[/red] " + "; ".join(
             f"{u['node']} ({u['op']}): {u['reason']}" for u in report["unsupported"]))
     return 0
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 # -- verify -----------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ def _shape(t: gs.Tensor) -> list:
     return [d if isinstance(d, (int, np.integer)) else str(d) for d in (t.shape or [])]
 
 
-def inspect_model(path) -> dict:
-    """A JSON-ready summary: inputs/outputs, op counts, layers with params and MACs, totals."""
+def inspect_model(path, hardware=None) -> dict:
+    """A JSON-ready summary: inputs/outputs, op counts, layers with params and MACs, totals;
+    with ``hardware`` (a `plinio_onnx.hardware` profile or its name) also each layer's modelled
+    ``latency`` (and ``energy``), their totals and the profile (`hardware_costs`)."""
     graph = load(path)
     layers = []
     for spec in cost.layer_specs(graph):
@@ -34,7 +36,7 @@ def inspect_model(path) -> dict:
     searchable = _searchable(graph)
     all_params = sum(int(np.asarray(t.values).size) for t in graph.initializers().values()
                      if np.issubdtype(np.asarray(t.values).dtype, np.floating))
-    return {
+    report = {
         "file": str(path),
         "opset": graph.opset,
         "nodes": len(graph.nodes),
@@ -49,6 +51,14 @@ def inspect_model(path) -> dict:
         "unsupported": unsupported,
         "searchable": searchable,
     }
+    if hardware is not None:
+        from .hardware import hardware_costs
+        costs = hardware_costs(graph, hardware)
+        by_name = {row["name"]: row for row in costs.pop("layers")}
+        for row in layers:
+            row.update({k: v for k, v in by_name[row["name"]].items() if k in ("latency", "energy")})
+        report.update(latency=costs.pop("latency"), energy=costs.pop("energy"), hardware=costs)
+    return report
 
 
 def _searchable(graph) -> dict:

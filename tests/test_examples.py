@@ -50,3 +50,14 @@ def test_regularizers_example_meets_two_targets(tmp_path):
     params, macs = (int(words[i + 1].replace(",", "")) for i in (words.index("params"), words.index("MACs")))
     assert out.exists() and params <= target_params and macs <= target_macs
     assert float(words[-1]) > 0.85
+
+
+def test_custom_hardware_example():
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "05_custom_hardware.py"), "--steps", "20"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.strip().splitlines())
+    assert lines["my-board"].startswith("digits CNN 130,544 cycles")
+    for method in ("pit", "mps"):
+        before, after = (float(v.replace(",", "")) for v in lines[method].removesuffix(" cycles").split(" -> "))
+        assert after < before

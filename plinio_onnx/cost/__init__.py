@@ -5,12 +5,13 @@ differentiable in the effective channels / kernel sizes that search masks select
 """
 from . import bits
 from .bits import bitops, params_bit, size, size_bits
+from .memory import MemoryPlan, memory_plan, peak_memory, peak_memory_of
 from .models import BY_NAME, macs, ops, params, params_no_bias
 from .spec import LayerSpec, layer_specs
 
 BY_NAME.update(bits.BY_NAME)
-__all__ = ["BY_NAME", "LayerSpec", "bitops", "bits", "layer_specs", "macs", "ops", "params",
-           "params_bit", "params_no_bias", "size", "size_bits", "total"]
+__all__ = ["BY_NAME", "LayerSpec", "MemoryPlan", "bitops", "bits", "layer_specs", "macs", "memory_plan", "ops",
+           "params", "params_bit", "peak_memory", "peak_memory_of", "params_no_bias", "size", "size_bits", "total"]
 
 
 def total(graph, cost=params) -> int:

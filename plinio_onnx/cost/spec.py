@@ -73,6 +73,13 @@ def _static_positions(shape, first_spatial: int) -> int:
     return int(math.prod(int(d) for d in dims))
 
 
+def _spatial_dims(shape, first_spatial: int) -> list[int] | None:
+    """The static spatial dims of an output (hardware models tile rows and columns); None if unknown."""
+    if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape[first_spatial:]):
+        return None
+    return [int(d) for d in shape[first_spatial:]]
+
+
 def _const(tensor: gs.Tensor) -> np.ndarray | None:
     tensor = weight_source(tensor)
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
@@ -107,7 +114,8 @@ def _conv(node: gs.Node) -> LayerSpec | None:
                      weight=weight_source(weight).name,
                      depthwise=groups > 1 and groups == c_out == c_in_per_group * groups,
                      extra={"kernel_shape": kernel,
-                                                "dilations": list(node.attrs.get("dilations", [1] * len(kernel)))})
+                            "dilations": list(node.attrs.get("dilations", [1] * len(kernel))),
+                            "output_shape": _spatial_dims(node.outputs[0].shape, 2)})
 
 
 @layer_extractor("ConvTranspose")

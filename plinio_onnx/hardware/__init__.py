@@ -1,0 +1,25 @@
+"""Hardware profiles (``po.hardware``): latency and energy models of deployment targets.
+
+    profile = po.hardware.get("gap8")               # or "ne16", "diana", "mpic", "simd-mcu"
+    model = po.PIT("model.onnx", cost=profile.cost("latency"))
+    po.cost.total(po.load("model.onnx"), profile.cost())   # modelled cycles of the whole model
+
+Your own target: ``HardwareProfile("my-mcu", latency=fn, channel_multiple=8)`` (a function of a
+`plinio_onnx.cost.LayerSpec`; `SimdMcu` is a parametrised template), or ``FILE.py:NAME`` where a
+name is asked for (``plinio-onnx inspect MODEL --hardware my_target.py:PROFILE``).
+``ort_cpu_profile(MODEL)`` measures the model's layers in ONNX Runtime on this CPU instead
+(`plinio_onnx.hardware.measured`; a table per model, cached beside it).
+"""
+from . import measured, rounding
+from .diana import diana_latency
+from .gap8 import gap8_latency
+from .measured import LatencyTable, ort_cpu_profile
+from .mpic import mpic_energy, mpic_latency
+from .ne16 import ne16_latency
+from .profile import AtPrecision, HardwareProfile, Registry, get, load_profile, names
+from .report import hardware_costs
+from .simd import SimdMcu
+
+__all__ = ["AtPrecision", "HardwareProfile", "LatencyTable", "Registry", "SimdMcu", "diana_latency", "gap8_latency",
+           "get", "hardware_costs", "load_profile", "measured", "mpic_energy", "mpic_latency", "names", "ne16_latency",
+           "ort_cpu_profile", "rounding"]

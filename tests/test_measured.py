@@ -1,0 +1,96 @@
+"""Measured ONNX Runtime latency tables: grids, the cache beside the model, interpolation.
+
+No assertion reads a timing (this machine is shared and noisy): the tests check what is timed,
+where it is kept, and how the table is read."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+import plinio_onnx as po
+from plinio_onnx.hardware import measured
+from plinio_onnx.hardware.measured import LayerTable
+
+
+def _tiny(path, scale: float = 0.1) -> None:
+    """conv 4→16 3×3 on 6×6 → depthwise 3×3 → conv 16→8 1×1 → pool → flatten → Gemm 8→4."""
+    def init(name, *shape):
+        return onnx.numpy_helper.from_array(np.full(shape, scale, np.float32), name)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["a"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["d"], name="dw", kernel_shape=[3, 3], pads=[1] * 4, group=16),
+             helper.make_node("Conv", ["d", "w3"], ["c"], name="conv2", kernel_shape=[1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w4", "b4"], ["y"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [init("w1", 16, 4, 3, 3), init("b1", 16), init("w2", 16, 1, 3, 3), init("w3", 8, 16, 1, 1),
+                               init("w4", 4, 8), init("b4", 4)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def test_grids_and_cache_beside_the_model(tmp_path, monkeypatch):
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    seen = []
+    table = measured.load_or_measure(path, channel_multiple=8, repeats=2, progress=lambda *a: seen.append(a))
+    grids = {name: (t.in_grid, t.out_grid) for name, t in table.layers.items()}
+    assert grids == {"conv1": ([4], [8, 16]), "dw": ([], [8, 16]), "conv2": ([8, 16], [8]), "fc": ([8], [4])}
+    assert all(s > 0 for t in table.layers.values() for row in t.seconds for s in row)
+    assert [len(t.seconds) for t in table.layers.values()] == [1, 1, 2, 1]
+    assert seen[0] == (0, 4, "conv1") and seen[-1] == (4, 4, "")
+    cache = tmp_path / "tiny.ort-cpu.json"
+    assert measured.table_path(path) == cache and cache.exists()
+
+    # reused while it describes the model: nothing is timed again
+    def no_timing(*args):
+        raise AssertionError("timed again")
+    monkeypatch.setattr(measured, "_time", no_timing)
+    again = measured.load_or_measure(path, channel_multiple=8)
+    assert {n: t.seconds for n, t in again.layers.items()} == {n: t.seconds for n, t in table.layers.items()}
+    # another grid, or another model in the same file: measured again
+    with pytest.raises(AssertionError, match="timed again"):
+        measured.load_or_measure(path, channel_multiple=4)
+    _tiny(path, scale=0.2)
+    with pytest.raises(AssertionError, match="timed again"):
+        measured.load_or_measure(path, channel_multiple=8)
+
+
+def test_the_table_is_interpolated_bilinearly_and_differentiably():
+    layer = LayerTable("Conv", in_grid=[8, 16], out_grid=[8, 16, 24], seconds=[[1.0, 2.0, 4.0], [3.0, 5.0, 9.0]])
+    assert layer.latency(8, 16) == 2.0 and layer.latency(16, 24) == 9.0      # exact at grid points
+    assert layer.latency(12, 8) == pytest.approx(2.0)                        # (1 + 3) / 2
+    assert layer.latency(12, 20) == pytest.approx((3.0 + 7.0) / 2)           # rows at out 20: 3 and 7
+    assert layer.latency(4, 40) == 4.0                                       # constant beyond the grid
+    c_in = torch.tensor(12.0, dtype=torch.float64, requires_grad=True)
+    c_out = torch.tensor(20.0, dtype=torch.float64, requires_grad=True)
+    value = layer.latency(c_in, c_out)
+    value.backward()
+    assert float(value.detach()) == pytest.approx(5.0)
+    assert float(c_in.grad) == pytest.approx((7.0 - 3.0) / 8)               # d/dc_in at out 20
+    assert float(c_out.grad) == pytest.approx(((4 - 2) / 8 + (9 - 5) / 8) / 2)
+    depthwise = LayerTable("Conv", in_grid=[], out_grid=[8, 16], seconds=[[1.0, 3.0]])
+    assert depthwise.latency(None, 12) == pytest.approx(2.0)
+
+
+def test_ort_cpu_profile_drives_pit(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    profile = measured.ort_cpu_profile(path, channel_multiple=8, repeats=2)
+    table = profile.latency
+    assert profile.name == "ort-cpu" and profile.channel_multiple == 8 and profile.latency_unit == "s"
+    full = sum(t.seconds[-1][-1] for t in table.layers.values())   # every layer at its full size
+    assert sum(table(s) for s in po.cost.layer_specs(po.load(path))) == pytest.approx(full)
+    model = po.PIT(path, cost=profile.cost())
+    assert float(model.cost.detach()) == pytest.approx(full)
+    with torch.no_grad():
+        model.tensor("conv1.pit_alpha")[:8] = 0.2              # conv1 (and dw) keep 8 of 16 channels
+    eight = table.layers["conv1"].seconds[0][0] + table.layers["dw"].seconds[0][0] + \
+        table.layers["conv2"].seconds[0][0] + table.layers["fc"].seconds[0][0]
+    cost = model.cost
+    assert float(cost.detach()) == pytest.approx(eight)
+    assert cost.requires_grad
