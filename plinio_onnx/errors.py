@@ -47,3 +47,7 @@ class UnsupportedOpError(PlinioOnnxError):
 
 class PassError(PlinioOnnxError):
     """A pass's precondition or postcondition failed."""
+
+
+class SettingError(PlinioOnnxError, ValueError):
+    """A search setting out of its range: a non-positive temperature, an unknown sampling."""

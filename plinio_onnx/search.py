@@ -173,14 +173,14 @@ class PITMethod(Method):
         return PIT(graph, cost=cost, discrete_cost=True)
 
     def snapshot(self, model):
-        from .functions import pit as fn
+        from .functions import pit_keep as fn
         return {name: fn.keep_alive(model.tensor(name).detach().cpu().numpy()) > model.threshold
                 for group in model.info["groups"] for name in _alpha_names(group)}
 
     def restore(self, model, cost, floor: float, before) -> int:
         """Re-keep the channels that crossed the threshold in the last step, those closest to it
         first, until the cost is back at ``floor``."""
-        from .functions import pit as fn
+        from .functions import pit_keep as fn
         threshold = model.threshold
         restored = 0
         with torch.no_grad():
@@ -206,7 +206,7 @@ class PITMethod(Method):
 
     def enforce(self, model, cost, target: float) -> bool:
         """Greedy fallback: prune the kept channel with the smallest |α| until the cost fits."""
-        from .functions import pit as fn
+        from .functions import pit_keep as fn
         threshold = model.threshold
         with torch.no_grad():
             candidates = []
