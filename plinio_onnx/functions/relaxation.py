@@ -26,7 +26,7 @@ from ..errors import SettingError
 
 SOFTMAX, HARD, GUMBEL, GUMBEL_HARD = "softmax", "hard", "gumbel", "gumbel_hard"
 #: The samplings a search may train with.
-SAMPLINGS = (SOFTMAX, HARD, GUMBEL, GUMBEL_HARD)
+SAMPLINGS = (SOFTMAX, GUMBEL, GUMBEL_HARD, HARD)
 #: The argmax in training too (`plinio_onnx.methods.mps.MPS.freeze`).
 FIXED = "fixed"
 #: Former spellings, accepted wherever a sampling is read (arguments, graphs, spec files).
