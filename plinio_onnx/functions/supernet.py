@@ -26,7 +26,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import PLINIO_DOMAIN

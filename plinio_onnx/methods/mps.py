@@ -198,8 +198,7 @@ class MPS(relaxation.Annealed, SearchableModel):
         """A JSON-able description of the chosen architecture (precisions, and PIT channels)."""
         arch = {"precisions": self.chosen_precisions()}
         if self.pit is not None:
-            arch["kept_channels"] = {name: {"kept": kept, "total": total}
-                                     for name, (kept, total) in self.pit.kept_channels().items()}
+            arch["kept_channels"] = self.pit.kept_channels_record()
         return arch
 
     def summary(self) -> str:

@@ -59,11 +59,21 @@ class PIT(SearchableModel):
 
     @property
     def threshold(self) -> float:
+        """Kept means |θ| > threshold (`PITChannels.threshold`)."""
         return self.pit.threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self.pit.threshold = float(value)
 
     @property
     def discrete_cost(self) -> bool:
+        """Whether the cost counts binarized masks (`PITChannels.discrete_cost`)."""
         return self.pit.discrete_cost
+
+    @discrete_cost.setter
+    def discrete_cost(self, value: bool) -> None:
+        self.pit.discrete_cost = bool(value)
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
         return onnx_name.endswith(PIT_SUFFIXES)

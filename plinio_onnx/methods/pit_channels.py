@@ -126,6 +126,10 @@ class PITChannels:
         """For every searched group (named after its first producer): (kept, total)."""
         return {group_name(group): (int(self.kept(group).size), int(group["size"])) for group in self.info["groups"]}
 
+    def kept_channels_record(self) -> dict[str, dict[str, int]]:
+        """`kept_channels` as JSON-able records: {group: {"kept": k, "total": n}}."""
+        return {name: {"kept": kept, "total": total} for name, (kept, total) in self.kept_channels().items()}
+
     def output_keep(self, node: str) -> torch.Tensor | None:
         """The binarized mask of the channels layer ``node`` produces (None: not searched)."""
         where = self.output_group(node)

@@ -194,8 +194,7 @@ class SuperNet(relaxation.Annealed, SearchableModel):
                 "choices": {name: {"chosen": branch, "probabilities": probabilities[name]}
                             for name, branch in self.chosen().items()}}
         if self.pit is not None:
-            arch["kept_channels"] = {name: {"kept": kept, "total": total}
-                                     for name, (kept, total) in self.kept_channels().items()}
+            arch["kept_channels"] = self.pit.kept_channels_record()
         return arch
 
     def kept_channels(self) -> dict[str, tuple[int, int]]:
