@@ -70,3 +70,25 @@ def test_mps_and_supernet_share_the_temperature_api():
         supernet.set_sampling("soft_max")
     supernet.set_sampling("soft")
     assert supernet.info["sampling"] == "softmax"
+
+
+def test_checkpoints_with_the_former_spelling_resume():
+    import json
+
+    from plinio_onnx.functions import mps as mps_fn
+    from plinio_onnx.passes.mps import METADATA_KEY
+
+    graph = po.MPS(MODELS / "digits_cnn.onnx").searchable_graph()
+    for node in graph.nodes:  # as written before "softmax" was the one spelling
+        if "sampling" in node.attrs:
+            node.attrs["sampling"] = "soft"
+    info = json.loads(graph.metadata[METADATA_KEY])
+    info["sampling"] = "soft"
+    graph.metadata = {**graph.metadata, METADATA_KEY: json.dumps(info)}
+    resumed = po.MPS(graph)
+    assert resumed.sampling == "softmax"
+    quantizers = [m for m in resumed.module.modules() if isinstance(m, (mps_fn.ActQuantizer, mps_fn.WeightQuantizer))]
+    assert quantizers and {q.sampling for q in quantizers} == {"softmax"}
+    x = torch.rand(2, 1, 8, 8)
+    resumed.train()
+    assert torch.isfinite(resumed(x)).all()

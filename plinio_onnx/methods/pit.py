@@ -15,7 +15,7 @@ import torch
 
 from plinio_onnx.passes.pit import LAYER_OPS, MASKS, METADATA_KEY, pit
 
-from ..cost import LayerSpec
+from ..cost import LayerSpec, macs, params
 from ..graph import Graph
 from ..to_torch.fuse_pit_masks import fuse_pit_masks
 from .pit_channels import PITChannels
@@ -104,7 +104,6 @@ class PIT(SearchableModel):
 
     def summary(self) -> str:
         """A readable table: every layer's kept input/output channels and kernel, and the costs."""
-        from ..cost import macs, params
         rows = []
         with torch.no_grad():
             for spec in self.specs:
