@@ -95,22 +95,21 @@ def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 class Temperature:
     """The temperature T of a model's relaxed choices, held in one-element buffers of its module
-    (so a checkpoint saves it): ``buffers()`` gives them (none: nothing relaxed, T reads
-    ``default``)."""
+    (so a checkpoint saves it): ``tensor(name)`` reads the buffer of each of ``names`` (none:
+    nothing relaxed, T reads ``default``)."""
 
-    def __init__(self, buffers: Callable[[], list[torch.Tensor]], default: float = 1.0) -> None:
-        self.buffers, self.default = buffers, default
+    def __init__(self, tensor: Callable[[str], torch.Tensor], names: list[str], default: float = 1.0) -> None:
+        self.tensor, self.names, self.default = tensor, list(names), default
 
     @property
     def value(self) -> float:
-        tensors = self.buffers()
-        return float(tensors[0]) if tensors else self.default
+        return float(self.tensor(self.names[0])) if self.names else self.default
 
     def set(self, value: float) -> None:
         value = check_temperature(value)
         with torch.no_grad():
-            for tensor in self.buffers():
-                tensor.fill_(value)
+            for name in self.names:
+                self.tensor(name).fill_(value)
 
 
 class Annealed:

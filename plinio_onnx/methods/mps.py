@@ -88,7 +88,7 @@ class MPS(relaxation.Annealed, SearchableModel):
         self._activations = {act["tensor"]: act for act in self.info["activations"]}
         self.pit = PITChannels(self.module, json.loads(graph.metadata[PIT_METADATA_KEY])) if has_pit else None
         self.relaxation_temperature = relaxation.Temperature(
-            lambda: [self.tensor(TEMPERATURE)] if TEMPERATURE in self._onnx_to_attr else [], float("nan"))
+            self.tensor, [TEMPERATURE] if TEMPERATURE in self._onnx_to_attr else [], float("nan"))
         self._quantizers = {name: module for name, module in self.module.named_modules()
                             if isinstance(module, fn.ActQuantizer)}
 

@@ -94,8 +94,7 @@ class SuperNet(relaxation.Annealed, SearchableModel):
         self.discrete_cost = discrete_cost
         #: PIT's effective channels and kernels (None: no PIT masks in the graph).
         self.pit = PITChannels(self.module, json.loads(graph.metadata[PIT_METADATA_KEY])) if has_pit else None
-        self.relaxation_temperature = relaxation.Temperature(
-            lambda: [self.tensor(name) for name in self.info["temperatures"]], 1.0)
+        self.relaxation_temperature = relaxation.Temperature(self.tensor, self.info["temperatures"], 1.0)
         self._branch_of: dict[str, tuple[int, int]] = {}
         for c, choice in enumerate(self.info["choices"]):
             for b, branch in enumerate(choice["branches"]):
