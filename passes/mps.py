@@ -40,6 +40,7 @@ from plinio_onnx.cost.spec import weight_source
 from plinio_onnx.errors import PassError
 from plinio_onnx.functions import add_functions
 from plinio_onnx.functions import mps as fn
+from plinio_onnx.functions import relaxation
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 
 from .pit import METADATA_KEY as PIT_METADATA_KEY
@@ -63,7 +64,7 @@ _PASS_THROUGH_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPo
 
 def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
         a_precisions: Iterable[int] = DEFAULT_PRECISIONS, per_channel: bool = True,
-        weight_scale: str = "per_channel", zero_bit: bool = False, sampling: str = "soft",
+        weight_scale: str = "per_channel", zero_bit: bool = False, sampling: str = "softmax",
         temperature: float = 1.0, include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
         clip_init: float = 6.0, fold_bn: bool = True, quantize_bias: bool = True) -> Graph:
@@ -73,9 +74,9 @@ def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
     ``per_channel``: one weight precision per output channel (else per layer). ``weight_scale``:
     "per_channel" (default) or "per_tensor" min-max scales (per-tensor needs ``per_channel=False``).
     ``zero_bit``: add the 0-bit (channel pruning) choice to the weight precisions (per channel;
-    including 0 in ``w_precisions`` does the same). ``sampling``: "soft" (softmax(α/T)), "hard"
-    (argmax with straight-through gradients) or "gumbel" (Gumbel-softmax) in training; eval always
-    uses the argmax. ``temperature``: the initial T. ``include`` / ``exclude`` / ``op_types``:
+    including 0 in ``w_precisions`` does the same). ``sampling``: "softmax" (softmax(α/T); "soft" is
+    accepted), "hard" (argmax with straight-through gradients), "gumbel" or "gumbel_hard"
+    (Gumbel-softmax) in training (`plinio_onnx.functions.relaxation`); eval always uses the argmax. ``temperature``: the initial T. ``include`` / ``exclude`` / ``op_types``:
     which layers (fnmatch patterns on node names, op types). ``clip_init``: initial activation
     clip (`plinio_onnx.methods.mps.MPS.calibrate` sets clips from data). ``fold_bn``: fold
     BatchNormalization into the preceding Conv/Gemm first (skipped when the graph already holds
@@ -94,8 +95,9 @@ def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
     if per_channel and weight_scale == "per_tensor":
         raise PassError("a per-channel precision needs per-channel scales (weight_scale='per_channel')",
                         file=graph.source)
-    if sampling not in fn.SAMPLINGS:
-        raise PassError(f"sampling must be one of {fn.SAMPLINGS}, not {sampling!r}", file=graph.source)
+    if not relaxation.is_sampling(sampling):
+        raise PassError(f"sampling must be one of {relaxation.SAMPLINGS}, not {sampling!r}", file=graph.source)
+    sampling = relaxation.sampling_mode(sampling)
     if not temperature > 0:
         raise PassError("the temperature must be positive", file=graph.source)
     if METADATA_KEY in graph.metadata:

@@ -23,6 +23,7 @@ from plinio_onnx.analysis import ChannelGroup, analyze_channels
 from plinio_onnx.errors import PassError
 from plinio_onnx.functions import add_functions
 from plinio_onnx.functions import pit as fn
+from plinio_onnx.functions import pit_keep
 from plinio_onnx.functions.supernet import CHOICE
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 
@@ -191,11 +192,11 @@ def _insert_time_mask(g: gs.Graph, node: gs.Node, time: bool, dilation: bool, th
         return None
     if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
         return None  # explicit pads are needed to re-align a shortened kernel
-    levels = fn.dilation_levels(kernel) if dilation else 1
+    levels = pit_keep.dilation_levels(kernel) if dilation else 1
     # An unsearched mask is one always-kept entry: a buffer (not trainable) that broadcasts.
     beta = gs.Constant(f"{node.name}.pit_beta", np.ones(kernel if time else 1, np.float32))
     gamma = gs.Constant(f"{node.name}.pit_gamma", np.ones(levels, np.float32))
-    gmap = fn.gamma_map(kernel)[:, :levels] if dilation else np.ones((kernel, 1), np.int64)
+    gmap = pit_keep.gamma_map(kernel)[:, :levels] if dilation else np.ones((kernel, 1), np.int64)
     masked = gs.Variable(f"{node.name}/pit_wt", dtype=weight.dtype, shape=weight.shape)
     g.nodes.append(gs.Node(fn.TIME_MASK, name=f"{node.name}/pit_time_mask", domain=PLINIO_DOMAIN,
                            attrs={"threshold": float(threshold)},

@@ -17,6 +17,7 @@ import onnx_graphsurgeon as gs
 
 from plinio_onnx.finalize import finalizer
 from plinio_onnx.functions import pit as fn
+from plinio_onnx.functions import pit_keep
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 
 from .pit import METADATA_KEY
@@ -39,7 +40,7 @@ def prune_channels(graph: Graph, **options) -> Graph:
         names = [group["alpha"]] if isinstance(group["alpha"], str) else group["alpha"]
         if any(name not in tensors for name in names):
             continue  # its readers were all in SuperNet branches that were not picked
-        keep = fn.group_keep(lambda name: tensors[name].values, group, threshold)
+        keep = pit_keep.group_keep(lambda name: tensors[name].values, group, threshold)
         selections.append((group, np.setdiff1d(np.arange(group["size"]), keep)))
     # Kernels first: a grouped Conv that slicing splits into one Conv per group copies them.
     nodes = {n.name: n for n in graph.gs.nodes}
@@ -256,10 +257,10 @@ def _is_grouped_conv(node: gs.Node) -> bool:
 
 
 def _shrink_kernel(node: gs.Node, tensors, entry: dict, threshold: float) -> None:
-    """Export a masked Conv1d with the surviving taps only (`fn.kernel_plan`)."""
+    """Export a masked Conv1d with the surviving taps only (`pit_keep.kernel_plan`)."""
     weight = _weight_constant(node)
-    taps = fn.tap_mask(tensors[entry["beta"]].values, tensors[entry["gamma"]].values, threshold)
-    plan = fn.kernel_plan(taps, entry["dilation"], tuple(entry["pads"]))
+    taps = pit_keep.tap_mask(tensors[entry["beta"]].values, tensors[entry["gamma"]].values, threshold)
+    plan = pit_keep.kernel_plan(taps, entry["dilation"], tuple(entry["pads"]))
     values = np.asarray(weight.values)
     zero = np.zeros_like(values[:, :, :1])
     weight.values = np.ascontiguousarray(np.concatenate(

@@ -62,6 +62,7 @@ from onnx import shape_inference, version_converter
 
 from plinio_onnx.errors import PassError
 from plinio_onnx.functions import add_functions
+from plinio_onnx.functions import relaxation
 from plinio_onnx.functions import supernet as fn
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 
@@ -719,8 +720,9 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
     automatic = bool(automatic if automatic is not None else options.get("automatic", True))
     sampling = sampling if sampling is not None else options.get("sampling", "softmax")
     temperature = float(temperature if temperature is not None else options.get("temperature", 1.0))
-    if sampling not in fn.SAMPLING:
-        raise PassError(f"unknown sampling {sampling!r}; choose from {fn.SAMPLING}", file=graph.source)
+    if not relaxation.is_sampling(sampling):
+        raise PassError(f"unknown sampling {sampling!r}; choose from {relaxation.SAMPLINGS}", file=graph.source)
+    sampling = relaxation.sampling_mode(sampling)
     if not temperature > 0:
         raise PassError(f"the temperature must be positive (got {temperature})", file=graph.source)
     unknown_ops = set(op_types) - set(LAYER_OPS)

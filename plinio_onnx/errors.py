@@ -51,3 +51,7 @@ class PassError(PlinioOnnxError):
 
 class RegularizerError(PlinioOnnxError):
     """A regularizer was given inconsistent costs, targets or strengths."""
+
+
+class SettingError(PlinioOnnxError, ValueError):
+    """A search setting out of its range: a non-positive temperature, an unknown sampling."""

@@ -33,8 +33,6 @@ def finalize(graph: Graph, **options) -> Graph:
     """Return the deployable graph of a searchable ``graph`` (which is left unchanged).
 
     ``options`` reach every finalizer, e.g. ``format="qdq"|"qonnx"`` for quantized exports."""
-    import plinio_onnx.passes  # noqa: F401  (registers the finalizers)
-
     result = graph.copy()
     for _, _, step in _FINALIZERS:
         result = step(result, **options)

@@ -13,6 +13,8 @@ import plinio_onnx as po
 from plinio_onnx.analysis import analyze_channels
 from plinio_onnx.data import random_inputs
 from plinio_onnx.functions import pit as pit_fn
+from plinio_onnx.functions import pit_keep
+from plinio_onnx.to_torch import pit_masks
 from plinio_onnx.graph import PLINIO_DOMAIN
 
 from _util import MODELS, ONNX_DATA, ZOO_NAMES, relative_error, run_ort, run_torch
@@ -286,12 +288,12 @@ def test_channel_shuffle_prunes_through_a_permutation():
 def test_time_mask_semantics_match_the_paper_example():
     # METHODS.md: k = 5, |β| = (.1,.2,.3,.1,[1]), |γ| = (.2,.9,[1]) → m = (0,0,1,0,1), anchored at
     # the newest tap (k = 2^n + 1: the same as PLiNIO's).
-    mask = pit_fn.tap_mask(np.array([.1, .2, .3, .1, .5]), np.array([.2, .9, .3]), 0.5)
+    mask = pit_keep.tap_mask(np.array([.1, .2, .3, .1, .5]), np.array([.2, .9, .3]), 0.5)
     assert mask.tolist() == [0, 0, 1, 0, 1]
-    plan = pit_fn.kernel_plan(mask, dilation=1, pads=(4, 0))  # causal
+    plan = pit_keep.kernel_plan(mask, dilation=1, pads=(4, 0))  # causal
     assert plan.taps == (2, 4) and plan.dilation == 2 and plan.pads == (2, 0)
     torch_mask = pit_fn.taps(torch.tensor([.1, .2, .3, .1, .5]), torch.tensor([.2, .9, .3]),
-                             torch.from_numpy(pit_fn.gamma_map(5)), 0.5)
+                             torch.from_numpy(pit_keep.gamma_map(5)), 0.5)
     assert torch_mask.tolist() == [0, 0, 1, 0, 1]
 
 
@@ -347,7 +349,7 @@ def test_summary_and_unprunable_reasons_are_reported():
 @pytest.mark.parametrize("searched_time", [True, False])
 def test_fused_mask_gradients_equal_the_composed_straight_through_form(kernel, searched_time):
     torch.manual_seed(kernel)
-    gamma_map = torch.from_numpy(pit_fn.gamma_map(kernel)).float()
+    gamma_map = torch.from_numpy(pit_keep.gamma_map(kernel)).float()
 
     def composed(beta, gamma):
         theta_beta = torch.cumsum(pit_fn._theta(beta), 0)
@@ -358,7 +360,7 @@ def test_fused_mask_gradients_equal_the_composed_straight_through_form(kernel, s
     grads = []
     for fn_ in (lambda b, g: pit_fn.taps(b, g, gamma_map, 0.5), composed):
         beta = torch.linspace(-1, 1, kernel if searched_time else 1).requires_grad_()
-        gamma = torch.linspace(0.2, 0.9, pit_fn.dilation_levels(kernel)).requires_grad_()
+        gamma = torch.linspace(0.2, 0.9, pit_keep.dilation_levels(kernel)).requires_grad_()
         (fn_(beta, gamma) * weights).sum().backward()
         grads.append((fn_(beta, gamma).detach(), beta.grad, gamma.grad))
     for fused, reference in zip(*grads):
@@ -497,12 +499,14 @@ def test_attention_heads_prune_whole_by_hand():
 
 
 # -- fused masks and compiled costs: the same values and gradients as the per-node functions ---
-def _unfused_twin(graph: po.Graph, monkeypatch) -> po.PIT:
-    """The PIT module built without `fuse_masks`: every mask a node of its own (the reference)."""
-    from plinio_onnx.to_torch import builder
-    with monkeypatch.context() as patch:
-        patch.setattr(builder, "_MODULE_PASSES", [])
-        return po.PIT(graph)
+class _PerNodePIT(po.PIT):
+    """PIT whose module is built without `fuse_pit_masks`: every mask a node of its own (the
+    reference the fused masks must reproduce)."""
+    module_passes = ()
+
+
+def _unfused_twin(graph: po.Graph) -> po.PIT:
+    return _PerNodePIT(graph)
 
 
 def _by_onnx_name(model, grads: bool = False) -> dict[str, torch.Tensor]:
@@ -533,10 +537,10 @@ def _random_nas(model: po.PIT, seed: int) -> None:
 
 
 @pytest.mark.parametrize("name", ["digits_cnn", "tcn", "resnet8", "densenet_tiny", "transformer_tiny"])
-def test_fused_masks_equal_the_per_node_functions(name, monkeypatch):
+def test_fused_masks_equal_the_per_node_functions(name):
     graph = po.load(MODELS / f"{name}.onnx")
-    fused, reference = po.PIT(graph), _unfused_twin(graph, monkeypatch)
-    assert isinstance(fused.module.pit_masks, pit_fn.PITMasks)
+    fused, reference = po.PIT(graph), _unfused_twin(graph)
+    assert isinstance(fused.module.pit_masks, pit_masks.PITMasks)
     assert not any(f"pit_{f}(" in fused.module.code for f in ("channel_mask", "mask_blocks", "mask_weight", "time_mask"))
     assert "pit_mask_blocks(" in reference.module.code or "pit_mask_weight(" in reference.module.code
     _random_nas(fused, seed=1)
@@ -576,7 +580,7 @@ def test_compiled_costs_equal_the_layer_by_layer_sum(name, discrete):
             value = model.cost_of(fn_)
             value.backward()
             results.append((value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-        assert model._cost_cache.get(cost) is not None, cost_name
+        assert model.pit.compiled(cost, model.specs) is not None, cost_name
         (value, grads), (value_ref, grads_ref) = results
         assert grads.keys() == grads_ref.keys() and grads
         if discrete:  # integer counts: exactly the same sums
@@ -591,8 +595,8 @@ def test_cost_reuses_the_forward_masks_only_while_they_are_current(monkeypatch):
     model = po.PIT(MODELS / "tcn.onnx")
     _random_nas(model, seed=2)
     calls = []
-    forward = pit_fn._MaskPlan.forward
-    monkeypatch.setattr(pit_fn._MaskPlan, "forward", lambda self, inputs: calls.append(1) or forward(self, inputs))
+    forward = pit_masks.MaskPlan.forward
+    monkeypatch.setattr(pit_masks.MaskPlan, "forward", lambda self, inputs: calls.append(1) or forward(self, inputs))
     x = torch.randn(2, *model.graph.gs.inputs[0].shape[1:])
     (model(x).sum() + model.cost).backward()
     assert len(calls) == 1  # the cost read the forward's masks
@@ -602,7 +606,7 @@ def test_cost_reuses_the_forward_masks_only_while_they_are_current(monkeypatch):
         model.tensor(model.info["groups"][0]["alpha"]).fill_(0.1)  # prune all but the kept-alive channel
         after = float(model.cost)
     assert len(calls) == 2 and after < expected
-    reference = _unfused_twin(model.graph, monkeypatch)
+    reference = _unfused_twin(model.graph)
     _copy_values(model, reference)
     with torch.no_grad():
         assert after == float(reference.cost_of(lambda spec: po.cost.params(spec)))
@@ -645,12 +649,12 @@ def test_depthwise_conv_after_a_concat_costs_what_it_keeps():
 
 
 @pytest.mark.parametrize("name", ["digits_cnn", "tcn"])
-def test_fused_training_follows_the_per_node_functions(name, monkeypatch):
+def test_fused_training_follows_the_per_node_functions(name):
     # Steps large enough to flip masks: the fused module (with the cost computed in its forward
     # from the second step on, and everything that depends on the masks reused while they do not
     # flip) and the per-node one train alike.
     graph = po.load(MODELS / f"{name}.onnx")
-    fused, reference = po.PIT(graph), _unfused_twin(graph, monkeypatch)
+    fused, reference = po.PIT(graph), _unfused_twin(graph)
     _random_nas(fused, seed=7)
     _copy_values(fused, reference)
     inputs = [torch.from_numpy(v) for v in random_inputs(graph, batch=4, seed=1).values()]
@@ -678,11 +682,11 @@ def test_fused_training_follows_the_per_node_functions(name, monkeypatch):
         flips += fused.kept_channels() != kept
         kept = fused.kept_channels()
     assert flips
-    assert fused.module.pit_masks.attached_cost() is not None
+    assert fused.module.pit_masks.last_forward is not None
 
 
 def test_fused_factors_equal_their_per_node_fallback():
-    # Mask parameters of different dtypes take `PITMasks._per_node`: the same
+    # Mask parameters of different dtypes take `PITMasks.per_node`: the same
     # masked weights, and gradients, from the per-node functions.
     model = po.PIT(MODELS / "tcn.onnx")
     _random_nas(model, seed=3)
@@ -690,7 +694,7 @@ def test_fused_factors_equal_their_per_node_fallback():
     (packed,) = params = masks.mask_inputs(model.module)
     weights = [torch.linspace(-1, 1, int(np.prod(s))).view(s).requires_grad_() for s in masks.plan.shapes]
     results = []
-    for compute in (lambda: masks(*weights), lambda: masks._per_node(packed.split(masks.plan.masks.lengths), weights)):
+    for compute in (lambda: masks(*weights), lambda: masks.per_node(packed.split(masks.plan.masks.lengths), weights)):
         masked = compute()
         assert len(masked) == len(weights)
         model.zero_grad()

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import plinio_onnx as po
 from plinio_onnx.data import random_inputs
-from plinio_onnx.functions import supernet as sn_fn
+from plinio_onnx.functions import relaxation
 from plinio_onnx.graph import PLINIO_DOMAIN
 from plinio_onnx.methods.supernet import build_searchable, exponential_temperature
 
@@ -224,8 +224,8 @@ def test_expected_cost_is_the_softmax_weighted_branch_cost_by_hand():
         model.logits("G").copy_(torch.tensor([0.2, 0.3]))
     model.set_temperature(0.5)
     model.train()
-    theta_a = sn_fn.probabilities(np.array([0.5, 1.0, -1.0]), 0.5)
-    theta_g = sn_fn.probabilities(np.array([0.2, 0.3]), 0.5)
+    theta_a = relaxation.probabilities(np.array([0.5, 1.0, -1.0]), 0.5)
+    theta_g = relaxation.probabilities(np.array([0.2, 0.3]), 0.5)
     expected_params = theta_a @ a_params + theta_g @ g_params + m_params
     expected_macs = theta_a @ a_macs + theta_g @ g_macs + m_macs
     assert model.cost_of("params").item() == pytest.approx(expected_params, rel=1e-6)
@@ -245,7 +245,7 @@ def test_sampling_modes_temperature_and_gradients():
     model = po.SuperNet(MODELS / "digits_cnn.onnx")
     x = torch.rand(4, 1, 8, 8)
     _random_logits(model, seed=9)
-    for sampling in sn_fn.SAMPLING:
+    for sampling in relaxation.SAMPLINGS:
         model.set_sampling(sampling)
         model.train()
         model.zero_grad()
@@ -255,7 +255,7 @@ def test_sampling_modes_temperature_and_gradients():
         assert all(g is not None and torch.isfinite(g).all() and torch.any(g != 0) for g in grads), sampling
     model.eval()
     reference = model(x)
-    for sampling in sn_fn.SAMPLING:
+    for sampling in relaxation.SAMPLINGS:
         model.set_sampling(sampling)
         assert torch.equal(model(x), reference)  # eval ignores the sampling: always the argmax
     assert model.searchable_graph().nodes and all(
@@ -496,7 +496,7 @@ def test_supernet_pit_cost_is_the_softmax_weighted_pruned_branch_cost_by_hand():
         model.logits("A").copy_(torch.from_numpy(logits.astype(np.float32)))
     model.set_temperature(0.7)
     model.train()
-    theta = sn_fn.probabilities(logits.astype(np.float32), 0.7)
+    theta = relaxation.probabilities(logits.astype(np.float32), 0.7)
     assert model.cost_of("params").item() == pytest.approx(theta @ a_params + outside_params, rel=1e-6)
     assert model.cost_of(po.cost.macs).item() == pytest.approx(theta @ a_macs + outside_macs, rel=1e-6)
     # Gradients reach the logits and the PIT masks (straight-through).

@@ -4,10 +4,10 @@ Quantization for Efficient Deep Neural Networks", after EdMIPS): fake quantizers
 is a softmax choice among candidate bit-widths.
 
 Choice. A quantizer holds logits α over its precisions P (per layer: [|P|]; per output channel:
-[|P|, C]). In training θ = softmax(α/T) (``sampling="soft"``), one-hot(argmax α) with a
-straight-through gradient into the softmax (``"hard"``), or Gumbel-softmax(α, τ=T) (``"gumbel"``);
-the output is Σ_p θ_p·Q_p(x). **In eval the choice is always one-hot argmax**: the module then
-computes exactly the exported network (first maximum wins, as ONNX ``ArgMax`` and torch agree).
+[|P|, C]). In training θ follows the quantizer's ``sampling`` (`plinio_onnx.functions.relaxation`:
+softmax(α/T), hard, Gumbel) and the output is Σ_p θ_p·Q_p(x). **In eval the choice is always
+one-hot argmax**: the module then computes exactly the exported network (first maximum wins, as
+ONNX ``ArgMax`` and torch agree).
 
 Quantizers (round half to even, the ONNX ``Round`` / ``QuantizeLinear`` rounding):
 
@@ -34,21 +34,17 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import PLINIO_DOMAIN
 from ..to_torch.context import NodeContext
-from ..to_torch.registry import register
+from ..to_torch.registry import Unsupported, register
 from . import make_function
+from .relaxation import FIXED, SAMPLINGS, SOFTMAX, choice_weights, is_sampling, sampling_mode
 
 ACT_QUANT = "MPSActQuant"
 WEIGHT_QUANT = "MPSWeightQuant"
 BIAS_QUANT = "MPSBiasQuant"
-SAMPLINGS = ("soft", "hard", "gumbel")
-#: Run-time sampling of a frozen search (`plinio_onnx.methods.mps.MPS.freeze`): training uses
-#: the argmax precisions exactly as eval does.
-FIXED = "fixed"
 
 #: Smallest activation clip: keeps the scale positive whatever the optimizer does to c.
 MIN_CLIP = 1e-4
@@ -259,26 +255,6 @@ def broadcast_bits(values: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
     return values.reshape(shape)
 
 
-# -- choices ----------------------------------------------------------------------------------
-def choice_weights(alpha: torch.Tensor, temperature: torch.Tensor | float, sampling: str,
-                   training: bool) -> torch.Tensor:
-    """θ over precisions (dim 0): one-hot argmax in eval; softmax(α/T), hard (STE) or Gumbel in training."""
-    if not training or sampling == FIXED:
-        return F.one_hot(alpha.argmax(0), alpha.shape[0]).movedim(-1, 0).to(alpha.dtype)
-    if sampling == "gumbel":
-        return F.gumbel_softmax(alpha, tau=float(temperature), hard=False, dim=0)
-    soft = torch.softmax(alpha / temperature, dim=0)
-    if sampling == "hard":
-        hard = F.one_hot(alpha.argmax(0), alpha.shape[0]).movedim(-1, 0).to(alpha.dtype)
-        return hard + (soft - soft.detach())
-    return soft
-
-
-def expected_cost_weights(alpha: torch.Tensor, temperature, sampling: str, training: bool) -> torch.Tensor:
-    """θ used by the cost: the forward's choice, but noise-free (Gumbel costs its softmax)."""
-    return choice_weights(alpha, temperature, "soft" if sampling == "gumbel" else sampling, training)
-
-
 # -- torch modules ----------------------------------------------------------------------------
 class _Scratch:
     """Reusable work buffers (one per quantizer): freshly allocated large tensors cost page
@@ -439,8 +415,10 @@ def _ints(value) -> tuple[int, ...]:
 
 
 def _sampling(ctx: NodeContext) -> str:
-    value = ctx.attr("sampling", "soft")
-    return value.decode() if isinstance(value, bytes) else str(value)
+    value = ctx.attr("sampling", SOFTMAX)
+    if not is_sampling(value):
+        raise Unsupported(f"unknown sampling {value!r}; choose from {SAMPLINGS}")
+    return sampling_mode(value)
 
 
 @register(ACT_QUANT, domain=PLINIO_DOMAIN)

@@ -9,13 +9,10 @@ pass writes ``Unsqueeze`` + ``Concat`` in front of it, so one function serves ev
 * **ONNX body** (what ONNX Runtime computes for a *searchable* graph): the relaxation
   θ = softmax(α / T), y = Σ_i θ_i · candidates[i]. With one logit far above the others this is
   that branch's output (to float rounding); a finalized graph has no Choice left.
-* **torch, training** (the ``sampling`` attribute):
-
-  - ``"softmax"`` (default): θ = softmax(α / T), y = Σ θ_i · x_i — the body's value.
-  - ``"gumbel"``: θ = gumbel_softmax(α, τ = T) (soft, fresh noise every step).
-  - ``"gumbel_hard"``: one-hot of the Gumbel sample forward, soft gradient (straight-through).
-  - ``"hard"``: one-hot of argmax α forward, softmax(α / T) gradient (straight-through).
-    **ours:** PLiNIO's hard mode has no gradient into α.
+* **torch, training** (the ``sampling`` attribute, `plinio_onnx.functions.relaxation`):
+  y = Σ θ_i · x_i with θ = softmax(α / T) (``"softmax"``, the default: the body's value),
+  Gumbel-softmax (``"gumbel"``, ``"gumbel_hard"``) or one-hot argmax with the softmax's gradient
+  (``"hard"``; **ours:** PLiNIO's hard mode has no gradient into α).
 
 * **torch, eval**: y = candidates[argmax α] exactly (ties go to the first branch, the original
   layer), whatever the sampling: what you evaluate is the branch that finalize keeps
@@ -29,16 +26,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import torch
-import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from ..graph import PLINIO_DOMAIN
 from ..to_torch.context import NodeContext
 from ..to_torch.registry import Unsupported, register
 from . import make_function
+from .relaxation import SAMPLINGS, SOFTMAX, is_sampling, relaxed_weights, sampling_mode
 
 CHOICE = "Choice"
-SAMPLING = ("softmax", "gumbel", "gumbel_hard", "hard")
 
 
 # -- ONNX body --------------------------------------------------------------------------------
@@ -77,48 +73,18 @@ def chosen(logits: np.ndarray) -> int:
     return int(np.argmax(np.asarray(logits, dtype=np.float32).reshape(-1)))
 
 
-def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64).reshape(-1) / float(temperature)
-    z = np.exp(z - z.max())
-    return z / z.sum()
-
-
 # -- torch ------------------------------------------------------------------------------------
-def soft_weights(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
-    """θ = softmax(α / T)."""
-    return torch.softmax(logits / temperature, dim=0)
-
-
-def hard_weights(logits: torch.Tensor, temperature: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """one-hot(argmax α) forward, softmax(α / T) gradient (straight-through)."""
-    soft = soft_weights(logits, temperature)
-    hard = F.one_hot(logits.argmax(), logits.numel()).to(soft.dtype)
-    return hard + (soft - soft.detach())
-
-
-def sample_weights(logits: torch.Tensor, temperature: torch.Tensor, sampling: str) -> torch.Tensor:
-    """The training-mode θ of one forward (see the module docstring)."""
-    if sampling == "softmax":
-        return soft_weights(logits, temperature)
-    if sampling == "hard":
-        return hard_weights(logits, temperature)
-    tau = float(temperature)
-    return F.gumbel_softmax(logits, tau=tau, hard=sampling == "gumbel_hard", dim=0)
-
-
 class ChoiceModule(torch.nn.Module):
     """The torch side of ``ai.plinio::Choice``; ``sampling`` may be changed between steps."""
 
-    def __init__(self, sampling: str = "softmax") -> None:
+    def __init__(self, sampling: str = SOFTMAX) -> None:
         super().__init__()
-        if sampling not in SAMPLING:
-            raise ValueError(f"unknown sampling {sampling!r}; choose from {SAMPLING}")
-        self.sampling = sampling
+        self.sampling = sampling_mode(sampling)
 
     def forward(self, candidates: torch.Tensor, logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return candidates[logits.argmax()]
-        theta = sample_weights(logits, temperature, self.sampling).to(candidates.dtype)
+        theta = relaxed_weights(logits, temperature, self.sampling).to(candidates.dtype)
         return torch.tensordot(theta, candidates, dims=1)
 
     def extra_repr(self) -> str:
@@ -127,10 +93,8 @@ class ChoiceModule(torch.nn.Module):
 
 @register(CHOICE, domain=PLINIO_DOMAIN)
 def _choice_handler(ctx: NodeContext):
-    sampling = ctx.attr("sampling", "softmax")
-    if isinstance(sampling, bytes):
-        sampling = sampling.decode()
-    if sampling not in SAMPLING:
-        raise Unsupported(f"unknown sampling {sampling!r}; choose from {SAMPLING}")
+    sampling = ctx.attr("sampling", SOFTMAX)
+    if not is_sampling(sampling):
+        raise Unsupported(f"unknown sampling {sampling!r}; choose from {SAMPLINGS}")
     return ctx.module(ChoiceModule(sampling), ctx.input(0), ctx.input(1, trainable=True),
                       ctx.input(2, trainable=False))

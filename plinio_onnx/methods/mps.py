@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from plinio_onnx.functions import mps as fn
-from plinio_onnx.functions import pit as pit_fn
+from plinio_onnx.functions import relaxation
 from plinio_onnx.passes.mps import DEFAULT_PRECISIONS, LAYER_OPS, METADATA_KEY, TEMPERATURE, fold_batchnorm, mps
 from plinio_onnx.passes.pit import METADATA_KEY as PIT_METADATA_KEY
 from plinio_onnx.passes.pit import pit as pit_pass
@@ -28,14 +28,16 @@ from plinio_onnx.passes.pit import pit as pit_pass
 from ..cost import LayerSpec
 from ..errors import PlinioOnnxError
 from ..graph import Graph
-from .pit import _PIT_SUFFIXES, BoundPIT
+from ..to_torch.fuse_pit_masks import fuse_pit_masks
+from .pit import PIT_SUFFIXES
+from .pit_channels import PITChannels
 from .searchable import CostFn, SearchableModel, as_graph
 
 _MPS_SUFFIXES = (".mps_w_alpha", ".mps_a_alpha")
 METHODS = ("mps", "qat", "pit+mps")
 
 
-class MPS(SearchableModel):
+class MPS(relaxation.Annealed, SearchableModel):
     """Mixed-precision search on an ONNX model (PLiNIO's MPS; see `plinio_onnx.passes.mps`).
 
     ``model``: a path, ``onnx.ModelProto`` or `Graph`; a graph already searchable by MPS (a
@@ -47,13 +49,19 @@ class MPS(SearchableModel):
     `plinio_onnx.passes.pit` options). The other arguments are those of `plinio_onnx.passes.mps`.
 
     Eval mode evaluates the argmax precisions (and binarized PIT masks): exactly what `export`
-    writes. In training the choice follows ``sampling`` at the temperature `temperature`.
+    writes. In training the choice follows ``sampling`` (`plinio_onnx.functions.relaxation`:
+    "softmax" — "soft" is accepted —, "hard", "gumbel", "gumbel_hard") at the temperature
+    `temperature` (`set_temperature`, `anneal`). ``pit``: the `PITChannels` of the PIT masks
+    (None without).
     """
+
+    #: PIT masks, where the graph holds them, train fused (a module without any is left as it is).
+    module_passes = (fuse_pit_masks,)
 
     def __init__(self, model: "str | os.PathLike | onnx.ModelProto | Graph", *,
                  cost: "CostFn | str" = "size", w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
                  a_precisions: Iterable[int] = DEFAULT_PRECISIONS, per_channel: bool = True,
-                 weight_scale: str = "per_channel", zero_bit: bool = False, sampling: str = "soft",
+                 weight_scale: str = "per_channel", zero_bit: bool = False, sampling: str = "softmax",
                  temperature: float = 1.0, include: Iterable[str] | None = None,
                  exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
                  clip_init: float = 6.0, fold_bn: bool = True, pit: "bool | dict" = False) -> None:
@@ -72,48 +80,31 @@ class MPS(SearchableModel):
                         weight_scale=weight_scale, zero_bit=zero_bit, sampling=sampling,
                         temperature=temperature, include=include, exclude=exclude, op_types=op_types,
                         clip_init=clip_init, fold_bn=fold_bn)
+        has_pit = PIT_METADATA_KEY in graph.metadata
         super().__init__(graph, cost)
         self.info = json.loads(graph.metadata[METADATA_KEY])
-        self.sampling = self.info["sampling"]
+        self.sampling = relaxation.sampling_mode(self.info["sampling"])
         self._layers = {layer["node"]: layer for layer in self.info["layers"]}
         self._activations = {act["tensor"]: act for act in self.info["activations"]}
-        self.pit = (_PITChannels(self.tensor, json.loads(graph.metadata[PIT_METADATA_KEY]))
-                    if PIT_METADATA_KEY in graph.metadata else None)
+        self.pit = PITChannels(self.module, json.loads(graph.metadata[PIT_METADATA_KEY])) if has_pit else None
+        self.relaxation_temperature = relaxation.Temperature(
+            self.tensor, [TEMPERATURE] if TEMPERATURE in self._onnx_to_attr else [], float("nan"))
         self._quantizers = {name: module for name, module in self.module.named_modules()
                             if isinstance(module, fn.ActQuantizer)}
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
         if onnx_name.endswith(_MPS_SUFFIXES):
             return True
-        return self.pit is not None and onnx_name.endswith(_PIT_SUFFIXES)
-
-    # -- temperature --------------------------------------------------------------------------
-    @property
-    def temperature(self) -> float:
-        """The softmax temperature T of every quantizer (a buffer: set it to anneal)."""
-        return float(self.tensor(TEMPERATURE)) if TEMPERATURE in self._onnx_to_attr else float("nan")
-
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        if not value > 0:
-            raise PlinioOnnxError("the temperature must be positive")
-        if TEMPERATURE in self._onnx_to_attr:
-            with torch.no_grad():
-                self.tensor(TEMPERATURE).fill_(float(value))
-
-    def anneal(self, factor: float, minimum: float = 1e-3) -> float:
-        """Multiply the temperature by ``factor`` (not below ``minimum``); returns the new T."""
-        self.temperature = max(self.temperature * factor, minimum)
-        return self.temperature
+        return self.pit is not None and onnx_name.endswith(PIT_SUFFIXES)
 
     def freeze(self) -> None:
         """Fix the current argmax precisions for fine-tuning: training then runs exactly the
         discrete network that eval runs and `export` writes (and computes only it), and the
         logits stop training. `nas_parameters` stays the same set, now without gradients."""
-        self.sampling = fn.FIXED
+        self.sampling = relaxation.FIXED
         for module in self.module.modules():
             if isinstance(module, (fn.ActQuantizer, fn.WeightQuantizer)):
-                module.sampling = fn.FIXED
+                module.sampling = relaxation.FIXED
         for param in self.nas_parameters():
             param.requires_grad_(False)
 
@@ -155,7 +146,7 @@ class MPS(SearchableModel):
 
     # -- effective precisions -----------------------------------------------------------------
     def _theta(self, alpha: torch.Tensor) -> torch.Tensor:
-        return fn.expected_cost_weights(alpha, self.tensor(TEMPERATURE), self.sampling, self.training)
+        return relaxation.cost_weights(alpha, self.tensor(TEMPERATURE), self.sampling, self.training)
 
     def weight_bits(self, node: str) -> torch.Tensor | None:
         """Expected (eval: chosen) bits per weight of layer ``node``, averaged over its (kept)
@@ -207,8 +198,7 @@ class MPS(SearchableModel):
         """A JSON-able description of the chosen architecture (precisions, and PIT channels)."""
         arch = {"precisions": self.chosen_precisions()}
         if self.pit is not None:
-            arch["kept_channels"] = {name: {"kept": kept, "total": total}
-                                     for name, (kept, total) in self.pit.kept_channels().items()}
+            arch["kept_channels"] = self.pit.kept_channels_record()
         return arch
 
     def summary(self) -> str:
@@ -283,25 +273,6 @@ class MPS(SearchableModel):
 
     def after_search_epoch(self, epoch: int, epochs: int) -> None:
         self.anneal(0.9)
-
-class _PITChannels(BoundPIT):
-    """PIT's counts for a model that holds PIT masks besides MPS quantizers, and the kept mask of
-    each layer's output (per-channel precisions count only kept channels)."""
-
-    def output_keep(self, node: str) -> torch.Tensor | None:
-        """The binarized mask of the channels layer ``node`` produces (None: not searched)."""
-        gid, channels = self.info["layer_output"].get(node), None
-        if gid is None and node in self.info.get("layer_output_part", {}):
-            gid, channels = self.info["layer_output_part"][node]
-        name = self._alpha.get(int(gid)) if gid is not None else None
-        if name is None:
-            return None
-        if isinstance(name, str):
-            keep = pit_fn.binarize(pit_fn._theta(self.tensor(name)), self.threshold)
-        else:
-            keep = torch.cat([pit_fn.binarize(pit_fn._theta(self.tensor(n)), self.threshold) for n in name])
-            keep = keep[self._atom_order[int(gid)]]
-        return keep if channels is None else keep[torch.as_tensor(channels)]
 
 
 # -- the CLI's entry point --------------------------------------------------------------------

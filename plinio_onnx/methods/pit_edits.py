@@ -2,40 +2,34 @@
 a SuperNet searched jointly with PIT): remember which channels are kept, re-keep the channels a
 step pruned past a cost floor, prune the weakest channels down to a cost target.
 
-A channel is kept while its mask value θ (`plinio_onnx.functions.pit.keep_alive`: the last
+A channel is kept while its mask value θ (`plinio_onnx.functions.pit_keep.keep_alive`: the last
 channel of a group always counts as kept) is above the threshold.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from plinio_onnx.functions import pit as fn
+from ..functions.pit_keep import keep_alive
+
+if TYPE_CHECKING:
+    from .pit_channels import PITChannels
 
 
 class PITMaskEdits:
-    """The masks of PIT ``groups`` (records of the PIT pass), read and written through
-    ``tensor(name)``; ``cost()`` is the model's current discrete cost (a tensor)."""
+    """The channel masks of ``pit`` (a model's `PITChannels`), read and written in place;
+    ``cost()`` is the model's current discrete cost (a tensor)."""
 
-    def __init__(self, tensor: Callable[[str], torch.Tensor], groups: list[dict], threshold: float,
-                 cost: Callable[[], torch.Tensor]) -> None:
-        self.tensor = tensor
-        self.groups = groups
-        self.threshold = threshold
+    def __init__(self, pit: "PITChannels", cost: Callable[[], torch.Tensor]) -> None:
+        self.tensor = pit.tensor
+        self.threshold = pit.threshold
+        self._names = pit.mask_names
         self.cost = cost
 
-    def _names(self) -> list[str]:
-        """Every mask parameter: one per group, or one per atom of a group."""
-        names: list[str] = []
-        for group in self.groups:
-            alpha = group["alpha"]
-            names.extend([alpha] if isinstance(alpha, str) else alpha)
-        return names
-
     def _theta(self, name: str) -> np.ndarray:
-        return fn.keep_alive(self.tensor(name).detach().cpu().numpy())
+        return keep_alive(self.tensor(name).detach().cpu().numpy())
 
     def kept(self) -> dict[str, np.ndarray]:
         """Which channels each mask parameter keeps now (a snapshot for `restore`)."""

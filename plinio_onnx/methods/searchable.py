@@ -7,7 +7,7 @@ import math
 import numbers
 import os
 from fractions import Fraction
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -21,6 +21,7 @@ from ..load import load
 from ..sync import sync
 from ..to_torch import to_torch
 from .search_hooks import SearchHooks
+from ..to_torch.builder import ModulePass
 
 CostFn = Callable[[LayerSpec], object]
 
@@ -63,17 +64,19 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
     the differentiable cost; ``.export(path)`` syncs, finalizes and saves.
     """
 
+    #: The rewrites of the generated module that the method trains with (`to_torch`'s ``passes``).
+    module_passes: Sequence[ModulePass] = ()
+
     def __init__(self, graph: Graph, cost: "CostFn | str | Mapping[str, CostFn | str]") -> None:
         super().__init__()
         self.graph = graph
-        self.module = to_torch(graph)
+        self.module = to_torch(graph, passes=self.module_passes)
         #: The named costs (``cost={"params": ..., "latency": ...}``; one cost: named after itself).
         self.costs = named_costs(cost)
         #: The primary cost model: the first named cost, what `.cost` computes.
         self.cost_model = next(iter(self.costs.values()))
         self.specs = layer_specs(graph)
         self._onnx_to_attr = {onnx_name: attr for attr, onnx_name in self.module.initializer_names.items()}
-        self._cost_cache: dict = {}  # per cost model: its `CompiledCost` (or None), see `compile_cost`
 
     # -- running ------------------------------------------------------------------------------
     def forward(self, *inputs: torch.Tensor):
@@ -406,6 +409,24 @@ def compile_cost(fn: CostFn, specs, order: Callable | None = None) -> CompiledCo
 def as_int(value) -> int:
     """A cost (tensor or number) as the integer it counts."""
     return int(round(float(value)))
+
+
+#: The columns of a layer table (`layer_table`).
+LAYER_COLUMNS = ("layer", "op", "in", "out", "kernel", "params", "MACs")
+
+
+def layer_table(title: str, rows, total: tuple[str, str]):
+    """A rich table of layers: ``rows`` of texts in `LAYER_COLUMNS` order, then a bold total row
+    (``total``: the params and MACs texts)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in LAYER_COLUMNS:
+        table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+    for row in rows:
+        table.add_row(*row)
+    table.add_row("total", "", "", "", "", *total, style="bold")
+    return table
 
 
 def render_summary(table, skipped: list[str]) -> str:

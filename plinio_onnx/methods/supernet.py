@@ -28,7 +28,6 @@ channels (the records of dropped branches are skipped). ``po.PIT(po.SuperNet(...
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
@@ -36,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import onnx
 import torch
 
-from plinio_onnx.functions import pit as pit_fn
+from plinio_onnx.functions import relaxation
 from plinio_onnx.functions import supernet as fn
 from plinio_onnx.passes.pit import METADATA_KEY as PIT_METADATA_KEY
 from plinio_onnx.passes.pit import pit as pit_pass
@@ -44,9 +43,11 @@ from plinio_onnx.passes.supernet import LOGITS_SUFFIX, METADATA_KEY, Menu, super
 
 from ..cost import LayerSpec
 from ..graph import Graph
-from .pit import _PIT_SUFFIXES, BoundPIT
+from ..to_torch.fuse_pit_masks import fuse_pit_masks
+from .pit import PIT_SUFFIXES
+from .pit_channels import Counting, MemoCounting, PITChannels, group_name
 from .pit_edits import PITMaskEdits
-from .searchable import CostFn, SearchableModel, as_cost, as_graph, as_int, render_summary
+from .searchable import CostFn, SearchableModel, as_graph, as_int, render_summary
 
 __all__ = ["SuperNet", "build_searchable", "exponential_temperature"]
 
@@ -54,7 +55,7 @@ __all__ = ["SuperNet", "build_searchable", "exponential_temperature"]
 _LOGITS_LR_FLOOR = 5e-2
 
 
-class SuperNet(SearchableModel):
+class SuperNet(relaxation.Annealed, SearchableModel):
     """SuperNet layer selection on an ONNX model.
 
     ``model``: a path, ``onnx.ModelProto`` or `Graph`; a graph already searchable by SuperNet (a
@@ -70,6 +71,9 @@ class SuperNet(SearchableModel):
     Training forward: the softmax (or Gumbel / hard) mix of every Choice's branches (PIT masks
     binarized). Eval forward: the argmax branch of every Choice, i.e. the network `export` writes.
     """
+
+    #: PIT masks, where the graph holds them, train fused (a module without any is left as it is).
+    module_passes = (fuse_pit_masks,)
 
     def __init__(self, model: "str | os.PathLike | onnx.ModelProto | Graph", *,
                  cost: "CostFn | str" = "params", include: Iterable[str] | None = None,
@@ -87,12 +91,14 @@ class SuperNet(SearchableModel):
                              sampling=sampling, temperature=temperature)
         if pit and PIT_METADATA_KEY not in graph.metadata:
             graph = pit_pass(graph, **(dict(pit) if isinstance(pit, Mapping) else {}))
+        has_pit = PIT_METADATA_KEY in graph.metadata
         super().__init__(graph, cost)
         self.info = json.loads(graph.metadata[METADATA_KEY])
+        self.info["sampling"] = relaxation.sampling_mode(self.info["sampling"])
         self.discrete_cost = discrete_cost
         #: PIT's effective channels and kernels (None: no PIT masks in the graph).
-        self.pit = (BoundPIT(self.tensor, json.loads(graph.metadata[PIT_METADATA_KEY]))
-                    if PIT_METADATA_KEY in graph.metadata else None)
+        self.pit = PITChannels(self.module, json.loads(graph.metadata[PIT_METADATA_KEY])) if has_pit else None
+        self.relaxation_temperature = relaxation.Temperature(self.tensor, self.info["temperatures"], 1.0)
         self._branch_of: dict[str, tuple[int, int]] = {}
         for c, choice in enumerate(self.info["choices"]):
             for b, branch in enumerate(choice["branches"]):
@@ -108,28 +114,13 @@ class SuperNet(SearchableModel):
     def _is_nas_parameter(self, onnx_name: str) -> bool:
         if onnx_name.endswith(LOGITS_SUFFIX):
             return True
-        return self.pit is not None and onnx_name.endswith(_PIT_SUFFIXES)
+        return self.pit is not None and onnx_name.endswith(PIT_SUFFIXES)
 
     # -- search controls ----------------------------------------------------------------------
-    @property
-    def temperature(self) -> float:
-        """The softmax temperature T shared by every Choice (1.0 when nothing is searched)."""
-        names = self.info["temperatures"]
-        return float(self.tensor(names[0])) if names else 1.0
-
-    def set_temperature(self, value: float) -> None:
-        """Set T (anneal it during the search, e.g. `exponential_temperature` from 1 towards
-        0.05); it is a buffer, saved with the searchable graph."""
-        if not value > 0:
-            raise ValueError(f"the temperature must be positive (got {value})")
-        with torch.no_grad():
-            for name in self.info["temperatures"]:
-                self.tensor(name).fill_(float(value))
-
     def set_sampling(self, sampling: str) -> None:
-        """Training-mode sampling of every Choice: "softmax", "gumbel", "gumbel_hard" or "hard"."""
-        if sampling not in fn.SAMPLING:
-            raise ValueError(f"unknown sampling {sampling!r}; choose from {fn.SAMPLING}")
+        """Training-mode sampling of every Choice: "softmax", "gumbel", "gumbel_hard" or "hard"
+        (`plinio_onnx.functions.relaxation`; `SettingError` for others)."""
+        sampling = relaxation.sampling_mode(sampling)
         for module in self.module.modules():
             if isinstance(module, fn.ChoiceModule):
                 module.sampling = sampling
@@ -153,51 +144,37 @@ class SuperNet(SearchableModel):
     # -- cost ---------------------------------------------------------------------------------
     def _theta(self, choice: dict) -> torch.Tensor:
         logits = self.tensor(choice["logits"]).to(torch.float64)
-        temperature = self.temperature
-        if not self.training:
-            return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).to(torch.float64)
-        if self.discrete_cost:
-            return fn.hard_weights(logits, temperature)
-        return fn.soft_weights(logits, temperature)
+        sampling = relaxation.HARD if self.discrete_cost else relaxation.SOFTMAX
+        return relaxation.choice_weights(logits, self.temperature, sampling, self.training)
 
-    def effective_spec(self, spec: LayerSpec) -> LayerSpec:
-        """The layer as PIT's masks leave it (kept channels and taps); as it is without PIT."""
-        return self.pit.effective_spec(spec) if self.pit is not None else spec
+    def effective_spec(self, spec: LayerSpec, counting: Counting | None = None) -> LayerSpec:
+        """The layer as PIT's masks leave it (kept channels and taps); as it is without PIT.
+        ``counting``: how one cost evaluation counts (`plinio_onnx.methods.pit_channels`)."""
+        if self.pit is None:
+            return spec
+        return self.pit.effective_spec(spec, counting) if counting is not None else self.pit.effective_spec(spec)
 
     def branch_costs(self, choice: int | str, cost: "CostFn | str") -> list[Any]:
         """The cost of every branch of a Choice (its layers, through `effective_spec`)."""
-        entry = self._choice(choice)
-        fn_ = self.cost_fn(cost)
-        with self._counting():
-            return [sum((fn_(self.effective_spec(s)) for s in specs), 0)
-                    for specs in self._branch_specs[entry["id"]]]
+        return self._branch_costs(self._choice(choice)["id"], self.cost_fn(cost), MemoCounting())
+
+    def _branch_costs(self, choice: int, cost: CostFn, counting: Counting) -> list[Any]:
+        return [sum((cost(self.effective_spec(s, counting)) for s in specs), 0) for specs in self._branch_specs[choice]]
 
     def cost_of(self, cost: "CostFn | str") -> torch.Tensor:
         """Σ (layers outside Choices) + Σ_choices Σ_i θ_i · cost(branch i), every layer through
         `effective_spec` (PIT-effective with ``pit``); float64, differentiable in the logits (and
         the PIT masks). Eval mode: the argmax branches' cost = the exported model's."""
         fn_ = self.cost_fn(cost)
+        counting = MemoCounting()  # every PIT group's channels (and kernel's taps) counted once
         total = torch.zeros((), dtype=torch.float64)
-        with self._counting():
-            for spec_ in self._outside:
-                total = total + fn_(self.effective_spec(spec_))
-            for choice in self.info["choices"]:
-                theta = self._theta(choice)
-                costs = self.branch_costs(choice["id"], fn_)
-                total = total + sum(theta[i] * costs[i] for i in range(len(costs)))
+        for spec_ in self._outside:
+            total = total + fn_(self.effective_spec(spec_, counting))
+        for choice in self.info["choices"]:
+            theta = self._theta(choice)
+            costs = self._branch_costs(choice["id"], fn_, counting)
+            total = total + sum(theta[i] * costs[i] for i in range(len(costs)))
         return total
-
-    @contextlib.contextmanager
-    def _counting(self):
-        """Within one cost: count every PIT group's channels (and kernel's taps) once."""
-        if self.pit is None or getattr(self.pit, "_counts", None) is not None:
-            yield
-            return
-        self.pit._counts = {}
-        try:
-            yield
-        finally:
-            self.pit._counts = None
 
     # -- reporting ----------------------------------------------------------------------------
     def chosen(self) -> dict[str, str]:
@@ -209,7 +186,7 @@ class SuperNet(SearchableModel):
         """For every Choice: softmax(α / T) per branch name."""
         out = {}
         for c in self.info["choices"]:
-            p = fn.probabilities(self.tensor(c["logits"]).detach().cpu().numpy(), self.temperature)
+            p = relaxation.probabilities(self.tensor(c["logits"]).detach().cpu().numpy(), self.temperature)
             out[c["name"]] = {b["name"]: float(v) for b, v in zip(c["branches"], p)}
         return out
 
@@ -220,8 +197,7 @@ class SuperNet(SearchableModel):
                 "choices": {name: {"chosen": branch, "probabilities": probabilities[name]}
                             for name, branch in self.chosen().items()}}
         if self.pit is not None:
-            arch["kept_channels"] = {name: {"kept": kept, "total": total}
-                                     for name, (kept, total) in self.kept_channels().items()}
+            arch["kept_channels"] = self.pit.kept_channels_record()
         return arch
 
     def kept_channels(self) -> dict[str, tuple[int, int]]:
@@ -244,7 +220,7 @@ class SuperNet(SearchableModel):
                         logits = self.tensor(choice["logits"])
                         current = int(logits.argmax())
                         costs = [float(c) for c in self.branch_costs(choice["id"], fn_)]
-                        p = fn.probabilities(logits.cpu().numpy(), self.temperature)
+                        p = relaxation.probabilities(logits.cpu().numpy(), self.temperature)
                         for b, c in enumerate(costs):
                             if c < costs[current]:
                                 key = (p[b], costs[current] - c)
@@ -290,7 +266,7 @@ class SuperNet(SearchableModel):
 
     def _pit_edits(self, cost) -> PITMaskEdits:
         # The masks are PIT's; the cost they are judged by is the whole SuperNet's.
-        return PITMaskEdits(self.tensor, self.pit.info["groups"], self.pit.threshold, lambda: self.cost_of(cost))
+        return PITMaskEdits(self.pit, lambda: self.cost_of(cost))
 
     def architecture_snapshot(self):
         return self._pit_edits("params").kept() if self.pit is not None else None
@@ -350,11 +326,10 @@ class SuperNet(SearchableModel):
         for col in ("group", "kept", "total", ""):
             pit_table.add_column(col, justify="left" if col in ("group", "") else "right")
         for group in self.pit.info["groups"]:
-            kept = int(pit_fn.group_keep(lambda name: self.tensor(name).detach().cpu().numpy(), group,
-                                         self.pit.threshold).size)
+            kept = int(self.pit.kept(group).size)
             producers = [p["node"] for p in group["producers"]]
             live = any(node not in self._branch_of or node in chosen_nodes for node in producers)
-            pit_table.add_row(group.get("name", producers[0]), f"{kept:,}", f"{int(group['size']):,}",
+            pit_table.add_row(group_name(group), f"{kept:,}", f"{int(group['size']):,}",
                               "" if live else "(dropped branch)", style=None if live else "dim")
         return text + render_summary(pit_table, [f"{s['group']} ({s['reason']})" for s in self.pit.info["skipped"]])
 

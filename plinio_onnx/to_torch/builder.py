@@ -8,7 +8,7 @@ is how `sync` writes trained values into the graph.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -17,6 +17,8 @@ import torch.fx as fx
 
 from ..errors import UnsupportedOpError
 from ..graph import Graph
+from ..load import load
+from . import ops  # noqa: F401  (fills the registry)
 from .context import NodeContext
 from .registry import Unsupported, lookup
 
@@ -83,18 +85,6 @@ class OnnxModule(fx.GraphModule):
             self.packed[attr] = (path, offset, tuple(param.shape))
             offset += param.numel()
         return flat
-
-
-#: Rewrites run on every generated module, in registration order (e.g. PIT's `fuse_masks`, which
-#: computes all mask nodes in one autograd node); each leaves what it does not recognize alone.
-_MODULE_PASSES: list[Callable[[OnnxModule], None]] = []
-
-
-def register_module_pass(rewrite: Callable[[OnnxModule], None]) -> Callable[[OnnxModule], None]:
-    """Run ``rewrite(module)`` (in place) on every module `to_torch` generates."""
-    if rewrite not in _MODULE_PASSES:
-        _MODULE_PASSES.append(rewrite)
-    return rewrite
 
 
 def _is_trainable(values: np.ndarray) -> bool:
@@ -201,8 +191,6 @@ class _Builder:
         module.packed = {}
         module.input_names = [t.name for t in g.inputs]
         module.output_names = [t.name for t in g.outputs]
-        for rewrite in _MODULE_PASSES:
-            rewrite(module)
         return module
 
     def _poison(self) -> fx.Node:
@@ -218,13 +206,21 @@ def _domain_version(g: gs.Graph, domain: str) -> int:
     return next((int(d.version) for d in (g.import_domains or []) if d.domain == domain), 1)
 
 
-def to_torch(graph: Graph) -> OnnxModule:
+#: A module pass: rewrites a generated module in place (e.g.
+#: `plinio_onnx.to_torch.fuse_pit_masks.fuse_pit_masks`), leaving what it does not recognize alone.
+ModulePass = Callable[[OnnxModule], None]
+
+
+def to_torch(graph: Graph, passes: Sequence[ModulePass] = ()) -> OnnxModule:
     """Generate the torch module computing ``graph``; see the module docstring for parameters.
+    ``passes`` then rewrite it, in order (none by default: the module has one call per node; a
+    searchable model requests the rewrites it trains with).
 
     Raises `UnsupportedOpError` listing every node the loader cannot express, before anything runs.
     """
-    from . import ops  # noqa: F401  (fills the registry)
     if not isinstance(graph, Graph):
-        from ..load import load
         graph = load(graph)
-    return _Builder(graph).build()
+    module = _Builder(graph).build()
+    for rewrite in passes:
+        rewrite(module)
+    return module

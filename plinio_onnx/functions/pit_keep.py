@@ -1,0 +1,103 @@
+"""What PIT's masks keep, in numpy: the finalizer's, the reports' and the search flow's view.
+
+The same decisions as the ``ai.plinio`` PIT functions (`plinio_onnx.functions.pit`) at the
+current parameter values: θ = |x| with the last entry forced to 1 (keep-alive), kept means
+θ > threshold; a Conv1d's taps are kept by β (receptive field) and γ (dilation) together, and
+`kernel_plan` turns a tap mask into the shortest exported kernel. `gamma_map` is the constant
+that the PIT pass stores beside every time mask.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def dilation_levels(kernel: int) -> int:
+    """L = max(⌈log2 k⌉, 1) dilation mask entries for a kernel of k taps."""
+    return max(math.ceil(math.log2(kernel)), 1)
+
+
+def gamma_map(kernel: int) -> np.ndarray:
+    """[k, L] 0/1 matrix: tap j counts γ_p when (k-1-j) mod 2^p = 0 (anchored at the newest tap).
+
+    Stored as int64 so the loader keeps it a buffer, not a trainable parameter."""
+    levels = dilation_levels(kernel)
+    return np.array([[1 if (kernel - 1 - j) % (2 ** p) == 0 else 0 for p in range(levels)]
+                     for j in range(kernel)], dtype=np.int64)
+
+
+def keep_alive(values: np.ndarray) -> np.ndarray:
+    """θ = |values| with the last entry forced to 1 (a new array)."""
+    theta = np.abs(np.asarray(values, dtype=np.float32)).reshape(-1).copy()
+    theta[-1] = 1.0
+    return theta
+
+
+def channel_keep(alpha: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of kept channels."""
+    return np.flatnonzero(keep_alive(alpha) > threshold)
+
+
+def alpha_names(group: dict) -> list[str]:
+    """The mask parameters of a PIT group record: one, or one per atom."""
+    alpha = group["alpha"]
+    return [alpha] if isinstance(alpha, str) else list(alpha)
+
+
+def group_keep(values_of, group: dict, threshold: float) -> np.ndarray:
+    """Kept channels of a PIT group record: its one mask parameter, or one per atom (a group
+    whose layers hold parts of it; see `plinio_onnx.analysis.ChannelGroup.atoms`).
+    ``values_of(name)`` reads a parameter's values."""
+    alpha = group["alpha"]
+    if isinstance(alpha, str):
+        return channel_keep(values_of(alpha), threshold)
+    kept = [np.asarray(atom)[channel_keep(values_of(name), threshold)] for name, atom in zip(alpha, group["atoms"])]
+    return np.sort(np.concatenate(kept))
+
+
+def tap_mask(beta: np.ndarray, gamma: np.ndarray, threshold: float) -> np.ndarray:
+    """0/1 per tap (oldest first): kept by θβ = cumsum(β̂) and by θγ = gamma_map · γ̂."""
+    kernel = np.asarray(beta).size
+    theta_beta = np.cumsum(keep_alive(beta))
+    theta_gamma = gamma_map(kernel).astype(np.float32) @ keep_alive(gamma)
+    return ((theta_beta > threshold) & (theta_gamma > threshold)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """How a masked Conv1d kernel is exported: ``taps`` lists, oldest first, the original tap
+    index of every exported tap (None: a zero tap that only keeps the alignment), with
+    ``dilation`` and ``pads`` of the exported conv."""
+    taps: tuple
+    dilation: int
+    pads: tuple[int, int]
+
+
+def kernel_plan(mask: np.ndarray, dilation: int, pads: tuple[int, int]) -> KernelPlan:
+    """The shortest kernel computing exactly what the masked kernel computes.
+
+    Kept taps form a progression ending at the newest tap (β drops from the old end, γ keeps
+    every 2^p-th tap counted from the newest), so they are a kernel of |J| taps at dilation d·step
+    whose first tap sits J0·d later: its left pad shrinks by J0·d. Where that pad would be
+    negative (a centred kernel that lost its older half), zero taps are prepended until it is not.
+    """
+    kernel = mask.size
+    kept = np.flatnonzero(mask)
+    if kept.size == kernel:
+        return KernelPlan(tuple(range(kernel)), dilation, tuple(pads))
+    step = int(kept[1] - kept[0]) if kept.size > 1 else 1
+    if kept[-1] != kernel - 1 or np.any(np.diff(kept) != step):
+        return KernelPlan(tuple(int(j) if mask[j] else None for j in range(kernel)), dilation, tuple(pads))
+    begin = pads[0] - int(kept[0]) * dilation
+    new_dilation = dilation * step
+    taps: list = [int(j) for j in kept]
+    if begin < 0:
+        if kept.size == 1:
+            new_dilation, extra = -begin, 1
+        else:
+            extra = -(-(-begin) // new_dilation)
+        taps = [None] * extra + taps
+        begin += extra * new_dilation
+    return KernelPlan(tuple(taps), new_dilation, (begin, pads[1]))
