@@ -110,6 +110,7 @@ print(json.dumps({{"methods": "plinio_onnx.methods.pit" in sys.modules,
 _WITHOUT_METHODS = """
 stand_in = types.ModuleType("plinio_onnx.methods")
 stand_in.MPS = stand_in.PIT = stand_in.SuperNet = None
+stand_in.SearchableModel = type("SearchableModel", (), {})  # what the optimize flow names
 sys.modules["plinio_onnx.methods"] = stand_in
 """
 # The methods imported, and a PIT model (whose module is fused) built first.

@@ -16,7 +16,8 @@ from .gap8 import gap8_latency
 from .measured import LatencyTable, ort_cpu_profile
 from .mpic import mpic_energy, mpic_latency
 from .ne16 import ne16_latency
-from .profile import AtPrecision, HardwareProfile, Registry, get, load_profile, names
+from .profile import AtPrecision, HardwareProfile, load_profile
+from .registry import Registry, get, names
 from .report import hardware_costs
 from .simd import SimdMcu
 

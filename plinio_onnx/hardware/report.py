@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from ..errors import PlinioOnnxError
-from .profile import HardwareProfile, get
+from .profile import HardwareProfile
+from .registry import get
 
 
 def hardware_costs(graph, hardware: "str | HardwareProfile") -> dict:

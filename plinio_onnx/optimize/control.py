@@ -6,19 +6,21 @@ from typing import Any, Callable
 
 import torch
 
+from ..regularizers import AdaptiveTarget
 from .config import Recipe
 
 __all__ = ["TargetControl"]
 
+_COST = "cost"  # the one cost a flow's target constrains, as the regularizer names it
+
 
 class TargetControl:
-    """λ and the moving target of a cost-constrained search.
+    """λ and the moving target of a cost-constrained search, and what the flow adds around them.
 
-    The regularizer is ``λ · max(0, cost − margin·T(s)) / target``. ``T(s)`` goes geometrically
-    from the initial cost to the target over the first ``ramp`` of the search steps. ``λ`` is
-    multiplied by ``lambda_up`` after every step whose discrete cost is above ``T(s)`` and by
-    ``lambda_down`` while it is below ``relax · T(s)``, so it settles where the pressure
-    balances the task loss. Adam moves all masks at about the same speed while the pressure
+    The penalty is `po.regularizers.AdaptiveTarget`'s (the one implementation of the moving target
+    and of λ): ``λ · max(0, cost − margin·T(s)) / target``, ``T(s)`` going geometrically from the
+    initial cost to the target over the first ``ramp`` of the search steps, λ rising while the
+    discrete cost is above ``T(s)`` and falling below ``relax · T(s)``. Adam moves all masks at about the same speed while the pressure
     dominates, so many can cross the threshold in the same step: ``restore`` then re-keeps the
     most marginal of them until the cost is back at ``floor · T(s)``. After the ramp both
     learning rates anneal (cosine; weights down to 5 %, masks to 0) so the architecture freezes
@@ -31,10 +33,14 @@ class TargetControl:
         self.r = recipe
         self.target = target
         self.state = state
-        self.start = float(state["initial_cost"])
-        self.ramp_steps = max(1, int(recipe.ramp * total_steps))
+        # The flow's checkpointed state keeps its own keys (λ a float): old checkpoints resume.
+        self.adaptive = AdaptiveTarget(
+            {_COST: target}, total_steps, strength=state["lam"], ramp=recipe.ramp, lambda_up=recipe.lambda_up,
+            lambda_down=recipe.lambda_down, relax=recipe.relax, margin=recipe.margin,
+            state={"step": state["step"], "lam": {_COST: state["lam"]}})
+        self.adaptive.start(initial={_COST: float(state["initial_cost"])})
+        self.ramp_steps = self.adaptive.ramp_steps
         self.total_steps = max(total_steps, self.ramp_steps + 1)
-        self._last = None
         self._before = None
         self.restore = restore
         self.snapshot = snapshot if restore is not None and recipe.floor > 0 else None
@@ -58,30 +64,23 @@ class TargetControl:
 
     def aim(self) -> float:
         """The moving target T at the current step."""
-        progress = min(1.0, self.state["step"] / self.ramp_steps)
-        if self.start <= self.target:
-            return self.target
-        return self.start * (self.target / self.start) ** progress
+        return self.adaptive.aim(_COST)
 
     def regularizer(self, cost: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """The loss term of one step (it also remembers the step's cost and architecture)."""
         def term() -> torch.Tensor:
             if self.snapshot is not None:
                 self._before = self.snapshot()
-            c = cost()
-            self._last = float(c.detach())
-            return self.state["lam"] * torch.relu(c - self.r.margin * self.aim()) / self.target
+            return self.adaptive.penalty({_COST: cost()})
         return term
 
     def after_step(self) -> None:
         """Adapt λ to the step's cost, re-keep what fell below the floor, advance the schedules."""
         aim = self.aim()
-        if self._last is not None:
-            if self._last > aim:
-                self.state["lam"] *= self.r.lambda_up
-            elif self._last < self.r.relax * aim:
-                self.state["lam"] = max(self.state["lam"] * self.r.lambda_down, 1e-8)
+        # Re-keeping changes no cost λ was measured on, so it may run before λ moves on.
         if self.restore is not None and self.r.floor > 0:
             self.state["restored"] = self.state.get("restored", 0) + self.restore(self.r.floor * aim, self._before)
-        self.state["step"] += 1
+        self.adaptive.after_step()
+        self.state["lam"] = self.adaptive.strength(_COST)
+        self.state["step"] = self.adaptive.state["step"]
         self._apply_schedules()
