@@ -43,7 +43,8 @@ output (their initializers become trainable weights of the branch), or, in a JSO
 Guarantee: with the logits at their initial value (all equal) the eval-mode module and the
 finalized graph compute exactly what ``graph`` computed (argmax ties go to the original branch);
 the ONNX body (softmax mix) equals the input model when the original's logit dominates.
-The record (choices, branches, their nodes) is stored in ``graph.metadata["plinio.supernet"]``.
+The record (choices, branches, their nodes) is stored in the graph's metadata
+(`plinio_onnx.records.SuperNetRecord`).
 """
 from __future__ import annotations
 
@@ -63,11 +64,14 @@ from onnx import shape_inference, version_converter
 from plinio_onnx.errors import PassError
 from plinio_onnx.functions import add_functions
 from plinio_onnx.functions import supernet as fn
-from plinio_onnx.graph import PLINIO_DOMAIN, Graph
+from plinio_onnx.graph import PLINIO_DOMAIN, Graph, reinfer_shapes
+from plinio_onnx.records import Branch, ChoiceRecord, SkippedPlace, SuperNetRecord
+
+from .infra import FunctionalPass, PassResult
 
 __all__ = ["LAYER_OPS", "METADATA_KEY", "Menu", "load_spec", "supernet"]
 
-METADATA_KEY = "plinio.supernet"
+METADATA_KEY = SuperNetRecord.KEY
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 TEMPERATURE = "supernet.temperature"
 LOGITS_SUFFIX = ".supernet_logits"
@@ -692,7 +696,8 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
              regions: "Sequence[Mapping[str, Any]] | None" = None, spec: "str | os.PathLike | None" = None,
              automatic: bool | None = None, sampling: str | None = None,
              temperature: float | None = None) -> Graph:
-    """Return a searchable copy of ``graph`` with a ``Choice`` per searched place (module docstring).
+    """Return a searchable copy of ``graph`` with a ``Choice`` per searched place (`SuperNetPass`,
+    module docstring).
 
     ``include`` / ``exclude`` (fnmatch patterns on node names) and ``op_types`` select the layers
     that get the automatic ``menu`` (`Menu`, or a dict of its fields) when ``automatic`` (default
@@ -702,6 +707,33 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
     ``sampling``: "softmax" (default), "gumbel", "gumbel_hard" or "hard" (training forward);
     ``temperature``: the initial softmax temperature T (default 1).
     """
+    return SuperNetPass(include=include, exclude=exclude, op_types=op_types, menu=menu, layers=layers,
+                        regions=regions, spec=spec, automatic=automatic, sampling=sampling,
+                        temperature=temperature)(graph).graph
+
+
+class SuperNetPass(FunctionalPass):
+    """The SuperNet pass (module docstring); its options are those of `supernet`. Requires a graph
+    without ai.plinio nodes; ensures the SuperNet record is stored."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def requires(self, graph: Graph) -> None:
+        if any((n.domain or "") == PLINIO_DOMAIN for n in graph.nodes):
+            raise PassError("the graph already holds ai.plinio nodes; run SuperNet on the original model "
+                            "(and PIT/MPS on the model SuperNet exports)", file=graph.source)
+
+    def ensures(self, graph: Graph) -> None:
+        if not SuperNetRecord.present(graph):
+            raise ValueError("no SuperNet record was stored")
+
+    def call(self, graph: Graph) -> PassResult:
+        return PassResult(_searchable(graph, **self.options), True)
+
+
+def _searchable(graph: Graph, *, include, exclude, op_types, menu, layers, regions, spec, automatic,
+                sampling, temperature) -> Graph:
     options = load_spec(spec) if spec is not None else {}
     include = include if include is not None else options.get("include")
     exclude = exclude if exclude is not None else options.get("exclude")
@@ -720,10 +752,6 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
     if unknown_ops:
         raise PassError(f"no automatic alternatives for {sorted(unknown_ops)}; op_types are among {LAYER_OPS}",
                         file=graph.source)
-    if any((n.domain or "") == PLINIO_DOMAIN for n in graph.nodes):
-        raise PassError("the graph already holds ai.plinio nodes; run SuperNet on the original model "
-                        "(and PIT/MPS on the model SuperNet exports)", file=graph.source)
-
     graph = graph.copy()
     g = graph.gs
     g.toposort()
@@ -745,7 +773,7 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
     problems: list[str] = []
     planned: list[tuple[_Region, list[_Candidate]]] = []
     taken: set[int] = set()
-    skipped: list[dict] = []
+    skipped: list[SkippedPlace] = []
 
     def claim(region: _Region, where: str) -> bool:
         ids = {id(n) for n in region.nodes}
@@ -813,7 +841,7 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
             if node.op not in op_types or not _selected(node.name, include, exclude) or id(node) in taken:
                 continue
             if not _is_layer(node):
-                skipped.append({"node": node.name, "reason": "no constant weight"})
+                skipped.append(SkippedPlace(node=node.name, reason="no constant weight"))
                 continue
             region = _layer_region(node, graph_outputs)
             if any(id(n) in taken for n in region.nodes):
@@ -825,7 +853,7 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
                     seen.add(made.name)
                     candidates.append(made)
             if not candidates:
-                skipped.append({"node": node.name, "reason": "no alternative fits"})
+                skipped.append(SkippedPlace(node=node.name, reason="no alternative fits"))
                 continue
             claim(region, node.name)
             planned.append((region, candidates))
@@ -840,23 +868,23 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
                                       names_used))
 
     g.cleanup(remove_unused_graph_inputs=False).toposort()
-    graph.metadata[METADATA_KEY] = json.dumps({
-        "version": 1, "sampling": sampling, "temperatures": sorted(t.name for t in temperatures.values()),
-        "choices": choices, "skipped": skipped,
-    })
+    SuperNetRecord(sampling=sampling, temperatures=sorted(t.name for t in temperatures.values()),
+                   choices=choices, skipped=skipped).store(graph)
     graph = add_functions(graph, fn.functions())
-    return _reinfer(graph)
+    # Strict: an alternative of the wrong shape fails here.
+    reinfer_shapes(graph, what="SuperNet: the searchable graph is inconsistent", check=False, forget=False)
+    return graph
 
 
 def _insert_choice(g: gs.Graph, index: int, region: _Region, candidates: list[_Candidate],
-                   temperature: gs.Constant, sampling: str, names_used: set[str]) -> dict:
+                   temperature: gs.Constant, sampling: str, names_used: set[str]) -> ChoiceRecord:
     base = region.name
     out = region.out
     # The original branch writes a new tensor; the Choice takes over the original output tensor.
     original_out = gs.Variable(f"{out.name}/supernet/original", dtype=out.dtype, shape=out.shape)
     producer = out.inputs[0]
     producer.outputs = [original_out if t is out else t for t in producer.outputs]
-    branches = [{"name": "original", "output": original_out.name, "nodes": [n.name for n in region.nodes]}]
+    branches = [Branch(name="original", output=original_out.name, nodes=[n.name for n in region.nodes])]
     outputs = [original_out]
     taken_names = {"original"}
     for candidate in candidates:
@@ -870,8 +898,8 @@ def _insert_choice(g: gs.Graph, index: int, region: _Region, candidates: list[_C
         if result is region.out:   # an alternative that wrote the region's own output: never
             raise PassError(f"alternative {name!r} of {base!r} writes the original output", node=base)
         outputs.append(result)
-        branches.append({"name": name, "output": result.name, "nodes": [n.name for n in emitter.nodes]})
-    for node in (n for b in branches[1:] for n in b["nodes"]):
+        branches.append(Branch(name=name, output=result.name, nodes=[n.name for n in emitter.nodes]))
+    for node in (n for b in branches[1:] for n in b.nodes):
         if node in names_used:
             raise PassError(f"node name {node!r} of an alternative clashes with the graph", node=base)
         names_used.add(node)
@@ -894,10 +922,10 @@ def _insert_choice(g: gs.Graph, index: int, region: _Region, candidates: list[_C
     choice_name = f"{base}/supernet/choice"
     g.nodes.append(gs.Node(fn.CHOICE, name=choice_name, domain=PLINIO_DOMAIN, attrs={"sampling": sampling},
                            inputs=[stacked, logits, temperature], outputs=[out]))
-    return {"id": index, "name": base, "node": choice_name, "logits": logits.name, "temperature": temperature.name,
-            "input": region.x.name,
-            "output": out.name, "kind": "layer" if region.layer is not None else "region",
-            "op": region.layer.op if region.layer is not None else None, "branches": branches}
+    return ChoiceRecord(id=index, name=base, node=choice_name, logits=logits.name, temperature=temperature.name,
+                        input=region.x.name, output=out.name,
+                        kind="layer" if region.layer is not None else "region",
+                        op=region.layer.op if region.layer is not None else None, branches=branches)
 
 
 def _name_nodes(g: gs.Graph) -> None:
@@ -912,12 +940,4 @@ def _name_nodes(g: gs.Graph) -> None:
         seen.add(name)
 
 
-def _reinfer(graph: Graph) -> Graph:
-    """Infer every new tensor's shape (strict: an alternative of the wrong shape fails here)."""
-    model = graph.to_onnx(check=False)
-    try:
-        model = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-    except Exception as err:
-        raise PassError(f"SuperNet: the searchable graph is inconsistent: {' '.join(str(err).split())[:400]}",
-                        file=graph.source) from None
-    return Graph(gs.import_onnx(model), source=graph.source, metadata=graph.metadata)
+

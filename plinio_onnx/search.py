@@ -175,7 +175,7 @@ class PITMethod(Method):
     def snapshot(self, model):
         from .functions import pit as fn
         return {name: fn.keep_alive(model.tensor(name).detach().cpu().numpy()) > model.threshold
-                for group in model.info["groups"] for name in _alpha_names(group)}
+                for group in model.info.groups for name in group.alpha}
 
     def restore(self, model, cost, floor: float, before) -> int:
         """Re-keep the channels that crossed the threshold in the last step, those closest to it
@@ -210,8 +210,8 @@ class PITMethod(Method):
         threshold = model.threshold
         with torch.no_grad():
             candidates = []
-            for group in model.info["groups"]:
-                for name in _alpha_names(group):
+            for group in model.info.groups:
+                for name in group.alpha:
                     values = fn.keep_alive(model.tensor(name).detach().cpu().numpy())
                     for i in range(values.size - 1):  # the last channel is kept alive
                         if values[i] > threshold:
@@ -222,12 +222,6 @@ class PITMethod(Method):
                     return True
                 model.tensor(name)[index] = 0.0
             return float(model.cost_of(cost)) <= target
-
-
-def _alpha_names(group: dict) -> list[str]:
-    """The mask parameters of a PIT group record: one, or one per atom."""
-    alpha = group["alpha"]
-    return [alpha] if isinstance(alpha, str) else list(alpha)
 
 
 class MPSMethod(Method):

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
 
@@ -15,7 +14,8 @@ import onnx
 import torch
 
 from plinio_onnx.functions import pit as fn
-from plinio_onnx.passes.pit import LAYER_OPS, MASKS, METADATA_KEY, pit
+from plinio_onnx.passes.pit import LAYER_OPS, MASKS, pit
+from plinio_onnx.records import GroupedConv, PITRecord, TimeMaskRecord
 
 from ..cost import LayerSpec
 from ..graph import Graph
@@ -23,8 +23,6 @@ from .searchable import (CostFn, SearchableModel, Sym, as_cost, as_graph, as_int
                          is_builtin_cost, render_summary)
 
 _SYMBOLIC = object()  # `_counts` while a cost model is compiled: counts are `Sym` variables
-
-_PIT_SUFFIXES = (".pit_alpha", ".pit_beta", ".pit_gamma")
 
 
 class PIT(SearchableModel):
@@ -44,16 +42,17 @@ class PIT(SearchableModel):
                  exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
                  masks: Iterable[str] = MASKS, threshold: float = 0.5, discrete_cost: bool = True) -> None:
         graph = as_graph(model)
-        if METADATA_KEY not in graph.metadata:
+        if not PITRecord.present(graph):
             graph = pit(graph, include=include, exclude=exclude, op_types=op_types, masks=masks,
                         threshold=threshold)
         super().__init__(graph, cost)
-        self.info = json.loads(graph.metadata[METADATA_KEY])
-        self.threshold = float(self.info["threshold"])
+        self.info = PITRecord.of(graph)
+        self.threshold = self.info.threshold
         self.discrete_cost = discrete_cost
-        self._alpha = {int(gid): name for gid, name in self.info["group_alpha"].items()}
+        self._alpha = self.info.group_alpha()
         self._atom_order = _atom_orders(self.info)
-        self._time = {entry["node"]: entry for entry in self.info["time"]}
+        self._time = {entry.node: entry for entry in self.info.time}
+        self._nas_names = frozenset(self.info.mask_parameters())
         self._attached = None  # (its key, masks, bound cost): `.cost` computed by the module's forward
 
     @property
@@ -67,7 +66,7 @@ class PIT(SearchableModel):
         return self.cost_of(self.cost_model)
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
-        return onnx_name.endswith(_PIT_SUFFIXES)
+        return onnx_name in self._nas_names
 
     # -- effective sizes ----------------------------------------------------------------------
     def _count(self, alpha: torch.Tensor) -> torch.Tensor:
@@ -107,19 +106,19 @@ class PIT(SearchableModel):
         ("kernel", node) a Conv1d's effective kernel; the masks come from the module's last
         forward when the mask parameters have not changed since. None: count layer by layer."""
         if not self.discrete_cost:
-            values = [self._count(self.tensor(self._alpha[k[1]])) if k[0] == "group" else
+            values = [self._count(self.tensor(self._alpha[k[1]][0])) if k[0] == "group" else
                       self._kernel(k[1], self._time[k[1]]) for k in keys]
             return compiled(torch.stack(values + [torch.ones((), dtype=torch.float64)]))
         entry = self._cost_cache.get(("counts", compiled, self.threshold))
         if entry is None:
             attr = self._onnx_to_attr
-            alphas = {k: (attr[self._alpha[k[1]]], self.tensor(self._alpha[k[1]])) for k in keys if k[0] == "group"}
+            alphas = {k: (attr[self._alpha[k[1]][0]], self.tensor(self._alpha[k[1]][0])) for k in keys if k[0] == "group"}
             times = {}
             for k in keys:
                 if k[0] == "kernel":
                     e = self._time[k[1]]
-                    times[k] = ((attr[e["beta"]], self.tensor(e["beta"])), (attr[e["gamma"]], self.tensor(e["gamma"])),
-                                self.tensor(f"{k[1]}.pit_gamma_map"), e["dilation"], e["pads"])
+                    times[k] = ((attr[e.beta], self.tensor(e.beta)), (attr[e.gamma], self.tensor(e.gamma)),
+                                self.tensor(f"{k[1]}.pit_gamma_map"), e.dilation, e.pads)
             fused = [m for m in self.module.children() if isinstance(m, fn.PITMasks)]
             plan, attrs, positions = fn.count_plan(fused[0] if len(fused) == 1 else None, alphas, times, self.threshold)
             entry = (plan, attrs, compiled.bind([positions[k] for k in keys], plan.size))
@@ -153,11 +152,11 @@ class PIT(SearchableModel):
         """Effective channel count of analysis group ``gid`` (static when not searched)."""
         name = self._alpha.get(gid)
         if name is None:
-            return int(self.info["group_sizes"][gid])
-        if not isinstance(name, str):  # one mask parameter per atom
+            return int(self.info.group_sizes[gid])
+        if gid in self._atom_order:  # one mask parameter per atom
             self._not_compiled()
             return self._cached(("group", gid), lambda: sum(self._count(self.tensor(n)) for n in name))
-        return self._cached(("group", gid), lambda: self._count(self.tensor(name)))
+        return self._cached(("group", gid), lambda: self._count(self.tensor(name[0])))
 
     def part(self, gid: int, channels: list[int] | None) -> torch.Tensor | int:
         """Effective count of ``channels`` of group ``gid`` (all of them: None), for a layer that
@@ -183,8 +182,8 @@ class PIT(SearchableModel):
             return kept.to(torch.float64)
 
         name = self._alpha[gid]
-        if isinstance(name, str):
-            return values(name)
+        if gid not in self._atom_order:  # one mask parameter for the whole group
+            return values(name[0])
         return torch.cat([values(n) for n in name])[self._atom_order[gid]]
 
     def kernel(self, node: str, static: int):
@@ -193,8 +192,8 @@ class PIT(SearchableModel):
             return static
         return self._cached(("kernel", node), lambda: self._kernel(node, entry))
 
-    def _kernel(self, node: str, entry: dict):
-        beta, gamma = self.tensor(entry["beta"]), self.tensor(entry["gamma"])
+    def _kernel(self, node: str, entry: TimeMaskRecord):
+        beta, gamma = self.tensor(entry.beta), self.tensor(entry.gamma)
         gamma_map = self.tensor(f"{node}.pit_gamma_map")
         if self.discrete_cost:
             taps = fn.taps(beta, gamma, gamma_map, self.threshold)
@@ -203,7 +202,7 @@ class PIT(SearchableModel):
                 return counted  # every tap kept: the kernel is exported as it is
             # Value: the exported kernel (zero alignment taps included); gradient: the tap count.
             mask = taps.detach().cpu().numpy()
-            exported = len(fn.kernel_plan(mask, entry["dilation"], tuple(entry["pads"])).taps)
+            exported = len(fn.kernel_plan(mask, entry.dilation, tuple(entry.pads)).taps)
             return counted + (exported - counted).detach()
         # Continuous: PLiNIO's k_eff with θβ, θγ normalized per tap.
         theta_beta = torch.cumsum(fn._theta(beta), 0)
@@ -216,14 +215,13 @@ class PIT(SearchableModel):
         return (theta_beta / positions * theta_gamma / counts).sum(dtype=torch.float64)
 
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:
-        inputs = self.info["layer_inputs"].get(spec.name)
-        output = self.info["layer_output"].get(spec.name)
-        part = self.info.get("layer_output_part", {}).get(spec.name)
-        rows = self.info.get("layer_rows", {}).get(spec.name)
+        inputs = self.info.layer_inputs.get(spec.name)
+        output = self.info.layer_output.get(spec.name)
+        part = self.info.layer_output_part.get(spec.name)
+        rows = self.info.layer_rows.get(spec.name)
         changes = {}
-        if inputs:  # [group, features per channel(, channels read)]
-            changes["in_channels"] = sum(self.part(entry[0], entry[2] if len(entry) > 2 else None) * entry[1]
-                                         for entry in inputs)
+        if inputs:  # (group, features per channel, channels read)
+            changes["in_channels"] = sum(self.part(gid, read) * inner for gid, inner, read in inputs)
         if output is not None:
             changes["out_channels"] = self.channels(output)
         elif part is not None:
@@ -232,24 +230,24 @@ class PIT(SearchableModel):
             changes["out_channels"] = changes["in_channels"]  # it carries what it reads (a Concat's parts)
         if rows and any(self._alpha.get(gid) is not None for gid, _ in rows):
             # Attention MatMuls: their rows (per head) scale with the kept heads.
-            total = sum(len(ch) if ch is not None else self.info["group_sizes"][gid] for gid, ch in rows)
+            total = sum(len(ch) if ch is not None else self.info.group_sizes[gid] for gid, ch in rows)
             kept = sum(self.part(gid, ch) for gid, ch in rows)
             changes["output_positions"] = spec.output_positions // total * kept
         if spec.name in self._time:
             changes["kernel_size"] = self.kernel(spec.name, spec.kernel_size)
-        grouped = self.info.get("grouped", {}).get(spec.name)
+        grouped = self.info.grouped.get(spec.name)
         if grouped is not None:
             in_channels = self._grouped_in_channels(grouped, spec, changes.get("out_channels", spec.out_channels))
             if in_channels is not None:
                 changes["in_channels"] = in_channels
         return spec.with_(**changes) if changes else spec
 
-    def _grouped_in_channels(self, conv: dict, spec: LayerSpec, out_channels):
+    def _grouped_in_channels(self, conv: GroupedConv, spec: LayerSpec, out_channels):
         """A grouped Conv whose groups keep uneven counts weighs Σ_k out_k·in_k·K: the ``in_channels``
         that gives cost models (out·in/groups·K) exactly that, whatever the counts."""
-        groups = conv["groups"]
-        kept_in = self._kept_vector(conv["input_groups"], conv["input_channels"])
-        kept_out = self._kept_vector([conv["output_group"]] * len(conv["output_channels"]), conv["output_channels"])
+        groups = conv.groups
+        kept_in = self._kept_vector(conv.input_groups, conv.input_channels)
+        kept_out = self._kept_vector([conv.output_group] * len(conv.output_channels), conv.output_channels)
         if kept_in is None and kept_out is None:
             return None
         per_in = (kept_in.view(groups, -1).sum(1) if kept_in is not None
@@ -278,10 +276,9 @@ class PIT(SearchableModel):
     def kept_channels(self) -> dict[str, tuple[int, int]]:
         """For every searched group (named after its first producer): (kept, total)."""
         out = {}
-        for group in self.info["groups"]:
+        for group in self.info.groups:
             kept = fn.group_keep(lambda name: self.tensor(name).detach().cpu().numpy(), group, self.threshold)
-            out[group["name"] if "name" in group else group["producers"][0]["node"]] = (
-                int(kept.size), int(group["size"]))
+            out[group.name] = (int(kept.size), int(group.size))
         return out
 
     def summary(self) -> str:
@@ -301,13 +298,13 @@ class PIT(SearchableModel):
                               f"{as_int(params(eff)):,}", f"{as_int(macs(eff)):,}")
             total_p, total_m = as_int(self.cost_of("params")), as_int(self.cost_of("macs"))
         table.add_row("total", "", "", "", "", f"{total_p:,}", f"{total_m:,}", style="bold")
-        return render_summary(table, [f"{s['group']} ({s['reason']})" for s in self.info["skipped"]])
+        return render_summary(table, [f"{s.group} ({s.reason})" for s in self.info.skipped])
 
 
-def _atom_orders(info: dict) -> dict[int, torch.Tensor]:
+def _atom_orders(info: PITRecord) -> dict[int, torch.Tensor]:
     """For groups with one mask parameter per atom: where each channel sits in the atoms' concatenation."""
-    return {int(g["id"]): torch.as_tensor(np.argsort(np.concatenate([np.asarray(a) for a in g["atoms"]])))
-            for g in info["groups"] if g.get("atoms")}
+    return {g.id: torch.as_tensor(np.argsort(np.concatenate([np.asarray(a) for a in g.atoms])))
+            for g in info.groups if g.atoms}
 
 
 class BoundPIT:
@@ -315,14 +312,14 @@ class BoundPIT:
     PIT masks (MPS, SuperNet): the state `PIT` keeps, bound to that model's tensors, and PIT's own
     methods (looked up on `PIT` when called, so the costs are always PIT's)."""
 
-    def __init__(self, tensor, info: dict, discrete_cost: bool = True) -> None:
+    def __init__(self, tensor, info: PITRecord, discrete_cost: bool = True) -> None:
         self.tensor = tensor
         self.info = info
-        self.threshold = float(info["threshold"])
+        self.threshold = info.threshold
         self.discrete_cost = discrete_cost
-        self._alpha = {int(gid): name for gid, name in info["group_alpha"].items()}
+        self._alpha = info.group_alpha()
         self._atom_order = _atom_orders(info)
-        self._time = {entry["node"]: entry for entry in info["time"]}
+        self._time = {entry.node: entry for entry in info.time}
         self._counts = None  # a dict while one cost is computed: each group counted once
 
     def __getattr__(self, name: str):

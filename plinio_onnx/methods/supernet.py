@@ -29,7 +29,6 @@ channels (the records of dropped branches are skipped). ``po.PIT(po.SuperNet(...
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -38,13 +37,13 @@ import torch
 
 from plinio_onnx.functions import pit as pit_fn
 from plinio_onnx.functions import supernet as fn
-from plinio_onnx.passes.pit import METADATA_KEY as PIT_METADATA_KEY
 from plinio_onnx.passes.pit import pit as pit_pass
-from plinio_onnx.passes.supernet import LOGITS_SUFFIX, METADATA_KEY, Menu, supernet
+from plinio_onnx.passes.supernet import Menu, supernet
+from plinio_onnx.records import ChoiceRecord, PITRecord, SuperNetRecord
 
 from ..cost import LayerSpec
 from ..graph import Graph
-from .pit import _PIT_SUFFIXES, BoundPIT
+from .pit import BoundPIT
 from .searchable import CostFn, SearchableModel, as_cost, as_graph, as_int, render_summary
 
 __all__ = ["SuperNet", "build_searchable", "exponential_temperature"]
@@ -77,40 +76,39 @@ class SuperNet(SearchableModel):
                  sampling: str | None = None, temperature: float | None = None,
                  discrete_cost: bool = False, pit: "bool | Mapping[str, Any]" = False) -> None:
         graph = as_graph(model)
-        if METADATA_KEY not in graph.metadata:
+        if not SuperNetRecord.present(graph):
             graph = supernet(graph, include=include, exclude=exclude, op_types=op_types, menu=menu,
                              layers=layers, regions=regions, spec=spec, automatic=automatic,
                              sampling=sampling, temperature=temperature)
-        if pit and PIT_METADATA_KEY not in graph.metadata:
+        if pit and not PITRecord.present(graph):
             graph = pit_pass(graph, **(dict(pit) if isinstance(pit, Mapping) else {}))
         super().__init__(graph, cost)
-        self.info = json.loads(graph.metadata[METADATA_KEY])
+        self.info = SuperNetRecord.of(graph)
         self.discrete_cost = discrete_cost
         #: PIT's effective channels and kernels (None: no PIT masks in the graph).
-        self.pit = (BoundPIT(self.tensor, json.loads(graph.metadata[PIT_METADATA_KEY]))
-                    if PIT_METADATA_KEY in graph.metadata else None)
+        pit_record = PITRecord.of(graph)
+        self.pit = BoundPIT(self.tensor, pit_record) if pit_record is not None else None
+        self._nas_names = frozenset(self.info.logits() + (pit_record.mask_parameters() if pit_record else []))
         self._branch_of: dict[str, tuple[int, int]] = {}
-        for c, choice in enumerate(self.info["choices"]):
-            for b, branch in enumerate(choice["branches"]):
-                for node in branch["nodes"]:
+        for c, choice in enumerate(self.info.choices):
+            for b, branch in enumerate(choice.branches):
+                for node in branch.nodes:
                     self._branch_of[node] = (c, b)
         self._outside = [s for s in self.specs if s.name not in self._branch_of]
-        self._branch_specs = [[[] for _ in choice["branches"]] for choice in self.info["choices"]]
+        self._branch_specs = [[[] for _ in choice.branches] for choice in self.info.choices]
         for spec_ in self.specs:
             where = self._branch_of.get(spec_.name)
             if where is not None:
                 self._branch_specs[where[0]][where[1]].append(spec_)
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
-        if onnx_name.endswith(LOGITS_SUFFIX):
-            return True
-        return self.pit is not None and onnx_name.endswith(_PIT_SUFFIXES)
+        return onnx_name in self._nas_names
 
     # -- search controls ----------------------------------------------------------------------
     @property
     def temperature(self) -> float:
         """The softmax temperature T shared by every Choice (1.0 when nothing is searched)."""
-        names = self.info["temperatures"]
+        names = self.info.temperatures
         return float(self.tensor(names[0])) if names else 1.0
 
     def set_temperature(self, value: float) -> None:
@@ -119,7 +117,7 @@ class SuperNet(SearchableModel):
         if not value > 0:
             raise ValueError(f"the temperature must be positive (got {value})")
         with torch.no_grad():
-            for name in self.info["temperatures"]:
+            for name in self.info.temperatures:
                 self.tensor(name).fill_(float(value))
 
     def set_sampling(self, sampling: str) -> None:
@@ -132,23 +130,23 @@ class SuperNet(SearchableModel):
         for node in self.graph.nodes:
             if node.op == fn.CHOICE:
                 node.attrs["sampling"] = sampling
-        self.info["sampling"] = sampling
+        self.info.sampling = sampling
 
     def logits(self, choice: int | str) -> torch.Tensor:
         """The architecture parameter α of a Choice (by index or by name)."""
-        return self.tensor(self._choice(choice)["logits"])
+        return self.tensor(self._choice(choice).logits)
 
-    def _choice(self, choice: int | str) -> dict:
+    def _choice(self, choice: int | str) -> ChoiceRecord:
         if isinstance(choice, int):
-            return self.info["choices"][choice]
-        for entry in self.info["choices"]:
-            if entry["name"] == choice:
+            return self.info.choices[choice]
+        for entry in self.info.choices:
+            if entry.name == choice:
                 return entry
-        raise KeyError(f"no Choice named {choice!r}; have {[c['name'] for c in self.info['choices']]}")
+        raise KeyError(f"no Choice named {choice!r}; have {[c.name for c in self.info.choices]}")
 
     # -- cost ---------------------------------------------------------------------------------
-    def _theta(self, choice: dict) -> torch.Tensor:
-        logits = self.tensor(choice["logits"]).to(torch.float64)
+    def _theta(self, choice: ChoiceRecord) -> torch.Tensor:
+        logits = self.tensor(choice.logits).to(torch.float64)
         temperature = self.temperature
         if not self.training:
             return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).to(torch.float64)
@@ -166,7 +164,7 @@ class SuperNet(SearchableModel):
         fn_ = as_cost(cost)
         with self._counting():
             return [sum((fn_(self.effective_spec(s)) for s in specs), 0)
-                    for specs in self._branch_specs[entry["id"]]]
+                    for specs in self._branch_specs[entry.id]]
 
     def cost_of(self, cost: "CostFn | str") -> torch.Tensor:
         """Σ (layers outside Choices) + Σ_choices Σ_i θ_i · cost(branch i), every layer through
@@ -177,9 +175,9 @@ class SuperNet(SearchableModel):
         with self._counting():
             for spec_ in self._outside:
                 total = total + fn_(self.effective_spec(spec_))
-            for choice in self.info["choices"]:
+            for choice in self.info.choices:
                 theta = self._theta(choice)
-                costs = self.branch_costs(choice["id"], fn_)
+                costs = self.branch_costs(choice.id, fn_)
                 total = total + sum(theta[i] * costs[i] for i in range(len(costs)))
         return total
 
@@ -198,21 +196,21 @@ class SuperNet(SearchableModel):
     # -- reporting ----------------------------------------------------------------------------
     def chosen(self) -> dict[str, str]:
         """For every Choice (named after its layer or output tensor): the argmax branch's name."""
-        return {c["name"]: c["branches"][fn.chosen(self.tensor(c["logits"]).detach().cpu().numpy())]["name"]
-                for c in self.info["choices"]}
+        return {c.name: c.branches[fn.chosen(self.tensor(c.logits).detach().cpu().numpy())].name
+                for c in self.info.choices}
 
     def probabilities(self) -> dict[str, dict[str, float]]:
         """For every Choice: softmax(α / T) per branch name."""
         out = {}
-        for c in self.info["choices"]:
-            p = fn.probabilities(self.tensor(c["logits"]).detach().cpu().numpy(), self.temperature)
-            out[c["name"]] = {b["name"]: float(v) for b, v in zip(c["branches"], p)}
+        for c in self.info.choices:
+            p = fn.probabilities(self.tensor(c.logits).detach().cpu().numpy(), self.temperature)
+            out[c.name] = {b.name: float(v) for b, v in zip(c.branches, p)}
         return out
 
     def architecture(self) -> dict:
         """A JSON-able description: the chosen branch and the probabilities of every Choice."""
         probabilities = self.probabilities()
-        arch = {"temperature": self.temperature, "sampling": self.info["sampling"],
+        arch = {"temperature": self.temperature, "sampling": self.info.sampling,
                 "choices": {name: {"chosen": branch, "probabilities": probabilities[name]}
                             for name, branch in self.chosen().items()}}
         if self.pit is not None:
@@ -236,10 +234,10 @@ class SuperNet(SearchableModel):
             with torch.no_grad():
                 while float(self.cost_of(fn_)) > target:
                     best = None
-                    for choice in self.info["choices"]:
-                        logits = self.tensor(choice["logits"])
+                    for choice in self.info.choices:
+                        logits = self.tensor(choice.logits)
                         current = int(logits.argmax())
-                        costs = [float(c) for c in self.branch_costs(choice["id"], fn_)]
+                        costs = [float(c) for c in self.branch_costs(choice.id, fn_)]
                         p = fn.probabilities(logits.cpu().numpy(), self.temperature)
                         for b, c in enumerate(costs):
                             if c < costs[current]:
@@ -259,19 +257,19 @@ class SuperNet(SearchableModel):
         effective with ``pit``); totals; with ``pit``, the kept channels of every searched group."""
         from rich.table import Table
 
-        table = Table(title=f"SuperNet architecture (T = {self.temperature:.3g}, sampling {self.info['sampling']})")
+        table = Table(title=f"SuperNet architecture (T = {self.temperature:.3g}, sampling {self.info.sampling})")
         for col in ("choice", "branch", "p", "params", "MACs", ""):
             table.add_column(col, justify="left" if col in ("choice", "branch", "") else "right")
         probabilities = self.probabilities()
         chosen = self.chosen()
         with torch.no_grad():
-            for choice in self.info["choices"]:
-                params = self.branch_costs(choice["id"], "params")
-                macs = self.branch_costs(choice["id"], "macs")
-                for b, branch in enumerate(choice["branches"]):
-                    mark = "◀ chosen" if branch["name"] == chosen[choice["name"]] else ""
-                    table.add_row(choice["name"] if b == 0 else "", branch["name"],
-                                  f"{probabilities[choice['name']][branch['name']]:.3f}",
+            for choice in self.info.choices:
+                params = self.branch_costs(choice.id, "params")
+                macs = self.branch_costs(choice.id, "macs")
+                for b, branch in enumerate(choice.branches):
+                    mark = "◀ chosen" if branch.name == chosen[choice.name] else ""
+                    table.add_row(choice.name if b == 0 else "", branch.name,
+                                  f"{probabilities[choice.name][branch.name]:.3f}",
                                   f"{as_int(params[b]):,}", f"{as_int(macs[b]):,}", mark,
                                   style="bold" if mark else None)
                 table.add_section()
@@ -283,22 +281,22 @@ class SuperNet(SearchableModel):
             self.train(was_training)
         table.add_row("total (chosen = exported)", "", "", f"{discrete_p:,}", f"{discrete_m:,}", "", style="bold")
         table.add_row("total (expected, softmax)", "", "", f"{expected_p:,}", f"{expected_m:,}", "")
-        text = render_summary(table, [f"{s['node']} ({s['reason']})" for s in self.info["skipped"]])
+        text = render_summary(table, [f"{s.node} ({s.reason})" for s in self.info.skipped])
         if self.pit is None:
             return text
-        chosen_nodes = {node for choice in self.info["choices"]
-                        for node in choice["branches"][fn.chosen(self.tensor(choice["logits"]).detach().cpu().numpy())]["nodes"]}
+        chosen_nodes = {node for choice in self.info.choices
+                        for node in choice.branches[fn.chosen(self.tensor(choice.logits).detach().cpu().numpy())].nodes}
         pit_table = Table(title=f"PIT channels (threshold {self.pit.threshold:g})")
         for col in ("group", "kept", "total", ""):
             pit_table.add_column(col, justify="left" if col in ("group", "") else "right")
-        for group in self.pit.info["groups"]:
+        for group in self.pit.info.groups:
             kept = int(pit_fn.group_keep(lambda name: self.tensor(name).detach().cpu().numpy(), group,
                                          self.pit.threshold).size)
-            producers = [p["node"] for p in group["producers"]]
+            producers = [p.node for p in group.producers]
             live = any(node not in self._branch_of or node in chosen_nodes for node in producers)
-            pit_table.add_row(group.get("name", producers[0]), f"{kept:,}", f"{int(group['size']):,}",
+            pit_table.add_row(group.name, f"{kept:,}", f"{int(group.size):,}",
                               "" if live else "(dropped branch)", style=None if live else "dim")
-        return text + render_summary(pit_table, [f"{s['group']} ({s['reason']})" for s in self.pit.info["skipped"]])
+        return text + render_summary(pit_table, [f"{s.group} ({s.reason})" for s in self.pit.info.skipped])
 
 
 def build_searchable(graph: Graph, cost: "CostFn | str", **options) -> SuperNet:
