@@ -732,8 +732,8 @@ class SuperNetPass(FunctionalPass):
         return PassResult(_searchable(graph, **self.options), True)
 
 
-def _searchable(graph: Graph, *, include, exclude, op_types, menu, layers, regions, spec, automatic,
-                sampling, temperature) -> Graph:
+def _searchable(graph: Graph, *, include=None, exclude=None, op_types=None, menu=None, layers=None,
+                regions=None, spec=None, automatic=None, sampling=None, temperature=None) -> Graph:
     options = load_spec(spec) if spec is not None else {}
     include = include if include is not None else options.get("include")
     exclude = exclude if exclude is not None else options.get("exclude")
@@ -756,10 +756,14 @@ def _searchable(graph: Graph, *, include, exclude, op_types, menu, layers, regio
     g = graph.gs
     g.toposort()
     _name_nodes(g)
-    tensors = g.tensors()
-    by_name = {n.name: n for n in g.nodes}
-    graph_outputs = {id(t) for t in g.outputs}
-    opset = graph.opset
+    planner = _Planner(g, graph.opset)
+    planner.user_regions(regions)
+    planner.user_layers(layers)
+    if automatic:
+        planner.automatic(op_types, include, exclude, menu)
+    if planner.problems:
+        raise PassError("SuperNet: " + "; ".join(planner.problems), file=graph.source)
+
     temperatures: dict[np.dtype, gs.Constant] = {}
 
     def temperature_of(dtype) -> gs.Constant:
@@ -770,81 +774,110 @@ def _searchable(graph: Graph, *, include, exclude, op_types, menu, layers, regio
             temperatures[dtype] = gs.Constant(name, np.array([temperature], dtype))
         return temperatures[dtype]
 
-    problems: list[str] = []
-    planned: list[tuple[_Region, list[_Candidate]]] = []
-    taken: set[int] = set()
-    skipped: list[SkippedPlace] = []
+    choices = []
+    names_used: set[str] = {n.name for n in g.nodes}
+    for index, (region, candidates) in enumerate(planner.planned):
+        choices.append(_insert_choice(g, index, region, candidates, temperature_of(region.out.dtype), sampling,
+                                      names_used))
 
-    def claim(region: _Region, where: str) -> bool:
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    SuperNetRecord(sampling=sampling, temperatures=sorted(t.name for t in temperatures.values()),
+                   choices=choices, skipped=planner.skipped).store(graph)
+    graph = add_functions(graph, fn.functions())
+    # Strict: an alternative of the wrong shape fails here.
+    reinfer_shapes(graph, what="SuperNet: the searchable graph is inconsistent", check=False, forget=False)
+    return graph
+
+
+class _Planner:
+    """Which places of a graph get a Choice, with which candidates: user regions, then user
+    layers, then the automatic menu; overlaps and bad alternatives are gathered in ``problems``
+    (raised together), layers the menu cannot serve in ``skipped``."""
+
+    def __init__(self, g: gs.Graph, opset: int) -> None:
+        self.g, self.opset = g, opset
+        self.tensors = g.tensors()
+        self.graph_outputs = {id(t) for t in g.outputs}
+        self.problems: list[str] = []
+        self.planned: list[tuple[_Region, list[_Candidate]]] = []
+        self.taken: set[int] = set()
+        self.skipped: list[SkippedPlace] = []
+
+    def claim(self, region: _Region, where: str) -> bool:
         ids = {id(n) for n in region.nodes}
-        if ids & taken:
-            problems.append(f"{where}: overlaps another searched place")
+        if ids & self.taken:
+            self.problems.append(f"{where}: overlaps another searched place")
             return False
-        taken.update(ids)
+        self.taken.update(ids)
         return True
 
-    def user_candidates(region: _Region, alternatives: Sequence, where: str) -> list[_Candidate]:
+    def user_candidates(self, region: _Region, alternatives: Sequence, where: str) -> list[_Candidate]:
         out = []
         for alt in alternatives:
             builtin = parse_builtin(alt) if isinstance(alt, str) else None
             try:
                 if builtin is not None:
-                    kind, arg = builtin
-                    if region.layer is None:
-                        made = _region_identity(region) if kind == "identity" else (
-                            f"builtin {alt!r} needs a Conv/Gemm/MatMul layer; a region only takes "
-                            "'identity' or ONNX graphs")
-                    else:
-                        maker = _MAKERS.get((region.layer.op, kind))
-                        made = maker(region, arg, True) if maker else f"{kind!r} does not apply to {region.layer.op}"
+                    made = self._builtin(region, alt, *builtin)
                     if isinstance(made, str):
-                        problems.append(f"{where}: alternative {alt!r}: {made}")
+                        self.problems.append(f"{where}: alternative {alt!r}: {made}")
                         continue
                     out.append(made)
                 else:
-                    model, name = _alternative_model(alt, opset, where)
+                    model, name = _alternative_model(alt, self.opset, where)
                     _check_alternative_shape(model, region, name, where)
                     out.append(_graph_candidate(model, name))
             except PassError as err:
-                problems.append(err.message)
+                self.problems.append(err.message)
         if not alternatives:
-            problems.append(f"{where}: no alternatives given")
+            self.problems.append(f"{where}: no alternatives given")
         return out
 
-    for entry in regions:
-        entry = dict(entry)
-        where = f"region {entry.get('input')!r} → {entry.get('output')!r}"
-        try:
-            region = _subgraph_region(g, tensors, entry.get("input"), entry.get("output"), entry.get("name"))
-        except PassError as err:
-            problems.append(err.message)
-            continue
-        if claim(region, where):
-            planned.append((region, user_candidates(region, entry.get("alternatives", []), where)))
+    @staticmethod
+    def _builtin(region: _Region, alt: str, kind: str, arg) -> _Candidate | str:
+        if region.layer is None:
+            return _region_identity(region) if kind == "identity" else (
+                f"builtin {alt!r} needs a Conv/Gemm/MatMul layer; a region only takes 'identity' or ONNX graphs")
+        maker = _MAKERS.get((region.layer.op, kind))
+        return maker(region, arg, True) if maker else f"{kind!r} does not apply to {region.layer.op}"
 
-    for node_name, alternatives in layers.items():
-        node = by_name.get(node_name)
-        where = f"node {node_name!r}"
-        if node is None:
-            problems.append(f"{where} is not in the graph")
-            continue
-        try:
-            region = _node_region(node, graph_outputs)
-        except PassError as err:
-            problems.append(err.message)
-            continue
-        if claim(region, where):
-            planned.append((region, user_candidates(region, alternatives, where)))
+    def user_regions(self, regions: list) -> None:
+        for entry in regions:
+            entry = dict(entry)
+            where = f"region {entry.get('input')!r} → {entry.get('output')!r}"
+            try:
+                region = _subgraph_region(self.g, self.tensors, entry.get("input"), entry.get("output"),
+                                          entry.get("name"))
+            except PassError as err:
+                self.problems.append(err.message)
+                continue
+            if self.claim(region, where):
+                self.planned.append((region, self.user_candidates(region, entry.get("alternatives", []), where)))
 
-    if automatic:
-        for node in list(g.nodes):
-            if node.op not in op_types or not _selected(node.name, include, exclude) or id(node) in taken:
+    def user_layers(self, layers: dict) -> None:
+        by_name = {n.name: n for n in self.g.nodes}
+        for node_name, alternatives in layers.items():
+            node = by_name.get(node_name)
+            where = f"node {node_name!r}"
+            if node is None:
+                self.problems.append(f"{where} is not in the graph")
+                continue
+            try:
+                region = _node_region(node, self.graph_outputs)
+            except PassError as err:
+                self.problems.append(err.message)
+                continue
+            if self.claim(region, where):
+                self.planned.append((region, self.user_candidates(region, alternatives, where)))
+
+    def automatic(self, op_types: tuple[str, ...], include, exclude, menu: Menu) -> None:
+        for node in list(self.g.nodes):
+            if node.op not in op_types or not _selected(node.name, include, exclude) or id(node) in self.taken:
                 continue
             if not _is_layer(node):
-                skipped.append(SkippedPlace(node=node.name, reason="no constant weight"))
+                self.skipped.append(SkippedPlace(node=node.name, reason="no constant weight"))
                 continue
-            region = _layer_region(node, graph_outputs)
-            if any(id(n) in taken for n in region.nodes):
+            region = _layer_region(node, self.graph_outputs)
+            if any(id(n) in self.taken for n in region.nodes):
                 continue
             candidates, seen = [], {"original"}
             for kind, arg in menu.requests(node.op):
@@ -853,27 +886,10 @@ def _searchable(graph: Graph, *, include, exclude, op_types, menu, layers, regio
                     seen.add(made.name)
                     candidates.append(made)
             if not candidates:
-                skipped.append(SkippedPlace(node=node.name, reason="no alternative fits"))
+                self.skipped.append(SkippedPlace(node=node.name, reason="no alternative fits"))
                 continue
-            claim(region, node.name)
-            planned.append((region, candidates))
-
-    if problems:
-        raise PassError("SuperNet: " + "; ".join(problems), file=graph.source)
-
-    choices = []
-    names_used: set[str] = {n.name for n in g.nodes}
-    for index, (region, candidates) in enumerate(planned):
-        choices.append(_insert_choice(g, index, region, candidates, temperature_of(region.out.dtype), sampling,
-                                      names_used))
-
-    g.cleanup(remove_unused_graph_inputs=False).toposort()
-    SuperNetRecord(sampling=sampling, temperatures=sorted(t.name for t in temperatures.values()),
-                   choices=choices, skipped=skipped).store(graph)
-    graph = add_functions(graph, fn.functions())
-    # Strict: an alternative of the wrong shape fails here.
-    reinfer_shapes(graph, what="SuperNet: the searchable graph is inconsistent", check=False, forget=False)
-    return graph
+            self.claim(region, node.name)
+            self.planned.append((region, candidates))
 
 
 def _insert_choice(g: gs.Graph, index: int, region: _Region, candidates: list[_Candidate],

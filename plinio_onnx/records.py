@@ -29,8 +29,9 @@ from .analysis.channels import (ChannelCut, ChannelGroup, Consumer, GroupedConv,
                                 Producer, ReshapeWidth)
 from .errors import PlinioOnnxError
 
-__all__ = ["ActivationQuantizer", "BitWidths", "Branch", "ChoiceRecord", "GroupRecord", "LayerBits",
-           "MPSRecord", "PITRecord", "QuantizedLayer", "RecordError", "SkippedGroup", "SkippedLayer",
+__all__ = ["ActivationQuantizer", "BitWidths", "Branch", "ChannelCut", "ChoiceRecord", "Consumer", "GroupRecord",
+           "GroupedConv", "LayerBits", "MPSRecord", "Member", "PITRecord", "Permutation", "Producer",
+           "QuantizedLayer", "Record", "RecordError", "ReshapeWidth", "SkippedGroup", "SkippedLayer",
            "SkippedPlace", "SuperNetRecord", "TimeMaskRecord", "search_records"]
 
 R = TypeVar("R", bound="Record")
@@ -58,6 +59,11 @@ class Record:
     @classmethod
     def from_json(cls: type[R], text: str, *, source: str | None = None) -> R:
         """Parse (and upgrade) a record; malformed or newer ones raise `RecordError`."""
+        return cls._read(text, source)[0]
+
+    @classmethod
+    def _read(cls: type[R], text: str, source: str | None) -> tuple[R, int]:
+        """The record and the schema version it was written with."""
         try:
             data = json.loads(text)
         except ValueError as err:
@@ -70,7 +76,7 @@ class Record:
                               f"{cls.VERSION} this plinio-onnx reads: update plinio-onnx to load this "
                               "searchable graph", file=source)
         try:
-            return cls._parse(cls._upgrade(data, version))
+            return cls._parse(cls._upgrade(data, version)), version
         except (KeyError, TypeError, ValueError) as err:
             raise RecordError(f"the {cls.KEY} metadata record (version {version}) is malformed: "
                               f"{type(err).__name__} {err}", file=source) from None
@@ -87,9 +93,15 @@ class Record:
     # -- graph metadata -----------------------------------------------------------------------
     @classmethod
     def of(cls: type[R], graph) -> R | None:
-        """The record ``graph`` holds (None: the pass did not run on it)."""
+        """The record ``graph`` holds (None: the pass did not run on it). A record of an older
+        schema is upgraded, in ``graph`` too, so that the graph saves the current version."""
         text = graph.metadata.get(cls.KEY)
-        return None if text is None else cls.from_json(text, source=graph.source)
+        if text is None:
+            return None
+        record, version = cls._read(text, graph.source)
+        if version != cls.VERSION:
+            record.store(graph)
+        return record
 
     @classmethod
     def present(cls, graph) -> bool:

@@ -315,11 +315,11 @@ class SuperNetPITMethod(SuperNetMethod):
         return build_searchable(graph, cost, pit=True)
 
     def nas_param_groups(self, model, lr_nas: float) -> list[dict]:
-        from plinio_onnx.passes.supernet import LOGITS_SUFFIX
+        choice_logits = set(model.info.logits())
         logits, masks = [], []
         for _, param, names in model.module.parameter_initializers():
             if model._holds_nas(names):
-                (logits if all(n.endswith(LOGITS_SUFFIX) for n in names) else masks).append(param)
+                (logits if all(n in choice_logits for n in names) else masks).append(param)
         groups = [{"params": logits, "lr": max(lr_nas, SuperNetMethod.min_lr_nas)}] if logits else []
         return groups + ([{"params": masks, "lr": lr_nas}] if masks else [])
 
