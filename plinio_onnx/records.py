@@ -4,18 +4,19 @@ A searchable graph is a complete checkpoint: besides its ``ai.plinio`` nodes it 
 record per search pass, under a fixed metadata key. This module is the only place that reads or
 writes them; everyone else holds the dataclasses below.
 
-=====================  ============  ========================================================
-key                    record        written by → read by
-=====================  ============  ========================================================
-``plinio.pit``         `PITRecord`   passes.pit (MPS adds members) → methods, passes.prune
-``plinio.mps``         `MPSRecord`   passes.mps → methods.mps, the QDQ / QONNX writers
-``plinio.supernet``    `SuperNetRecord`  passes.supernet → methods.supernet, passes.pick
-``mps.bit_widths``     `BitWidths`   the quantized export → cost.bits (stays in the file)
-=====================  ============  ========================================================
+* ``plinio.pit`` — `PITRecord`: passes.pit writes it (passes.mps adds members under PIT + MPS);
+  methods.pit / mps / supernet and passes.prune read it.
+* ``plinio.mps`` — `MPSRecord`: passes.mps → methods.mps and passes.quantize (its writers and the
+  zero-bit slicing).
+* ``plinio.supernet`` — `SuperNetRecord`: passes.supernet → methods.supernet and passes.pick.
+* ``mps.bit_widths`` — `BitWidths`: what the quantized export chose; it stays in the deployable
+  file (cost.bits reads it), so it is not a search record and keeps its unversioned shape.
 
 Every ``plinio.*`` record holds its schema ``version``. A record from an older version is upgraded
 when read (`PITRecord` and `MPSRecord` version 1 had no ``version`` key; a PIT group's mask
-parameter was one name or a list); one from a newer version is refused with a clear error. The
+parameter was one name or a list); one from a newer version is refused with a clear error. To
+change a record's shape: bump its ``VERSION`` and add the step from the previous version to its
+``_upgrade``, so every checkpoint written before still loads. The
 nested entries of a channel group are the analysis' own dataclasses
 (`plinio_onnx.analysis.channels`), so what the pass analysed is what the finalizer slices.
 """
@@ -54,6 +55,7 @@ class Record:
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_json(self) -> str:
+        """The record as JSON, with its schema ``version`` first."""
         return json.dumps({"version": self.VERSION, **vars(self)}, default=_dump)
 
     @classmethod
@@ -105,6 +107,7 @@ class Record:
 
     @classmethod
     def present(cls, graph) -> bool:
+        """Whether ``graph`` holds this record (without reading it)."""
         return cls.KEY in graph.metadata
 
     def store(self, graph) -> None:
@@ -113,6 +116,7 @@ class Record:
 
     @classmethod
     def discard(cls, graph) -> None:
+        """Remove this record from ``graph`` (a finalizing pass has consumed it)."""
         graph.metadata.pop(cls.KEY, None)
 
 
@@ -219,6 +223,7 @@ class PITRecord(Record):
             data["groups"] = [_upgrade_group_v1(g) for g in data["groups"]]
             data["layer_inputs"] = {k: [list(e) + [None] * (3 - len(e)) for e in v]
                                     for k, v in data["layer_inputs"].items()}
+            data = {"layer_output_part": {}, "layer_rows": {}, "grouped": {}, **data}
         return data
 
     @classmethod
@@ -229,9 +234,9 @@ class PITRecord(Record):
                    layer_inputs={k: [tuple(e) for e in v] for k, v in data["layer_inputs"].items()},
                    layer_output={k: int(v) for k, v in data["layer_output"].items()},
                    group_sizes=[int(s) for s in data["group_sizes"]],
-                   layer_output_part={k: tuple(v) for k, v in data.get("layer_output_part", {}).items()},
-                   layer_rows={k: [tuple(e) for e in v] for k, v in data.get("layer_rows", {}).items()},
-                   grouped={k: GroupedConv(**v) for k, v in data.get("grouped", {}).items()})
+                   layer_output_part={k: tuple(v) for k, v in data["layer_output_part"].items()},
+                   layer_rows={k: [tuple(e) for e in v] for k, v in data["layer_rows"].items()},
+                   grouped={k: GroupedConv(**v) for k, v in data["grouped"].items()})
 
 
 # ==============================================================================================
@@ -307,7 +312,7 @@ class MPSRecord(Record):
     @classmethod
     def _upgrade(cls, data: dict, version: int) -> dict:
         if version < 2:
-            data = dict(data, groups=[_upgrade_group_v1(g) for g in data.get("groups", [])])
+            data = {"folded_bn": [], **data, "groups": [_upgrade_group_v1(g) for g in data.get("groups", [])]}
         return data
 
     @classmethod
@@ -317,8 +322,8 @@ class MPSRecord(Record):
                    sampling=data["sampling"], temperature=data["temperature"],
                    layers=_entries(QuantizedLayer, data["layers"]),
                    activations=_entries(ActivationQuantizer, data["activations"]),
-                   skipped=_entries(SkippedLayer, data["skipped"]), folded_bn=list(data.get("folded_bn", [])),
-                   groups=[GroupRecord.parse(g) for g in data.get("groups", [])])
+                   skipped=_entries(SkippedLayer, data["skipped"]), folded_bn=list(data["folded_bn"]),
+                   groups=[GroupRecord.parse(g) for g in data["groups"]])
 
 
 @dataclass
@@ -361,9 +366,13 @@ class BitWidths:
         text = graph.metadata.get(cls.KEY)
         if text is None:
             return None
-        data = json.loads(text)
-        return cls(format=data.get("format", "qdq"), activations=dict(data.get("activations", {})),
-                   layers={node: LayerBits(**entry) for node, entry in data.get("layers", {}).items()})
+        try:
+            data = json.loads(text)
+            return cls(format=data["format"], activations=dict(data["activations"]),
+                       layers={node: LayerBits(**entry) for node, entry in data["layers"].items()})
+        except (KeyError, TypeError, ValueError) as err:
+            raise RecordError(f"the {cls.KEY} metadata record is malformed: {type(err).__name__} {err}",
+                              file=graph.source) from None
 
     def store(self, graph) -> None:
         graph.metadata[self.KEY] = self.to_json()

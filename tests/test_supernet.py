@@ -40,7 +40,7 @@ def _pick(model: po.SuperNet, choice: str, branch: str) -> None:
 
 
 def _names(model: po.SuperNet, choice: str) -> list[str]:
-    return [b["name"] for b in model._choice(choice)["branches"]]
+    return [b.name for b in model._choice(choice).branches]
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
