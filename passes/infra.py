@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
 from plinio_onnx.errors import PassError, PlinioOnnxError
 from plinio_onnx.graph import Graph
 
-__all__ = ["FunctionalPass", "InPlacePass", "Pass", "PassContractError", "PassResult", "PostconditionError",
+__all__ = ["ConsumingPass", "FunctionalPass", "InPlacePass", "Pass", "PassContractError", "PassResult", "PostconditionError",
            "PreconditionError", "Sequential"]
 
 
@@ -93,6 +93,25 @@ class FunctionalPass(Pass):
     """A pass that returns a new graph and leaves its input unchanged."""
 
     in_place = False
+
+
+class ConsumingPass(InPlacePass):
+    """A finalizing pass that consumes one search record (`plinio_onnx.records`): on a graph
+    without it, it changes nothing; otherwise it `apply`-s the record and removes it."""
+
+    record: ClassVar[type]
+
+    def call(self, graph: Graph) -> PassResult:
+        info = self.record.of(graph)
+        if info is None:
+            return PassResult(graph, False)
+        self.apply(graph, info)
+        self.record.discard(graph)
+        return PassResult(graph, True)
+
+    @abc.abstractmethod
+    def apply(self, graph: Graph, info: Any) -> None:
+        """Edit ``graph`` in place as its record ``info`` says."""
 
 
 def _checked(pass_: Pass, check, graph: Graph, error: type[PassError], what: str) -> None:

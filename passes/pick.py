@@ -15,20 +15,18 @@ from plinio_onnx.functions import supernet as fn
 from plinio_onnx.graph import Graph
 from plinio_onnx.records import SuperNetRecord
 
-from .infra import InPlacePass, PassResult
+from .infra import ConsumingPass
 
 __all__ = ["PickBranches", "pick_branches"]
 
 
-class PickBranches(InPlacePass):
+class PickBranches(ConsumingPass):
     """Replace every Choice by its argmax branch (module docstring)."""
 
-    def call(self, graph: Graph) -> PassResult:
-        info = SuperNetRecord.of(graph)
-        if info is None:
-            return PassResult(graph, False)
+    record = SuperNetRecord
+
+    def apply(self, graph: Graph, info: SuperNetRecord) -> None:
         _pick(graph, info)
-        return PassResult(graph, True)
 
 
 def pick_branches(graph: Graph, **options) -> Graph:
@@ -59,4 +57,3 @@ def _pick(graph: Graph, info: SuperNetRecord) -> None:
             for consumer in list(out.outputs):
                 consumer.inputs = [kept if t is out else t for t in consumer.inputs]
     g.cleanup(remove_unused_graph_inputs=False).toposort()
-    SuperNetRecord.discard(graph)

@@ -19,27 +19,25 @@ from plinio_onnx.functions import pit as fn
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 from plinio_onnx.records import Permutation, PITRecord, SuperNetRecord, TimeMaskRecord
 
-from .infra import InPlacePass, PassResult
+from .infra import ConsumingPass
 from .shuffle import gathers_as_shuffles
 
 PIT_FUNCTIONS = (fn.CHANNEL_MASK, fn.MASK_WEIGHT, fn.TIME_MASK)
 
 
-class PruneChannels(InPlacePass):
+class PruneChannels(ConsumingPass):
     """Apply the PIT masks (module docstring). Requires the SuperNet choices picked first: the
     groups whose readers all sat in dropped branches are then recognised by their missing masks."""
+
+    record = PITRecord
 
     def requires(self, graph: Graph) -> None:
         if PITRecord.present(graph) and SuperNetRecord.present(graph):
             raise PassError("pick the SuperNet branches (pick_branches) before pruning PIT channels",
                             file=graph.source)
 
-    def call(self, graph: Graph) -> PassResult:
-        info = PITRecord.of(graph)
-        if info is None:
-            return PassResult(graph, False)
+    def apply(self, graph: Graph, info: PITRecord) -> None:
         _prune(graph, info)
-        return PassResult(graph, True)
 
 
 def prune_channels(graph: Graph, **options) -> Graph:
@@ -65,7 +63,6 @@ def _prune(graph: Graph, info: PITRecord) -> None:
 
     _bypass_plinio_nodes(graph.gs)
     gathers_as_shuffles(graph.gs)
-    PITRecord.discard(graph)
 
 
 def slice_groups(graph: Graph, selections) -> None:

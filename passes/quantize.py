@@ -23,7 +23,7 @@ from plinio_onnx.errors import PassError
 from plinio_onnx.graph import Graph
 from plinio_onnx.records import BitWidths, LayerBits, MPSRecord, PITRecord, SuperNetRecord
 
-from .infra import InPlacePass, PassResult
+from .infra import ConsumingPass
 from .precision import choose_activation, choose_layer, detach, per_channel_keep
 from .qdq import QDQWriter
 from .qonnx import QONNX_DOMAIN, QONNXWriter
@@ -35,11 +35,13 @@ FORMATS = ("qdq", "qonnx")
 BITS_METADATA_KEY = BitWidths.KEY
 
 
-class FoldQuantizers(InPlacePass):
+class FoldQuantizers(ConsumingPass):
     """Replace the MPS quantizers by QDQ or QONNX at their argmax precisions (module docstring).
 
     Requires the PIT masks pruned and the SuperNet choices picked first (the quantized weights
     must be constants)."""
+
+    record = MPSRecord
 
     def __init__(self, format: str | None = "qdq", int4: bool = True) -> None:
         self.format = str(format or "qdq").lower()
@@ -50,10 +52,7 @@ class FoldQuantizers(InPlacePass):
             raise PassError("prune the PIT channels and pick the SuperNet branches before folding quantizers",
                             file=graph.source)
 
-    def call(self, graph: Graph) -> PassResult:
-        info = MPSRecord.of(graph)
-        if info is None:
-            return PassResult(graph, False)
+    def apply(self, graph: Graph, info: MPSRecord) -> None:
         if self.format not in FORMATS:
             raise PassError(f"unknown quantized format {self.format!r}; choose from {FORMATS}", file=graph.source)
         writer = QDQWriter(int4=graph.opset >= 21 and self.int4) if self.format == "qdq" else QONNXWriter()
@@ -66,9 +65,7 @@ class FoldQuantizers(InPlacePass):
         SliceZeroBitChannels(plan)(graph)
         writer.finish(g)
         g.cleanup(remove_unused_graph_inputs=False).toposort()
-        MPSRecord.discard(graph)
         chosen.store(graph)
-        return PassResult(graph, True)
 
 
 def _write(g, nodes: dict, info: MPSRecord, acts: dict, layers: dict, writer, plan: ZeroBitPlan) -> BitWidths:
