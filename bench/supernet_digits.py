@@ -88,7 +88,7 @@ def search(trained, train, val, strength: float, epochs: int, gen: torch.Generat
     model = po.SuperNet(trained, cost=po.cost.macs, pit=pit)
     base = float(po.cost.total(trained, po.cost.macs))
     net_opt = torch.optim.Adam(model.net_parameters(), lr=1e-3, weight_decay=1e-4)
-    logits = [model.logits(choice["id"]) for choice in model.info["choices"]]
+    logits = [model.logits(choice.id) for choice in model.info.choices]
     masks = [p for p in model.nas_parameters() if all(p is not q for q in logits)]
     nas_opt = torch.optim.Adam([{"params": logits, "lr": 0.05}] + ([{"params": masks, "lr": 5e-3}] if masks else []))
     steps, step = epochs * -(-len(train[1]) // 32), 0

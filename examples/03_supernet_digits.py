@@ -71,7 +71,7 @@ def main() -> None:
     # 2. Search: three lines in a normal training loop.
     model = po.SuperNet(trained, cost=po.cost.macs, pit=args.pit)
     base = float(po.cost.total(trained, po.cost.macs))
-    logits = [model.logits(choice["id"]) for choice in model.info["choices"]]
+    logits = [model.logits(choice.id) for choice in model.info.choices]
     masks = [p for p in model.nas_parameters() if all(p is not q for q in logits)]   # PIT's, with --pit
     optimizers = [torch.optim.Adam(model.net_parameters(), lr=1e-3),
                   torch.optim.Adam([{"params": logits, "lr": 0.05}] + ([{"params": masks, "lr": 5e-3}] if masks else []))]

@@ -1,15 +1,23 @@
-"""Graph passes: each module is one small transformation `Graph -> Graph`.
+"""Graph passes: each module is one small transformation of a `plinio_onnx.Graph`.
 
-Installed as ``plinio_onnx.passes``. Search passes (pit, mps, supernet) insert ``ai.plinio``
-functions; finalizing passes (pick, prune, quantize) register with `plinio_onnx.finalize`.
+Installed as ``plinio_onnx.passes``. Every pass follows `plinio_onnx.passes.infra` (in place or
+functional, a `PassResult`, checked pre- and postconditions); the functions below are thin
+wrappers that return the resulting graph. Search passes (pit, mps, supernet) insert
+``ai.plinio`` functions and leave a typed record (`plinio_onnx.records`); finalizing passes
+(pick, prune, quantize with its QDQ / QONNX writers and zero-bit slicing) run in the order
+`plinio_onnx.finalize` writes.
 """
 from .canonicalize import canonicalize
-from .mps import fold_batchnorm, mps
-from .pick import pick_branches
-from .pit import pit
-from .prune import prune_channels
-from .quantize import fold_quantizers
-from .supernet import supernet
+from .infra import FunctionalPass, InPlacePass, Pass, PassResult, Sequential
+from .mps import FoldBatchNorm, MPSPass, fold_batchnorm, mps
+from .pick import PickBranches, pick_branches
+from .pit import PITPass, pit
+from .prune import PruneChannels, prune_channels
+from .quantize import FoldQuantizers, fold_quantizers
+from .supernet import SuperNetPass, supernet
+from .zero_bit import SliceZeroBitChannels
 
-__all__ = ["canonicalize", "fold_batchnorm", "fold_quantizers", "mps", "pick_branches", "pit",
+__all__ = ["FoldBatchNorm", "FoldQuantizers", "FunctionalPass", "InPlacePass", "MPSPass", "PITPass", "Pass",
+           "PassResult", "PickBranches", "PruneChannels", "Sequential", "SliceZeroBitChannels", "SuperNetPass",
+           "canonicalize", "fold_batchnorm", "fold_quantizers", "mps", "pick_branches", "pit",
            "prune_channels", "supernet"]

@@ -24,13 +24,12 @@ Layers whose output reaches a graph output without passing another layer never g
 0-bit layer produces or carries (`plinio_onnx.analysis.channels`, analyzed here because quantizer
 nodes would block them), so the export can slice out the channels that end up unused
 (`plinio_onnx.passes.quantize`; under PIT + MPS, PIT's masks do the slicing). The record (which
-tensors, which parameters) is stored in the graph's metadata (``plinio.mps``), so the
+tensors, which parameters) is stored in the graph's metadata (`plinio_onnx.records.MPSRecord`), so the
 searchable ONNX file is a complete checkpoint.
 """
 from __future__ import annotations
 
-import json
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -42,11 +41,13 @@ from plinio_onnx.functions import add_functions
 from plinio_onnx.functions import mps as fn
 from plinio_onnx.functions import relaxation
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
+from plinio_onnx.records import (ActivationQuantizer, GroupRecord, Member, MPSRecord, PITRecord,
+                                 QuantizedLayer, SkippedLayer)
 
-from .pit import METADATA_KEY as PIT_METADATA_KEY
-from .pit import _as_record, _selected
+from .infra import FunctionalPass, InPlacePass, PassResult
+from .pit import _selected
 
-METADATA_KEY = "plinio.mps"
+METADATA_KEY = MPSRecord.KEY
 TEMPERATURE = "mps.temperature"
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 DEFAULT_PRECISIONS = (2, 4, 8)
@@ -62,13 +63,39 @@ _PASS_THROUGH_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPo
                      "DepthToSpace", "Upsample"}
 
 
+class MPSPass(FunctionalPass):
+    """The MPS pass (module docstring); its options are those of `mps`. Requires a graph not yet
+    searchable by MPS; ensures the MPS record is stored."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def requires(self, graph: Graph) -> None:
+        if MPSRecord.present(graph):
+            raise PassError("the graph is already searchable by MPS", file=graph.source)
+
+    def ensures(self, graph: Graph) -> None:
+        if not MPSRecord.present(graph):
+            raise ValueError("no MPS record was stored")
+
+    def call(self, graph: Graph) -> PassResult:
+        return PassResult(_searchable(graph, **self.options), True)
+
+
+class FoldBatchNorm(InPlacePass):
+    """`fold_batchnorm` as a pass: modified when some BatchNormalization was folded."""
+
+    def call(self, graph: Graph) -> PassResult:
+        return PassResult(graph, bool(fold_batchnorm(graph)))
+
+
 def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
         a_precisions: Iterable[int] = DEFAULT_PRECISIONS, per_channel: bool = True,
         weight_scale: str = "per_channel", zero_bit: bool = False, sampling: str = "softmax",
         temperature: float = 1.0, include: Iterable[str] | None = None,
         exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
         clip_init: float = 6.0, fold_bn: bool = True, quantize_bias: bool = True) -> Graph:
-    """Return a searchable copy of ``graph`` with MPS quantizers (see the module docstring).
+    """Return a searchable copy of ``graph`` with MPS quantizers (`MPSPass`, module docstring).
 
     ``w_precisions`` / ``a_precisions``: candidate bit-widths (2…8; a single one is QAT).
     ``per_channel``: one weight precision per output channel (else per layer). ``weight_scale``:
@@ -82,6 +109,18 @@ def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
     BatchNormalization into the preceding Conv/Gemm first (skipped when the graph already holds
     other ``ai.plinio`` nodes, e.g. PIT masks: fold before those passes).
     """
+    return MPSPass(w_precisions=w_precisions, a_precisions=a_precisions, per_channel=per_channel,
+                   weight_scale=weight_scale, zero_bit=zero_bit, sampling=sampling, temperature=temperature,
+                   include=include, exclude=exclude, op_types=op_types, clip_init=clip_init, fold_bn=fold_bn,
+                   quantize_bias=quantize_bias)(graph).graph
+
+
+def _searchable(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
+        a_precisions: Iterable[int] = DEFAULT_PRECISIONS, per_channel: bool = True,
+        weight_scale: str = "per_channel", zero_bit: bool = False, sampling: str = "soft",
+        temperature: float = 1.0, include: Iterable[str] | None = None,
+        exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
+        clip_init: float = 6.0, fold_bn: bool = True, quantize_bias: bool = True) -> Graph:
     w_bits = _precisions(w_precisions, "w_precisions", allow_zero=True, source=graph.source)
     a_bits = _precisions(a_precisions, "a_precisions", allow_zero=False, source=graph.source)
     if zero_bit and 0 not in w_bits:
@@ -100,15 +139,12 @@ def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
     sampling = relaxation.sampling_mode(sampling)
     if not temperature > 0:
         raise PassError("the temperature must be positive", file=graph.source)
-    if METADATA_KEY in graph.metadata:
-        raise PassError("the graph is already searchable by MPS", file=graph.source)
-
     graph = graph.copy()
     has_plinio = any((n.domain or "") == PLINIO_DOMAIN for n in graph.nodes)
     folded = fold_batchnorm(graph) if fold_bn and not has_plinio else []
     # Grouped convs stay whole: slicing one rebuilds it from float weights, past its quantizer.
     groups = analyze_channels(graph, grouped_convs=False).prunable() \
-        if 0 in w_bits and PIT_METADATA_KEY not in graph.metadata else []
+        if 0 in w_bits and not PITRecord.present(graph) else []
     g = graph.gs
     op_types = tuple(op_types)
     temp = gs.Constant(TEMPERATURE, np.array([temperature], np.float32))
@@ -120,7 +156,7 @@ def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
             continue
         plan = _plan_layer(node)
         if isinstance(plan, str):
-            skipped.append({"node": node.name, "op": node.op, "reason": plan})
+            skipped.append(SkippedLayer(node=node.name, op=node.op, reason=plan))
             continue
         axis, channels = plan
         bits = w_bits if not _reaches_output(node, outputs) else tuple(b for b in w_bits if b)
@@ -129,15 +165,12 @@ def mps(graph: Graph, *, w_precisions: Iterable[int] = DEFAULT_PRECISIONS,
                                                sampling, temp, act, quantize_bias))
 
     g.cleanup(remove_unused_graph_inputs=False).toposort()
-    zero_bit_layers = {layer["node"] for layer in layers if 0 in layer["bits"]}
-    graph.metadata[METADATA_KEY] = json.dumps({
-        "w_precisions": list(w_bits), "a_precisions": list(a_bits), "per_channel": per_channel,
-        "weight_scale": weight_scale, "sampling": sampling, "temperature": TEMPERATURE,
-        "layers": layers, "activations": list(activations.values()), "skipped": skipped,
-        "folded_bn": folded,
-        "groups": [_as_record(group) for group in groups if group.size > 1 and zero_bit_layers.intersection(
-            [p.node for p in group.producers] + group.depthwise)],
-    })
+    zero_bit_layers = {layer.node for layer in layers if 0 in layer.bits}
+    MPSRecord(w_precisions=list(w_bits), a_precisions=list(a_bits), per_channel=per_channel,
+              weight_scale=weight_scale, sampling=sampling, temperature=TEMPERATURE, layers=layers,
+              activations=list(activations.values()), skipped=skipped, folded_bn=folded,
+              groups=[GroupRecord.of(group) for group in groups if group.size > 1 and zero_bit_layers.intersection(
+                  [p.node for p in group.producers] + group.depthwise)]).store(graph)
     _register_with_pit(graph, layers)
     return add_functions(graph, fn.functions())
 
@@ -222,7 +255,7 @@ def nonnegative(tensor: gs.Tensor, depth: int = 32) -> bool:
 
 
 def _activation_quantizer(g: gs.Graph, tensor: gs.Tensor, activations: dict, bits: tuple[int, ...],
-                          sampling: str, clip_init: float, temp: gs.Constant) -> dict:
+                          sampling: str, clip_init: float, temp: gs.Constant) -> ActivationQuantizer:
     """The quantizer of ``tensor`` (one per tensor, shared by the layers reading it)."""
     if tensor.name in activations:
         return activations[tensor.name]
@@ -236,15 +269,15 @@ def _activation_quantizer(g: gs.Graph, tensor: gs.Tensor, activations: dict, bit
                    attrs={"bits": list(bits), "signed": int(signed), "sampling": sampling},
                    inputs=[tensor, alpha, clip, temp], outputs=[quantized, scale])
     g.nodes.append(node)
-    record = {"tensor": base, "node": node.name, "output": quantized.name, "scale": scale.name,
-              "alpha": alpha.name, "clip": clip.name, "bits": list(bits), "signed": signed, "layers": []}
+    record = ActivationQuantizer(tensor=base, node=node.name, output=quantized.name, scale=scale.name,
+                                 alpha=alpha.name, clip=clip.name, bits=list(bits), signed=signed, layers=[])
     activations[base] = record
     return record
 
 
 def _insert_weight_quantizer(g: gs.Graph, node: gs.Node, axis: int, channels: int, bits: tuple[int, ...],
                              per_channel: bool, weight_scale: str, sampling: str, temp: gs.Constant,
-                             act: dict, quantize_bias: bool) -> dict:
+                             act: ActivationQuantizer, quantize_bias: bool) -> QuantizedLayer:
     tensors = g.tensors()
     weight = node.inputs[1]
     rank = len(weight.shape)
@@ -266,23 +299,22 @@ def _insert_weight_quantizer(g: gs.Graph, node: gs.Node, axis: int, channels: in
     g.nodes.append(wq)
     node.inputs[1] = quantized
 
-    node.inputs[0] = tensors[act["output"]]
-    act["layers"].append(node.name)
+    node.inputs[0] = tensors[act.output]
+    act.layers.append(node.name)
 
     bias_quant, bias_name = None, None
     bias = _bias_input(node, channels) if quantize_bias else None
     if bias is not None:
         out = gs.Variable(f"{node.name}/mps_b", dtype=np.float32, shape=list(bias.shape))
         bq = gs.Node(fn.BIAS_QUANT, name=f"{node.name}/mps_bias_quant", domain=PLINIO_DOMAIN,
-                     inputs=[bias, tensors[act["scale"]], w_scale], outputs=[out])
+                     inputs=[bias, tensors[act.scale], w_scale], outputs=[out])
         g.nodes.append(bq)
         node.inputs[2] = out
         bias_quant, bias_name = bq.name, weight_source(bias).name
-    return {"node": node.name, "op": node.op, "weight": weight_source(weight).name,
-            "weight_quant": wq.name, "alpha": alpha.name, "bits": list(bits),
-            "per_channel": channel_choice, "axis": int(axis), "scale_axis": int(scale_axis),
-            "reduce_axes": reduce_axes, "channels": int(channels), "activation": act["tensor"],
-            "bias_quant": bias_quant, "bias": bias_name}
+    return QuantizedLayer(node=node.name, op=node.op, weight=weight_source(weight).name, weight_quant=wq.name,
+                          alpha=alpha.name, bits=list(bits), per_channel=channel_choice, axis=int(axis),
+                          scale_axis=int(scale_axis), reduce_axes=reduce_axes, channels=int(channels),
+                          activation=act.tensor, bias_quant=bias_quant, bias=bias_name)
 
 
 def _bias_input(node: gs.Node, channels: int) -> gs.Tensor | None:
@@ -299,25 +331,24 @@ def _bias_input(node: gs.Node, channels: int) -> gs.Tensor | None:
     return bias
 
 
-def _register_with_pit(graph: Graph, layers: list[dict]) -> None:
+def _register_with_pit(graph: Graph, layers: list[QuantizedLayer]) -> None:
     """With PIT masks in the graph, per-channel logits are sliced with the channels PIT prunes:
     they are recorded as members of the PIT channel group of their layer's output."""
-    record = graph.metadata.get(PIT_METADATA_KEY)
-    if record is None:
+    info = PITRecord.of(graph)
+    if info is None:
         return
-    info = json.loads(record)
-    groups = {int(g["id"]): g for g in info["groups"]}
+    groups = {group.id: group for group in info.groups}
     changed = False
     for layer in layers:
-        gid, channels = info["layer_output"].get(layer["node"]), None
-        if gid is None and layer["node"] in info.get("layer_output_part", {}):
-            gid, channels = info["layer_output_part"][layer["node"]]  # the layer holds part of it
-        if layer["per_channel"] and gid is not None and int(gid) in groups:
-            groups[int(gid)]["members"].append({"node": layer["node"], "tensor": layer["alpha"],
-                                               "axis": 1, "offset": 0, "channels": channels})
+        gid, channels = info.layer_output.get(layer.node), None
+        if gid is None and layer.node in info.layer_output_part:
+            gid, channels = info.layer_output_part[layer.node]  # the layer holds part of it
+        if layer.per_channel and gid is not None and gid in groups:
+            groups[gid].members.append(Member(node=layer.node, tensor=layer.alpha, axis=1, offset=0,
+                                              channels=None if channels is None else list(channels)))
             changed = True
     if changed:
-        graph.metadata[PIT_METADATA_KEY] = json.dumps(info)
+        info.store(graph)
 
 
 # -- BatchNormalization folding ---------------------------------------------------------------

@@ -9,46 +9,51 @@ logits and the temperature become dead and are removed.
 """
 from __future__ import annotations
 
-import json
-
 import onnx_graphsurgeon as gs
 
-from plinio_onnx.finalize import finalizer
 from plinio_onnx.functions import supernet as fn
 from plinio_onnx.graph import Graph
+from plinio_onnx.records import SuperNetRecord
 
-from .supernet import METADATA_KEY
+from .infra import ConsumingPass
 
-__all__ = ["pick_branches"]
+__all__ = ["PickBranches", "pick_branches"]
 
 
-@finalizer(order=10)
+class PickBranches(ConsumingPass):
+    """Replace every Choice by its argmax branch (module docstring)."""
+
+    record = SuperNetRecord
+
+    def apply(self, graph: Graph, info: SuperNetRecord) -> None:
+        _pick(graph, info)
+
+
 def pick_branches(graph: Graph, **options) -> Graph:
-    """Replace every Choice of ``graph`` by its argmax branch, in place; returns ``graph``."""
-    record = graph.metadata.get(METADATA_KEY)
-    if record is None:
-        return graph
-    info = json.loads(record)
+    """Replace every Choice of ``graph`` by its argmax branch, in place (`PickBranches`); returns
+    ``graph``."""
+    return PickBranches()(graph).graph
+
+
+def _pick(graph: Graph, info: SuperNetRecord) -> None:
     g = graph.gs
     tensors = g.tensors()
     nodes = {n.name: n for n in g.nodes}
     outputs = {id(t) for t in g.outputs}
-    for choice in info["choices"]:
-        node = nodes[choice["node"]]
-        branch = choice["branches"][fn.chosen(tensors[choice["logits"]].values)]
-        kept, out = tensors[branch["output"]], node.outputs[0]
+    for choice in info.choices:
+        node = nodes[choice.node]
+        branch = choice.branches[fn.chosen(tensors[choice.logits].values)]
+        kept, out = tensors[branch.output], node.outputs[0]
         node.inputs.clear()
         node.outputs.clear()
         producer = kept.inputs[0] if kept.inputs else None
         # A branch's own output feeds only the stacking Unsqueeze: its producer may take over `out`.
-        own = producer is not None and producer.name in branch["nodes"] and id(kept) not in outputs
+        own = producer is not None and producer.name in branch.nodes and id(kept) not in outputs
         if own:
             producer.outputs = [out if t is kept else t for t in producer.outputs]
         elif id(out) in outputs:
-            g.nodes.append(gs.Node("Identity", name=f"{choice['name']}/supernet/kept", inputs=[kept], outputs=[out]))
+            g.nodes.append(gs.Node("Identity", name=f"{choice.name}/supernet/kept", inputs=[kept], outputs=[out]))
         else:
             for consumer in list(out.outputs):
                 consumer.inputs = [kept if t is out else t for t in consumer.inputs]
     g.cleanup(remove_unused_graph_inputs=False).toposort()
-    del graph.metadata[METADATA_KEY]
-    return graph

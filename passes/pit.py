@@ -8,12 +8,11 @@ dilation level) and a ``PITTimeMask`` on the weight. The math is in `plinio_onnx
 
 Guarantee: with every mask parameter at its initial 1.0 the graph computes what it computed
 before (every mask is all ones). The analysis result and the parameter names are stored in the
-graph's metadata (``plinio.pit``), so the searchable ONNX file is a complete checkpoint.
+graph's metadata (`plinio_onnx.records.PITRecord`), so the searchable ONNX file is a complete checkpoint.
 """
 from __future__ import annotations
 
 import fnmatch
-import json
 from typing import Iterable
 
 import numpy as np
@@ -26,10 +25,12 @@ from plinio_onnx.functions import pit as fn
 from plinio_onnx.functions import pit_keep
 from plinio_onnx.functions.supernet import CHOICE
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
+from plinio_onnx.records import GroupRecord, PITRecord, SkippedGroup, TimeMaskRecord
 
+from .infra import FunctionalPass, PassResult
 from .shuffle import shuffles_as_gather
 
-METADATA_KEY = "plinio.pit"
+METADATA_KEY = PITRecord.KEY
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MASKS = ("channels", "time", "dilation")
 
@@ -46,7 +47,7 @@ def _selected(name: str, op: str, include: Iterable[str] | None, exclude: Iterab
 def pit(graph: Graph, *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
         op_types: Iterable[str] = LAYER_OPS, masks: Iterable[str] = MASKS,
         threshold: float = 0.5, grouped_convs: bool = True) -> Graph:
-    """Return a searchable copy of ``graph`` with PIT masks (see the module docstring).
+    """Return a searchable copy of ``graph`` with PIT masks (`PITPass`, see the module docstring).
 
     ``include`` / ``exclude``: fnmatch patterns on layer node names; a channel group is searched
     when all its producing layers are selected. ``masks``: any of "channels", "time",
@@ -54,28 +55,53 @@ def pit(graph: Graph, *, include: Iterable[str] | None = None, exclude: Iterable
     ``grouped_convs``: prune grouped (not depthwise) Convs; groups left uneven are exported as
     one Conv per group. False keeps them, and the channels they touch, whole.
     """
-    masks = tuple(masks)
-    unknown = set(masks) - set(MASKS)
-    if unknown:
-        raise PassError(f"unknown PIT masks {sorted(unknown)}; choose from {MASKS}", file=graph.source)
-    # SuperNet Choices may stay (PIT then searches channels inside and around their branches);
-    # PIT masks or MPS quantizers already there may not.
-    if any((n.domain or "") == PLINIO_DOMAIN and n.op != CHOICE for n in graph.nodes):
-        raise PassError("the graph already holds ai.plinio nodes; run PIT on the original model "
-                        "(or on a SuperNet searchable graph)", file=graph.source)
+    return PITPass(include=include, exclude=exclude, op_types=op_types, masks=masks, threshold=threshold,
+                   grouped_convs=grouped_convs)(graph).graph
+
+
+class PITPass(FunctionalPass):
+    """The PIT pass (module docstring; options as `pit`). Requires a graph without ai.plinio
+    nodes other than SuperNet Choices; ensures the PIT record is stored."""
+
+    def __init__(self, *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                 op_types: Iterable[str] = LAYER_OPS, masks: Iterable[str] = MASKS,
+                 threshold: float = 0.5, grouped_convs: bool = True) -> None:
+        self.include, self.exclude, self.op_types = include, exclude, tuple(op_types)
+        self.masks, self.threshold, self.grouped_convs = tuple(masks), threshold, grouped_convs
+
+    def requires(self, graph: Graph) -> None:
+        # SuperNet Choices may stay (PIT then searches channels inside and around their branches);
+        # PIT masks or MPS quantizers already there may not.
+        if any((n.domain or "") == PLINIO_DOMAIN and n.op != CHOICE for n in graph.nodes):
+            raise PassError("the graph already holds ai.plinio nodes; run PIT on the original model "
+                            "(or on a SuperNet searchable graph)", file=graph.source)
+
+    def ensures(self, graph: Graph) -> None:
+        if not PITRecord.present(graph):
+            raise ValueError("no PIT record was stored")
+
+    def call(self, graph: Graph) -> PassResult:
+        unknown = set(self.masks) - set(MASKS)
+        if unknown:
+            raise PassError(f"unknown PIT masks {sorted(unknown)}; choose from {MASKS}", file=graph.source)
+        return PassResult(_searchable(graph, self.include, self.exclude, self.op_types, self.masks,
+                                      self.threshold, self.grouped_convs), True)
+
+
+def _searchable(graph: Graph, include, exclude, op_types: tuple[str, ...], masks: tuple[str, ...],
+                threshold: float, grouped_convs: bool) -> Graph:
     graph = graph.copy()
     g = graph.gs
     shuffles_as_gather(g)
     analysis = analyze_channels(graph, grouped_convs=grouped_convs)
     nodes = {n.name: n for n in g.nodes}
-    op_types = tuple(op_types)
 
     searched, skipped = [], []
     if "channels" in masks:
         for group in analysis.groups:
             reason = _skip_reason(group, nodes, include, exclude, op_types)
             if reason:
-                skipped.append({"group": group.name, "size": group.size, "reason": reason})
+                skipped.append(SkippedGroup(group=group.name, size=group.size, reason=reason))
                 continue
             searched.append(_insert_channel_mask(g, group, nodes, threshold))
 
@@ -88,19 +114,11 @@ def pit(graph: Graph, *, include: Iterable[str] | None = None, exclude: Iterable
                     time_layers.append(entry)
 
     g.cleanup(remove_unused_graph_inputs=False).toposort()
-    graph.metadata[METADATA_KEY] = json.dumps({
-        "threshold": threshold,
-        "groups": searched,
-        "time": time_layers,
-        "skipped": skipped,
-        "layer_inputs": analysis.layer_inputs,
-        "layer_output": analysis.layer_output,
-        "group_sizes": [grp.size for grp in analysis.groups],
-        "layer_output_part": analysis.layer_output_part,
-        "layer_rows": analysis.layer_rows,
-        "grouped": {name: dict(vars(conv)) for name, conv in analysis.grouped.items()},
-        "group_alpha": {s["id"]: s["alpha"] for s in searched},
-    })
+    PITRecord(threshold=threshold, groups=searched, time=time_layers, skipped=skipped,
+              layer_inputs=analysis.layer_inputs,
+              layer_output=analysis.layer_output, group_sizes=[grp.size for grp in analysis.groups],
+              layer_output_part=analysis.layer_output_part, layer_rows=analysis.layer_rows,
+              grouped=analysis.grouped).store(graph)
     return add_functions(graph, fn.functions())
 
 
@@ -120,14 +138,14 @@ def _skip_reason(group: ChannelGroup, nodes, include, exclude, op_types) -> str 
     return None
 
 
-def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: float) -> dict:
+def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: float) -> GroupRecord:
     base = group.name
     mask = gs.Variable(f"{base}.pit_mask", dtype=np.float32, shape=[group.size])
     if not group.atoms:
         alpha = gs.Constant(f"{base}.pit_alpha", np.ones(group.size, np.float32))
         g.nodes.append(gs.Node(fn.CHANNEL_MASK, name=f"{base}/pit_channel_mask", domain=PLINIO_DOMAIN,
                                attrs={"threshold": float(threshold)}, inputs=[alpha], outputs=[mask]))
-        alphas = alpha.name
+        alphas = [alpha.name]
     else:
         # One mask parameter per atom (each keeps a channel alive), gathered into channel order.
         pieces, alphas = [], []
@@ -168,22 +186,11 @@ def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: flo
                                        gs.Constant(f"{consumer.node}/pit_shape_{group.id}_{k}", shape)],
                                outputs=[masked]))
         node.inputs[1] = masked
-    record = _as_record(group)
-    record["alpha"] = alphas  # one name, or one per atom
-    return record
+    return GroupRecord.of(group, alphas)  # one mask parameter, or one per atom
 
 
-def _as_record(group: ChannelGroup) -> dict:
-    """The group as JSON-ready data (``dataclasses.asdict`` deep-copies: slow on DenseNets, whose
-    concatenations give groups hundreds of consumers)."""
-    record = {}
-    for key, value in vars(group).items():
-        record[key] = [dict(vars(item)) if hasattr(item, "__dict__") else item for item in value] \
-            if isinstance(value, list) else value
-    return record
-
-
-def _insert_time_mask(g: gs.Graph, node: gs.Node, time: bool, dilation: bool, threshold: float) -> dict | None:
+def _insert_time_mask(g: gs.Graph, node: gs.Node, time: bool, dilation: bool,
+                      threshold: float) -> TimeMaskRecord | None:
     weight = node.inputs[1]
     if weight.shape is None or len(weight.shape) != 3:
         return None
@@ -203,7 +210,7 @@ def _insert_time_mask(g: gs.Graph, node: gs.Node, time: bool, dilation: bool, th
                            inputs=[weight, beta, gamma, gs.Constant(f"{node.name}.pit_gamma_map", gmap)],
                            outputs=[masked]))
     node.inputs[1] = masked
-    return {"node": node.name, "kernel": kernel, "beta": beta.name, "gamma": gamma.name,
-            "search_time": time, "search_dilation": dilation,
-            "dilation": int(node.attrs.get("dilations", [1])[0]),
-            "pads": [int(p) for p in node.attrs.get("pads", [0, 0])]}
+    return TimeMaskRecord(node=node.name, kernel=kernel, beta=beta.name, gamma=gamma.name,
+                          search_time=time, search_dilation=dilation,
+                          dilation=int(node.attrs.get("dilations", [1])[0]),
+                          pads=[int(p) for p in node.attrs.get("pads", [0, 0])])

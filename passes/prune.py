@@ -11,53 +11,64 @@ reaches a survivor).
 """
 from __future__ import annotations
 
-import json
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from plinio_onnx.finalize import finalizer
+from plinio_onnx.errors import PassError
 from plinio_onnx.functions import pit as fn
 from plinio_onnx.functions import pit_keep
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
+from plinio_onnx.records import Permutation, PITRecord, SuperNetRecord, TimeMaskRecord
 
-from .pit import METADATA_KEY
+from .infra import ConsumingPass
 from .shuffle import gathers_as_shuffles
 
 PIT_FUNCTIONS = (fn.CHANNEL_MASK, fn.MASK_WEIGHT, fn.TIME_MASK)
 
 
-@finalizer(order=20)
+class PruneChannels(ConsumingPass):
+    """Apply the PIT masks (module docstring). Requires the SuperNet choices picked first: the
+    groups whose readers all sat in dropped branches are then recognised by their missing masks."""
+
+    record = PITRecord
+
+    def requires(self, graph: Graph) -> None:
+        if PITRecord.present(graph) and SuperNetRecord.present(graph):
+            raise PassError("pick the SuperNet branches (pick_branches) before pruning PIT channels",
+                            file=graph.source)
+
+    def apply(self, graph: Graph, info: PITRecord) -> None:
+        _prune(graph, info)
+
+
 def prune_channels(graph: Graph, **options) -> Graph:
-    """Apply the PIT masks of ``graph`` in place (see the module docstring); returns ``graph``."""
-    record = graph.metadata.get(METADATA_KEY)
-    if record is None:
-        return graph
-    info = json.loads(record)
-    threshold = float(info["threshold"])
+    """Apply the PIT masks of ``graph`` in place (`PruneChannels`); returns ``graph``."""
+    return PruneChannels()(graph).graph
+
+
+def _prune(graph: Graph, info: PITRecord) -> None:
+    threshold = info.threshold
     tensors = graph.gs.tensors()
     selections = []
-    for group in info["groups"]:
-        names = [group["alpha"]] if isinstance(group["alpha"], str) else group["alpha"]
-        if any(name not in tensors for name in names):
+    for group in info.groups:
+        if any(name not in tensors for name in group.alpha):
             continue  # its readers were all in SuperNet branches that were not picked
         keep = pit_keep.group_keep(lambda name: tensors[name].values, group, threshold)
-        selections.append((group, np.setdiff1d(np.arange(group["size"]), keep)))
+        selections.append((group, np.setdiff1d(np.arange(group.size), keep)))
     # Kernels first: a grouped Conv that slicing splits into one Conv per group copies them.
     nodes = {n.name: n for n in graph.gs.nodes}
-    for entry in info["time"]:
-        if entry["node"] in nodes:
-            _shrink_kernel(nodes[entry["node"]], tensors, entry, threshold)
+    for entry in info.time:
+        if entry.node in nodes:
+            _shrink_kernel(nodes[entry.node], tensors, entry, threshold)
     slice_groups(graph, selections)
 
     _bypass_plinio_nodes(graph.gs)
     gathers_as_shuffles(graph.gs)
-    del graph.metadata[METADATA_KEY]
-    return graph
 
 
 def slice_groups(graph: Graph, selections) -> None:
-    """Remove channels from ``graph`` in place: ``selections`` pairs a channel group record (as
-    the PIT pass stores it, `plinio_onnx.analysis.ChannelGroup` fields) with the group's channel
+    """Remove channels from ``graph`` in place: ``selections`` pairs a channel group record
+    (`plinio_onnx.records.GroupRecord`) with the group's channel
     indices to remove. Every coupled tensor loses them: producers' weight rows and biases,
     per-channel members, consumers' input features, constant Reshape widths; depthwise ``group``
     attributes follow. Records of nodes that are no longer in the graph (a SuperNet branch that
@@ -82,39 +93,39 @@ def slice_groups(graph: Graph, selections) -> None:
         pruned = np.asarray(pruned, dtype=np.int64)
         if pruned.size == 0:
             continue
-        for producer in group["producers"]:
+        for producer in group.producers:
             local = _local(producer, pruned)
-            drop(producer["node"], producer["weight"], producer["axis"], local)
-            if producer["bias"]:
-                drop(producer["node"], producer["bias"], 0, local)
-        for member in group["members"]:
-            drop(member["node"], member["tensor"], member["axis"], member["offset"] + _local(member, pruned))
-        for consumer in group["consumers"]:
-            inner = consumer["inner"]
+            drop(producer.node, producer.weight, producer.axis, local)
+            if producer.bias:
+                drop(producer.node, producer.bias, 0, local)
+        for member in group.members:
+            drop(member.node, member.tensor, member.axis, member.offset + _local(member, pruned))
+        for consumer in group.consumers:
+            inner = consumer.inner
             local = _local(consumer, pruned)
-            features = (consumer["offset"] + local[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
-            if consumer.get("groups", 1) > 1 and consumer["node"] in nodes:
-                node = nodes[consumer["node"]]
-                width = int(_weight_constant(node).values.shape[1]) * consumer["groups"]
+            features = (consumer.offset + local[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
+            if consumer.groups > 1 and consumer.node in nodes:
+                node = nodes[consumer.node]
+                width = int(_weight_constant(node).values.shape[1]) * consumer.groups
                 grouped_inputs.setdefault(node.name, np.ones(width, dtype=bool))[features] = False
             else:
-                drop(consumer["node"], consumer["weight"], consumer["axis"], features)
-        for reshape in group["reshapes"]:
-            if reshape["node"] not in nodes:
+                drop(consumer.node, consumer.weight, consumer.axis, features)
+        for reshape in group.reshapes:
+            if reshape.node not in nodes:
                 continue
-            shape = nodes[reshape["node"]].inputs[1]
+            shape = nodes[reshape.node].inputs[1]
             values = np.array(shape.values)
-            values[reshape["index"]] -= _local(reshape, pruned).size * reshape["per_channel"]
-            _replace_constant(g, nodes[reshape["node"]], 1, values)
-        for cut in group.get("cuts", []):
-            node = nodes.get(cut["node"])
+            values[reshape.index] -= _local(reshape, pruned).size * reshape.per_channel
+            _replace_constant(g, nodes[reshape.node], 1, values)
+        for cut in group.cuts:
+            node = nodes.get(cut.node)
             if node is not None:
-                width = int(node.inputs[0].shape[cut["axis"]])
-                kept = cut_inputs.setdefault((node.name, cut["axis"]), np.ones(width, dtype=bool))
-                kept[cut["offset"] + _local(cut, pruned)] = False
-        for permutation in group.get("permutations", []):
-            if permutation["node"] in nodes:
-                _reindex_gather(g, nodes[permutation["node"]], permutation, pruned)
+                width = int(node.inputs[0].shape[cut.axis])
+                kept = cut_inputs.setdefault((node.name, cut.axis), np.ones(width, dtype=bool))
+                kept[cut.offset + _local(cut, pruned)] = False
+        for permutation in group.permutations:
+            if permutation.node in nodes:
+                _reindex_gather(g, nodes[permutation.node], permutation, pruned)
 
     for (name, axis), kept in cut_inputs.items():
         _recut(g, nodes[name], axis, kept)
@@ -128,15 +139,15 @@ def slice_groups(graph: Graph, selections) -> None:
         tensor.values = np.compress(mask, np.asarray(tensor.values), axis=axis)
 
     for group, pruned in selections:
-        for dw in group["depthwise"]:
+        for dw in group.depthwise:
             if dw in nodes:
                 node = nodes[dw]
                 node.attrs["group"] = int(_weight_constant(node).values.shape[0])
 
 
-def _local(record: dict, pruned: np.ndarray) -> np.ndarray:
+def _local(record, pruned: np.ndarray) -> np.ndarray:
     """The record's own positions of the group channels ``pruned`` (permuted spaces map them)."""
-    channels = record.get("channels")
+    channels = record.channels
     return pruned if channels is None else np.flatnonzero(np.isin(np.asarray(channels), pruned))
 
 
@@ -164,12 +175,12 @@ def _recut(g: gs.Graph, node: gs.Node, axis: int, kept: np.ndarray) -> None:
     _replace_constant(g, node, 2, ends)
 
 
-def _reindex_gather(g: gs.Graph, node: gs.Node, permutation: dict, pruned: np.ndarray) -> None:
+def _reindex_gather(g: gs.Graph, node: gs.Node, permutation: Permutation, pruned: np.ndarray) -> None:
     """A channel Gather after pruning: every kept output channel, from where its input now is."""
     indices = np.asarray(node.inputs[1].values).astype(np.int64)
     size = indices.size
-    channels_in = np.arange(size) if permutation["channels_in"] is None else np.asarray(permutation["channels_in"])
-    channels_out = np.arange(size) if permutation["channels_out"] is None else np.asarray(permutation["channels_out"])
+    channels_in = np.arange(size) if permutation.channels_in is None else np.asarray(permutation.channels_in)
+    channels_out = np.arange(size) if permutation.channels_out is None else np.asarray(permutation.channels_out)
     kept_in = np.flatnonzero(~np.isin(channels_in, pruned))
     kept_out = np.flatnonzero(~np.isin(channels_out, pruned))
     _replace_constant(g, node, 1, np.searchsorted(kept_in, indices[kept_out] % size).astype(np.int64))
@@ -256,11 +267,11 @@ def _is_grouped_conv(node: gs.Node) -> bool:
     return weight is not None and weight.values.shape[1] > 1
 
 
-def _shrink_kernel(node: gs.Node, tensors, entry: dict, threshold: float) -> None:
+def _shrink_kernel(node: gs.Node, tensors, entry: TimeMaskRecord, threshold: float) -> None:
     """Export a masked Conv1d with the surviving taps only (`pit_keep.kernel_plan`)."""
     weight = _weight_constant(node)
-    taps = pit_keep.tap_mask(tensors[entry["beta"]].values, tensors[entry["gamma"]].values, threshold)
-    plan = pit_keep.kernel_plan(taps, entry["dilation"], tuple(entry["pads"]))
+    taps = pit_keep.tap_mask(tensors[entry.beta].values, tensors[entry.gamma].values, threshold)
+    plan = pit_keep.kernel_plan(taps, entry.dilation, tuple(entry.pads))
     values = np.asarray(weight.values)
     zero = np.zeros_like(values[:, :, :1])
     weight.values = np.ascontiguousarray(np.concatenate(

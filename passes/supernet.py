@@ -43,7 +43,8 @@ output (their initializers become trainable weights of the branch), or, in a JSO
 Guarantee: with the logits at their initial value (all equal) the eval-mode module and the
 finalized graph compute exactly what ``graph`` computed (argmax ties go to the original branch);
 the ONNX body (softmax mix) equals the input model when the original's logit dominates.
-The record (choices, branches, their nodes) is stored in ``graph.metadata["plinio.supernet"]``.
+The record (choices, branches, their nodes) is stored in the graph's metadata
+(`plinio_onnx.records.SuperNetRecord`).
 """
 from __future__ import annotations
 
@@ -64,11 +65,14 @@ from plinio_onnx.errors import PassError
 from plinio_onnx.functions import add_functions
 from plinio_onnx.functions import relaxation
 from plinio_onnx.functions import supernet as fn
-from plinio_onnx.graph import PLINIO_DOMAIN, Graph
+from plinio_onnx.graph import PLINIO_DOMAIN, Graph, reinfer_shapes
+from plinio_onnx.records import Branch, ChoiceRecord, SkippedPlace, SuperNetRecord
+
+from .infra import FunctionalPass, PassResult
 
 __all__ = ["LAYER_OPS", "METADATA_KEY", "Menu", "load_spec", "supernet"]
 
-METADATA_KEY = "plinio.supernet"
+METADATA_KEY = SuperNetRecord.KEY
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 TEMPERATURE = "supernet.temperature"
 LOGITS_SUFFIX = ".supernet_logits"
@@ -700,7 +704,8 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
              regions: "Sequence[Mapping[str, Any]] | None" = None, spec: "str | os.PathLike | None" = None,
              automatic: bool | None = None, sampling: str | None = None,
              temperature: float | None = None) -> Graph:
-    """Return a searchable copy of ``graph`` with a ``Choice`` per searched place (module docstring).
+    """Return a searchable copy of ``graph`` with a ``Choice`` per searched place (`SuperNetPass`,
+    module docstring).
 
     ``include`` / ``exclude`` (fnmatch patterns on node names) and ``op_types`` select the layers
     that get the automatic ``menu`` (`Menu`, or a dict of its fields) when ``automatic`` (default
@@ -710,6 +715,33 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
     ``sampling``: "softmax" (default), "gumbel", "gumbel_hard" or "hard" (training forward);
     ``temperature``: the initial softmax temperature T (default 1).
     """
+    return SuperNetPass(include=include, exclude=exclude, op_types=op_types, menu=menu, layers=layers,
+                        regions=regions, spec=spec, automatic=automatic, sampling=sampling,
+                        temperature=temperature)(graph).graph
+
+
+class SuperNetPass(FunctionalPass):
+    """The SuperNet pass (module docstring); its options are those of `supernet`. Requires a graph
+    without ai.plinio nodes; ensures the SuperNet record is stored."""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def requires(self, graph: Graph) -> None:
+        if any((n.domain or "") == PLINIO_DOMAIN for n in graph.nodes):
+            raise PassError("the graph already holds ai.plinio nodes; run SuperNet on the original model "
+                            "(and PIT/MPS on the model SuperNet exports)", file=graph.source)
+
+    def ensures(self, graph: Graph) -> None:
+        if not SuperNetRecord.present(graph):
+            raise ValueError("no SuperNet record was stored")
+
+    def call(self, graph: Graph) -> PassResult:
+        return PassResult(_searchable(graph, **self.options), True)
+
+
+def _searchable(graph: Graph, *, include=None, exclude=None, op_types=None, menu=None, layers=None,
+                regions=None, spec=None, automatic=None, sampling=None, temperature=None) -> Graph:
     options = load_spec(spec) if spec is not None else {}
     include = include if include is not None else options.get("include")
     exclude = exclude if exclude is not None else options.get("exclude")
@@ -729,18 +761,18 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
     if unknown_ops:
         raise PassError(f"no automatic alternatives for {sorted(unknown_ops)}; op_types are among {LAYER_OPS}",
                         file=graph.source)
-    if any((n.domain or "") == PLINIO_DOMAIN for n in graph.nodes):
-        raise PassError("the graph already holds ai.plinio nodes; run SuperNet on the original model "
-                        "(and PIT/MPS on the model SuperNet exports)", file=graph.source)
-
     graph = graph.copy()
     g = graph.gs
     g.toposort()
     _name_nodes(g)
-    tensors = g.tensors()
-    by_name = {n.name: n for n in g.nodes}
-    graph_outputs = {id(t) for t in g.outputs}
-    opset = graph.opset
+    planner = _Planner(g, graph.opset)
+    planner.user_regions(regions)
+    planner.user_layers(layers)
+    if automatic:
+        planner.automatic(op_types, include, exclude, menu)
+    if planner.problems:
+        raise PassError("SuperNet: " + "; ".join(planner.problems), file=graph.source)
+
     temperatures: dict[np.dtype, gs.Constant] = {}
 
     def temperature_of(dtype) -> gs.Constant:
@@ -751,81 +783,110 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
             temperatures[dtype] = gs.Constant(name, np.array([temperature], dtype))
         return temperatures[dtype]
 
-    problems: list[str] = []
-    planned: list[tuple[_Region, list[_Candidate]]] = []
-    taken: set[int] = set()
-    skipped: list[dict] = []
+    choices = []
+    names_used: set[str] = {n.name for n in g.nodes}
+    for index, (region, candidates) in enumerate(planner.planned):
+        choices.append(_insert_choice(g, index, region, candidates, temperature_of(region.out.dtype), sampling,
+                                      names_used))
 
-    def claim(region: _Region, where: str) -> bool:
+    g.cleanup(remove_unused_graph_inputs=False).toposort()
+    SuperNetRecord(sampling=sampling, temperatures=sorted(t.name for t in temperatures.values()),
+                   choices=choices, skipped=planner.skipped).store(graph)
+    graph = add_functions(graph, fn.functions())
+    # Strict: an alternative of the wrong shape fails here.
+    reinfer_shapes(graph, what="SuperNet: the searchable graph is inconsistent", check=False, forget=False)
+    return graph
+
+
+class _Planner:
+    """Which places of a graph get a Choice, with which candidates: user regions, then user
+    layers, then the automatic menu; overlaps and bad alternatives are gathered in ``problems``
+    (raised together), layers the menu cannot serve in ``skipped``."""
+
+    def __init__(self, g: gs.Graph, opset: int) -> None:
+        self.g, self.opset = g, opset
+        self.tensors = g.tensors()
+        self.graph_outputs = {id(t) for t in g.outputs}
+        self.problems: list[str] = []
+        self.planned: list[tuple[_Region, list[_Candidate]]] = []
+        self.taken: set[int] = set()
+        self.skipped: list[SkippedPlace] = []
+
+    def claim(self, region: _Region, where: str) -> bool:
         ids = {id(n) for n in region.nodes}
-        if ids & taken:
-            problems.append(f"{where}: overlaps another searched place")
+        if ids & self.taken:
+            self.problems.append(f"{where}: overlaps another searched place")
             return False
-        taken.update(ids)
+        self.taken.update(ids)
         return True
 
-    def user_candidates(region: _Region, alternatives: Sequence, where: str) -> list[_Candidate]:
+    def user_candidates(self, region: _Region, alternatives: Sequence, where: str) -> list[_Candidate]:
         out = []
         for alt in alternatives:
             builtin = parse_builtin(alt) if isinstance(alt, str) else None
             try:
                 if builtin is not None:
-                    kind, arg = builtin
-                    if region.layer is None:
-                        made = _region_identity(region) if kind == "identity" else (
-                            f"builtin {alt!r} needs a Conv/Gemm/MatMul layer; a region only takes "
-                            "'identity' or ONNX graphs")
-                    else:
-                        maker = _MAKERS.get((region.layer.op, kind))
-                        made = maker(region, arg, True) if maker else f"{kind!r} does not apply to {region.layer.op}"
+                    made = self._builtin(region, alt, *builtin)
                     if isinstance(made, str):
-                        problems.append(f"{where}: alternative {alt!r}: {made}")
+                        self.problems.append(f"{where}: alternative {alt!r}: {made}")
                         continue
                     out.append(made)
                 else:
-                    model, name = _alternative_model(alt, opset, where)
+                    model, name = _alternative_model(alt, self.opset, where)
                     _check_alternative_shape(model, region, name, where)
                     out.append(_graph_candidate(model, name))
             except PassError as err:
-                problems.append(err.message)
+                self.problems.append(err.message)
         if not alternatives:
-            problems.append(f"{where}: no alternatives given")
+            self.problems.append(f"{where}: no alternatives given")
         return out
 
-    for entry in regions:
-        entry = dict(entry)
-        where = f"region {entry.get('input')!r} → {entry.get('output')!r}"
-        try:
-            region = _subgraph_region(g, tensors, entry.get("input"), entry.get("output"), entry.get("name"))
-        except PassError as err:
-            problems.append(err.message)
-            continue
-        if claim(region, where):
-            planned.append((region, user_candidates(region, entry.get("alternatives", []), where)))
+    @staticmethod
+    def _builtin(region: _Region, alt: str, kind: str, arg) -> _Candidate | str:
+        if region.layer is None:
+            return _region_identity(region) if kind == "identity" else (
+                f"builtin {alt!r} needs a Conv/Gemm/MatMul layer; a region only takes 'identity' or ONNX graphs")
+        maker = _MAKERS.get((region.layer.op, kind))
+        return maker(region, arg, True) if maker else f"{kind!r} does not apply to {region.layer.op}"
 
-    for node_name, alternatives in layers.items():
-        node = by_name.get(node_name)
-        where = f"node {node_name!r}"
-        if node is None:
-            problems.append(f"{where} is not in the graph")
-            continue
-        try:
-            region = _node_region(node, graph_outputs)
-        except PassError as err:
-            problems.append(err.message)
-            continue
-        if claim(region, where):
-            planned.append((region, user_candidates(region, alternatives, where)))
+    def user_regions(self, regions: list) -> None:
+        for entry in regions:
+            entry = dict(entry)
+            where = f"region {entry.get('input')!r} → {entry.get('output')!r}"
+            try:
+                region = _subgraph_region(self.g, self.tensors, entry.get("input"), entry.get("output"),
+                                          entry.get("name"))
+            except PassError as err:
+                self.problems.append(err.message)
+                continue
+            if self.claim(region, where):
+                self.planned.append((region, self.user_candidates(region, entry.get("alternatives", []), where)))
 
-    if automatic:
-        for node in list(g.nodes):
-            if node.op not in op_types or not _selected(node.name, include, exclude) or id(node) in taken:
+    def user_layers(self, layers: dict) -> None:
+        by_name = {n.name: n for n in self.g.nodes}
+        for node_name, alternatives in layers.items():
+            node = by_name.get(node_name)
+            where = f"node {node_name!r}"
+            if node is None:
+                self.problems.append(f"{where} is not in the graph")
+                continue
+            try:
+                region = _node_region(node, self.graph_outputs)
+            except PassError as err:
+                self.problems.append(err.message)
+                continue
+            if self.claim(region, where):
+                self.planned.append((region, self.user_candidates(region, alternatives, where)))
+
+    def automatic(self, op_types: tuple[str, ...], include, exclude, menu: Menu) -> None:
+        for node in list(self.g.nodes):
+            if node.op not in op_types or not _selected(node.name, include, exclude) or id(node) in self.taken:
                 continue
             if not _is_layer(node):
-                skipped.append({"node": node.name, "reason": "no constant weight"})
+                self.skipped.append(SkippedPlace(node=node.name, reason="no constant weight"))
                 continue
-            region = _layer_region(node, graph_outputs)
-            if any(id(n) in taken for n in region.nodes):
+            region = _layer_region(node, self.graph_outputs)
+            if any(id(n) in self.taken for n in region.nodes):
                 continue
             candidates, seen = [], {"original"}
             for kind, arg in menu.requests(node.op):
@@ -834,38 +895,21 @@ def supernet(graph: Graph, *, include: Iterable[str] | None = None, exclude: Ite
                     seen.add(made.name)
                     candidates.append(made)
             if not candidates:
-                skipped.append({"node": node.name, "reason": "no alternative fits"})
+                self.skipped.append(SkippedPlace(node=node.name, reason="no alternative fits"))
                 continue
-            claim(region, node.name)
-            planned.append((region, candidates))
-
-    if problems:
-        raise PassError("SuperNet: " + "; ".join(problems), file=graph.source)
-
-    choices = []
-    names_used: set[str] = {n.name for n in g.nodes}
-    for index, (region, candidates) in enumerate(planned):
-        choices.append(_insert_choice(g, index, region, candidates, temperature_of(region.out.dtype), sampling,
-                                      names_used))
-
-    g.cleanup(remove_unused_graph_inputs=False).toposort()
-    graph.metadata[METADATA_KEY] = json.dumps({
-        "version": 1, "sampling": sampling, "temperatures": sorted(t.name for t in temperatures.values()),
-        "choices": choices, "skipped": skipped,
-    })
-    graph = add_functions(graph, fn.functions())
-    return _reinfer(graph)
+            self.claim(region, node.name)
+            self.planned.append((region, candidates))
 
 
 def _insert_choice(g: gs.Graph, index: int, region: _Region, candidates: list[_Candidate],
-                   temperature: gs.Constant, sampling: str, names_used: set[str]) -> dict:
+                   temperature: gs.Constant, sampling: str, names_used: set[str]) -> ChoiceRecord:
     base = region.name
     out = region.out
     # The original branch writes a new tensor; the Choice takes over the original output tensor.
     original_out = gs.Variable(f"{out.name}/supernet/original", dtype=out.dtype, shape=out.shape)
     producer = out.inputs[0]
     producer.outputs = [original_out if t is out else t for t in producer.outputs]
-    branches = [{"name": "original", "output": original_out.name, "nodes": [n.name for n in region.nodes]}]
+    branches = [Branch(name="original", output=original_out.name, nodes=[n.name for n in region.nodes])]
     outputs = [original_out]
     taken_names = {"original"}
     for candidate in candidates:
@@ -879,8 +923,8 @@ def _insert_choice(g: gs.Graph, index: int, region: _Region, candidates: list[_C
         if result is region.out:   # an alternative that wrote the region's own output: never
             raise PassError(f"alternative {name!r} of {base!r} writes the original output", node=base)
         outputs.append(result)
-        branches.append({"name": name, "output": result.name, "nodes": [n.name for n in emitter.nodes]})
-    for node in (n for b in branches[1:] for n in b["nodes"]):
+        branches.append(Branch(name=name, output=result.name, nodes=[n.name for n in emitter.nodes]))
+    for node in (n for b in branches[1:] for n in b.nodes):
         if node in names_used:
             raise PassError(f"node name {node!r} of an alternative clashes with the graph", node=base)
         names_used.add(node)
@@ -903,10 +947,10 @@ def _insert_choice(g: gs.Graph, index: int, region: _Region, candidates: list[_C
     choice_name = f"{base}/supernet/choice"
     g.nodes.append(gs.Node(fn.CHOICE, name=choice_name, domain=PLINIO_DOMAIN, attrs={"sampling": sampling},
                            inputs=[stacked, logits, temperature], outputs=[out]))
-    return {"id": index, "name": base, "node": choice_name, "logits": logits.name, "temperature": temperature.name,
-            "input": region.x.name,
-            "output": out.name, "kind": "layer" if region.layer is not None else "region",
-            "op": region.layer.op if region.layer is not None else None, "branches": branches}
+    return ChoiceRecord(id=index, name=base, node=choice_name, logits=logits.name, temperature=temperature.name,
+                        input=region.x.name, output=out.name,
+                        kind="layer" if region.layer is not None else "region",
+                        op=region.layer.op if region.layer is not None else None, branches=branches)
 
 
 def _name_nodes(g: gs.Graph) -> None:
@@ -921,12 +965,4 @@ def _name_nodes(g: gs.Graph) -> None:
         seen.add(name)
 
 
-def _reinfer(graph: Graph) -> Graph:
-    """Infer every new tensor's shape (strict: an alternative of the wrong shape fails here)."""
-    model = graph.to_onnx(check=False)
-    try:
-        model = shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
-    except Exception as err:
-        raise PassError(f"SuperNet: the searchable graph is inconsistent: {' '.join(str(err).split())[:400]}",
-                        file=graph.source) from None
-    return Graph(gs.import_onnx(model), source=graph.source, metadata=graph.metadata)
+

@@ -1,61 +1,75 @@
-"""`finalize`: a searchable graph → the deployable graph (pruned, picked, quantized; no ai.plinio).
+"""`finalize`: a searchable graph → the deployable graph (picked, pruned, quantized; no ai.plinio).
 
-Each method contributes one finalizing pass, registered with `finalizer` (an order and a
-function editing the graph in place); `finalize` runs them in order, removes the ``ai.plinio``
-functions and domain, re-infers shapes and checks the model (its postcondition: no ``ai.plinio``
-node is left and the ONNX checker passes).
+The pipeline, in the order written here and nowhere else:
+
+1. `PickBranches` — every SuperNet ``Choice`` becomes its argmax branch;
+2. `PruneChannels` — PIT masks are binarized and the channels sliced; it *requires* the choices
+   picked (masks of dropped branches are gone then, and their groups are skipped);
+3. `FoldQuantizers` — MPS quantizers become QDQ or QONNX at their argmax precisions (zero-bit
+   channels sliced); it requires the masks pruned (quantized weights are constants then);
+4. `StripSearchFunctions` — the ``ai.plinio`` functions, domain and ``plinio.*`` records go,
+   shapes are inferred again.
+
+`Finalize` copies the graph first (the searchable graph is left unchanged) and *ensures* what a
+deployable graph is: no ``ai.plinio`` node, function or domain is left and the ONNX checker
+passes.
 """
 from __future__ import annotations
 
-from typing import Callable
+from plinio_onnx.passes.infra import FunctionalPass, InPlacePass, Pass, PassResult, Sequential
+from plinio_onnx.passes.pick import PickBranches
+from plinio_onnx.passes.prune import PruneChannels
+from plinio_onnx.passes.quantize import FoldQuantizers
 
-import onnx_graphsurgeon as gs
+from .graph import PLINIO_DOMAIN, Graph, check_graph, reinfer_shapes
 
-from .errors import PassError
-from .graph import PLINIO_DOMAIN, Graph, infer_shapes
-
-
-_FINALIZERS: list[tuple[int, str, Callable[..., Graph]]] = []
+__all__ = ["Finalize", "StripSearchFunctions", "finalize", "finalize_passes"]
 
 
-def finalizer(order: int) -> Callable:
-    """Register a finalizing pass ``fn(graph, **options) -> graph`` (it edits ``graph`` and ignores
-    options it does not know); lower ``order`` runs first (SuperNet picks branches at 10, PIT
-    prunes channels at 20, quantizers are folded at 30)."""
-    def decorate(fn: Callable[..., Graph]) -> Callable[..., Graph]:
-        _FINALIZERS.append((order, fn.__name__, fn))
-        _FINALIZERS.sort(key=lambda entry: entry[:2])
-        return fn
-    return decorate
+class StripSearchFunctions(InPlacePass):
+    """Remove the ``ai.plinio`` functions and domain and every ``plinio.*`` metadata record, and
+    infer the shapes again (the finalizing passes leave stale ones)."""
+
+    def call(self, graph: Graph) -> PassResult:
+        g = graph.gs
+        g.functions = [f for f in g.functions if f.domain != PLINIO_DOMAIN]
+        g.import_domains = [d for d in (g.import_domains or []) if d.domain != PLINIO_DOMAIN] or None
+        reinfer_shapes(graph, what="the finalized model is invalid", check=False)
+        graph.metadata = {k: v for k, v in graph.metadata.items() if not k.startswith("plinio.")}
+        return PassResult(graph, True)
+
+
+def finalize_passes(*, format: str | None = "qdq", int4: bool = True) -> list[Pass]:
+    """The finalizing passes, in order (module docstring)."""
+    return [PickBranches(), PruneChannels(), FoldQuantizers(format=format, int4=int4), StripSearchFunctions()]
+
+
+class Finalize(FunctionalPass):
+    """Searchable → deployable (module docstring); ``format``: "qdq" or "qonnx" for quantized
+    graphs, ``int4``: int4 weights where the opset allows them."""
+
+    def __init__(self, *, format: str | None = "qdq", int4: bool = True) -> None:
+        self.steps = Sequential(finalize_passes(format=format, int4=int4), name="finalize")
+
+    def call(self, graph: Graph) -> PassResult:
+        result = self.steps(graph.copy())
+        return PassResult(result.graph, result.modified)
+
+    def ensures(self, graph: Graph) -> None:
+        left = [f"{n.name} ({n.op})" for n in graph.nodes if (n.domain or "") == PLINIO_DOMAIN]
+        if left:
+            raise ValueError(f"ai.plinio nodes are left: {', '.join(left)}")
+        if any(f.domain == PLINIO_DOMAIN for f in graph.gs.functions):
+            raise ValueError("ai.plinio functions are left")
+        try:
+            check_graph(graph.gs)
+        except Exception as err:
+            raise ValueError(f"the finalized model is invalid: {' '.join(str(err).split())[:400]}") from None
 
 
 def finalize(graph: Graph, **options) -> Graph:
     """Return the deployable graph of a searchable ``graph`` (which is left unchanged).
 
-    ``options`` reach every finalizer, e.g. ``format="qdq"|"qonnx"`` for quantized exports."""
-    result = graph.copy()
-    for _, _, step in _FINALIZERS:
-        result = step(result, **options)
-    left = [f"{n.name} ({n.op})" for n in result.nodes if (n.domain or "") == PLINIO_DOMAIN]
-    if left:
-        raise PassError(f"finalize left ai.plinio nodes: {', '.join(left)}", file=graph.source)
-    return reinfer(result)
-
-
-def reinfer(graph: Graph) -> Graph:
-    """Drop stale intermediate shapes and the ai.plinio functions, infer shapes again and check;
-    edits and returns ``graph``."""
-    g = graph.gs
-    boundary = set(map(id, g.inputs)) | set(map(id, g.outputs))
-    for tensor in g.tensors().values():
-        if isinstance(tensor, gs.Variable) and id(tensor) not in boundary:
-            tensor.shape = None
-    g.functions = [f for f in g.functions if f.domain != PLINIO_DOMAIN]
-    g.import_domains = [d for d in (g.import_domains or []) if d.domain != PLINIO_DOMAIN] or None
-    try:
-        infer_shapes(g)
-    except Exception as err:
-        raise PassError(f"the finalized model is invalid: {' '.join(str(err).split())[:400]}",
-                        file=graph.source) from None
-    graph.metadata = {k: v for k, v in graph.metadata.items() if not k.startswith("plinio.")}
-    return graph
+    ``options``: ``format="qdq"|"qonnx"`` for quantized exports, ``int4`` (default True); others
+    are ignored."""
+    return Finalize(format=options.get("format", "qdq"), int4=options.get("int4", True))(graph).graph

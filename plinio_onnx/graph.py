@@ -105,9 +105,8 @@ def _is_float_dtype(dtype) -> bool:
         return False
 
 
-def infer_shapes(graph: gs.Graph, *, check: bool = True) -> None:
-    """Infer every intermediate shape and dtype of ``graph`` in place (strict), optionally running
-    the checker — on a skeleton without weight data, so the cost does not grow with model size.
+def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
+    """``graph`` exported without its weight data, so checks cost what the graph's size costs.
 
     Large floating initializers are exported as graph inputs of the same type and shape: shape
     inference reads only their shapes (shape-like constants, which it reads by value, stay)."""
@@ -130,8 +129,23 @@ def infer_shapes(graph: gs.Graph, *, check: bool = True) -> None:
         graph.inputs = saved_inputs
         for node, i, tensor in big:
             node.inputs[i] = tensor
-    del skeleton.graph.value_info[:]
     skeleton.ir_version = IR_VERSION
+    return skeleton
+
+
+def check_graph(graph: gs.Graph) -> None:
+    """Run the ONNX checker on ``graph`` (its skeleton: no weight data); raises its error."""
+    onnx.checker.check_model(_skeleton(graph))
+
+
+def infer_shapes(graph: gs.Graph, *, check: bool = True, keep_known: bool = False) -> None:
+    """Infer every intermediate shape and dtype of ``graph`` in place (strict), optionally running
+    the checker — on a skeleton without weight data, so the cost does not grow with model size.
+    ``keep_known``: start from the shapes the tensors hold (inference fills in the others and
+    keeps their symbolic dimensions), instead of from nothing."""
+    skeleton = _skeleton(graph)
+    if not keep_known:
+        del skeleton.graph.value_info[:]
     inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=True, strict_mode=True,
                                                  data_prop=True)
     if check:
@@ -149,6 +163,24 @@ def infer_shapes(graph: gs.Graph, *, check: bool = True) -> None:
             if ttype.HasField("shape"):
                 tensor.shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
                                 for d in ttype.shape.dim]
+
+
+def reinfer_shapes(graph: Graph, *, what: str, check: bool = True, forget: bool = True) -> None:
+    """The one way passes re-infer shapes, strictly, in place (`infer_shapes`). ``forget``: drop
+    every intermediate shape first (graph inputs and outputs keep theirs) — after edits that
+    change shapes; False: keep the known ones and infer those of new tensors — after edits that
+    only add tensors. A graph that does not infer raises `PassError` "``what``: <why>"."""
+    from .errors import PassError
+
+    g = graph.gs
+    boundary = set(map(id, g.inputs)) | set(map(id, g.outputs))
+    for tensor in g.tensors().values() if forget else ():
+        if isinstance(tensor, gs.Variable) and id(tensor) not in boundary:
+            tensor.shape = None
+    try:
+        infer_shapes(g, check=check, keep_known=not forget)
+    except Exception as err:
+        raise PassError(f"{what}: {' '.join(str(err).split())[:400]}", file=graph.source) from None
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | None = None) -> Path:

@@ -316,7 +316,7 @@ def test_user_profile_drives_mps():
                    a_precisions=(8,))
     model.eval()  # the argmax precisions: 8 bits at the initial logits
     eight = float(model.cost.detach())
-    logits = {layer["node"]: layer["alpha"] for layer in model.info["layers"]}["/conv2/Conv"]
+    logits = {layer.node: layer.alpha for layer in model.info.layers}["/conv2/Conv"]
     with torch.no_grad():
         alpha = model.tensor(logits)
         alpha.zero_()

@@ -74,7 +74,7 @@ def _check_qdq_bit_widths(model: po.MPS, exported: po.Graph) -> None:
         assert dq.op == "DequantizeLinear"
         ints = np.asarray(dq.inputs[0].values).astype(np.int64)
         info = model._layers[layer]
-        moved = np.moveaxis(ints, info["axis"], 0).reshape(ints.shape[info["axis"]], -1)  # [C, ...]
+        moved = np.moveaxis(ints, info.axis, 0).reshape(ints.shape[info.axis], -1)  # [C, ...]
         per_channel = np.broadcast_to(np.asarray(weight_bits), (moved.shape[0],))
         for c, bits in enumerate(per_channel):
             if bits == 0:
@@ -452,8 +452,8 @@ def _hand_model() -> po.Graph:
 def _choose(model: po.MPS, alpha_name: str, bits_per_entry) -> None:
     """Logits whose argmax picks ``bits_per_entry`` (one per channel, or one)."""
     layer = model._layers.get(alpha_name)
-    name = layer["alpha"] if layer else model._activations[alpha_name]["alpha"]
-    table = layer["bits"] if layer else model._activations[alpha_name]["bits"]
+    name = layer.alpha if layer else model._activations[alpha_name].alpha
+    table = layer.bits if layer else model._activations[alpha_name].bits
     alpha = model.tensor(name)
     values = torch.zeros_like(alpha)
     for c, b in enumerate(np.atleast_1d(bits_per_entry)):
@@ -611,7 +611,7 @@ def test_conv_transpose_per_channel_and_grouped_per_layer(group):
     layer = model._layers["deconv"]
     # Output channels sit on axis 1 of a ConvTranspose weight; a grouped one falls back to one
     # precision and scale per layer, without the 0-bit choice (that would remove the layer).
-    assert (layer["axis"], layer["per_channel"], 0 in layer["bits"]) == ((1, True, True) if group == 1 else (-1, False, False))
+    assert (layer.axis, layer.per_channel, 0 in layer.bits) == ((1, True, True) if group == 1 else (-1, False, False))
     feeds = random_inputs(graph, batch=2)
     model.calibrate(*_tensors(feeds))
     _randomize_logits(model, 3)
@@ -645,22 +645,22 @@ def test_zero_bit_channels_are_sliced_out(name):
         nodes = {n.name: n for n in exported.nodes}
         for layer, info in model._layers.items():  # every layer keeps what it did not lose
             weight = weight_source(nodes[layer].inputs[1])
-            assert np.shape(weight.values)[info["axis"]] == info["channels"] - len(stored[layer]["removed_channels"])
-        for group in model.info["groups"]:
-            removed = set(stored[group["producers"][0]["node"]]["removed_channels"])
-            zero = [chosen[p["node"]] == 0 for p in group["producers"]]
-            dw_zero = [chosen[dw] == 0 for dw in group["depthwise"]]
+            assert np.shape(weight.values)[info.axis] == info.channels - len(stored[layer]["removed_channels"])
+        for group in model.info.groups:
+            removed = set(stored[group.producers[0].node]["removed_channels"])
+            zero = [chosen[p.node] == 0 for p in group.producers]
+            dw_zero = [chosen[dw] == 0 for dw in group.depthwise]
             assert removed <= set(np.flatnonzero(np.logical_or.reduce(zero + dw_zero)))
-            for dw in dw_zero if len(group["producers"]) == len(group["consumers"]) == 1 else []:
+            for dw in dw_zero if len(group.producers) == len(group.consumers) == 1 else []:
                 # producer → depthwise → consumer: a 0-bit depthwise channel is 0 whatever comes in
-                assert set(np.flatnonzero(dw)) <= removed | {group["size"] - 1}
+                assert set(np.flatnonzero(dw)) <= removed | {group.size - 1}
             if name in _CHAINS:
                 wanted = np.flatnonzero(np.logical_and.reduce(zero))
-                assert removed == set(wanted[:group["size"] - 1].tolist())
-                for consumer in group["consumers"]:
-                    width = original[consumer["node"]].inputs[1].shape[consumer["axis"]]
-                    got_width = np.shape(weight_source(nodes[consumer["node"]].inputs[1]).values)[consumer["axis"]]
-                    assert got_width == width - len(removed) * consumer["inner"]
+                assert removed == set(wanted[:group.size - 1].tolist())
+                for consumer in group.consumers:
+                    width = original[consumer.node].inputs[1].shape[consumer.axis]
+                    got_width = np.shape(weight_source(nodes[consumer.node].inputs[1]).values)[consumer.axis]
+                    assert got_width == width - len(removed) * consumer.inner
     assert sum(len(e["removed_channels"]) for e in stored.values()) > 0
 
 

@@ -114,8 +114,8 @@ def _init(name, shape, seed=0):
 
 
 def _set_alpha(model: po.PIT, producer: str, keep: list[int]) -> None:
-    group = next(g for g in model.info["groups"] if g["producers"][0]["node"] == producer)
-    alpha = model.tensor(group["alpha"])
+    group = next(g for g in model.info.groups if g.producers[0].node == producer)
+    alpha = model.tensor(group.alpha[0])
     values = torch.full_like(alpha, 0.1)
     values[keep] = 1.0
     values[-1] = 1.0 if (alpha.numel() - 1) in keep else 0.1  # keep-alive ignores the value
@@ -175,10 +175,10 @@ def test_cost_residual_group_and_dilated_conv1d_by_hand():
     assert len(residual) == 1 and {p.node for p in residual[0].producers} == {"c1", "c2"}
     model = po.PIT(graph)
     _set_alpha(model, "c1", keep=[0, 3])  # shared by c1 and c2: 2 of 6 (channel 5 kept alive)
-    entry = model.info["time"][0]
-    assert entry["node"] == "c1" and entry["kernel"] == 3
+    entry = model.info.time[0]
+    assert entry.node == "c1" and entry.kernel == 3
     with torch.no_grad():  # drop the oldest tap: kernel 2 (taps 1, 2), dilation 2
-        model.tensor(entry["beta"]).copy_(torch.tensor([0.1, 1.0, 1.0]))
+        model.tensor(entry.beta).copy_(torch.tensor([0.1, 1.0, 1.0]))
     c = 3  # kept channels 0, 3, 5
     params = c * (4 * 2) + c + c * 4 + 3 * c
     macs = (c * 4 * 2 + c * 4 + 3 * c) * 32
@@ -257,7 +257,7 @@ def test_channel_shuffle_prunes_through_a_permutation():
     feeds = random_inputs(graph, batch=2, seed=2)
     reference = run_ort(graph.to_onnx(), feeds)[0]
     model = po.PIT(graph)
-    assert len(model.info["groups"]) == 2
+    assert len(model.info.groups) == 2
     # All kept: the export is the original graph again, shuffle spelled as before.
     unpruned = model.export()
     assert [n.op for n in unpruned.nodes] == [n.op for n in graph.nodes]
@@ -309,10 +309,10 @@ def test_masks_get_straight_through_gradients():
 def test_include_exclude_and_threshold_options():
     everything = po.PIT(MODELS / "resnet8.onnx")
     only_stack3 = po.PIT(MODELS / "resnet8.onnx", include=["/stack3/*"])
-    assert 0 < len(only_stack3.info["groups"]) < len(everything.info["groups"])
-    assert all(p["node"].startswith("/stack3/") for g in only_stack3.info["groups"] for p in g["producers"])
+    assert 0 < len(only_stack3.info.groups) < len(everything.info.groups)
+    assert all(p.node.startswith("/stack3/") for g in only_stack3.info.groups for p in g.producers)
     no_first = po.PIT(MODELS / "resnet8.onnx", exclude=["/conv/Conv"])
-    assert len(no_first.info["groups"]) == len(everything.info["groups"]) - 1
+    assert len(no_first.info.groups) == len(everything.info.groups) - 1
     strict = po.PIT(MODELS / "digits_cnn.onnx", threshold=0.9)
     with torch.no_grad():
         for p in strict.nas_parameters():
@@ -339,10 +339,10 @@ def test_summary_and_unprunable_reasons_are_reported():
     model = po.PIT(MODELS / "transformer_tiny.onnx")
     text = model.summary()
     assert "ff1" in text and "total" in text
-    reasons = " ".join(s["reason"] for s in model.info["skipped"])
+    reasons = " ".join(s.reason for s in model.info.skipped)
     assert "LayerNormalization" in reasons or "graph output" in reasons
     # The two FFN hidden widths and the two attention blocks' heads.
-    assert sorted(g["size"] for g in model.info["groups"]) == [4, 4, 96, 96]
+    assert sorted(g.size for g in model.info.groups) == [4, 4, 96, 96]
 
 
 @pytest.mark.parametrize("kernel", [3, 4, 5])
@@ -407,10 +407,10 @@ def _split_model(cut: str) -> onnx.ModelProto:
 def _set_atoms(model: po.PIT, producer: str, keep: list[int]) -> None:
     """Keep exactly ``keep`` of a group whose mask has one parameter per atom (each atom keeps its
     last channel alive, so ``keep`` must hold every atom's last channel)."""
-    group = next(g for g in model.info["groups"] if producer in {p["node"] for p in g["producers"]})
-    assert all(atom[-1] in keep for atom in group["atoms"])
+    group = next(g for g in model.info.groups if producer in {p.node for p in g.producers})
+    assert all(atom[-1] in keep for atom in group.atoms)
     with torch.no_grad():
-        for name, atom in zip(group["alpha"], group["atoms"]):
+        for name, atom in zip(group.alpha, group.atoms):
             model.tensor(name).copy_(torch.tensor([1.0 if c in keep else 0.1 for c in atom]))
 
 
@@ -418,11 +418,11 @@ def _set_atoms(model: po.PIT, producer: str, keep: list[int]) -> None:
 def test_split_and_concat_added_to_a_layer_prune_by_parts(cut):
     graph = po.load(_split_model(cut))
     model = po.PIT(graph)
-    groups = {p["node"]: g for g in model.info["groups"] for p in g["producers"]}
+    groups = {p.node: g for g in model.info.groups for p in g.producers}
     # A's channels are cut 3 | 5; B, C (concatenated) and D share one group of 8, in parts 4 | 4.
-    assert groups["A"]["atoms"] == [[0, 1, 2], [3, 4, 5, 6, 7]]
-    assert {p["node"] for p in groups["B"]["producers"]} == {"B", "C", "D"}
-    assert groups["B"]["atoms"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert groups["A"].atoms == [[0, 1, 2], [3, 4, 5, 6, 7]]
+    assert {p.node for p in groups["B"].producers} == {"B", "C", "D"}
+    assert groups["B"].atoms == [[0, 1, 2, 3], [4, 5, 6, 7]]
     keep_a, keep_s = [0, 2, 4, 7], [3, 5, 7]      # B keeps 1 output, C 2, D 3
     _set_atoms(model, "A", keep_a)
     _set_atoms(model, "B", keep_s)
@@ -474,14 +474,14 @@ def _attention_model() -> onnx.ModelProto:
 def test_attention_heads_prune_whole_by_hand():
     graph = po.load(_attention_model())
     model = po.PIT(graph)
-    (group,) = model.info["groups"]
-    assert group["size"] == 2 and {p["node"] for p in group["producers"]} == {"q", "k", "v"}
+    (group,) = model.info.groups
+    assert group.size == 2 and {p.node for p in group.producers} == {"q", "k", "v"}
     full_params = 3 * (8 * 8 + 8) + 8 * 6
     full_macs = 3 * 8 * 8 * 5 + 2 * (4 * 5 * 2 * 5) + 8 * 6 * 5
     with torch.no_grad():
         assert float(model.cost_of("params")) == full_params
         assert float(model.cost_of("macs")) == full_macs
-        model.tensor(group["alpha"]).copy_(torch.tensor([0.1, 1.0]))   # drop head 0
+        model.tensor(group.alpha[0]).copy_(torch.tensor([0.1, 1.0]))   # drop head 0
     params = 3 * (8 * 4 + 4) + 4 * 6
     macs = 3 * 8 * 4 * 5 + 2 * (4 * 5 * 5) + 4 * 6 * 5
     with torch.no_grad():
@@ -603,7 +603,7 @@ def test_cost_reuses_the_forward_masks_only_while_they_are_current(monkeypatch):
     with torch.no_grad():
         expected = float(model.cost)
         assert len(calls) == 1  # still current
-        model.tensor(model.info["groups"][0]["alpha"]).fill_(0.1)  # prune all but the kept-alive channel
+        model.tensor(model.info.groups[0].alpha[0]).fill_(0.1)  # prune all but the kept-alive channel
         after = float(model.cost)
     assert len(calls) == 2 and after < expected
     reference = _unfused_twin(model.graph)
@@ -716,7 +716,7 @@ def test_packed_masks_read_write_and_sync_by_onnx_name():
     packed = list(model.nas_parameters())
     assert len(packed) == 1 and packed[0].numel() == sum(
         model.tensor(n).numel() for n in model.module.initializer_names.values() if model._is_nas_parameter(n))
-    name = model.info["groups"][0]["alpha"]
+    name = model.info.groups[0].alpha[0]
     with torch.no_grad():
         model.tensor(name).fill_(0.25)
     assert np.all(np.asarray(model.searchable_graph().initializers()[name].values) == 0.25)

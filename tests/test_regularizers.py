@@ -55,8 +55,8 @@ def _pit(**options) -> po.PIT:
 
 def _keep_two(model: po.PIT) -> None:
     """A's mask: channels 0 and 7 kept (7, the last, is kept alive whatever its value)."""
-    (group,) = model.info["groups"]
-    alpha = model.tensor(group["alpha"])
+    (group,) = model.info.groups
+    alpha = model.tensor(group.alpha[0])
     with torch.no_grad():
         alpha.fill_(0.1)
         alpha[0] = 1.0
@@ -186,11 +186,11 @@ def test_constraint_on_mps_and_supernet_reaches_their_parameters():
     mps = po.MPS(_hand_graph(), cost={"size": "size"}, per_channel=False)
     mps.eval()
     for node, bits in (("A", 4), ("G", 2)):
-        name = mps._layers[node]["alpha"]
+        name = mps._layers[node].alpha
         with torch.no_grad():
             logits = mps.tensor(name)
             logits.fill_(-5.0)
-            logits[mps._layers[node]["bits"].index(bits)] = 5.0
+            logits[mps._layers[node].bits.index(bits)] = 5.0
     # bytes: A's 216 weights at 4 bits, G's 2048 at 2, float32 biases (8 + 4)
     size = (216 * 4 + 2048 * 2 + 12 * 32) / 8
     reg = Constraint({"size": 500.0}, strength=4.0)

@@ -69,7 +69,7 @@ def test_mps_and_supernet_share_the_temperature_api():
     with pytest.raises(SettingError):
         supernet.set_sampling("soft_max")
     supernet.set_sampling("soft")
-    assert supernet.info["sampling"] == "softmax"
+    assert supernet.info.sampling == "softmax"
 
 
 def test_checkpoints_with_the_former_spelling_resume():

@@ -25,8 +25,8 @@ def test_pit_enforce_prunes_the_smallest_masks_down_to_the_target():
     model = po.PIT(DIGITS)
     with torch.no_grad():
         full = float(model.cost_of("params"))
-        for group in model.info["groups"]:       # distinct mask values: a defined pruning order
-            alpha = model.tensor(group["alpha"])
+        for group in model.info.groups:       # distinct mask values: a defined pruning order
+            alpha = model.tensor(group.alpha[0])
             alpha.copy_(torch.linspace(0.6, 1.0, alpha.numel()))
     assert model.enforce_target("params", 0.5 * full)
     with torch.no_grad():
@@ -42,7 +42,7 @@ def test_pit_restore_re_keeps_the_most_marginal_channels_up_to_the_floor():
     with torch.no_grad():
         full = float(model.cost_of("params"))
         before = model.architecture_snapshot()
-        name = model.info["groups"][0]["alpha"]
+        name = model.info.groups[0].alpha[0]
         alpha = model.tensor(name)
         alpha[:4] = torch.tensor([0.1, 0.45, 0.3, 0.2])   # a step pruned four channels
         pruned = float(model.cost_of("params"))

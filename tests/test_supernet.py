@@ -32,7 +32,7 @@ def _random_logits(model: po.SuperNet, seed: int = 0) -> None:
 
 def _pick(model: po.SuperNet, choice: str, branch: str) -> None:
     entry = model._choice(choice)
-    index = [b["name"] for b in entry["branches"]].index(branch)
+    index = [b.name for b in entry.branches].index(branch)
     with torch.no_grad():
         logits = model.logits(choice)
         logits.fill_(-20.0)
@@ -40,14 +40,14 @@ def _pick(model: po.SuperNet, choice: str, branch: str) -> None:
 
 
 def _names(model: po.SuperNet, choice: str) -> list[str]:
-    return [b["name"] for b in model._choice(choice)["branches"]]
+    return [b.name for b in model._choice(choice).branches]
 
 
 @pytest.mark.parametrize("name", ZOO_NAMES)
 def test_zoo_random_logits_export_matches_hard_eval(name):
     graph = po.load(MODELS / f"{name}.onnx")
     model = po.SuperNet(graph)
-    assert model.info["choices"], "the default menu searches something in every zoo model"
+    assert model.info.choices, "the default menu searches something in every zoo model"
     _random_logits(model, seed=1)
     model.eval()
     feeds = random_inputs(graph, batch=2, seed=1)
@@ -317,16 +317,16 @@ def test_enforce_reaches_a_target_and_summary_reports():
     assert po.cost.total(model.export()) <= 0.5 * full
     text = model.summary()
     assert "chosen" in text and "/stack1/conv1/Conv" in text and "total" in text
-    assert set(model.architecture()["choices"]) == {c["name"] for c in model.info["choices"]}
+    assert set(model.architecture()["choices"]) == {c.name for c in model.info.choices}
     assert isinstance(build_searchable(po.load(MODELS / "tcn.onnx"), "macs", menu={"kernels": [3]}), po.SuperNet)
 
 
 def test_menu_include_exclude_and_op_types():
     only_fc = po.SuperNet(MODELS / "digits_cnn.onnx", op_types=["Gemm"])
-    assert [c["name"] for c in only_fc.info["choices"]] == ["/fc1/Gemm", "/fc2/Gemm"]
+    assert [c.name for c in only_fc.info.choices] == ["/fc1/Gemm", "/fc2/Gemm"]
     some = po.SuperNet(MODELS / "digits_cnn.onnx", include=["/conv*"], exclude=["/conv1/*"],
                        menu={"kernels": [5], "separable": False, "groups": [], "identity": False})
-    assert {c["name"]: _names(some, c["name"]) for c in some.info["choices"]} == {
+    assert {c.name: _names(some, c.name) for c in some.info.choices} == {
         "/conv2/Conv": ["original", "kernel5"], "/conv3/Conv": ["original", "kernel5"]}
     # dscnn's 10x4 first conv (pads 5,1) cannot shrink to 1x1 without negative padding.
     dscnn = po.SuperNet(MODELS / "dscnn.onnx", include=["/conv1/Conv"])
@@ -392,7 +392,7 @@ def test_spec_file_with_paths_and_builtins(tmp_path):
     model = po.SuperNet(graph, spec=tmp_path / "supernet.json")
     assert _names(model, "ar") == ["original", "wide"]          # a region is named after its output
     assert _names(model, "G") == ["original", "rank2", "rank1"]  # 0.5 of min(384, 5) = 2 (rounded)
-    assert model.info["sampling"] == "hard" and model.temperature == 2.0
+    assert model.info.sampling == "hard" and model.temperature == 2.0
     _random_logits(model, seed=2)
     model.eval()
     feeds = random_inputs(graph, batch=2)
@@ -449,9 +449,9 @@ def _random_architecture(model: po.SuperNet, seed: int = 0, below: float = 0.4) 
 def _keep(model: po.SuperNet, producer: str, kept: int) -> None:
     """Keep exactly ``kept`` channels of the PIT group ``producer`` writes (the last ones: PIT
     always keeps the last channel alive)."""
-    group = next(g for g in model.pit.info["groups"] if producer in [p["node"] for p in g["producers"]])
+    group = next(g for g in model.pit.info.groups if producer in [p.node for p in g.producers])
     with torch.no_grad():
-        alpha = model.tensor(group["alpha"])
+        alpha = model.tensor(group.alpha[0])
         alpha.fill_(0.2)
         alpha[alpha.numel() - kept:] = 1.0
 
@@ -479,7 +479,7 @@ def test_supernet_pit_cost_is_the_softmax_weighted_pruned_branch_cost_by_hand():
     assert _names(model, "A") == ["original", "rank3", "kernel1"]
     # One group couples the three branches' outputs (united at the Choice) and B's input; the
     # low-rank pair has its own inner group; B's output is read by G; G feeds the graph output.
-    groups = {frozenset(p["node"] for p in g["producers"]): g["size"] for g in model.pit.info["groups"]}
+    groups = {frozenset(p.node for p in g.producers): g.size for g in model.pit.info.groups}
     assert groups == {frozenset({"A", "A/supernet/rank3/expand", "A/supernet/kernel1/Conv"}): 6,
                       frozenset({"A/supernet/rank3/reduce"}): 3, frozenset({"B"}): 5}
     k_a, k_r, k_b = 4, 2, 3   # kept: A's united group, the rank branch's inner group, B's output
@@ -531,7 +531,7 @@ def test_supernet_pit_cost_is_the_softmax_weighted_pruned_branch_cost_by_hand():
 def test_zoo_supernet_pit_random_architecture_export_matches(name):
     graph = po.load(MODELS / f"{name}.onnx")
     model = po.SuperNet(graph, pit=True)
-    assert model.pit is not None and model.pit.info["groups"]
+    assert model.pit is not None and model.pit.info.groups
     _random_architecture(model, seed=0)
     model.eval()
     feeds = random_inputs(graph, batch=2, seed=0)
@@ -554,7 +554,7 @@ def test_zoo_supernet_pit_random_architecture_export_matches(name):
 def test_supernet_pit_checkpoint_options_and_refusals(tmp_path):
     graph = po.load(MODELS / "digits_cnn.onnx")
     model = po.SuperNet(graph, pit={"exclude": ["/fc1/*"]}, cost="macs")
-    assert not any(g["producers"][0]["node"].startswith("/fc1/") for g in model.pit.info["groups"])
+    assert not any(g.producers[0].node.startswith("/fc1/") for g in model.pit.info.groups)
     def held(parameters) -> set[str]:
         parameters = list(parameters)
         return {n for _, p, names in model.module.parameter_initializers() if any(p is q for q in parameters)

@@ -17,18 +17,18 @@ stores, so the same functions cost a deployable file.
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 
 from .models import _weights, macs
+from ..records import BitWidths
 from .spec import LayerSpec, layer_specs
 
 FLOAT_BITS = 32
 BIAS_BITS = 32
 #: Where `plinio_onnx.passes.quantize` writes the chosen bit-widths of an exported model.
-BITS_METADATA_KEY = "mps.bit_widths"
+BITS_METADATA_KEY = BitWidths.KEY
 
 
 def _bits(value: Any) -> Any:
@@ -74,15 +74,16 @@ def quantized_specs(graph) -> list[LayerSpec]:
 
     Quantized weights (``DequantizeLinear`` / QONNX ``Quant`` of constants) are read as the
     constants they compute, so every layer is found with its static shape."""
-    chosen = json.loads(graph.metadata.get(BITS_METADATA_KEY, "{}")).get("layers", {})
+    record = BitWidths.of(graph)
+    chosen = record.layers if record is not None else {}
     specs = layer_specs(_constant_weights(graph))
     out = []
     for spec in specs:
         entry = chosen.get(spec.name)
         if entry is not None:
-            weight_bits = float(np.mean(entry["weight_bits"]))
+            weight_bits = float(np.mean(entry.weight_bits))
             spec = spec.with_(weight_bits=int(weight_bits) if weight_bits.is_integer() else weight_bits,
-                              input_bits=int(entry["input_bits"]))
+                              input_bits=int(entry.input_bits))
         out.append(spec)
     return out
 

@@ -40,20 +40,13 @@ def channel_keep(alpha: np.ndarray, threshold: float) -> np.ndarray:
     return np.flatnonzero(keep_alive(alpha) > threshold)
 
 
-def alpha_names(group: dict) -> list[str]:
-    """The mask parameters of a PIT group record: one, or one per atom."""
-    alpha = group["alpha"]
-    return [alpha] if isinstance(alpha, str) else list(alpha)
-
-
-def group_keep(values_of, group: dict, threshold: float) -> np.ndarray:
-    """Kept channels of a PIT group record: its one mask parameter, or one per atom (a group
-    whose layers hold parts of it; see `plinio_onnx.analysis.ChannelGroup.atoms`).
-    ``values_of(name)`` reads a parameter's values."""
-    alpha = group["alpha"]
-    if isinstance(alpha, str):
-        return channel_keep(values_of(alpha), threshold)
-    kept = [np.asarray(atom)[channel_keep(values_of(name), threshold)] for name, atom in zip(alpha, group["atoms"])]
+def group_keep(values_of, group, threshold: float) -> np.ndarray:
+    """Kept channels of a PIT group record (`plinio_onnx.records.GroupRecord`): its one mask
+    parameter, or one per atom (a group whose layers hold parts of it; see
+    `plinio_onnx.analysis.ChannelGroup.atoms`). ``values_of(name)`` reads a parameter's values."""
+    if not group.atoms:
+        return channel_keep(values_of(group.alpha[0]), threshold)
+    kept = [np.asarray(atom)[channel_keep(values_of(name), threshold)] for name, atom in zip(group.alpha, group.atoms)]
     return np.sort(np.concatenate(kept))
 
 

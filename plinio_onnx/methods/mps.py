@@ -11,7 +11,6 @@ cost then sees both (pruned channels and their bit-widths).
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
 
@@ -21,19 +20,17 @@ import torch
 
 from plinio_onnx.functions import mps as fn
 from plinio_onnx.functions import relaxation
-from plinio_onnx.passes.mps import DEFAULT_PRECISIONS, LAYER_OPS, METADATA_KEY, TEMPERATURE, fold_batchnorm, mps
-from plinio_onnx.passes.pit import METADATA_KEY as PIT_METADATA_KEY
+from plinio_onnx.passes.mps import DEFAULT_PRECISIONS, LAYER_OPS, TEMPERATURE, fold_batchnorm, mps
 from plinio_onnx.passes.pit import pit as pit_pass
+from plinio_onnx.records import MPSRecord, PITRecord
 
 from ..cost import LayerSpec
 from ..errors import PlinioOnnxError
 from ..graph import Graph
 from ..to_torch.fuse_pit_masks import fuse_pit_masks
-from .pit import PIT_SUFFIXES
 from .pit_channels import PITChannels
 from .searchable import CostFn, SearchableModel, as_graph
 
-_MPS_SUFFIXES = (".mps_w_alpha", ".mps_a_alpha")
 METHODS = ("mps", "qat", "pit+mps")
 
 
@@ -66,8 +63,8 @@ class MPS(relaxation.Annealed, SearchableModel):
                  exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
                  clip_init: float = 6.0, fold_bn: bool = True, pit: "bool | dict" = False) -> None:
         graph = as_graph(model)
-        if METADATA_KEY not in graph.metadata:
-            if pit and PIT_METADATA_KEY not in graph.metadata:
+        if not MPSRecord.present(graph):
+            if pit and not PITRecord.present(graph):
                 if fold_bn:
                     fold_batchnorm(graph)
                 options = dict(pit) if isinstance(pit, dict) else {}
@@ -80,22 +77,21 @@ class MPS(relaxation.Annealed, SearchableModel):
                         weight_scale=weight_scale, zero_bit=zero_bit, sampling=sampling,
                         temperature=temperature, include=include, exclude=exclude, op_types=op_types,
                         clip_init=clip_init, fold_bn=fold_bn)
-        has_pit = PIT_METADATA_KEY in graph.metadata
         super().__init__(graph, cost)
-        self.info = json.loads(graph.metadata[METADATA_KEY])
-        self.sampling = relaxation.sampling_mode(self.info["sampling"])
-        self._layers = {layer["node"]: layer for layer in self.info["layers"]}
-        self._activations = {act["tensor"]: act for act in self.info["activations"]}
-        self.pit = PITChannels(self.module, json.loads(graph.metadata[PIT_METADATA_KEY])) if has_pit else None
+        self.info = MPSRecord.of(graph)
+        self.sampling = relaxation.sampling_mode(self.info.sampling)
+        self._layers = {layer.node: layer for layer in self.info.layers}
+        self._activations = {act.tensor: act for act in self.info.activations}
+        pit_record = PITRecord.of(graph)
+        self.pit = PITChannels(self.module, pit_record) if pit_record is not None else None
+        self._nas_names = frozenset(self.info.logits() + (pit_record.mask_parameters() if pit_record else []))
         self.relaxation_temperature = relaxation.Temperature(
             self.tensor, [TEMPERATURE] if TEMPERATURE in self._onnx_to_attr else [], float("nan"))
         self._quantizers = {name: module for name, module in self.module.named_modules()
                             if isinstance(module, fn.ActQuantizer)}
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
-        if onnx_name.endswith(_MPS_SUFFIXES):
-            return True
-        return self.pit is not None and onnx_name.endswith(PIT_SUFFIXES)
+        return onnx_name in self._nas_names
 
     def freeze(self) -> None:
         """Fix the current argmax precisions for fine-tuning: training then runs exactly the
@@ -125,7 +121,7 @@ class MPS(relaxation.Annealed, SearchableModel):
                 q.calibrating = False
             self.train(was_training)
         result = {}
-        by_clip = {id(self.tensor(act["clip"])): act for act in self.info["activations"]}
+        by_clip = {id(self.tensor(act.clip)): act for act in self.info.activations}
         for q in self._quantizers.values():
             act = by_clip.get(q.clip_id)
             if act is None or not q.observed:
@@ -135,13 +131,13 @@ class MPS(relaxation.Annealed, SearchableModel):
             top = float(x.abs().max()) if q.signed else float(x.clamp_min(0).max())
             if top <= 0:
                 continue
-            clip = self.tensor(act["clip"])
+            clip = self.tensor(act.clip)
             for p, bits in enumerate(q.bits):
                 candidates = torch.linspace(top / grid, top, grid)
                 errors = [float(((fn.act_fake_quant(x, c.reshape(1), bits, q.signed)[0] - x) ** 2).mean())
                           for c in candidates]
                 clip[p] = candidates[int(np.argmin(errors))]
-            result[act["tensor"]] = clip.tolist()
+            result[act.tensor] = clip.tolist()
         return result
 
     # -- effective precisions -----------------------------------------------------------------
@@ -154,8 +150,8 @@ class MPS(relaxation.Annealed, SearchableModel):
         layer = self._layers.get(node)
         if layer is None:
             return None
-        table = torch.tensor(layer["bits"], dtype=torch.float64)
-        theta = self._theta(self.tensor(layer["alpha"])).to(torch.float64)
+        table = torch.tensor(layer.bits, dtype=torch.float64)
+        theta = self._theta(self.tensor(layer.alpha)).to(torch.float64)
         expected = (theta * (table[:, None] if theta.dim() == 2 else table)).sum(0)
         if expected.dim() == 0:
             return expected
@@ -170,9 +166,9 @@ class MPS(relaxation.Annealed, SearchableModel):
         layer = self._layers.get(node)
         if layer is None:
             return None
-        act = self._activations[layer["activation"]]
-        table = torch.tensor(act["bits"], dtype=torch.float64)
-        return (self._theta(self.tensor(act["alpha"])).to(torch.float64) * table).sum()
+        act = self._activations[layer.activation]
+        table = torch.tensor(act.bits, dtype=torch.float64)
+        return (self._theta(self.tensor(act.alpha)).to(torch.float64) * table).sum()
 
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:
         if self.pit is not None:
@@ -187,11 +183,11 @@ class MPS(relaxation.Annealed, SearchableModel):
         """The argmax architecture: per layer, weight bits (int or per-channel list) and input bits."""
         out = {}
         for node, layer in self._layers.items():
-            bits = fn.chosen_weight_bits(self.tensor(layer["alpha"]).cpu().numpy(), layer["bits"])
-            act = self._activations[layer["activation"]]
-            a_bits = int(np.asarray(act["bits"])[int(np.argmax(self.tensor(act["alpha"]).cpu().numpy()))])
+            bits = fn.chosen_weight_bits(self.tensor(layer.alpha).cpu().numpy(), layer.bits)
+            act = self._activations[layer.activation]
+            a_bits = int(np.asarray(act.bits)[int(np.argmax(self.tensor(act.alpha).cpu().numpy()))])
             out[node] = {"weight_bits": bits.tolist() if np.ndim(bits) else int(bits), "input_bits": a_bits,
-                         "input_signed": bool(act["signed"])}
+                         "input_signed": bool(act.signed)}
         return out
 
     def architecture(self) -> dict:
@@ -241,9 +237,9 @@ class MPS(relaxation.Annealed, SearchableModel):
             self.train(was_training)
         buffer = StringIO()
         Console(file=buffer, width=140).print(table)
-        skipped = self.info["skipped"]
+        skipped = self.info.skipped
         if skipped:
-            buffer.write("not quantized: " + "; ".join(f"{s['node']} ({s['reason']})" for s in skipped[:20]) + "\n")
+            buffer.write("not quantized: " + "; ".join(f"{s.node} ({s.reason})" for s in skipped[:20]) + "\n")
         buffer.write(f"temperature {self.temperature:g}, sampling {self.sampling}\n")
         return buffer.getvalue()
 
@@ -261,7 +257,7 @@ class MPS(relaxation.Annealed, SearchableModel):
 
     @classmethod
     def search_metadata_keys(cls, **options) -> tuple[str, ...]:
-        return (METADATA_KEY,)
+        return (MPSRecord.KEY,)
 
     @property
     def nas_lr_floor(self) -> float:

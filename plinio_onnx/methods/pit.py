@@ -6,15 +6,15 @@
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Iterable
 
-import onnx
 import numpy as np
+import onnx
 import torch
 
-from plinio_onnx.passes.pit import LAYER_OPS, MASKS, METADATA_KEY, pit
+from plinio_onnx.passes.pit import LAYER_OPS, MASKS, pit
+from plinio_onnx.records import PITRecord
 
 from ..cost import LayerSpec, macs, params
 from ..graph import Graph
@@ -23,8 +23,6 @@ from .pit_channels import PITChannels
 from .pit_edits import PITMaskEdits
 from .searchable import CostFn, SearchableModel, as_graph, as_int, layer_table, render_summary
 
-#: Name suffixes of PIT's mask parameters (channels, receptive field, dilation).
-PIT_SUFFIXES = (".pit_alpha", ".pit_beta", ".pit_gamma")
 
 
 class PIT(SearchableModel):
@@ -48,14 +46,15 @@ class PIT(SearchableModel):
                  exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
                  masks: Iterable[str] = MASKS, threshold: float = 0.5, discrete_cost: bool = True) -> None:
         graph = as_graph(model)
-        if METADATA_KEY not in graph.metadata:
+        if not PITRecord.present(graph):
             graph = pit(graph, include=include, exclude=exclude, op_types=op_types, masks=masks,
                         threshold=threshold)
         super().__init__(graph, cost)
-        self.pit = PITChannels(self.module, json.loads(graph.metadata[METADATA_KEY]), discrete_cost)
+        self.pit = PITChannels(self.module, PITRecord.of(graph), discrete_cost)
+        self._nas_names = frozenset(self.info.mask_parameters())
 
     @property
-    def info(self) -> dict:
+    def info(self) -> PITRecord:
         """The PIT record of the searchable graph (groups, masks, layers)."""
         return self.pit.info
 
@@ -78,7 +77,7 @@ class PIT(SearchableModel):
         self.pit.discrete_cost = bool(value)
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
-        return onnx_name.endswith(PIT_SUFFIXES)
+        return onnx_name in self._nas_names
 
     # -- effective sizes ----------------------------------------------------------------------
     def cost_of(self, cost: "CostFn | str") -> torch.Tensor:
@@ -107,7 +106,7 @@ class PIT(SearchableModel):
     # -- search hooks (`SearchHooks`: what `plinio_onnx.optimize` asks) -----------------------
     @classmethod
     def search_metadata_keys(cls, **options) -> tuple[str, ...]:
-        return (METADATA_KEY,)
+        return (PITRecord.KEY,)
 
     def architecture(self) -> dict:
         """A JSON-able description of the chosen architecture: kept/total channels per group."""
@@ -141,4 +140,4 @@ class PIT(SearchableModel):
                              f"{as_int(params(eff)):,}", f"{as_int(macs(eff)):,}"))
             total = (f"{as_int(self.cost_of('params')):,}", f"{as_int(self.cost_of('macs')):,}")
         table = layer_table("PIT architecture", rows, total)
-        return render_summary(table, [f"{s['group']} ({s['reason']})" for s in self.info["skipped"]])
+        return render_summary(table, [f"{s.group} ({s.reason})" for s in self.info.skipped])

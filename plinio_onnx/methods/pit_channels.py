@@ -13,7 +13,8 @@ import torch
 
 from ..cost import LayerSpec
 from ..functions import pit as fn
-from ..functions.pit_keep import alpha_names, group_keep, kernel_plan
+from ..functions.pit_keep import group_keep, kernel_plan
+from ..records import GroupedConv, GroupRecord, PITRecord, TimeMaskRecord
 from ..to_torch import OnnxModule
 from ..to_torch.pit_counts import count_plan, counts
 from ..to_torch.pit_masks import PITMasks
@@ -73,15 +74,10 @@ class SymbolicCounting(Counting):
 DIRECT = Counting()
 
 
-def group_name(group: dict) -> str:
-    """A PIT group record's name: its own, or its first producer's."""
-    return group["name"] if "name" in group else group["producers"][0]["node"]
-
-
-def _atom_orders(info: dict) -> dict[int, torch.Tensor]:
+def _atom_orders(info: PITRecord) -> dict[int, torch.Tensor]:
     """For groups with one mask parameter per atom: where each channel sits in the atoms' concatenation."""
-    return {int(g["id"]): torch.as_tensor(np.argsort(np.concatenate([np.asarray(a) for a in g["atoms"]])))
-            for g in info["groups"] if g.get("atoms")}
+    return {g.id: torch.as_tensor(np.argsort(np.concatenate([np.asarray(a) for a in g.atoms])))
+            for g in info.groups if g.atoms}
 
 
 class PITChannels:
@@ -89,15 +85,16 @@ class PITChannels:
     kernels and layer specs, kept channels, and costs. ``discrete_cost``: counts from binarized
     masks (straight-through gradients) — the exported model's — instead of continuous |θ|."""
 
-    def __init__(self, module: OnnxModule, info: dict, discrete_cost: bool = True) -> None:
+    def __init__(self, module: OnnxModule, info: PITRecord, discrete_cost: bool = True) -> None:
         self.module = module
         self.info = info
-        self.threshold = float(info["threshold"])
+        self.threshold = info.threshold
         self.discrete_cost = discrete_cost
         self._attr = {onnx_name: attr for attr, onnx_name in module.initializer_names.items()}
-        self._alpha = {int(gid): name for gid, name in info["group_alpha"].items()}
+        # A searched group's mask parameter: one name, or a list of one per atom.
+        self._alpha = {g.id: list(g.alpha) if g.atoms else g.alpha[0] for g in info.groups if g.alpha}
         self._atom_order = _atom_orders(info)
-        self._time = {entry["node"]: entry for entry in info["time"]}
+        self._time = {entry.node: entry for entry in info.time}
         self._compiled: dict = {}   # cost model -> its `CompiledCost` (None: not a polynomial)
         self._count_plans: dict = {}  # (compiled cost, threshold) -> (CountPlan, attributes)
 
@@ -108,23 +105,23 @@ class PITChannels:
     def output_group(self, node: str) -> tuple[int, list[int] | None] | None:
         """(group, its channels the layer produces — None: all) of layer ``node``'s output;
         None when no analysis group describes it."""
-        gid = self.info["layer_output"].get(node)
+        gid = self.info.layer_output.get(node)
         if gid is not None:
             return int(gid), None
-        part = self.info.get("layer_output_part", {}).get(node)
+        part = self.info.layer_output_part.get(node)
         return (int(part[0]), part[1]) if part is not None else None
 
     def mask_names(self) -> list[str]:
         """Every channel-mask parameter (ONNX name), group by group."""
-        return [name for group in self.info["groups"] for name in alpha_names(group)]
+        return [name for group in self.info.groups for name in group.alpha]
 
-    def kept(self, group: dict) -> np.ndarray:
+    def kept(self, group: GroupRecord) -> np.ndarray:
         """The kept channels of a group record (numpy indices)."""
         return group_keep(lambda name: self.tensor(name).detach().cpu().numpy(), group, self.threshold)
 
     def kept_channels(self) -> dict[str, tuple[int, int]]:
         """For every searched group (named after its first producer): (kept, total)."""
-        return {group_name(group): (int(self.kept(group).size), int(group["size"])) for group in self.info["groups"]}
+        return {group.name: (int(self.kept(group).size), int(group.size)) for group in self.info.groups}
 
     def kept_channels_record(self) -> dict[str, dict[str, int]]:
         """`kept_channels` as JSON-able records: {group: {"kept": k, "total": n}}."""
@@ -154,7 +151,7 @@ class PITChannels:
         """Effective channel count of analysis group ``gid`` (static when not searched)."""
         name = self._alpha.get(gid)
         if name is None:
-            return int(self.info["group_sizes"][gid])
+            return int(self.info.group_sizes[gid])
         if not isinstance(name, str):  # one mask parameter per atom
             return counting.per_channel(("group", gid), lambda: sum(self._count(self.tensor(n)) for n in name))
         return counting.count(("group", gid), lambda: self._count(self.tensor(name)))
@@ -188,8 +185,8 @@ class PITChannels:
             return static
         return counting.count(("kernel", node), lambda: self._kernel(node, entry))
 
-    def _kernel(self, node: str, entry: dict):
-        beta, gamma = self.tensor(entry["beta"]), self.tensor(entry["gamma"])
+    def _kernel(self, node: str, entry: TimeMaskRecord):
+        beta, gamma = self.tensor(entry.beta), self.tensor(entry.gamma)
         gamma_map = self.tensor(f"{node}.pit_gamma_map")
         if self.discrete_cost:
             taps = fn.taps(beta, gamma, gamma_map, self.threshold)
@@ -198,7 +195,7 @@ class PITChannels:
                 return counted  # every tap kept: the kernel is exported as it is
             # Value: the exported kernel (zero alignment taps included); gradient: the tap count.
             mask = taps.detach().cpu().numpy()
-            exported = len(kernel_plan(mask, entry["dilation"], tuple(entry["pads"])).taps)
+            exported = len(kernel_plan(mask, entry.dilation, tuple(entry.pads)).taps)
             return counted + (exported - counted).detach()
         # Continuous: PLiNIO's k_eff with θβ, θγ normalized per tap.
         theta_beta = torch.cumsum(fn._theta(beta), 0)
@@ -212,25 +209,24 @@ class PITChannels:
 
     def effective_spec(self, spec: LayerSpec, counting: Counting = DIRECT) -> LayerSpec:
         """``spec`` with the counts PIT's masks leave it (kept channels and taps)."""
-        inputs = self.info["layer_inputs"].get(spec.name)
+        inputs = self.info.layer_inputs.get(spec.name)
         output = self.output_group(spec.name)
-        rows = self.info.get("layer_rows", {}).get(spec.name)
+        rows = self.info.layer_rows.get(spec.name)
         changes = {}
-        if inputs:  # [group, features per channel(, channels read)]
-            changes["in_channels"] = sum(self.part(entry[0], entry[2] if len(entry) > 2 else None, counting)
-                                         * entry[1] for entry in inputs)
+        if inputs:  # (group, features per channel, channels read)
+            changes["in_channels"] = sum(self.part(gid, read, counting) * inner for gid, inner, read in inputs)
         if output is not None:
             changes["out_channels"] = self.part(*output, counting)
         elif spec.depthwise and "in_channels" in changes:
             changes["out_channels"] = changes["in_channels"]  # it carries what it reads (a Concat's parts)
         if rows and any(self._alpha.get(gid) is not None for gid, _ in rows):
             # Attention MatMuls: their rows (per head) scale with the kept heads.
-            total = sum(len(ch) if ch is not None else self.info["group_sizes"][gid] for gid, ch in rows)
+            total = sum(len(ch) if ch is not None else self.info.group_sizes[gid] for gid, ch in rows)
             kept = sum(self.part(gid, ch, counting) for gid, ch in rows)
             changes["output_positions"] = spec.output_positions // total * kept
         if spec.name in self._time:
             changes["kernel_size"] = self.kernel(spec.name, spec.kernel_size, counting)
-        grouped = self.info.get("grouped", {}).get(spec.name)
+        grouped = self.info.grouped.get(spec.name)
         if grouped is not None:
             in_channels = self._grouped_in_channels(grouped, spec, changes.get("out_channels", spec.out_channels),
                                                     counting)
@@ -238,13 +234,13 @@ class PITChannels:
                 changes["in_channels"] = in_channels
         return spec.with_(**changes) if changes else spec
 
-    def _grouped_in_channels(self, conv: dict, spec: LayerSpec, out_channels, counting: Counting):
+    def _grouped_in_channels(self, conv: GroupedConv, spec: LayerSpec, out_channels, counting: Counting):
         """A grouped Conv whose groups keep uneven counts weighs Σ_k out_k·in_k·K: the ``in_channels``
         that gives cost models (out·in/groups·K) exactly that, whatever the counts."""
-        groups = conv["groups"]
+        groups = conv.groups
         vectors = counting.vector(lambda: (
-            self._kept_vector(conv["input_groups"], conv["input_channels"]),
-            self._kept_vector([conv["output_group"]] * len(conv["output_channels"]), conv["output_channels"])))
+            self._kept_vector(conv.input_groups, conv.input_channels),
+            self._kept_vector([conv.output_group] * len(conv.output_channels), conv.output_channels)))
         kept_in, kept_out = vectors if vectors is not None else (None, None)
         if kept_in is None and kept_out is None:
             return None
@@ -329,8 +325,8 @@ class PITChannels:
         for k in keys:
             if k[0] == "kernel":
                 e = self._time[k[1]]
-                times[k] = ((attr[e["beta"]], self.tensor(e["beta"])), (attr[e["gamma"]], self.tensor(e["gamma"])),
-                            self.tensor(f"{k[1]}.pit_gamma_map"), e["dilation"], e["pads"])
+                times[k] = ((attr[e.beta], self.tensor(e.beta)), (attr[e.gamma], self.tensor(e.gamma)),
+                            self.tensor(f"{k[1]}.pit_gamma_map"), e.dilation, e.pads)
         fused = [m for m in self.module.children() if isinstance(m, PITMasks)]
         plan, attrs, positions = count_plan(fused[0] if len(fused) == 1 else None, alphas, times, self.threshold)
         return plan.with_cost(compiled.bind([positions[k] for k in keys], plan.size)), attrs

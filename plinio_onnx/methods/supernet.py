@@ -28,7 +28,6 @@ channels (the records of dropped branches are skipped). ``po.PIT(po.SuperNet(...
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -37,15 +36,14 @@ import torch
 
 from plinio_onnx.functions import relaxation
 from plinio_onnx.functions import supernet as fn
-from plinio_onnx.passes.pit import METADATA_KEY as PIT_METADATA_KEY
 from plinio_onnx.passes.pit import pit as pit_pass
-from plinio_onnx.passes.supernet import LOGITS_SUFFIX, METADATA_KEY, Menu, supernet
+from plinio_onnx.passes.supernet import Menu, supernet
+from plinio_onnx.records import ChoiceRecord, PITRecord, SuperNetRecord
 
 from ..cost import LayerSpec
 from ..graph import Graph
 from ..to_torch.fuse_pit_masks import fuse_pit_masks
-from .pit import PIT_SUFFIXES
-from .pit_channels import Counting, MemoCounting, PITChannels, group_name
+from .pit_channels import Counting, MemoCounting, PITChannels
 from .pit_edits import PITMaskEdits
 from .searchable import CostFn, SearchableModel, as_graph, as_int, render_summary
 
@@ -85,36 +83,35 @@ class SuperNet(relaxation.Annealed, SearchableModel):
                  sampling: str | None = None, temperature: float | None = None,
                  discrete_cost: bool = False, pit: "bool | Mapping[str, Any]" = False) -> None:
         graph = as_graph(model)
-        if METADATA_KEY not in graph.metadata:
+        if not SuperNetRecord.present(graph):
             graph = supernet(graph, include=include, exclude=exclude, op_types=op_types, menu=menu,
                              layers=layers, regions=regions, spec=spec, automatic=automatic,
                              sampling=sampling, temperature=temperature)
-        if pit and PIT_METADATA_KEY not in graph.metadata:
+        if pit and not PITRecord.present(graph):
             graph = pit_pass(graph, **(dict(pit) if isinstance(pit, Mapping) else {}))
-        has_pit = PIT_METADATA_KEY in graph.metadata
         super().__init__(graph, cost)
-        self.info = json.loads(graph.metadata[METADATA_KEY])
-        self.info["sampling"] = relaxation.sampling_mode(self.info["sampling"])
+        self.info = SuperNetRecord.of(graph)
+        self.info.sampling = relaxation.sampling_mode(self.info.sampling)
         self.discrete_cost = discrete_cost
         #: PIT's effective channels and kernels (None: no PIT masks in the graph).
-        self.pit = PITChannels(self.module, json.loads(graph.metadata[PIT_METADATA_KEY])) if has_pit else None
-        self.relaxation_temperature = relaxation.Temperature(self.tensor, self.info["temperatures"], 1.0)
+        pit_record = PITRecord.of(graph)
+        self.pit = PITChannels(self.module, pit_record) if pit_record is not None else None
+        self._nas_names = frozenset(self.info.logits() + (pit_record.mask_parameters() if pit_record else []))
+        self.relaxation_temperature = relaxation.Temperature(self.tensor, self.info.temperatures, 1.0)
         self._branch_of: dict[str, tuple[int, int]] = {}
-        for c, choice in enumerate(self.info["choices"]):
-            for b, branch in enumerate(choice["branches"]):
-                for node in branch["nodes"]:
+        for c, choice in enumerate(self.info.choices):
+            for b, branch in enumerate(choice.branches):
+                for node in branch.nodes:
                     self._branch_of[node] = (c, b)
         self._outside = [s for s in self.specs if s.name not in self._branch_of]
-        self._branch_specs = [[[] for _ in choice["branches"]] for choice in self.info["choices"]]
+        self._branch_specs = [[[] for _ in choice.branches] for choice in self.info.choices]
         for spec_ in self.specs:
             where = self._branch_of.get(spec_.name)
             if where is not None:
                 self._branch_specs[where[0]][where[1]].append(spec_)
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
-        if onnx_name.endswith(LOGITS_SUFFIX):
-            return True
-        return self.pit is not None and onnx_name.endswith(PIT_SUFFIXES)
+        return onnx_name in self._nas_names
 
     # -- search controls ----------------------------------------------------------------------
     def set_sampling(self, sampling: str) -> None:
@@ -127,23 +124,23 @@ class SuperNet(relaxation.Annealed, SearchableModel):
         for node in self.graph.nodes:
             if node.op == fn.CHOICE:
                 node.attrs["sampling"] = sampling
-        self.info["sampling"] = sampling
+        self.info.sampling = sampling
 
     def logits(self, choice: int | str) -> torch.Tensor:
         """The architecture parameter α of a Choice (by index or by name)."""
-        return self.tensor(self._choice(choice)["logits"])
+        return self.tensor(self._choice(choice).logits)
 
-    def _choice(self, choice: int | str) -> dict:
+    def _choice(self, choice: int | str) -> ChoiceRecord:
         if isinstance(choice, int):
-            return self.info["choices"][choice]
-        for entry in self.info["choices"]:
-            if entry["name"] == choice:
+            return self.info.choices[choice]
+        for entry in self.info.choices:
+            if entry.name == choice:
                 return entry
-        raise KeyError(f"no Choice named {choice!r}; have {[c['name'] for c in self.info['choices']]}")
+        raise KeyError(f"no Choice named {choice!r}; have {[c.name for c in self.info.choices]}")
 
     # -- cost ---------------------------------------------------------------------------------
-    def _theta(self, choice: dict) -> torch.Tensor:
-        logits = self.tensor(choice["logits"]).to(torch.float64)
+    def _theta(self, choice: ChoiceRecord) -> torch.Tensor:
+        logits = self.tensor(choice.logits).to(torch.float64)
         sampling = relaxation.HARD if self.discrete_cost else relaxation.SOFTMAX
         return relaxation.choice_weights(logits, self.temperature, sampling, self.training)
 
@@ -156,7 +153,7 @@ class SuperNet(relaxation.Annealed, SearchableModel):
 
     def branch_costs(self, choice: int | str, cost: "CostFn | str") -> list[Any]:
         """The cost of every branch of a Choice (its layers, through `effective_spec`)."""
-        return self._branch_costs(self._choice(choice)["id"], self.cost_fn(cost), MemoCounting())
+        return self._branch_costs(self._choice(choice).id, self.cost_fn(cost), MemoCounting())
 
     def _branch_costs(self, choice: int, cost: CostFn, counting: Counting) -> list[Any]:
         return [sum((cost(self.effective_spec(s, counting)) for s in specs), 0) for specs in self._branch_specs[choice]]
@@ -170,30 +167,30 @@ class SuperNet(relaxation.Annealed, SearchableModel):
         total = torch.zeros((), dtype=torch.float64)
         for spec_ in self._outside:
             total = total + fn_(self.effective_spec(spec_, counting))
-        for choice in self.info["choices"]:
+        for choice in self.info.choices:
             theta = self._theta(choice)
-            costs = self._branch_costs(choice["id"], fn_, counting)
+            costs = self._branch_costs(choice.id, fn_, counting)
             total = total + sum(theta[i] * costs[i] for i in range(len(costs)))
         return total
 
     # -- reporting ----------------------------------------------------------------------------
     def chosen(self) -> dict[str, str]:
         """For every Choice (named after its layer or output tensor): the argmax branch's name."""
-        return {c["name"]: c["branches"][fn.chosen(self.tensor(c["logits"]).detach().cpu().numpy())]["name"]
-                for c in self.info["choices"]}
+        return {c.name: c.branches[fn.chosen(self.tensor(c.logits).detach().cpu().numpy())].name
+                for c in self.info.choices}
 
     def probabilities(self) -> dict[str, dict[str, float]]:
         """For every Choice: softmax(α / T) per branch name."""
         out = {}
-        for c in self.info["choices"]:
-            p = relaxation.probabilities(self.tensor(c["logits"]).detach().cpu().numpy(), self.temperature)
-            out[c["name"]] = {b["name"]: float(v) for b, v in zip(c["branches"], p)}
+        for c in self.info.choices:
+            p = relaxation.probabilities(self.tensor(c.logits).detach().cpu().numpy(), self.temperature)
+            out[c.name] = {b.name: float(v) for b, v in zip(c.branches, p)}
         return out
 
     def architecture(self) -> dict:
         """A JSON-able description: the chosen branch and the probabilities of every Choice."""
         probabilities = self.probabilities()
-        arch = {"temperature": self.temperature, "sampling": self.info["sampling"],
+        arch = {"temperature": self.temperature, "sampling": self.info.sampling,
                 "choices": {name: {"chosen": branch, "probabilities": probabilities[name]}
                             for name, branch in self.chosen().items()}}
         if self.pit is not None:
@@ -216,10 +213,10 @@ class SuperNet(relaxation.Annealed, SearchableModel):
             with torch.no_grad():
                 while float(self.cost_of(fn_)) > target:
                     best = None
-                    for choice in self.info["choices"]:
-                        logits = self.tensor(choice["logits"])
+                    for choice in self.info.choices:
+                        logits = self.tensor(choice.logits)
                         current = int(logits.argmax())
-                        costs = [float(c) for c in self.branch_costs(choice["id"], fn_)]
+                        costs = [float(c) for c in self.branch_costs(choice.id, fn_)]
                         p = relaxation.probabilities(logits.cpu().numpy(), self.temperature)
                         for b, c in enumerate(costs):
                             if c < costs[current]:
@@ -239,7 +236,7 @@ class SuperNet(relaxation.Annealed, SearchableModel):
 
     @classmethod
     def search_metadata_keys(cls, *, pit: "bool | Mapping[str, Any]" = False, **options) -> tuple[str, ...]:
-        return (METADATA_KEY, PIT_METADATA_KEY) if pit else (METADATA_KEY,)
+        return (SuperNetRecord.KEY, PITRecord.KEY) if pit else (SuperNetRecord.KEY,)
 
     @property
     def nas_lr_floor(self) -> float:
@@ -252,9 +249,10 @@ class SuperNet(relaxation.Annealed, SearchableModel):
         if self.pit is None:
             return super().nas_param_groups(lr_nas)
         logits, masks = [], []
+        choice_logits = set(self.info.logits())
         for _, param, names in self.module.parameter_initializers():
             if self._holds_nas(names):
-                (logits if all(n.endswith(LOGITS_SUFFIX) for n in names) else masks).append(param)
+                (logits if all(n in choice_logits for n in names) else masks).append(param)
         groups = [{"params": logits, "lr": max(lr_nas, _LOGITS_LR_FLOOR)}] if logits else []
         return groups + ([{"params": masks, "lr": lr_nas}] if masks else [])
 
@@ -293,19 +291,19 @@ class SuperNet(relaxation.Annealed, SearchableModel):
         effective with ``pit``); totals; with ``pit``, the kept channels of every searched group."""
         from rich.table import Table
 
-        table = Table(title=f"SuperNet architecture (T = {self.temperature:.3g}, sampling {self.info['sampling']})")
+        table = Table(title=f"SuperNet architecture (T = {self.temperature:.3g}, sampling {self.info.sampling})")
         for col in ("choice", "branch", "p", "params", "MACs", ""):
             table.add_column(col, justify="left" if col in ("choice", "branch", "") else "right")
         probabilities = self.probabilities()
         chosen = self.chosen()
         with torch.no_grad():
-            for choice in self.info["choices"]:
-                params = self.branch_costs(choice["id"], "params")
-                macs = self.branch_costs(choice["id"], "macs")
-                for b, branch in enumerate(choice["branches"]):
-                    mark = "◀ chosen" if branch["name"] == chosen[choice["name"]] else ""
-                    table.add_row(choice["name"] if b == 0 else "", branch["name"],
-                                  f"{probabilities[choice['name']][branch['name']]:.3f}",
+            for choice in self.info.choices:
+                params = self.branch_costs(choice.id, "params")
+                macs = self.branch_costs(choice.id, "macs")
+                for b, branch in enumerate(choice.branches):
+                    mark = "◀ chosen" if branch.name == chosen[choice.name] else ""
+                    table.add_row(choice.name if b == 0 else "", branch.name,
+                                  f"{probabilities[choice.name][branch.name]:.3f}",
                                   f"{as_int(params[b]):,}", f"{as_int(macs[b]):,}", mark,
                                   style="bold" if mark else None)
                 table.add_section()
@@ -317,21 +315,21 @@ class SuperNet(relaxation.Annealed, SearchableModel):
             self.train(was_training)
         table.add_row("total (chosen = exported)", "", "", f"{discrete_p:,}", f"{discrete_m:,}", "", style="bold")
         table.add_row("total (expected, softmax)", "", "", f"{expected_p:,}", f"{expected_m:,}", "")
-        text = render_summary(table, [f"{s['node']} ({s['reason']})" for s in self.info["skipped"]])
+        text = render_summary(table, [f"{s.node} ({s.reason})" for s in self.info.skipped])
         if self.pit is None:
             return text
-        chosen_nodes = {node for choice in self.info["choices"]
-                        for node in choice["branches"][fn.chosen(self.tensor(choice["logits"]).detach().cpu().numpy())]["nodes"]}
+        chosen_nodes = {node for choice in self.info.choices
+                        for node in choice.branches[fn.chosen(self.tensor(choice.logits).detach().cpu().numpy())].nodes}
         pit_table = Table(title=f"PIT channels (threshold {self.pit.threshold:g})")
         for col in ("group", "kept", "total", ""):
             pit_table.add_column(col, justify="left" if col in ("group", "") else "right")
-        for group in self.pit.info["groups"]:
+        for group in self.pit.info.groups:
             kept = int(self.pit.kept(group).size)
-            producers = [p["node"] for p in group["producers"]]
+            producers = [p.node for p in group.producers]
             live = any(node not in self._branch_of or node in chosen_nodes for node in producers)
-            pit_table.add_row(group_name(group), f"{kept:,}", f"{int(group['size']):,}",
+            pit_table.add_row(group.name, f"{kept:,}", f"{int(group.size):,}",
                               "" if live else "(dropped branch)", style=None if live else "dim")
-        return text + render_summary(pit_table, [f"{s['group']} ({s['reason']})" for s in self.pit.info["skipped"]])
+        return text + render_summary(pit_table, [f"{s.group} ({s.reason})" for s in self.pit.info.skipped])
 
 
 def build_searchable(graph: Graph, cost: "CostFn | str", **options) -> SuperNet:
