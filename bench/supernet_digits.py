@@ -1,6 +1,6 @@
 """SuperNet on the 8x8 digits CNN: accuracy and MACs of the searched model at a few strengths.
 
-Flow (METHODS.md, "Training flow"): train the float model (the warm-up), then for every strength
+Flow (docs/methods.md#optimize-phases): train the float model (the warm-up), then for every strength
 build ``po.SuperNet`` on the trained ONNX model (default menu: other kernel sizes, depthwise-
 separable, grouped and identity alternatives for the convs, low-rank ones for the dense
 layers, all inheriting the trained weights), search (task loss + strength · MACs / MACs₀,

@@ -176,3 +176,42 @@ def test_the_flow_reads_no_private_member_of_a_model():
                     found.append(f"{path.name}:{node.lineno} .{node.attr}")
     assert not found, found
 
+
+
+# What each package may import (docs/architecture.md); the command-line modules may import anything.
+_ALLOWED = {
+    "errors": set(), "atomic": set(), "runtime": {"errors"},
+    "graph": {"errors", "atomic"},
+    "analysis": {"graph"},
+    "records": {"analysis", "errors"},
+    "cost": {"graph", "records", "errors"},
+    "to_torch": {"graph", "load", "functions", "errors"},
+    "functions": {"to_torch", "graph", "errors"},
+    "passes": {"analysis", "cost", "functions", "graph", "records", "errors"},
+    "load": {"graph", "passes", "errors"}, "sync": {"graph", "errors"}, "finalize": {"graph", "passes", "errors"},
+    "methods": {"cost", "finalize", "functions", "graph", "load", "passes", "records", "sync", "to_torch", "errors"},
+    "regularizers": {"errors"},
+    "hardware": {"analysis", "cost", "load", "runtime", "errors"},
+    "optimize": {"atomic", "cost", "data", "errors", "graph", "load", "methods", "regularizers", "runtime", "sync",
+                 "to_torch", "analysis", "finalize", "functions", "passes", "records"},
+    "training_graph": {"graph", "errors"}, "requantize": {"graph", "load", "errors"},
+    "training_artifacts": {"graph", "load", "optimize", "training_graph", "requantize", "errors"},
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return "passes" if parts[1:2] == ["passes"] else parts[1] if len(parts) > 1 else ""
+
+
+def test_packages_import_only_what_the_architecture_allows():
+    found = []
+    for module, imported in _import_graph().items():
+        package = _package(module)
+        if package not in _ALLOWED:
+            continue  # the command line and the package's __init__ may import anything
+        for target in imported:
+            other = _package(target)
+            if other and other != package and other not in _ALLOWED[package]:
+                found.append(f"{module} imports {target}")
+    assert not found, found

@@ -286,7 +286,7 @@ def test_channel_shuffle_prunes_through_a_permutation():
 
 
 def test_time_mask_semantics_match_the_paper_example():
-    # METHODS.md: k = 5, |β| = (.1,.2,.3,.1,[1]), |γ| = (.2,.9,[1]) → m = (0,0,1,0,1), anchored at
+    # docs/methods.md#pit-time-masks: k = 5, |β| = (.1,.2,.3,.1,[1]), |γ| = (.2,.9,[1]) → m = (0,0,1,0,1), anchored at
     # the newest tap (k = 2^n + 1: the same as PLiNIO's).
     mask = pit_keep.tap_mask(np.array([.1, .2, .3, .1, .5]), np.array([.2, .9, .3]), 0.5)
     assert mask.tolist() == [0, 0, 1, 0, 1]
