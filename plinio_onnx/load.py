@@ -22,13 +22,23 @@ WORKING_OPSET = 17
 MAX_OPSET = 22
 
 
-def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: bool = True) -> Graph:
+def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: bool = True,
+         tied: str = "copy") -> Graph:
     """Load ``model`` (a path, a ``ModelProto`` or a ``Graph``) into a canonical `Graph`.
 
     Steps: read (external data only from inside the model's folder), check, convert opsets below
     `WORKING_OPSET`, infer shapes (strict), then canonicalize (constants to initializers, constant
     folding, Identity removal, dead-node cleanup). A ``Graph`` argument is copied, not edited.
+
+    ``tied`` says what becomes of an initializer read by several nodes (directly or through
+    ``Identity`` chains, as exporters write tensors that are equal by value): ``"copy"`` (default)
+    gives every reader its own copy, so layers train separately as in the source model;
+    ``"share"`` keeps one tensor for genuinely tied weights (trained once, exported once;
+    BatchNormalization statistics still get their own copies).
     """
+    from plinio_onnx.passes.tied_initializers import TIE_POLICIES
+    if tied not in TIE_POLICIES:
+        raise ValueError(f"tied={tied!r}: expected one of {', '.join(map(repr, TIE_POLICIES))}")
     if isinstance(model, Graph):
         return model.copy()
     if isinstance(model, onnx.ModelProto):
@@ -56,7 +66,7 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
     result = Graph(graph, source=source, metadata=metadata)
     if canonicalize:
         from plinio_onnx.passes.canonicalize import canonicalize as _canonicalize
-        result = _canonicalize(result)
+        result = _canonicalize(result, tied=tied)
     return result
 
 
