@@ -38,7 +38,7 @@ def resolve_tied_initializers(g: gs.Graph, tied: str = "copy") -> int:
     how many new initializers (copies) were made."""
     if tied not in TIE_POLICIES:
         raise ValueError(f"tied={tied!r}: expected one of {', '.join(TIE_POLICIES)}")
-    _bypass_initializer_identities(g)
+    _bypass_initializer_identities(g, tied)
     names = set(g.tensors())
     copies = 0
     for constant, slots in _reading_slots(g):
@@ -63,14 +63,16 @@ def shared_initializers(g: gs.Graph) -> dict[str, list[gs.Node]]:
     leaves; methods treat such a weight as coupled or unsearchable)."""
     readers: dict[str, list[gs.Node]] = {}
     for constant, slots in _reading_slots(g):
-        nodes = list(dict.fromkeys(node for node, _ in slots))
+        nodes = list({id(node): node for node, _ in slots}.values())
         if len(nodes) > 1 and _is_weight_like(constant):
             readers[constant.name] = nodes
     return readers
 
 
-def _bypass_initializer_identities(g: gs.Graph) -> None:
-    """Consumers of ``Identity(initializer)`` (through any chain) read the initializer itself."""
+def _bypass_initializer_identities(g: gs.Graph, tied: str) -> None:
+    """Remove ``Identity(initializer)`` (through any chain): with ``"copy"`` its output becomes an
+    initializer of its own under the exporter's name for it (e.g. ``bn.running_var``); with
+    ``"share"`` its readers read the initializer itself."""
     changed = True
     while changed:
         changed = False
@@ -79,12 +81,17 @@ def _bypass_initializer_identities(g: gs.Graph) -> None:
                     or not node.inputs or not node.outputs:
                 continue
             src, dst = node.inputs[0], node.outputs[0]
-            if not isinstance(src, gs.Constant) or not dst.outputs:
+            if not isinstance(src, gs.Constant) or any(dst is t for t in g.outputs):
                 continue
-            for consumer in list(dst.outputs):
-                for index, tensor in enumerate(consumer.inputs):
-                    if tensor is dst:
-                        consumer.inputs[index] = src
+            node.inputs.clear()
+            node.outputs.clear()
+            if tied == "copy" or not _is_weight_like(src):
+                dst.to_constant(src.values)  # the array is shared; see below
+            else:
+                for consumer in list(dst.outputs):
+                    for index, tensor in enumerate(consumer.inputs):
+                        if tensor is dst:
+                            consumer.inputs[index] = src
             changed = True
 
 

@@ -1007,6 +1007,8 @@ def counts(plan: CountPlan, params: list, cost=None) -> torch.Tensor | None:
     """The `_Counts` vector of ``params`` (the mask parameters, in ``plan.masks``' order); with
     ``cost`` (an object with ``value_np(x)`` and ``grad_np(x, grad)``, e.g. a compiled cost model),
     its value there. None when the parameters' dtypes differ (count them one by one instead)."""
+    if not params:  # nothing prunable: count layer by layer
+        return None
     dtype = params[0].dtype
     if any(p.dtype != dtype for p in params):
         return None
