@@ -54,6 +54,7 @@ def reinfer(graph: Graph) -> Graph:
             tensor.shape = None
     g.functions = [f for f in g.functions if f.domain != PLINIO_DOMAIN]
     g.import_domains = [d for d in (g.import_domains or []) if d.domain != PLINIO_DOMAIN] or None
+    g.toposort()  # every export is sorted before it is checked and written
     try:
         infer_shapes(g)
     except Exception as err:
