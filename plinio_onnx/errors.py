@@ -47,3 +47,11 @@ class UnsupportedOpError(PlinioOnnxError):
 
 class PassError(PlinioOnnxError):
     """A pass's precondition or postcondition failed."""
+
+
+class NonFiniteError(PlinioOnnxError):
+    """NaN or infinity in weights, data, outputs or a loss; the message says where."""
+
+
+class DataError(PlinioOnnxError):
+    """A data file the tool cannot use (not an .npz, wrong arrays, wrong shapes)."""
