@@ -63,6 +63,7 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
     if input_shapes:
         _fix_input_shapes(proto, input_shapes, source)
     _check(proto, source)
+    proto = _inline_functions(proto, source)
     proto = _convert_opset(proto, source)
     try:
         graph = gs.import_onnx(proto)
@@ -136,6 +137,28 @@ def _check(proto: onnx.ModelProto, source: str) -> None:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as err:
         raise _located(err, source, "the model fails the ONNX checker") from None
+
+
+def _inline_functions(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Inline model-local functions (the dynamo exporter and onnxscript write modules as
+    functions), so handlers see standard ops; ``ai.plinio`` functions stay (searchable graphs)."""
+    from .graph import PLINIO_DOMAIN
+    foreign = [(f.domain, f.name) for f in proto.functions if f.domain != PLINIO_DOMAIN]
+    if not foreign:
+        return proto
+    import onnx.inliner
+    keep = [(f.domain, f.name) for f in proto.functions if f.domain == PLINIO_DOMAIN]
+    try:
+        inlined = onnx.inliner.inline_selected_functions(proto, keep, exclude=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot inline the model's functions ({_one_line(err)})",
+                             file=source) from None
+    # the domains only the inlined functions used are no longer imported
+    used = {n.domain for n in inlined.graph.node} | {f.domain for f in inlined.functions} | {""}
+    kept = [entry for entry in inlined.opset_import if entry.domain in used or entry.domain == "ai.onnx"]
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(kept)
+    return inlined
 
 
 def _check_versions(proto: onnx.ModelProto, source: str) -> None:
