@@ -248,26 +248,24 @@ class DropoutWithMask(torch.nn.Module):
 @register("Dropout")
 def dropout(ctx: NodeContext):
     ratio = ctx.attr("ratio", 0.5)
-    training = None
+    training = None  # None: the module's train/eval mode decides
     if ctx.opset >= 12:
         ratio = ctx.scalar(1, 0.5)
         if ctx.has_input(2):
-            training = ctx.static(2)
-            training = ctx.input(2) if training is None else bool(training.reshape(-1)[0])
+            static = ctx.static(2)
+            training = ctx.input(2) if static is None else bool(static.reshape(-1)[0])
     seed = ctx.attr("seed", None)
-    if isinstance(ratio, float) and training is None and seed is None and not ctx.output_used(1):
+    fixed_ratio = isinstance(ratio, float)
+    if fixed_ratio and training is None and seed is None and not ctx.output_used(1):
         return ctx.module(Dropout(float(ratio)), ctx.input(0))  # the common case: torch's kernel
-    module = DropoutWithMask(float(ratio) if isinstance(ratio, float) else 0.5,
-                             None if seed is None else int(seed))
-    run_time_ratio = None if isinstance(ratio, float) else ratio
-    if training is False:
-        # (a constant False: never active, whatever the module's mode)
-        return [ctx.input(0), ctx.call(torch.ones_like, ctx.input(0), dtype=torch.bool)][:ctx.num_outputs]
-    mode = training if training is not None and not isinstance(training, bool) else \
-        (None if training is None else True)
-    outputs = ctx.module(module, ctx.input(0), run_time_ratio, mode)
-    return [ctx.getitem(outputs, j) for j in range(max(1, ctx.num_outputs))] \
-        if ctx.num_outputs > 1 else ctx.getitem(outputs, 0)
+    if training is False:  # a constant False: inactive whatever the module's mode
+        outputs = [ctx.input(0), ctx.call(torch.ones_like, ctx.input(0), dtype=torch.bool)]
+        return outputs[:ctx.num_outputs] if ctx.num_outputs > 1 else outputs[0]
+    module = DropoutWithMask(float(ratio) if fixed_ratio else 0.5, None if seed is None else int(seed))
+    both = ctx.module(module, ctx.input(0), None if fixed_ratio else ratio, training)
+    if ctx.num_outputs > 1:
+        return [ctx.getitem(both, 0), ctx.getitem(both, 1)]
+    return ctx.getitem(both, 0)
 
 
 def _pool_args(ctx: NodeContext):
