@@ -1,7 +1,9 @@
 """Canonicalize a freshly loaded graph so every later pass sees one form.
 
 Guarantees: no `Constant` nodes (their values are initializers), constant subgraphs folded,
-no `Identity` nodes (except where one would rename a graph input straight to an output), no
+no `Identity` nodes (except where one would rename a graph input or an initializer straight to
+an output), initializers tied by `Identity` chains or by several readers copied or shared
+(`tied_initializers`), no
 graph input that is also an initializer (IR < 4 models list weights as inputs), no dead nodes,
 nodes in topological order. Outputs are unchanged.
 """
@@ -14,13 +16,20 @@ import onnx_graphsurgeon as gs
 
 from plinio_onnx.graph import PLINIO_DOMAIN, Graph
 
+from .tied_initializers import resolve_tied_initializers
+
 __all__ = ["canonicalize"]
 
 
-def canonicalize(graph: Graph) -> Graph:
+def canonicalize(graph: Graph, *, tied: str = "copy") -> Graph:
+    """Bring ``graph`` into canonical form in place (see the module docstring); ``tied`` says what
+    happens to initializers read by several nodes (`tied_initializers`: ``"copy"`` unties them,
+    ``"share"`` keeps one tensor)."""
     g = graph.gs
     g.inputs = [t for t in g.inputs if not isinstance(t, gs.Constant)]
     _constant_nodes_to_initializers(g)
+    # before folding: folding would turn every Identity of an initializer into a nameless copy
+    resolve_tied_initializers(g, tied)
     _fold_constants(g)
     _remove_identities(g)
     g.cleanup(remove_unused_graph_inputs=False).toposort()
@@ -76,7 +85,8 @@ def _fold_constants(g: gs.Graph) -> None:
 
 def _remove_identities(g: gs.Graph) -> None:
     for node in g.nodes:
-        if node.op not in ("Identity",) or (node.domain or "") not in ("", "ai.onnx"):
+        if node.op not in ("Identity",) or (node.domain or "") not in ("", "ai.onnx") \
+                or not node.inputs or not node.outputs:  # folded away: cleanup removes it
             continue
         src, dst = node.inputs[0], node.outputs[0]
         if dst in g.outputs:

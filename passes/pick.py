@@ -40,10 +40,14 @@ def _pick(graph: Graph, info: SuperNetRecord) -> None:
     tensors = g.tensors()
     nodes = {n.name: n for n in g.nodes}
     outputs = {id(t) for t in g.outputs}
+    # a Choice whose consumers now read another tensor: chained identity picks follow it
+    replaced: dict[int, gs.Tensor] = {}
     for choice in info.choices:
         node = nodes[choice.node]
         branch = choice.branches[fn.chosen(tensors[choice.logits].values)]
         kept, out = tensors[branch.output], node.outputs[0]
+        while id(kept) in replaced:
+            kept = replaced[id(kept)]
         node.inputs.clear()
         node.outputs.clear()
         producer = kept.inputs[0] if kept.inputs else None
@@ -56,4 +60,5 @@ def _pick(graph: Graph, info: SuperNetRecord) -> None:
         else:
             for consumer in list(out.outputs):
                 consumer.inputs = [kept if t is out else t for t in consumer.inputs]
+            replaced[id(out)] = kept
     g.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hardware", metavar="NAME", help="also each layer's modelled latency (and energy) on a "
                    "hardware profile: gap8, ne16, diana, mpic, simd-mcu, or FILE.py:NAME")
+    _input_shape_option(p)
     p.set_defaults(run=_inspect)
 
     p = sub.add_parser("verify", help="compare the torch module with ONNX Runtime on the same inputs")
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=None,
                    help="max abs error relative to the output scale (default 1e-4; 1e-2 for "
                         "quantized graphs, where a rounding tie can resolve one step apart)")
+    _input_shape_option(p)
     p.set_defaults(run=_verify)
 
     from .commands import register_commands
@@ -60,10 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _input_shape_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", metavar="[NAME:]DIMS",
+                        help="shape of an input with symbolic sizes, e.g. 1x3x32x32 (repeat it "
+                             "as NAME:DIMS for several inputs; verify --data uses the data's)")
+
+
+def _input_shapes(args: argparse.Namespace) -> dict:
+    if not args.input_shape:
+        return {}
+    from .data import parse_input_shapes
+    from .load import load
+    return parse_input_shapes(args.input_shape, load(args.model), args.model)
+
+
 # -- inspect ----------------------------------------------------------------------------------
 def _inspect(args: argparse.Namespace) -> int:
     from .inspect import inspect_model
-    report = inspect_model(args.model, hardware=args.hardware)
+    report = inspect_model(args.model, hardware=args.hardware, input_shapes=_input_shapes(args))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -111,14 +127,16 @@ def _figure(value: float) -> str:
 # -- verify -----------------------------------------------------------------------------------
 def _verify(args: argparse.Namespace) -> int:
     from .verify import verify_model
-    result = verify_model(args.model, data=args.data, batch=args.batch)
+    result = verify_model(args.model, data=args.data, batch=args.batch,
+                          input_shapes=_input_shapes(args))
     if args.tolerance is None:
         args.tolerance = 1e-2 if result["quantized"] else 1e-4
     ok = result["relative_error"] <= args.tolerance
     for name, err in result["per_output"].items():
         print(f"{name}: max abs error {err['max_abs_error']:.3g} (output scale {err['scale']:.3g})")
+    chunks = f" (in batches of {result['chunk']}: the model's batch is fixed)" if result["chunk"] else ""
     print(f"{'OK' if ok else 'MISMATCH'}: max relative error {result['relative_error']:.3g} "
-          f"(tolerance {args.tolerance:g}) on {result['samples']} samples")
+          f"(tolerance {args.tolerance:g}) on {result['samples']} samples{chunks}")
     return 0 if ok else 1
 
 

@@ -55,3 +55,11 @@ class RegularizerError(PlinioOnnxError):
 
 class SettingError(PlinioOnnxError, ValueError):
     """A search setting out of its range: a non-positive temperature, an unknown sampling."""
+
+
+class NonFiniteError(PlinioOnnxError):
+    """NaN or infinity in weights, data, outputs or a loss; the message says where."""
+
+
+class DataError(PlinioOnnxError):
+    """A data file the tool cannot use (not an .npz, wrong arrays, wrong shapes)."""

@@ -34,6 +34,7 @@ class StripSearchFunctions(InPlacePass):
         g = graph.gs
         g.functions = [f for f in g.functions if f.domain != PLINIO_DOMAIN]
         g.import_domains = [d for d in (g.import_domains or []) if d.domain != PLINIO_DOMAIN] or None
+        g.toposort()  # every export is sorted before it is checked and written
         reinfer_shapes(graph, what="the finalized model is invalid", check=False)
         graph.metadata = {k: v for k, v in graph.metadata.items() if not k.startswith("plinio.")}
         return PassResult(graph, True)

@@ -7,7 +7,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from . import cost
-from .errors import UnsupportedOpError
+from .data import symbolic_inputs
+from .errors import DataError, UnsupportedOpError
 from .load import load
 
 
@@ -15,13 +16,15 @@ def _shape(t: gs.Tensor) -> list:
     return [d if isinstance(d, (int, np.integer)) else str(d) for d in (t.shape or [])]
 
 
-def inspect_model(path, hardware=None) -> dict:
+def inspect_model(path, hardware=None, *, input_shapes=None) -> dict:
     """A JSON-ready summary: inputs/outputs, op counts, layers with params and MACs, totals;
     with ``hardware`` (a `plinio_onnx.hardware` profile or its name) also each layer's modelled
-    ``latency`` (and ``energy``), their totals and the profile (`hardware_costs`)."""
-    graph = load(path)
+    ``latency`` (and ``energy``), their totals and the profile (`hardware_costs`).
+
+    ``input_shapes`` fixes symbolic sizes (`plinio_onnx.load`); MACs need every spatial size."""
+    graph = load(path, input_shapes=input_shapes)
     layers = []
-    for spec in cost.layer_specs(graph):
+    for spec in _layer_specs(graph, str(path)):
         layers.append({"name": spec.name, "op": spec.op, "kind": spec.kind,
                        "in_channels": spec.in_channels, "out_channels": spec.out_channels,
                        "kernel_size": spec.kernel_size, "groups": spec.groups, "bias": spec.bias,
@@ -59,6 +62,20 @@ def inspect_model(path, hardware=None) -> dict:
             row.update({k: v for k, v in by_name[row["name"]].items() if k in ("latency", "energy")})
         report.update(latency=costs.pop("latency"), energy=costs.pop("energy"), hardware=costs)
     return report
+
+
+def _layer_specs(graph, source: str) -> list:
+    try:
+        return cost.layer_specs(graph)
+    except ValueError:  # a layer's output size depends on a symbolic input size
+        symbolic = symbolic_inputs(graph)
+        if not symbolic:
+            raise
+        name, shape = next(iter(symbolic.items()))
+        dims = "x".join(str(d) if isinstance(d, int) else "N" for d in shape)
+        raise DataError(f"input {name!r} has symbolic sizes {shape}, so MACs cannot be counted: "
+                        f"give --input-shape {name}:{dims} with the sizes to inspect",
+                        file=source) from None
 
 
 def _searchable(graph) -> dict:

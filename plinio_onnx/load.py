@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import onnx
 import onnx_graphsurgeon as gs
@@ -18,17 +19,34 @@ from .graph import Graph, infer_shapes, sub_byte_types
 
 #: Models older than this opset are converted up to it, so handlers see modern op forms.
 WORKING_OPSET = 17
-#: Newest default-domain opset the loader reads (newer graphs may use ops it does not know).
-MAX_OPSET = 22
+#: Newest default-domain opset and IR version the loader reads: what the bundled onnx knows.
+MAX_OPSET = onnx.defs.onnx_opset_version()
+MAX_IR_VERSION = onnx.IR_VERSION
+#: Oldest default-domain opset the loader is tested with (older ones are converted when possible).
+MIN_OPSET = 7
 
 
-def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: bool = True) -> Graph:
+def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: bool = True,
+         tied: str = "copy", input_shapes: "Mapping[str, Sequence[int]] | None" = None) -> Graph:
     """Load ``model`` (a path, a ``ModelProto`` or a ``Graph``) into a canonical `Graph`.
 
     Steps: read (external data only from inside the model's folder), check, convert opsets below
     `WORKING_OPSET`, infer shapes (strict), then canonicalize (constants to initializers, constant
     folding, Identity removal, dead-node cleanup). A ``Graph`` argument is copied, not edited.
+
+    ``tied`` says what becomes of an initializer read by several nodes (directly or through
+    ``Identity`` chains, as exporters write tensors that are equal by value): ``"copy"`` (default)
+    gives every reader its own copy, so layers train separately as in the source model;
+    ``"share"`` keeps one tensor for genuinely tied weights (trained once, exported once;
+    BatchNormalization statistics still get their own copies).
+
+    ``input_shapes`` (graph input name → full shape) fixes an input's symbolic dimensions other
+    than the batch (axis 0 stays symbolic when it is), e.g. the shapes of the user's data for a
+    model exported with symbolic height and width; fixed dimensions must agree.
     """
+    from plinio_onnx.passes.tied_initializers import TIE_POLICIES
+    if tied not in TIE_POLICIES:
+        raise ValueError(f"tied={tied!r}: expected one of {', '.join(map(repr, TIE_POLICIES))}")
     if isinstance(model, Graph):
         return model.copy()
     if isinstance(model, onnx.ModelProto):
@@ -40,8 +58,12 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
         source = str(model)
         proto = _read(Path(model))
         base_dir = Path(model).resolve().parent
+    _check_versions(proto, source)
     _load_external_data(proto, base_dir, source)
+    if input_shapes:
+        _fix_input_shapes(proto, input_shapes, source)
     _check(proto, source)
+    proto = _inline_functions(proto, source)
     proto = _convert_opset(proto, source)
     try:
         graph = gs.import_onnx(proto)
@@ -56,7 +78,7 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
     result = Graph(graph, source=source, metadata=metadata)
     if canonicalize:
         from plinio_onnx.passes.canonicalize import canonicalize as _canonicalize
-        result = _canonicalize(result)
+        result = _canonicalize(result, tied=tied)
     return result
 
 
@@ -117,6 +139,64 @@ def _check(proto: onnx.ModelProto, source: str) -> None:
         raise _located(err, source, "the model fails the ONNX checker") from None
 
 
+def _inline_functions(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
+    """Inline model-local functions (the dynamo exporter and onnxscript write modules as
+    functions), so handlers see standard ops; ``ai.plinio`` functions stay (searchable graphs)."""
+    from .graph import PLINIO_DOMAIN
+    foreign = [(f.domain, f.name) for f in proto.functions if f.domain != PLINIO_DOMAIN]
+    if not foreign:
+        return proto
+    import onnx.inliner
+    keep = [(f.domain, f.name) for f in proto.functions if f.domain == PLINIO_DOMAIN]
+    try:
+        inlined = onnx.inliner.inline_selected_functions(proto, keep, exclude=True)
+    except Exception as err:
+        raise ModelLoadError(f"cannot inline the model's functions ({_one_line(err)})",
+                             file=source) from None
+    # the domains only the inlined functions used are no longer imported
+    used = {n.domain for n in inlined.graph.node} | {f.domain for f in inlined.functions} | {""}
+    kept = [entry for entry in inlined.opset_import if entry.domain in used or entry.domain == "ai.onnx"]
+    del inlined.opset_import[:]
+    inlined.opset_import.extend(kept)
+    return inlined
+
+
+def _check_versions(proto: onnx.ModelProto, source: str) -> None:
+    """Refuse, in one line, a model newer than the bundled onnx reads (before the checker, whose
+    message would not say what is supported)."""
+    opset = _default_opset(proto)
+    if proto.ir_version > MAX_IR_VERSION or opset > MAX_OPSET:
+        raise ModelLoadError(
+            f"IR version {proto.ir_version}, opset {opset} is newer than this installation reads "
+            f"(onnx {onnx.__version__}: IR version <= {MAX_IR_VERSION}, default-domain opset "
+            f"{MIN_OPSET}-{MAX_OPSET}); re-export with an older opset, e.g. "
+            f"torch.onnx.export(..., opset_version={min(MAX_OPSET, 21)})", file=source)
+
+
+def _fix_input_shapes(proto: onnx.ModelProto, input_shapes, source: str) -> None:
+    inputs = {value.name: value for value in proto.graph.input}
+    for name, shape in input_shapes.items():
+        if name not in inputs:
+            raise ModelLoadError(f"input shape given for {name!r}, which is not a graph input "
+                                 f"(inputs: {', '.join(inputs)})", file=source)
+        dims = inputs[name].type.tensor_type.shape.dim
+        shape = [int(d) for d in shape]
+        if len(dims) != len(shape) or any(d <= 0 for d in shape):
+            raise ModelLoadError(f"input {name!r}: shape {shape} does not fit the model's "
+                                 f"{_dims_text(dims)}", file=source)
+        for axis, (dim, size) in enumerate(zip(dims, shape)):
+            if dim.HasField("dim_value") and dim.dim_value != size:
+                raise ModelLoadError(f"input {name!r}: shape {shape} does not fit the model's "
+                                     f"{_dims_text(dims)}", file=source)
+            if not dim.HasField("dim_value") and axis > 0:
+                dim.dim_value = size  # (clears dim_param)
+
+
+def _dims_text(dims) -> str:
+    return "[" + ", ".join(str(d.dim_value) if d.HasField("dim_value") else (d.dim_param or "?")
+                           for d in dims) + "]"
+
+
 def _default_opset(proto: onnx.ModelProto) -> int:
     for entry in proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
@@ -126,9 +206,6 @@ def _default_opset(proto: onnx.ModelProto) -> int:
 
 def _convert_opset(proto: onnx.ModelProto, source: str) -> onnx.ModelProto:
     opset = _default_opset(proto)
-    if opset > MAX_OPSET:
-        raise ModelLoadError(f"opset {opset} is newer than the newest supported ({MAX_OPSET})",
-                             file=source)
     if opset >= WORKING_OPSET:
         return proto
     if opset < 11 and any(n.op_type in ("Upsample", "Resize") for n in proto.graph.node):

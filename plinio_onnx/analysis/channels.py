@@ -325,7 +325,22 @@ class _Walk:
             if cmap is not None:
                 for seg in cmap.segments:
                     self.spaces[seg.space].outputs.append(tensor.name)
+        self._block_shared_initializers()
         return self._merge()
+
+    def _block_shared_initializers(self) -> None:
+        """A weight several layers read (``load(..., tied="share")``) is sliced once for all of
+        them, so its channels are not pruned (one reader's mask would cut the others' rows)."""
+        from plinio_onnx.passes.tied_initializers import shared_initializers
+        shared = shared_initializers(self.graph)
+        if not shared:
+            return
+        for sid, space in enumerate(self.spaces):
+            names = [p.weight for p in space.producers] + [p.bias for p in space.producers] + \
+                [c.weight for c in space.consumers] + [m.tensor for m in space.members]
+            for name in dict.fromkeys(n for n in names if n in shared):
+                readers = ", ".join(repr(node.name) for node in shared[name])
+                self.block_space(sid, f"initializer {name!r} is shared by {readers}")
 
     def _merge(self) -> ChannelAnalysis:
         roots: dict[int, ChannelGroup] = {}

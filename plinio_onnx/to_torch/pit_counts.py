@@ -132,6 +132,8 @@ def counts(plan: CountPlan, params: list) -> torch.Tensor | None:
     or the plan's cost at x. The masks of the shared module's last forward are reused while
     ``params`` are what it read. None when the parameters' dtypes differ (count them one by one
     instead)."""
+    if not params:  # nothing prunable: count layer by layer
+        return None
     dtype = params[0].dtype
     if any(p.dtype != dtype for p in params):
         return None

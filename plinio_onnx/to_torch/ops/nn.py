@@ -136,6 +136,19 @@ class BatchNorm(torch.nn.Module):
         return F.batch_norm(x, mean, var, scale, bias, self.training, self.momentum, self.epsilon)
 
 
+def _batch_norm_training(x, scale, bias, mean, var, momentum: float, eps: float):
+    """ONNX training-mode BatchNormalization (opset 14+): normalized by the batch statistics;
+    also the running statistics it would store (biased batch variance, as ONNX specifies)."""
+    dims = [0] + list(range(2, x.dim()))
+    batch_mean = x.mean(dims)
+    batch_var = x.var(dims, unbiased=False)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    y = (x - batch_mean.reshape(shape)) * torch.rsqrt(batch_var.reshape(shape) + eps) \
+        * scale.reshape(shape) + bias.reshape(shape)
+    return (y, mean * momentum + batch_mean * (1 - momentum),
+            var * momentum + batch_var * (1 - momentum))
+
+
 @register("BatchNormalization")
 def batch_normalization(ctx: NodeContext):
     if ctx.opset < 7 and ctx.attr("is_test", 0) == 0 and ctx.attr("spatial", 1) != 1:
@@ -143,7 +156,13 @@ def batch_normalization(ctx: NodeContext):
     if ctx.attr("spatial", 1) != 1:
         raise Unsupported("spatial=0")
     if sum(ctx.output_used(j) for j in range(1, ctx.num_outputs)):
-        raise Unsupported("training-mode outputs (running mean/var) are not supported")
+        if ctx.opset < 14:
+            raise Unsupported("training-mode outputs before opset 14 (saved mean/variance)")
+        # the running statistics are outputs here, not state: computed, never updated in place
+        outputs = ctx.call(_batch_norm_training, *[ctx.input(i) for i in range(3)],
+                           ctx.input(3, trainable=False), ctx.input(4, trainable=False),
+                           float(ctx.attr("momentum", 0.9)), float(ctx.attr("epsilon", 1e-5)))
+        return [ctx.getitem(outputs, j) for j in range(min(3, ctx.num_outputs))]
     module = BatchNorm(float(ctx.attr("momentum", 0.9)), float(ctx.attr("epsilon", 1e-5)))
     return ctx.module(module, ctx.input(0), ctx.input(1), ctx.input(2),
                       ctx.input(3, trainable=False), ctx.input(4, trainable=False))
@@ -164,15 +183,29 @@ def _layer_norm(x, weight, bias, axis: int, eps: float):
     return F.layer_norm(x, shape, weight, bias, eps)
 
 
+def _layer_norm_with_stats(x, weight, bias, axis: int, eps: float, stash: torch.dtype):
+    """LayerNormalization with its Mean and InvStdDev outputs, computed in ``stash``."""
+    dims = list(range(axis, x.dim()))
+    xs = x.to(stash)
+    mean = xs.mean(dims, keepdim=True)
+    inv_std = torch.rsqrt((xs - mean).square().mean(dims, keepdim=True) + eps)
+    y = ((xs - mean) * inv_std).to(x.dtype) * weight
+    if bias is not None:
+        y = y + bias
+    return y, mean, inv_std
+
+
 @register("LayerNormalization", since=17)
 def layer_normalization(ctx: NodeContext):
-    if sum(ctx.output_used(j) for j in range(1, ctx.num_outputs)):
-        raise Unsupported("Mean/InvStdDev outputs are not supported")
     if ctx.attr("stash_type", 1) != 1:
         raise Unsupported("stash_type other than float")
     axis = int(ctx.attr("axis", -1))
     rank = ctx.rank(0)
     axis = axis + rank if axis < 0 else axis
+    if sum(ctx.output_used(j) for j in range(1, ctx.num_outputs)):
+        outputs = ctx.call(_layer_norm_with_stats, ctx.input(0), ctx.input(1), ctx.input(2), axis,
+                           float(ctx.attr("epsilon", 1e-5)), torch.float32)
+        return [ctx.getitem(outputs, j) for j in range(ctx.num_outputs)]
     return ctx.call(_layer_norm, ctx.input(0), ctx.input(1), ctx.input(2), axis,
                     float(ctx.attr("epsilon", 1e-5)))
 
@@ -188,22 +221,51 @@ class Dropout(torch.nn.Module):
         return F.dropout(x, self.ratio, self.training)
 
 
+class DropoutWithMask(torch.nn.Module):
+    """ONNX Dropout in full: a run-time ratio, a ``training_mode`` input (absent: the module's
+    train/eval mode), the mask output and, with the ``seed`` attribute, the mask ONNX's
+    reference draws (numpy's ``RandomState(seed)``), so seeded graphs are deterministic."""
+
+    def __init__(self, ratio: float, seed: int | None) -> None:
+        super().__init__()
+        self.ratio = ratio
+        self.seed = seed
+
+    def forward(self, x, ratio=None, training_mode=None):
+        ratio = self.ratio if ratio is None else float(ratio)
+        active = self.training if training_mode is None else bool(training_mode)
+        if not active or ratio == 0.0:
+            return x, torch.ones_like(x, dtype=torch.bool)
+        if self.seed is None:
+            keep = torch.rand_like(x, dtype=torch.float32) >= ratio
+        else:
+            import numpy as np
+            drawn = np.random.RandomState(self.seed).uniform(0.0, 1.0, tuple(x.shape))
+            keep = torch.from_numpy(drawn >= ratio).to(x.device)
+        return x * keep / (1.0 - ratio), keep
+
+
 @register("Dropout")
 def dropout(ctx: NodeContext):
     ratio = ctx.attr("ratio", 0.5)
+    training = None  # None: the module's train/eval mode decides
     if ctx.opset >= 12:
         ratio = ctx.scalar(1, 0.5)
-        if not isinstance(ratio, float):
-            raise Unsupported("a run-time dropout ratio")
         if ctx.has_input(2):
-            training = ctx.static(2)
-            if training is None or bool(training.reshape(-1)[0]):
-                raise Unsupported("training_mode input")
-    y = ctx.module(Dropout(float(ratio)), ctx.input(0))
-    if ctx.output_used(1):
-        mask = ctx.call(torch.ones_like, ctx.input(0), dtype=torch.bool)
-        return [y, mask]
-    return y
+            static = ctx.static(2)
+            training = ctx.input(2) if static is None else bool(static.reshape(-1)[0])
+    seed = ctx.attr("seed", None)
+    fixed_ratio = isinstance(ratio, float)
+    if fixed_ratio and training is None and seed is None and not ctx.output_used(1):
+        return ctx.module(Dropout(float(ratio)), ctx.input(0))  # the common case: torch's kernel
+    if training is False:  # a constant False: inactive whatever the module's mode
+        outputs = [ctx.input(0), ctx.call(torch.ones_like, ctx.input(0), dtype=torch.bool)]
+        return outputs[:ctx.num_outputs] if ctx.num_outputs > 1 else outputs[0]
+    module = DropoutWithMask(float(ratio) if fixed_ratio else 0.5, None if seed is None else int(seed))
+    both = ctx.module(module, ctx.input(0), None if fixed_ratio else ratio, training)
+    if ctx.num_outputs > 1:
+        return [ctx.getitem(both, 0), ctx.getitem(both, 1)]
+    return ctx.getitem(both, 0)
 
 
 def _pool_args(ctx: NodeContext):
@@ -234,10 +296,32 @@ def _ceil_extra(ctx: NodeContext, kernel, strides, dilations, begin, end) -> lis
     return extra
 
 
+def _max_pool_with_indices(x, kernel, strides, padding, dilations, ceil_mode: bool,
+                           column_major: bool):
+    """MaxPool and ONNX's Indices: positions in the whole flattened input (batch and channel
+    included, padding not), in row-major or, with ``storage_order=1``, column-major order."""
+    y, local = _MAX_POOL[len(kernel)](x, kernel, strides, padding, dilations, ceil_mode=ceil_mode,
+                                      return_indices=True)
+    spatial = list(x.shape[2:])
+    if column_major:  # unravel row-major, ravel with the first spatial axis fastest
+        coords, rest = [], local
+        for size in reversed(spatial):
+            coords.append(rest % size)
+            rest = rest // size
+        coords.reverse()
+        local, stride = torch.zeros_like(local), 1
+        for coord, size in zip(coords, spatial):
+            local, stride = local + coord * stride, stride * size
+    plane = math.prod(spatial)
+    base = torch.arange(x.shape[0] * x.shape[1], device=x.device).reshape(
+        [x.shape[0], x.shape[1]] + [1] * len(spatial)) * plane
+    return y, local + base
+
+
 @register("MaxPool")
 def max_pool(ctx: NodeContext):
     if ctx.output_used(1):
-        raise Unsupported("the Indices output")
+        return _max_pool_indices(ctx)
     if ctx.attr("storage_order", 0) != 0:
         raise Unsupported("storage_order=1")
     n, kernel, strides, dilations, begin, end = _pool_args(ctx)
@@ -253,6 +337,55 @@ def max_pool(ctx: NodeContext):
     return ctx.call(_MAX_POOL[n], x, kernel, strides, begin, dilations, ceil_mode=ceil_mode)
 
 
+def _max_pool_indices(ctx: NodeContext):
+    n, kernel, strides, dilations, begin, end = _pool_args(ctx)
+    if begin != end or any(2 * p > k for p, k in zip(begin, kernel)):
+        raise Unsupported("the Indices output with asymmetric or large padding")
+    outputs = ctx.call(_max_pool_with_indices, ctx.input(0), kernel, strides, begin, dilations,
+                       bool(ctx.attr("ceil_mode", 0)), bool(ctx.attr("storage_order", 0)))
+    return [ctx.getitem(outputs, 0), ctx.getitem(outputs, 1)]
+
+
+def _windowed_sum(x, kernel, strides, dilations):
+    """Sum over every (dilated) window: a depthwise convolution with a kernel of ones."""
+    n = len(kernel)
+    planes = x.reshape([-1, 1] + list(x.shape[2:]))
+    ones = torch.ones([1, 1] + list(kernel), dtype=x.dtype, device=x.device)
+    out = _CONV[n](planes, ones, stride=strides, dilation=dilations)
+    return out.reshape(list(x.shape[:2]) + list(out.shape[2:]))
+
+
+def _dilated_average(x, kernel, strides, dilations, begin, end, count_include_pad: bool):
+    """AveragePool with dilations: window sums over the padded input divided by the number of
+    elements each window covers (the pads count only when ``count_include_pad``)."""
+    pad = _pad_arg(begin, end)
+    ones = torch.ones([1, 1] + list(x.shape[2:]), dtype=x.dtype, device=x.device)
+    ones = F.pad(ones, pad, value=1.0 if count_include_pad else 0.0)
+    total = _windowed_sum(F.pad(x, pad), kernel, strides, dilations)
+    return total / _windowed_sum(ones, kernel, strides, dilations)
+
+
+def _reference_ceil_pads(ctx: NodeContext, kernel, strides, dilations, begin, end):
+    """ceil_mode as ONNX's reference implementation pads for it: the windows the ceiling adds
+    are padded half before, half after the input (and count as padding)."""
+    shape = ctx.shape(0)
+    if shape is None or any(not isinstance(d, int) for d in shape[2:]):
+        raise Unsupported("ceil_mode with dilations needs static spatial sizes")
+    begin, end = list(begin), list(end)
+    for i, (size, k, s, d) in enumerate(zip(shape[2:], kernel, strides, dilations)):
+        window = (k - 1) * d + 1
+        out = math.ceil((size + begin[i] + end[i] - window) / s + 1)
+        extra = (out - 1) * s + window - size - begin[i] - end[i]
+        if extra > 0:
+            begin[i] += extra // 2
+            end[i] += extra - extra // 2
+    return begin, end
+
+
+def _dilated_lp(x, p: float, kernel, strides, dilations, pad):
+    return _windowed_sum(F.pad(x.abs().pow(p), pad), kernel, strides, dilations).pow(1.0 / p)
+
+
 def _avg_pool_excluding_pad(x, kernel, strides, begin, end, ceil_extra):
     """Average over valid (non-pad) elements for asymmetric pads: sum / count."""
     pool = _AVG_POOL[len(kernel)]
@@ -266,10 +399,13 @@ def _avg_pool_excluding_pad(x, kernel, strides, begin, end, ceil_extra):
 @register("AveragePool")
 def average_pool(ctx: NodeContext):
     n, kernel, strides, dilations, begin, end = _pool_args(ctx)
-    if any(d != 1 for d in dilations):
-        raise Unsupported("dilated AveragePool")
     ceil_mode = bool(ctx.attr("ceil_mode", 0))
     count_include_pad = bool(ctx.attr("count_include_pad", 0))
+    if any(d != 1 for d in dilations):
+        if ceil_mode:
+            begin, end = _reference_ceil_pads(ctx, kernel, strides, dilations, begin, end)
+        return ctx.call(_dilated_average, ctx.input(0), kernel, strides, dilations, begin, end,
+                        count_include_pad)
     symmetric = begin == end and all(2 * p <= k for p, k in zip(begin, kernel))
     if symmetric and not (ceil_mode and not count_include_pad and any(begin)):
         return ctx.call(_AVG_POOL[n], ctx.input(0), kernel, strides, begin,
@@ -293,8 +429,11 @@ def _lp_pool(x, p: float, kernel, strides, pad):
 @register("LpPool")
 def lp_pool(ctx: NodeContext):
     n, kernel, strides, dilations, begin, end = _pool_args(ctx)
-    if any(d != 1 for d in dilations) or ctx.attr("ceil_mode", 0):
-        raise Unsupported("dilated or ceil_mode LpPool")
+    if ctx.attr("ceil_mode", 0):
+        raise Unsupported("ceil_mode LpPool")
+    if any(d != 1 for d in dilations):
+        return ctx.call(_dilated_lp, ctx.input(0), float(ctx.attr("p", 2)), kernel, strides,
+                        dilations, _pad_arg(begin, end))
     return ctx.call(_lp_pool, ctx.input(0), float(ctx.attr("p", 2)), kernel, strides,
                     _pad_arg(begin, end))
 
