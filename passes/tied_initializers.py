@@ -21,8 +21,9 @@ one element (what `to_torch` makes trainable or keeps as statistics) are copied.
 """
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
+
+from plinio_onnx.analysis.initializers import is_weight_like, reading_slots, shared_initializers
 
 __all__ = ["TIE_POLICIES", "resolve_tied_initializers", "shared_initializers"]
 
@@ -41,8 +42,8 @@ def resolve_tied_initializers(g: gs.Graph, tied: str = "copy") -> int:
     _bypass_initializer_identities(g, tied)
     names = set(g.tensors())
     copies = 0
-    for constant, slots in _reading_slots(g):
-        if len(slots) < 2 or not _is_weight_like(constant):
+    for constant, slots in reading_slots(g):
+        if len(slots) < 2 or not is_weight_like(constant):
             continue
         if tied == "copy":
             untied = slots[1:]
@@ -56,17 +57,6 @@ def resolve_tied_initializers(g: gs.Graph, tied: str = "copy") -> int:
             node.inputs[index] = gs.Constant(name, constant.values)
             copies += 1
     return copies
-
-
-def shared_initializers(g: gs.Graph) -> dict[str, list[gs.Node]]:
-    """Floating initializers read by more than one node → those nodes (what ``tied="share"``
-    leaves; methods treat such a weight as coupled or unsearchable)."""
-    readers: dict[str, list[gs.Node]] = {}
-    for constant, slots in _reading_slots(g):
-        nodes = list({id(node): node for node, _ in slots}.values())
-        if len(nodes) > 1 and _is_weight_like(constant):
-            readers[constant.name] = nodes
-    return readers
 
 
 def _bypass_initializer_identities(g: gs.Graph, tied: str) -> None:
@@ -85,7 +75,7 @@ def _bypass_initializer_identities(g: gs.Graph, tied: str) -> None:
                 continue
             node.inputs.clear()
             node.outputs.clear()
-            if tied == "copy" or not _is_weight_like(src):
+            if tied == "copy" or not is_weight_like(src):
                 dst.to_constant(src.values)  # the array is shared; see below
             else:
                 for consumer in list(dst.outputs):
@@ -93,24 +83,6 @@ def _bypass_initializer_identities(g: gs.Graph, tied: str) -> None:
                         if tensor is dst:
                             consumer.inputs[index] = src
             changed = True
-
-
-def _reading_slots(g: gs.Graph) -> list[tuple[gs.Constant, list[tuple[gs.Node, int]]]]:
-    """Every initializer read by a node, with its (node, input index) slots in node order."""
-    slots: dict[int, tuple[gs.Constant, list[tuple[gs.Node, int]]]] = {}
-    for node in g.nodes:
-        for index, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant):  # (gs tensors are unhashable: keyed by identity)
-                slots.setdefault(id(tensor), (tensor, []))[1].append((node, index))
-    return list(slots.values())
-
-
-def _is_weight_like(constant: gs.Constant) -> bool:
-    try:
-        floating = np.issubdtype(np.dtype(constant.dtype), np.floating)
-    except TypeError:  # bfloat16/float8: no numpy dtype, never trained here
-        return False
-    return floating and int(np.prod(constant.shape)) > 1
 
 
 def _fresh_name(base: str, taken: set[str]) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import PLINIO_DOMAIN, Graph
+from .initializers import shared_initializers
 
 
 # -- records --------------------------------------------------------------------------------
@@ -331,7 +332,6 @@ class _Walk:
     def _block_shared_initializers(self) -> None:
         """A weight several layers read (``load(..., tied="share")``) is sliced once for all of
         them, so its channels are not pruned (one reader's mask would cut the others' rows)."""
-        from plinio_onnx.passes.tied_initializers import shared_initializers
         shared = shared_initializers(self.graph)
         if not shared:
             return
