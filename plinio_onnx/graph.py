@@ -12,9 +12,6 @@ from .atomic import atomic_path
 
 #: IR version written on every save: ONNX Runtime 1.19 reads IR <= 10.
 IR_VERSION = 10
-#: Newest default-domain opset read and written: what ONNX Runtime 1.19 runs (the bundled onnx
-#: knows one more, which neither verification nor deployment here could run).
-MAX_OPSET = 21
 #: Models whose serialized size exceeds this are saved with external data (protobuf's 2 GB cap).
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3 - 64 * 1024**2
 PLINIO_DOMAIN = "ai.plinio"

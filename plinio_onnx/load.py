@@ -15,11 +15,12 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, version_converter
 
 from .errors import ModelLoadError, UnsafeExternalDataError
-from .graph import MAX_OPSET, Graph, infer_shapes, sub_byte_types
+from .graph import Graph, infer_shapes, sub_byte_types
 
 #: Models older than this opset are converted up to it, so handlers see modern op forms.
 WORKING_OPSET = 17
-#: Newest IR version the loader reads: what the bundled onnx knows (the newest opset: `MAX_OPSET`).
+#: Newest default-domain opset and IR version the loader reads: what the bundled onnx knows.
+MAX_OPSET = onnx.defs.onnx_opset_version()
 MAX_IR_VERSION = onnx.IR_VERSION
 #: Oldest default-domain opset the loader is tested with (older ones are converted when possible).
 MIN_OPSET = 7
@@ -167,9 +168,9 @@ def _check_versions(proto: onnx.ModelProto, source: str) -> None:
     if proto.ir_version > MAX_IR_VERSION or opset > MAX_OPSET:
         raise ModelLoadError(
             f"IR version {proto.ir_version}, opset {opset} is newer than this installation reads "
-            f"(IR version <= {MAX_IR_VERSION}, default-domain opset {MIN_OPSET}-{MAX_OPSET}: what onnx "
-            f"{onnx.__version__} and ONNX Runtime 1.19 read); re-export with an older opset, e.g. "
-            f"torch.onnx.export(..., opset_version={MAX_OPSET})", file=source)
+            f"(onnx {onnx.__version__}: IR version <= {MAX_IR_VERSION}, default-domain opset "
+            f"{MIN_OPSET}-{MAX_OPSET}); re-export with an older opset, e.g. "
+            f"torch.onnx.export(..., opset_version={min(MAX_OPSET, 21)})", file=source)
 
 
 def _fix_input_shapes(proto: onnx.ModelProto, input_shapes, source: str) -> None:

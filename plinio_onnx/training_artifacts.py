@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 
 from .errors import PlinioOnnxError
-from .graph import IR_VERSION, MAX_OPSET, PLINIO_DOMAIN, Graph
+from .graph import IR_VERSION, PLINIO_DOMAIN, Graph
 from .load import load
 from .training_graph import TrainingGraph, prepare_for_training
 
@@ -34,6 +34,7 @@ LOSSES = {"cross_entropy": ("CrossEntropyLoss", "labels"), "mse": ("MSELoss", "t
 OPTIMIZERS = {"adamw": "AdamW", "sgd": "SGD"}
 #: What ONNX Runtime writes into the artifact folder.
 ARTIFACT_NAMES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
+_MAX_OPSET = 21
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,8 @@ def training_artifacts(model: "str | os.PathLike | onnx.ModelProto | Graph",
     directory = Path(directory)
     _check_destination(directory, model)
     graph = deployable_graph(model)
-    if graph.opset > MAX_OPSET:
-        raise PlinioOnnxError(f"opset {graph.opset} is above {MAX_OPSET}, the newest written",
+    if graph.opset > _MAX_OPSET:
+        raise PlinioOnnxError(f"opset {graph.opset} is above {_MAX_OPSET}, the newest written",
                               file=graph.source)
     prepared = prepare_for_training(graph, frozen=tuple(frozen))
     outputs = tuple(o.name for o in prepared.model.graph.output)
@@ -188,9 +189,9 @@ def _check_versions(path: Path, source: str | None) -> None:
     """Artifacts keep IR 10 and the input's opset (ORT copies both); checked, not assumed."""
     model = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if model.ir_version != IR_VERSION or opset > MAX_OPSET:
+    if model.ir_version != IR_VERSION or opset > _MAX_OPSET:
         raise PlinioOnnxError(f"ONNX Runtime wrote IR {model.ir_version} / opset {opset} into "
-                              f"{path.name}; expected IR {IR_VERSION}, opset ≤ {MAX_OPSET}", file=source)
+                              f"{path.name}; expected IR {IR_VERSION}, opset ≤ {_MAX_OPSET}", file=source)
 
 
 def _settle(staging: Path, directory: Path) -> None:
