@@ -233,7 +233,8 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
         after={"params": int(cost_total(final, params_cost)), "macs": int(cost_total(final, macs_cost)),
                "test": after_test},
         layers=layer_rows(problem.base, final), architecture=search_info.pop("architecture", {}),
-        phases=phases, seed=config.seed, resumed=ckpt.resumed, seconds=time.perf_counter() - started, files=files)
+        phases=phases, seed=config.seed, resumed=ckpt.resumed, seconds=time.perf_counter() - started, files=files,
+        notes=[problem.shapes_note] if problem.shapes_note else [])
 
 
 def baseline(model: "str | os.PathLike", data, *, epochs: int, seed: int = 0, labels: str = "auto",
