@@ -125,3 +125,155 @@ def test_out_of_range_class_labels_are_named_as_such(tmp_path, capsys):
     code, err = _optimize(capsys, MODEL, tmp_path / "d.npz", tmp_path / "out.onnx")
     _refused(code, err, tmp_path / "out.onnx", "class labels 'y' range over 0..12", "10 classes")
     assert "regression" not in err
+
+
+# -- 3. named errors for outputs and checkpoints ----------------------------------------------
+def _interrupted(out: Path) -> Path:
+    """A checkpoint of a run stopped after search epoch 1 (an optimizer .npz in it); its folder."""
+    from plinio_onnx.optimize import optimize
+
+    def stop(phase, epoch, info):
+        if phase == "search" and epoch == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        optimize(MODEL, DATA, output=out, epochs=2, warmup_epochs=1, finetune_epochs=1, quiet=True, callback=stop)
+    folder = out.with_suffix(".ckpt")
+    assert (folder / "search-e0001.optim.npz").is_file() and not (folder / "lock").exists()
+    return folder
+
+
+def _rerun(capsys, out: Path) -> tuple[int, str]:
+    code = main(["optimize", str(MODEL), "--data", str(DATA), "-o", str(out), "--epochs", "2",
+                 "--warmup-epochs", "1", "--finetune-epochs", "1", "--quiet"])
+    return code, capsys.readouterr().err
+
+
+def test_an_unwritable_output_or_checkpoint_folder_is_refused_before_training(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    calls = []
+    from plinio_onnx.optimize import optimize
+    from plinio_onnx.errors import OutputError
+    for options in ({"output": tmp_path / "file" / "out.onnx"},
+                    {"output": tmp_path / "out.onnx", "checkpoint_dir": tmp_path / "file" / "ck"}):
+        with pytest.raises(OutputError, match="folder"):
+            optimize(MODEL, DATA, **options, epochs=1, quiet=True,
+                     callback=lambda *a: calls.append(a))
+    assert calls == []   # not one epoch trained
+    code, err = _optimize(capsys, MODEL, DATA, tmp_path / "file" / "o.onnx")
+    assert code == 2 and "the output folder is a file" in err and "internal error" not in err
+
+
+def test_a_truncated_optimizer_file_is_a_named_checkpoint_error(tmp_path, capsys):
+    folder = _interrupted(tmp_path / "out.onnx")
+    npz = folder / "search-e0001.optim.npz"
+    npz.write_bytes(npz.read_bytes()[:100])
+    code, err = _rerun(capsys, tmp_path / "out.onnx")
+    assert code == 2 and "damaged checkpoint file (BadZipFile" in err and str(npz) in err, err
+    assert f"delete {folder} to start over" in err and not (tmp_path / "out.onnx").exists()
+
+
+@pytest.mark.parametrize("path, value, message", [
+    (("search", "state", "epoch"), "1", "search.state.epoch is str '1', expected int"),
+    (("search", "optim_file"), "../../x.npz", "expected a file name in the checkpoint folder"),
+    (("warmup",), [1, 2], "phase 'warmup' is list"),
+])
+def test_a_state_json_with_wrong_types_is_a_named_checkpoint_error(tmp_path, capsys, path, value, message):
+    folder = _interrupted(tmp_path / "out.onnx")
+    state = json.loads((folder / "state.json").read_text())
+    record = state["phases"]
+    for key in path[:-1]:
+        record = record[key]
+    record[path[-1]] = value
+    (folder / "state.json").write_text(json.dumps(state))
+    code, err = _rerun(capsys, tmp_path / "out.onnx")
+    assert code == 2 and "damaged checkpoint state" in err and message in err, err
+
+
+def test_the_same_command_still_resumes_and_says_so_on_stderr(tmp_path, capsys):
+    folder = _interrupted(tmp_path / "out.onnx")
+    code = main(["optimize", str(MODEL), "--data", str(DATA), "-o", str(tmp_path / "out.onnx"), "--epochs", "2",
+                 "--warmup-epochs", "1", "--finetune-epochs", "1"])
+    captured = capsys.readouterr()   # not a terminal: the note is printed all the same
+    assert code == 0 and f"resuming from {folder}" in captured.err, captured.err
+    assert json.loads((tmp_path / "out.report.json").read_text())["resumed"] is True
+    code = main(["optimize", str(MODEL), "--data", str(DATA), "-o", str(tmp_path / "out.onnx"), "--epochs", "2",
+                 "--warmup-epochs", "1", "--finetune-epochs", "1", "--seed", "5"])
+    captured = capsys.readouterr()
+    assert code == 0 and "was made by another command; starting over" in captured.err, captured.err
+    code = main(["optimize", str(MODEL), "--data", str(DATA), "-o", str(tmp_path / "out.onnx"), "--epochs", "2",
+                 "--warmup-epochs", "1", "--finetune-epochs", "1", "--seed", "6", "--quiet"])
+    assert code == 0 and capsys.readouterr().err == ""   # --quiet stays quiet
+
+
+def test_a_live_lock_blocks_a_second_run_and_a_stale_one_does_not(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+    folder = tmp_path / "out.ckpt"
+    folder.mkdir()
+    lock = folder / "lock"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(json.dumps({"pid": alive.pid, "host": socket.gethostname()}))
+        code, err = _optimize(capsys, MODEL, DATA, tmp_path / "out.onnx")
+        assert code == 2 and f"another optimize run (pid {alive.pid}" in err and str(lock) in err, err
+        assert lock.exists() and not (tmp_path / "out.onnx").exists()
+    finally:
+        alive.kill()
+        alive.wait()
+    # the process is gone: its lock is stale, taken over and released at the end
+    code, err = _optimize(capsys, MODEL, DATA, tmp_path / "out.onnx")
+    assert code == 0, err
+    assert (tmp_path / "out.onnx").is_file() and not lock.exists()
+
+
+# -- 4. temporaries and permissions -----------------------------------------------------------
+def test_a_rerun_removes_stale_temporaries_of_its_own_outputs_only(tmp_path, capsys):
+    folder = _interrupted(tmp_path / "out.onnx")
+    ours = [tmp_path / ".out.onnx.0123abcd.tmp", tmp_path / ".out.report.json.89abcdef.tmp",
+            folder / ".search-e0002.onnx.deadbeef.tmp", folder / ".state.json.00ff00ff.tmp"]
+    others = [tmp_path / ".other.onnx.0123abcd.tmp", tmp_path / "out.onnx.tmp", folder / "notes.tmp"]
+    for path in ours + others:
+        path.write_bytes(b"partial")
+    code, err = _rerun(capsys, tmp_path / "out.onnx")
+    assert code == 0, err
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in others)
+
+
+def test_outputs_honour_the_umask(tmp_path, capsys):
+    from plinio_onnx.atomic import write_text
+    previous = os.umask(0o027)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        code, err = _optimize(capsys, MODEL, DATA, tmp_path / "out.onnx")
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    for name in ("a.txt", "out.onnx", "out.report.json", "out.report.md", "out.ckpt/state.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+
+
+# -- 6. export names the method ---------------------------------------------------------------
+@pytest.mark.parametrize("method", ["qat", "pit+mps"])
+def test_export_names_the_method_the_checkpoint_was_searched_with(tmp_path, capsys, method):
+    code, err = _optimize(capsys, MODEL, DATA, tmp_path / "out.onnx", "--method", method)
+    assert code == 0, err
+    searchable = tmp_path / "out.ckpt" / "search.best.onnx"
+    assert main(["export", str(searchable), "-o", str(tmp_path / "e.onnx")]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'e.onnx'}: {method} → ")
+    assert "plinio.method" not in {p.key for p in onnx.load(tmp_path / "e.onnx").metadata_props}
+    # a checkpoint written before the method was recorded: detected from its records as before
+    old = onnx.load(searchable)
+    kept = [p for p in old.metadata_props if p.key != "plinio.method"]
+    del old.metadata_props[:]
+    old.metadata_props.extend(kept)
+    onnx.save(old, tmp_path / "old.onnx")
+    assert main(["export", str(tmp_path / "old.onnx"), "-o", str(tmp_path / "e2.onnx")]) == 0
+    assert capsys.readouterr().out.split(": ")[1].split(" ")[0] in ("mps", "pit")
+
+
+def test_batch_size_below_one_is_a_usage_error(tmp_path, capsys):
+    for value in ("0", "-2"):
+        code, err = _optimize(capsys, MODEL, DATA, tmp_path / "out.onnx", "--batch-size", value)
+        assert code == 2 and "batch size must be at least 1" in err
+    assert not list(tmp_path.iterdir())
