@@ -123,7 +123,7 @@ def test_out_of_range_class_labels_are_named_as_such(tmp_path, capsys):
     arrays["y"][5] = 12
     np.savez(tmp_path / "d.npz", **arrays)
     code, err = _optimize(capsys, MODEL, tmp_path / "d.npz", tmp_path / "out.onnx")
-    _refused(code, err, tmp_path / "out.onnx", "class labels 'y' range over 0..12", "10 classes")
+    _refused(code, err, tmp_path / "out.onnx", "d.npz: class labels 'y' range over 0..12", "10 classes")
     assert "regression" not in err
 
 

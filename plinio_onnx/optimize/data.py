@@ -234,7 +234,13 @@ def prepare(model: "str | os.PathLike", data, labels: str, seed: int, test_fract
     inputs, y = _read_data(base, arrays, data_source)
     _check_finite_data(base, arrays, inputs, y, data_source)
     input_names = [t.name for t in base.gs.inputs]
-    task, y = _infer_task(labels, y, _probe(base, inputs, data_source), base)
+    outputs = _probe(base, inputs, data_source)
+    try:
+        task, y = _infer_task(labels, y, outputs, base)
+    except PlinioOnnxError as err:   # about the labels: name the data file
+        if err.file is not None:
+            raise
+        raise type(err)(err.message, file=data_source) from None
 
     train_idx, val_idx, test_idx = split_indices(
         len(inputs[0]), y if task.kind == "classification" and y.ndim == 1 else None, seed,
