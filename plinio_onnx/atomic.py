@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "write_bytes", "write_text"]
+__all__ = ["atomic_path", "check_writable", "remove_stale_temporaries", "write_bytes", "write_text"]
+
+#: The temporary files `atomic_path` creates: ``.NAME.<8 hex digits>.tmp`` next to ``NAME``.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.[0-9a-f]{8}\.tmp$")
 
 
 def _reserve(path: Path) -> Path:
@@ -26,6 +30,36 @@ def _reserve(path: Path) -> Path:
             continue
         os.close(fd)
         return candidate
+
+
+def remove_stale_temporaries(folder: "str | os.PathLike", names: "set[str] | None" = None) -> list[Path]:
+    """Remove the temporary files a killed writer left in ``folder`` (only of `atomic_path`'s
+    naming pattern; with ``names``, only those of these destination names). Call it only while no
+    other writer uses the folder (the caller holds its lock). Returns the removed paths."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMPORARY.match(entry.name)
+        if match and (names is None or match["name"] in names) and entry.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def check_writable(folder: "str | os.PathLike") -> None:
+    """Raise `OSError` when files cannot be created in ``folder``: a file is created and removed
+    in it, or — while it does not exist yet — in its nearest existing parent (nothing is left
+    behind). Lets a long run fail before the work that would end in writing there."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(20, "Not a directory", str(existing))
+    os.unlink(_reserve(existing / "write-test"))
 
 
 def _fsync(path: Path) -> None:

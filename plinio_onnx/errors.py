@@ -63,3 +63,11 @@ class NonFiniteError(PlinioOnnxError):
 
 class DataError(PlinioOnnxError):
     """A data file the tool cannot use (not an .npz, wrong arrays, wrong shapes)."""
+
+
+class CheckpointError(PlinioOnnxError):
+    """A checkpoint folder the tool cannot use: damaged files, or held by another run."""
+
+
+class OutputError(PlinioOnnxError):
+    """An output path the tool cannot write."""

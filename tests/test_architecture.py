@@ -192,7 +192,7 @@ _ALLOWED = {
     "methods": {"cost", "finalize", "functions", "graph", "load", "passes", "records", "sync", "to_torch", "errors"},
     "regularizers": {"errors"},
     "hardware": {"analysis", "cost", "load", "runtime", "errors"},
-    "optimize": {"atomic", "cost", "data", "errors", "graph", "load", "methods", "regularizers", "runtime", "sync",
+    "optimize": {"atomic", "cost", "data", "errors", "finite", "graph", "load", "methods", "regularizers", "runtime", "sync",
                  "to_torch", "analysis", "finalize", "functions", "passes", "records"},
     "training_graph": {"graph", "errors"}, "requantize": {"graph", "load", "errors"},
     "training_artifacts": {"graph", "load", "optimize", "training_graph", "requantize", "errors"},

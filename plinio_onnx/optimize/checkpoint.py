@@ -14,14 +14,15 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, write_text
-from ..errors import PlinioOnnxError
+from ..atomic import atomic_path, remove_stale_temporaries, write_text
+from ..errors import CheckpointError, PlinioOnnxError
 from ..graph import Graph
 from ..load import load
 
@@ -71,20 +72,23 @@ class Checkpoint:
         """Read the folder's state when it was made by the same command (else start over)."""
         if not self.enabled:
             return
+        if self.folder.exists() and not self.folder.is_dir():
+            raise PlinioOnnxError("the checkpoint path exists and is not a folder", file=str(self.folder))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.folder)   # of a killed run; the caller holds the folder's lock
         path = self.folder / "state.json"
         if path.is_file():
             try:
                 state = json.loads(path.read_text())
             except (OSError, ValueError):
                 state = None
-            if state and state.get("version") == STATE_VERSION and state.get("fingerprint") == self.fingerprint:
+            if isinstance(state, dict) and state.get("version") == STATE_VERSION \
+                    and state.get("fingerprint") == self.fingerprint:
+                check_state(state, path)
                 self.state = state
                 self.resumed = bool(state.get("phases"))
             else:
                 self.discarded = True
-        if self.folder.exists() and not self.folder.is_dir():
-            raise PlinioOnnxError("the checkpoint path exists and is not a folder", file=str(self.folder))
-        self.folder.mkdir(parents=True, exist_ok=True)
 
     def phase(self, name: str) -> dict:
         return self.state["phases"].get(name, {})
@@ -126,8 +130,13 @@ class Checkpoint:
     def load_arrays(self, name: str) -> dict[str, np.ndarray]:
         if not self.enabled:
             return dict(self._memory[name])
-        with np.load(self.folder / name, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        path = self.folder / name
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise CheckpointError(f"damaged checkpoint file ({type(err).__name__}: {' '.join(str(err).split())[:120]}); "
+                                  f"delete {self.folder} to start over", file=str(path)) from None
 
     def commit(self, phase: str, record: dict) -> None:
         """Record ``phase``'s state; files no phase names any more are removed."""
@@ -146,6 +155,46 @@ class Checkpoint:
             if entry.is_file() and entry.name not in referenced \
                     and re.match(r"(warmup|search|finetune)[-.].*\.(onnx|npz)$", entry.name):
                 entry.unlink()
+
+
+#: The types of the keys a checkpoint's records hold (at any depth); others are not checked.
+_NUMBER = (int, float)
+_KEY_TYPES: dict[str, tuple] = {
+    "done": (bool,), "budget": (int,), "epoch": (int,), "best_epoch": (int, type(None)),
+    "met_epoch": (int, type(None)), "best_loss": _NUMBER, "initial": (dict,), "seconds": _NUMBER,
+    "info": (dict,), "best_scores": (dict, type(None)), "state": (dict,), "history": (list,),
+    "best": (list, type(None)), "method": (str,),
+}
+
+
+def check_state(state: dict, path: Path) -> None:
+    """`CheckpointError` when ``state.json`` (of this command) holds a value of the wrong type."""
+    def fail(where: str, value, expected: str) -> None:
+        raise CheckpointError(f"damaged checkpoint state: {where} is {type(value).__name__} {value!r:.40}, "
+                              f"expected {expected}; delete {path.parent} to start over", file=str(path))
+
+    phases = state.get("phases")
+    if not isinstance(phases, dict):
+        fail("'phases'", phases, "an object")
+    for phase, record in phases.items():
+        if phase not in PHASES or not isinstance(record, dict):
+            fail(f"phase {phase!r}", record, f"an object named one of {', '.join(PHASES)}")
+        _check_record(record, phase, fail)
+
+
+def _check_record(record: dict, where: str, fail) -> None:
+    for key, value in record.items():
+        place = f"{where}.{key}"
+        if key.endswith("_file"):
+            if not (value is None or isinstance(value, str) and value and "/" not in value and "\\" not in value
+                    and not value.startswith(".")):
+                fail(place, value, "a file name in the checkpoint folder")
+        elif key in _KEY_TYPES:
+            allowed = _KEY_TYPES[key]
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                fail(place, value, " or ".join(t.__name__ for t in allowed))
+        if isinstance(value, dict) and key != "info":
+            _check_record(value, place, fail)
 
 
 def fingerprint(model: "str | os.PathLike", data, arrays: dict[str, np.ndarray], options: dict) -> str:

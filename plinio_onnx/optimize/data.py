@@ -12,8 +12,9 @@ import onnx
 import torch
 import torch.nn.functional as F
 
-from ..data import input_arrays, load_npz
-from ..errors import PlinioOnnxError
+from ..data import data_input_shapes, fixed_batch, input_arrays, load_npz, symbolic_inputs
+from ..errors import DataError, PlinioOnnxError
+from ..finite import check_finite_arrays, check_finite_weights
 from ..graph import Graph
 from ..load import load
 from ..to_torch import to_torch
@@ -153,6 +154,12 @@ def _classification(y: np.ndarray, out: np.ndarray, graph: Graph, *, auto: bool)
     integer = np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.bool_)
     classification_shape = (integer and out.ndim >= 2 and tuple(out.shape[2:]) == tuple(y.shape[1:])
                             and y.size > 0 and y.min() >= 0 and int(y.max()) < out.shape[1])
+    out_of_range = (integer and out.ndim >= 2 and out.shape[1] > 1 and tuple(out.shape[2:]) == tuple(y.shape[1:])
+                    and y.size > 0 and (y.min() < 0 or int(y.max()) >= out.shape[1]))
+    regression_fits = int(np.prod(y.shape[1:], dtype=np.int64)) == int(np.prod(out.shape[1:], dtype=np.int64))
+    if out_of_range and not (auto and regression_fits):
+        raise DataError(f"class labels 'y' range over {int(y.min())}..{int(y.max())}, but the model outputs "
+                        f"{out.shape[1]} classes (labels 0..{out.shape[1] - 1})")
     if auto and not classification_shape:
         return None
     if not integer:
@@ -200,6 +207,7 @@ class Problem:
     test_inputs: list[np.ndarray]
     arrays: dict[str, np.ndarray]
     source: str
+    shapes_note: str | None = None   # symbolic input sizes taken from the data (for the report)
 
 
 def _probe(base: Graph, inputs: list[np.ndarray], data_source: str) -> list[np.ndarray]:
@@ -220,10 +228,19 @@ def prepare(model: "str | os.PathLike", data, labels: str, seed: int, test_fract
             val_fraction: float) -> Problem:
     """Load ``model`` and ``data`` (an .npz path or a dict of arrays), infer the task and split."""
     base = load(model)
+    check_finite_weights(base)
     arrays, data_source = _file_or_arrays(data)
+    base, shapes_note = _concrete_shapes(model, base, arrays)
     inputs, y = _read_data(base, arrays, data_source)
+    _check_finite_data(base, arrays, inputs, y, data_source)
     input_names = [t.name for t in base.gs.inputs]
-    task, y = _infer_task(labels, y, _probe(base, inputs, data_source), base)
+    outputs = _probe(base, inputs, data_source)
+    try:
+        task, y = _infer_task(labels, y, outputs, base)
+    except PlinioOnnxError as err:   # about the labels: name the data file
+        if err.file is not None:
+            raise
+        raise type(err)(err.message, file=data_source) from None
 
     train_idx, val_idx, test_idx = split_indices(
         len(inputs[0]), y if task.kind == "classification" and y.ndim == 1 else None, seed,
@@ -240,4 +257,33 @@ def prepare(model: "str | os.PathLike", data, labels: str, seed: int, test_fract
         return Split([t[idx] for t in tensors], [t[idx] for t in targets])
 
     return Problem(base, task, make_split(train_idx), make_split(val_idx), make_split(test_idx), input_names,
-                   [v[test_idx] for v in inputs], arrays, data_source)
+                   [v[test_idx] for v in inputs], arrays, data_source, shapes_note)
+
+
+def _concrete_shapes(model, base: Graph, arrays: dict[str, np.ndarray]) -> tuple[Graph, str | None]:
+    """``base`` with the data's sizes for symbolic non-batch input dimensions (height, width...),
+    and a note saying so for the report; a fixed batch size is refused here, in one line."""
+    fixed = fixed_batch(base)
+    if fixed is not None:
+        shapes = {t.name: list(t.shape) for t in base.gs.inputs}
+        raise DataError(f"the model fixes the batch size to {fixed} (inputs {shapes}); training needs a "
+                        "symbolic batch axis: re-export it with one (torch.onnx.export(..., "
+                        "dynamic_axes={INPUT: {0: 'N'}}))", file=str(model))
+    symbolic = symbolic_inputs(base)
+    if not symbolic:
+        return base, None
+    shapes = {name: shape for name, shape in data_input_shapes(base, arrays).items() if name in symbolic}
+    if not shapes:
+        return base, None   # no array for them: input_arrays names what is missing
+    graph = load(model, input_shapes=shapes)
+    note = "; ".join(f"{name} {symbolic[name]} → {['N', *shape[1:]]}" for name, shape in shapes.items())
+    return graph, f"symbolic input sizes taken from the data: {note}"
+
+
+def _check_finite_data(graph: Graph, arrays: dict[str, np.ndarray], inputs: list[np.ndarray],
+                       y: np.ndarray | None, source: str) -> None:
+    """NaN/Inf in an input array or in the labels stops the run, naming the array of the file."""
+    named = {(t.name if t.name in arrays else "x"): v for t, v in zip(graph.gs.inputs, inputs)}
+    if y is not None:
+        named["y"] = y
+    check_finite_arrays(named, what="data", source=source)

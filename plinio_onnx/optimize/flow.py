@@ -65,7 +65,8 @@ import torch
 from ..cost import macs as macs_cost
 from ..cost import params as params_cost
 from ..cost import total as cost_total
-from ..errors import PlinioOnnxError
+from ..atomic import check_writable, remove_stale_temporaries
+from ..errors import OutputError, PlinioOnnxError
 from ..graph import Graph
 from ..load import load
 from ..sync import sync
@@ -73,6 +74,7 @@ from ..to_torch import to_torch
 from .checkpoint import Checkpoint, fingerprint
 from .config import OptimizeConfig, Recipe
 from .data import Problem, ort_outputs, prepare, task_scores
+from .lock import RunLock
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
 from .progress import Progress
@@ -115,7 +117,7 @@ def _optimize(model: "str | os.PathLike", data, config: OptimizeConfig) -> Repor
     started = time.perf_counter()
     method = config.search_method
     model_path, output = Path(model), Path(config.output)
-    _check_output(model_path, output)
+    _check_output(model_path, output, config)
     torch.manual_seed(config.seed)
     recipe = config.recipe_with_overrides
     problem = prepare(model_path, data, config.labels, config.seed, recipe.test_fraction, recipe.val_fraction)
@@ -123,27 +125,40 @@ def _optimize(model: "str | os.PathLike", data, config: OptimizeConfig) -> Repor
     torch.set_num_threads(choose_threads(config.threads, base.macs, recipe.batch_size))
     if recipe.warmup_epochs is None:
         recipe = replace(recipe, warmup_epochs=0 if problem.task.kind == "distill" else 100)
-    ckpt, bar = _open_checkpoint(config, model_path, data, problem, recipe, base.target)
-    run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback)
-    try:
-        warmed, final, phases = _phases(run, method, problem.base, config, base)
-    finally:
-        bar.stop()
-    _save_output(final, model_path, output, config, base.target)
-    report = _report(config, method, model_path, problem, base, warmed, final, phases, ckpt, started)
-    report_json, report_md, _ = config.output_files()
-    report.write(report_json, report_md)
+    report_json, report_md, folder = config.output_files()
+    with RunLock(folder / "lock" if folder else output.parent / f".{output.name}.lock"):
+        remove_stale_temporaries(output.parent, {output.name, report_json.name, report_md.name})
+        ckpt, bar = _open_checkpoint(config, model_path, data, problem, recipe, base.target)
+        run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback)
+        try:
+            warmed, final, phases = _phases(run, method, problem.base, config, base)
+        finally:
+            bar.stop()
+        _save_output(final, model_path, output, config, base.target)
+        report = _report(config, method, model_path, problem, base, warmed, final, phases, ckpt, started)
+        report.write(report_json, report_md)
     if not config.quiet:
         report.print()
     return report
 
 
-def _check_output(model_path: Path, output: Path) -> None:
+def _check_output(model_path: Path, output: Path, config: OptimizeConfig) -> None:
     if model_path.exists() and output.exists() and os.path.samefile(model_path, output):
         raise PlinioOnnxError("refusing to overwrite the input model; choose another output path",
                               file=str(output))
     if output.is_dir():
         raise PlinioOnnxError("the output path is a folder", file=str(output))
+    folder = config.output_files()[2]
+    for what, place in (("output", output.parent), ("checkpoint", folder)):
+        if place is None:
+            continue
+        if place.exists() and not place.is_dir():
+            raise OutputError(f"the {what} folder is a file", file=str(place))
+        try:   # now, not after all the training
+            check_writable(place)
+        except OSError as err:
+            raise OutputError(f"cannot write the {what} folder ({err.strerror or err}); choose another "
+                              f"{'-o' if what == 'output' else '--checkpoint-dir'}", file=str(place)) from None
 
 
 def _base_costs(graph: Graph, config: OptimizeConfig, method: Method) -> _Base:
@@ -171,7 +186,7 @@ def _open_checkpoint(config: OptimizeConfig, model_path: Path, data, problem: Pr
     dropped = ckpt.keep_budgets({"warmup": recipe.warmup_epochs, "search": recipe.search_epochs,
                                  "finetune": recipe.finetune_epochs})
     ckpt.resumed = bool(ckpt.state["phases"])
-    bar = Progress(config.progress and not config.quiet)
+    bar = Progress(config.progress and not config.quiet, notes=not config.quiet)
     if dropped:
         bar.note(f"epoch budget changed: redoing {', '.join(dropped)}")
     if ckpt.discarded:
@@ -233,7 +248,8 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
         after={"params": int(cost_total(final, params_cost)), "macs": int(cost_total(final, macs_cost)),
                "test": after_test},
         layers=layer_rows(problem.base, final), architecture=search_info.pop("architecture", {}),
-        phases=phases, seed=config.seed, resumed=ckpt.resumed, seconds=time.perf_counter() - started, files=files)
+        phases=phases, seed=config.seed, resumed=ckpt.resumed, seconds=time.perf_counter() - started, files=files,
+        notes=[problem.shapes_note] if problem.shapes_note else [])
 
 
 def baseline(model: "str | os.PathLike", data, *, epochs: int, seed: int = 0, labels: str = "auto",

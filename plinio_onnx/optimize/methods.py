@@ -13,7 +13,10 @@ from ..errors import PlinioOnnxError
 from ..graph import Graph
 from ..methods import MPS, PIT, SearchableModel, SuperNet
 
-__all__ = ["METHODS", "Method", "get_method"]
+__all__ = ["METHODS", "METHOD_KEY", "Method", "get_method", "method_of_checkpoint", "tag_method"]
+
+#: The metadata key naming a searchable checkpoint's method (``plinio.*``: finalize drops it).
+METHOD_KEY = "plinio.method"
 
 
 @dataclass(frozen=True)
@@ -66,8 +69,19 @@ def get_method(name: str) -> Method:
     raise PlinioOnnxError(f"unknown method {name!r}; supported: {', '.join(sorted(METHODS))}")
 
 
+def tag_method(graph: Graph, method: Method) -> Graph:
+    """``graph`` (a searchable graph of ``method``) with the method's name in its metadata."""
+    graph.metadata[METHOD_KEY] = method.name
+    return graph
+
+
 def method_of_checkpoint(graph: Graph) -> Method | None:
-    """The method whose metadata records ``graph`` holds (the one with most records first)."""
+    """The method named in ``graph``'s metadata (when its records are there); for checkpoints
+    written before the name was recorded, the method whose metadata records ``graph`` holds (the
+    one with most records first — it cannot tell "qat" from "mps", nor "pit+mps" from "pit")."""
+    named = METHODS.get(graph.metadata.get(METHOD_KEY, ""))
+    if named is not None and all(key in graph.metadata for key in named.metadata_keys):
+        return named
     for method in sorted(METHODS.values(), key=lambda m: -len(m.metadata_keys)):
         if all(key in graph.metadata for key in method.metadata_keys):
             return method

@@ -5,16 +5,18 @@ __all__ = ["Progress"]
 
 
 class Progress:
-    """A rich progress bar per phase on stderr; silent when disabled or not a terminal."""
+    """A rich progress bar per phase on stderr (only on a terminal), and notes on stderr (on a
+    terminal or not, so logs keep "resuming from …"); ``notes`` defaults to ``enabled``."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, notes: bool | None = None) -> None:
         self.enabled = enabled
+        self.notes = enabled if notes is None else notes
         self.progress = None
         self.task = None
-        if enabled:
+        if enabled or self.notes:
             from rich.console import Console
             self.console = Console(stderr=True)
-            self.enabled = self.console.is_terminal
+            self.enabled = enabled and self.console.is_terminal
 
     def start(self, description: str, total: int, done: int = 0) -> None:
         """A new bar for a phase of ``total`` epochs, ``done`` of them already completed."""
@@ -47,6 +49,6 @@ class Progress:
             self.progress = None
 
     def note(self, message: str) -> None:
-        """A line of rich markup on stderr (when enabled)."""
-        if self.enabled:
-            self.console.print(message)
+        """A line of rich markup on stderr (unless notes are off)."""
+        if self.notes:
+            self.console.print(message, soft_wrap=True, highlight=False)   # one line in logs

@@ -36,6 +36,7 @@ class Report:
     resumed: bool
     seconds: float
     files: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)   # e.g. input sizes taken from the data
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -64,7 +65,8 @@ class Report:
                  f"validation {self.splits['val']}, test {self.splits['test']} (seed {self.seed})",
                  f"- {self.headline()}",
                  f"- test metrics measured in ONNX Runtime; 'before' is the input model after warm-up",
-                 f"- wall time {self.seconds:.1f} s" + (" (resumed)" if self.resumed else ""), "",
+                 f"- wall time {self.seconds:.1f} s" + (" (resumed)" if self.resumed else ""),
+                 *(f"- note: {note}" for note in self.notes), "",
                  "| | params | MACs | test " + self.metric + " | test loss |", "|---|---:|---:|---:|---:|"]
         for label, d in (("before", self.before), ("after", self.after)):
             lines.append(f"| {label} | {d['params']:,} | {d['macs']:,} | {self._fmt_metric(d['test'].get(self.metric))} "
@@ -103,6 +105,8 @@ class Report:
                       f"{self.after['macs']:,}/{self.before['macs']:,}", style="bold")
         console.print(table)
         console.print(self.headline(), highlight=False)
+        for note in self.notes:
+            console.print(f"note: {note}", highlight=False)
         for key, value in self.files.items():
             console.print(f"  {key}: {value}", highlight=False)
 

@@ -17,7 +17,7 @@ from ..errors import PlinioOnnxError
 from ..graph import Graph
 from .checkpoint import load_optimizer, optimizer_arrays, parameter_names
 from .control import TargetControl
-from .methods import Method
+from .methods import Method, tag_method
 from .report import percent
 from .training import Run, adam, batches
 
@@ -153,7 +153,7 @@ class _SearchPhase:
         improved = eligible and (state["best"] is None or tuple(key) > tuple(state["best"]))
         if eligible and state["met_epoch"] is None:
             state["met_epoch"] = epoch
-        self.current_file = run.ckpt.save_graph(model.searchable_graph(), f"search-e{epoch:04d}.onnx")
+        self.current_file = run.ckpt.save_graph(self._searchable(), f"search-e{epoch:04d}.onnx")
         if improved:
             state["best"], state["best_epoch"] = list(key), epoch
             state["best_scores"], state["best_cost"] = scores, c
@@ -187,11 +187,15 @@ class _SearchPhase:
             if not self.model.enforce_target(self.cost_fn, self.target):
                 raise PlinioOnnxError(f"the search could not reach the target ({self.target:,.0f}); "
                                       "try a larger target or more --epochs")
-            rec["best_file"] = ckpt.save_graph(self.model.searchable_graph(), "search-best-fallback.onnx")
+            rec["best_file"] = ckpt.save_graph(self._searchable(), "search-best-fallback.onnx")
             return True
-        rec["best_file"] = self.current_file if epoch else ckpt.save_graph(self.model.searchable_graph(),
+        rec["best_file"] = self.current_file if epoch else ckpt.save_graph(self._searchable(),
                                                                            "search-e0000.onnx")
         return False
+
+    def _searchable(self) -> Graph:
+        """The searchable graph to checkpoint, naming its method (`export` reads it back)."""
+        return tag_method(self.model.searchable_graph(), self.method)
 
     def _finish(self, epoch: int, stopped: str, fallback: bool) -> dict:
         state, model, run = self.state, self.model, self.run
@@ -207,7 +211,7 @@ class _SearchPhase:
                 "history": state["history"], "seconds": self.elapsed + time.perf_counter() - self.t0,
                 "best_file": self.rec["best_file"], "architecture": model.architecture()}
         # The chosen searchable graph under a stable name: `plinio-onnx export` takes it.
-        info["best_file"] = run.ckpt.save_graph(model.searchable_graph(), "search.best.onnx")
+        info["best_file"] = run.ckpt.save_graph(self._searchable(), "search.best.onnx")
         run.ckpt.commit("search", {"done": True, "best_file": info["best_file"], "info": info, "budget": self.epochs})
         run.bar.stop()
         return info

@@ -2,6 +2,7 @@
 progress) with its training epoch and validation, and the small tensor helpers around them."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -9,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import NonFiniteError
 from ..graph import Graph
 from .checkpoint import Checkpoint
 from .config import Recipe
@@ -123,7 +125,8 @@ class Run:
         regularizer()`` per batch, then ``after_step()``; returns the mean training loss."""
         model.train()
         order = batches(len(self.train), self.recipe.batch_size, self.rng(phase, epoch))
-        total = 0.0
+        # The loss is summed on the device and checked once per epoch: no host sync per step.
+        total = torch.zeros((), dtype=torch.float64)
         for b, index in enumerate(order):
             inputs, target = self.train.take(index)
             loss = self.task.loss(as_outputs(model(*inputs)), target)
@@ -136,10 +139,15 @@ class Run:
                 opt.step()
             if after_step is not None:
                 after_step()
-            total += float(loss.detach())
+            total = total + loss.detach()
             if b % 4 == 0:
                 self.bar.step(epoch - 1 + (b + 1) / len(order))
-        return total / max(len(order), 1)
+        mean = float(total) / max(len(order), 1)
+        if not math.isfinite(mean):
+            raise NonFiniteError(f"NaN/Inf in the training loss: it diverged in {phase} epoch {epoch} "
+                                 "(the data's scale — regression targets included — or a too high learning "
+                                 "rate); nothing was written")
+        return mean
 
     def reference_loss(self, initial: float) -> float:
         """The loss scale that sets the default strength and the first λ: the warmed-up model's
