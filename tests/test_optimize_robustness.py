@@ -277,3 +277,31 @@ def test_batch_size_below_one_is_a_usage_error(tmp_path, capsys):
         code, err = _optimize(capsys, MODEL, DATA, tmp_path / "out.onnx", "--batch-size", value)
         assert code == 2 and "batch size must be at least 1" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_several_inputs_and_outputs_are_read_by_name_and_distilled(tmp_path):
+    class TwoInTwoOut(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.head, self.fc = torch.nn.Conv2d(8, 4, 1), torch.nn.Linear(8 * 8 * 8, 3)
+
+        def forward(self, x, side):
+            h = torch.relu(self.a(x) + self.b(side))
+            return self.head(h), self.fc(h.flatten(1))
+
+    path = tmp_path / "two.onnx"
+    batch = {"x": {0: "N"}, "side": {0: "N"}, "map": {0: "N"}, "logits": {0: "N"}}
+    torch.onnx.export(TwoInTwoOut(), (torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8)), path, opset_version=17,
+                      input_names=["x", "side"], output_names=["map", "logits"], dynamic_axes=batch, dynamo=False)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", side=rng.random((64, 1, 8, 8), dtype=np.float32),
+             x=rng.random((64, 1, 8, 8), dtype=np.float32))
+    out = tmp_path / "out.onnx"
+    assert main(["optimize", str(path), "--method", "pit", "--data", str(tmp_path / "d.npz"), "-o", str(out),
+                 "--epochs", "1", "--warmup-epochs", "1", "--finetune-epochs", "1", "--quiet"]) == 0
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["task"] == "distill"
+    exported = onnx.load(out)
+    assert [i.name for i in exported.graph.input] == ["x", "side"]
+    assert [o.name for o in exported.graph.output] == ["map", "logits"]
