@@ -22,6 +22,8 @@ nested entries of a channel group are the analysis' own dataclasses
 """
 from __future__ import annotations
 
+import abc
+
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -47,7 +49,7 @@ def _dump(value: Any) -> Any:
     return vars(value)
 
 
-class Record:
+class Record(abc.ABC):
     """A versioned record stored as JSON under ``KEY`` in a graph's metadata."""
 
     KEY: ClassVar[str]
@@ -89,8 +91,9 @@ class Record:
         return data
 
     @classmethod
+    @abc.abstractmethod
     def _parse(cls: type[R], data: dict) -> R:
-        raise NotImplementedError
+        """The record of current-schema ``data`` (each record type reads its own fields)."""
 
     # -- graph metadata -----------------------------------------------------------------------
     @classmethod
