@@ -23,7 +23,6 @@ nested entries of a channel group are the analysis' own dataclasses
 from __future__ import annotations
 
 import abc
-
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
