@@ -31,7 +31,6 @@ Every other node is kept as it is. The result is ONNX at the input's opset (plus
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +39,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import PlinioOnnxError
 from .graph import Graph
+from .records import BitWidths
 
 #: Input positions of an op that hold a layer's weights or biases: a float initializer read only
 #: at such positions trains; every other float initializer (clip bounds, resize scales,
@@ -56,7 +56,6 @@ _ELEMENTWISE = ("Add", "Sub", "Mul")
 _QUANTIZED_PARAMETER_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (0, 1, 2), "MatMul": (0, 1)}
 #: ONNX Runtime's contrib domain, where its training op FakeQuant lives.
 _MS_DOMAIN = "com.microsoft"
-_BITS_METADATA_KEY = "mps.bit_widths"
 
 
 @dataclass(frozen=True)
@@ -200,15 +199,10 @@ def _freeze_batchnorm(graph: Graph) -> None:
 # -- QDQ ------------------------------------------------------------------------------------------
 def _weight_bits(graph: Graph) -> dict[str, np.ndarray]:
     """Layer name → its weights' bit-width(s) from the MPS export metadata (empty without it)."""
-    raw = graph.metadata.get(_BITS_METADATA_KEY)
-    if not raw:
+    bits = BitWidths.of(graph)
+    if bits is None:
         return {}
-    try:
-        layers = json.loads(raw).get("layers", {})
-        return {name: np.asarray(entry["weight_bits"], dtype=np.int64)
-                for name, entry in layers.items() if "weight_bits" in entry}
-    except (ValueError, AttributeError, KeyError, TypeError):
-        raise PlinioOnnxError(f"unreadable {_BITS_METADATA_KEY} metadata", file=graph.source) from None
+    return {name: np.asarray(entry.weight_bits, dtype=np.int64) for name, entry in bits.layers.items()}
 
 
 def _fake_quant(g: gs.Graph, name: str, x: gs.Tensor, y: gs.Tensor, scale: gs.Constant,

@@ -194,7 +194,7 @@ _ALLOWED = {
     "hardware": {"analysis", "cost", "load", "runtime", "errors"},
     "optimize": {"atomic", "cost", "data", "errors", "finite", "graph", "load", "methods", "regularizers", "runtime", "sync",
                  "to_torch", "analysis", "finalize", "functions", "passes", "records"},
-    "training_graph": {"graph", "errors"}, "requantize": {"graph", "load", "errors"},
+    "training_graph": {"graph", "records", "errors"}, "requantize": {"graph", "load", "errors"},
     "training_artifacts": {"graph", "load", "optimize", "training_graph", "requantize", "errors"},
 }
 

@@ -91,8 +91,8 @@ class PITChannels:
         self.threshold = info.threshold
         self.discrete_cost = discrete_cost
         self._attr = {onnx_name: attr for attr, onnx_name in module.initializer_names.items()}
-        # A searched group's mask parameter: one name, or a list of one per atom.
-        self._alpha = {g.id: list(g.alpha) if g.atoms else g.alpha[0] for g in info.groups if g.alpha}
+        # A searched group's mask parameters: one, or one per atom (then in `_atom_order`).
+        self._alpha = {g.id: g.alpha for g in info.groups if g.alpha}
         self._atom_order = _atom_orders(info)
         self._time = {entry.node: entry for entry in info.time}
         self._compiled: dict = {}   # cost model -> its `CompiledCost` (None: not a polynomial)
@@ -134,8 +134,8 @@ class PITChannels:
         if name is None:
             return None
         gid, channels = where
-        if isinstance(name, str):
-            keep = fn.binarize(fn._theta(self.tensor(name)), self.threshold)
+        if gid not in self._atom_order:  # one mask parameter for the whole group
+            keep = fn.binarize(fn._theta(self.tensor(name[0])), self.threshold)
         else:
             keep = torch.cat([fn.binarize(fn._theta(self.tensor(n)), self.threshold) for n in name])
             keep = keep[self._atom_order[gid]]
@@ -152,9 +152,9 @@ class PITChannels:
         name = self._alpha.get(gid)
         if name is None:
             return int(self.info.group_sizes[gid])
-        if not isinstance(name, str):  # one mask parameter per atom
+        if gid in self._atom_order:  # one mask parameter per atom
             return counting.per_channel(("group", gid), lambda: sum(self._count(self.tensor(n)) for n in name))
-        return counting.count(("group", gid), lambda: self._count(self.tensor(name)))
+        return counting.count(("group", gid), lambda: self._count(self.tensor(name[0])))
 
     def part(self, gid: int, channels: list[int] | None, counting: Counting = DIRECT) -> torch.Tensor | int:
         """Effective count of ``channels`` of group ``gid`` (all of them: None), for a layer that
@@ -174,8 +174,8 @@ class PITChannels:
             return kept.to(torch.float64)
 
         name = self._alpha[gid]
-        if isinstance(name, str):
-            return values(name)
+        if gid not in self._atom_order:  # one mask parameter for the whole group
+            return values(name[0])
         return torch.cat([values(n) for n in name])[self._atom_order[gid]]
 
     def kernel(self, node: str, static: int, counting: Counting = DIRECT):
@@ -303,7 +303,7 @@ class PITChannels:
         """``compiled`` at the counts of its keys: ("group", gid) a group's effective channels,
         ("kernel", node) a Conv1d's effective kernel. None: count layer by layer."""
         if not self.discrete_cost:
-            values = [self._count(self.tensor(self._alpha[k[1]])) if k[0] == "group" else
+            values = [self._count(self.tensor(self._alpha[k[1]][0])) if k[0] == "group" else
                       self._kernel(k[1], self._time[k[1]]) for k in compiled.keys]
             return compiled(torch.stack(values + [torch.ones((), dtype=torch.float64)]))
         entry = self._count_plans.get((compiled, self.threshold))
@@ -320,7 +320,7 @@ class PITChannels:
         """The count plan computing ``compiled`` (on the module's fused masks where they hold
         every count), and the attributes of its parameters (None: the fused masks' own)."""
         keys, attr = compiled.keys, self._attr
-        alphas = {k: (attr[self._alpha[k[1]]], self.tensor(self._alpha[k[1]])) for k in keys if k[0] == "group"}
+        alphas = {k: (attr[self._alpha[k[1]][0]], self.tensor(self._alpha[k[1]][0])) for k in keys if k[0] == "group"}
         times = {}
         for k in keys:
             if k[0] == "kernel":
