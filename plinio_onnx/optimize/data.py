@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -19,7 +19,7 @@ from ..graph import Graph
 from ..load import load
 from ..to_torch import to_torch
 
-__all__ = ["TASKS", "Problem", "Split", "Task", "ort_outputs", "prepare", "split_indices", "task_scores"]
+__all__ = ["TASKS", "Batch", "Problem", "Split", "Task", "index_batches", "ort_outputs", "prepare", "split_indices", "task_scores"]
 
 #: The ``labels`` modes.
 TASKS = ("auto", "classification", "regression", "distill")
@@ -39,6 +39,44 @@ class Split:
         inputs = [t[index] for t in self.inputs]
         target = None if self.target is None else [t[index] for t in self.target]
         return inputs, target
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None = None, *, rank: int = 0,
+                world: int = 1) -> Iterator[Batch]:
+        """One epoch's (inputs, target) batches, shuffled by ``rng`` (None: in order). With
+        ``world`` > 1 this is rank ``rank``'s share: every ``world``-th batch of the one shuffled
+        order, the same number on every rank (the training loop's only view of a split)."""
+        for index in _share(index_batches(len(self), batch_size, rng), rank, world, rng is not None):
+            yield self.take(index)
+
+    def num_batches(self, batch_size: int, shuffled: bool = True, *, world: int = 1) -> int:
+        """How many batches `batches` yields on each rank."""
+        rng = np.random.default_rng(0) if shuffled else None
+        return len(_share(index_batches(len(self), batch_size, rng), 0, world, shuffled))
+
+    def head(self, n: int) -> Batch:
+        """The first ``n`` samples (or all): calibration data."""
+        return self.take(np.arange(min(len(self), n)))
+
+
+Batch = tuple[list[torch.Tensor], "list[torch.Tensor] | None"]
+
+
+def index_batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    """Index batches over ``n`` samples, shuffled by ``rng`` (None: in order, for evaluation)."""
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if rng is not None and len(out) > 1 and len(out[-1]) < 2:
+        out.pop()   # a batch of one breaks batch normalization
+    return out
+
+
+def _share(batches: list[np.ndarray], rank: int, world: int, equal: bool) -> list[np.ndarray]:
+    """Rank ``rank``'s batches of ``world``; ``equal``: cut to the same count on every rank (a
+    training epoch's ranks step together)."""
+    if world == 1:
+        return batches
+    mine = batches[rank::world]
+    return mine[:len(batches) // world] if equal else mine
 
 
 @dataclass

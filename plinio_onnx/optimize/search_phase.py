@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
 import torch
 
 from ..errors import PlinioOnnxError
@@ -19,7 +18,7 @@ from .checkpoint import load_optimizer, optimizer_arrays, parameter_names
 from .control import TargetControl
 from .methods import Method, tag_method
 from .report import percent
-from .training import Run, adam, batches
+from .training import Run, adam
 
 __all__ = ["search"]
 
@@ -40,7 +39,7 @@ def _nas_learning_rate(run: Run, model, epochs: int) -> float:
     r = run.recipe
     if r.lr_nas:
         return r.lr_nas
-    steps_per_epoch = len(batches(len(run.train), r.batch_size, run.rng("search", 0)))
+    steps_per_epoch = run.train.num_batches(r.batch_size)
     return max(model.nas_lr_floor, min(1e-2, max(5e-4, 1.0 / (r.nas_reach * max(epochs, 1) * steps_per_epoch))))
 
 
@@ -57,7 +56,7 @@ class _SearchPhase:
             self.model = method.build(run.ckpt.load_graph(rec["current_file"]), cost_fn)
         else:
             self.model = method.build(warmed, cost_fn)
-            self.model.before_search(run.train.take(np.arange(min(len(run.train), 256)))[0])
+            self.model.before_search(run.train.head(256)[0])
         self.lr_nas = _nas_learning_rate(run, self.model, self.epochs)
         self._make_optimizers()
         if rec:
@@ -108,7 +107,7 @@ class _SearchPhase:
             self.ramp_epochs = 0
             return
         r = self.run.recipe
-        steps = self.epochs * len(batches(len(self.run.train), r.batch_size, self.run.rng("search", 0)))
+        steps = self.epochs * self.run.train.num_batches(r.batch_size)
         self.control = TargetControl(
             r, self.target, self.state, steps,
             restore=lambda floor, before: self.model.restore_marginal(self.cost_fn, floor, before),

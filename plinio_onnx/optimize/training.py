@@ -17,7 +17,7 @@ from .config import Recipe
 from .data import Split, Task, as_outputs
 from .progress import Progress
 
-__all__ = ["Run", "adam", "batches", "choose_threads", "evaluate", "state_of", "values_from_graph"]
+__all__ = ["Run", "adam", "choose_threads", "evaluate", "state_of", "values_from_graph"]
 
 _PHASE_SEEDS = {"warmup": 1, "search": 2, "finetune": 3}
 
@@ -28,22 +28,12 @@ def adam(parameters, **options) -> torch.optim.Adam:
     return torch.optim.Adam(parameters, fused=True, **options)
 
 
-def batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
-    """Index batches over ``n`` samples, shuffled by ``rng`` (None: in order, for evaluation)."""
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    out = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    if rng is not None and len(out) > 1 and len(out[-1]) < 2:
-        out.pop()   # a batch of one breaks batch normalization
-    return out
-
-
 def evaluate(module: torch.nn.Module, split: Split, task: Task, batch: int = 512) -> dict[str, float]:
     """The task's loss and metric(s) on ``split`` (eval mode, no gradients)."""
     module.eval()
     totals: dict[str, float] = {}
     with torch.no_grad():
-        for index in batches(len(split), batch, None):
-            inputs, target = split.take(index)
+        for inputs, target in split.batches(batch):
             for key, value in task.scores(as_outputs(module(*inputs)), target).items():
                 totals[key] = totals.get(key, 0.0) + value
     return {key: value / len(split) for key, value in totals.items()}
@@ -124,11 +114,10 @@ class Run:
         """One epoch over the training split: every optimizer steps on ``task loss +
         regularizer()`` per batch, then ``after_step()``; returns the mean training loss."""
         model.train()
-        order = batches(len(self.train), self.recipe.batch_size, self.rng(phase, epoch))
+        count = self.train.num_batches(self.recipe.batch_size)
         # The loss is summed on the device and checked once per epoch: no host sync per step.
         total = torch.zeros((), dtype=torch.float64)
-        for b, index in enumerate(order):
-            inputs, target = self.train.take(index)
+        for b, (inputs, target) in enumerate(self.train.batches(self.recipe.batch_size, self.rng(phase, epoch))):
             loss = self.task.loss(as_outputs(model(*inputs)), target)
             if regularizer is not None:
                 loss = loss + regularizer()
@@ -141,8 +130,8 @@ class Run:
                 after_step()
             total = total + loss.detach()
             if b % 4 == 0:
-                self.bar.step(epoch - 1 + (b + 1) / len(order))
-        mean = float(total) / max(len(order), 1)
+                self.bar.step(epoch - 1 + (b + 1) / count)
+        mean = float(total) / max(count, 1)
         if not math.isfinite(mean):
             raise NonFiniteError(f"NaN/Inf in the training loss: it diverged in {phase} epoch {epoch} "
                                  "(the data's scale — regression targets included — or a too high learning "
