@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -19,15 +20,62 @@ from ..graph import Graph
 from ..load import load
 from ..to_torch import to_torch
 
-__all__ = ["TASKS", "Batch", "Problem", "Split", "Task", "index_batches", "ort_outputs", "prepare", "split_indices", "task_scores"]
+__all__ = ["TASKS", "Batch", "Problem", "Split", "Task", "TensorSplit", "batch_plan", "index_batches", "infer_task", "ort_outputs",
+           "prepare", "split_indices", "split_ort_scores", "task_scores"]
 
 #: The ``labels`` modes.
 TASKS = ("auto", "classification", "regression", "distill")
 
 
+class Split(ABC):
+    """One split of the data as the training loop sees it: its size, its batches (shuffled by
+    the run's generator, a rank's share under data parallelism) and its first samples. In
+    memory (`TensorSplit`), streamed from shards (`optimize.streams`) or read from a torch
+    ``Dataset`` / ``DataLoader`` (`optimize.datasets`)."""
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    def take(self, index: np.ndarray) -> Batch:
+        """The samples at positions ``index`` of the split (a split that can index)."""
+        raise NotImplementedError(f"{type(self).__name__} has no random access")
+
+    def batches(self, batch_size: int, rng: np.random.Generator | None = None, *, rank: int = 0,
+                world: int = 1) -> Iterator[Batch]:
+        """One epoch's (inputs, target) batches, shuffled by ``rng`` (None: in order). With
+        ``world`` > 1 this is rank ``rank``'s share: every ``world``-th batch of the one shuffled
+        order, the same number on every rank (the training loop's only view of a split)."""
+        for index in batch_plan(len(self), batch_size, rng, rank, world):
+            yield self.take(index)
+
+    def num_batches(self, batch_size: int, shuffled: bool = True, *, world: int = 1) -> int:
+        """How many batches `batches` yields on each rank."""
+        rng = np.random.default_rng(0) if shuffled else None
+        return len(batch_plan(len(self), batch_size, rng, 0, world))
+
+    def head(self, n: int) -> Batch:
+        """The first ``n`` samples (or all): calibration data."""
+        return self.take(np.arange(min(len(self), n)))
+
+    def target_variance(self) -> float:
+        """The mean over the target tensors of their (unbiased) variance, read batch by batch."""
+        sums: list[list[float]] = []
+        for _, target in self.batches(512):
+            for i, t in enumerate(target or []):
+                t = t.double()
+                if i == len(sums):
+                    sums.append([0.0, 0.0, 0.0])
+                sums[i][0] += float(t.sum())
+                sums[i][1] += float((t * t).sum())
+                sums[i][2] += t.numel()
+        variances = [(sq - s * s / n) / max(n - 1, 1) for s, sq, n in sums]
+        return float(np.mean(variances)) if variances else 0.0
+
+
 @dataclass
-class Split:
-    """Inputs and targets of one split: labels (one tensor) or teacher outputs (one per output)."""
+class TensorSplit(Split):
+    """A split held in memory: inputs and targets (labels: one tensor; teacher outputs: one per
+    output), indexed by sample."""
 
     inputs: list[torch.Tensor]
     target: list[torch.Tensor] | None
@@ -35,27 +83,13 @@ class Split:
     def __len__(self) -> int:
         return int(self.inputs[0].shape[0])
 
-    def take(self, index: np.ndarray | slice) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    def take(self, index: np.ndarray | slice) -> Batch:
         inputs = [t[index] for t in self.inputs]
         target = None if self.target is None else [t[index] for t in self.target]
         return inputs, target
 
-    def batches(self, batch_size: int, rng: np.random.Generator | None = None, *, rank: int = 0,
-                world: int = 1) -> Iterator[Batch]:
-        """One epoch's (inputs, target) batches, shuffled by ``rng`` (None: in order). With
-        ``world`` > 1 this is rank ``rank``'s share: every ``world``-th batch of the one shuffled
-        order, the same number on every rank (the training loop's only view of a split)."""
-        for index in _share(index_batches(len(self), batch_size, rng), rank, world, rng is not None):
-            yield self.take(index)
-
-    def num_batches(self, batch_size: int, shuffled: bool = True, *, world: int = 1) -> int:
-        """How many batches `batches` yields on each rank."""
-        rng = np.random.default_rng(0) if shuffled else None
-        return len(_share(index_batches(len(self), batch_size, rng), 0, world, shuffled))
-
-    def head(self, n: int) -> Batch:
-        """The first ``n`` samples (or all): calibration data."""
-        return self.take(np.arange(min(len(self), n)))
+    def target_variance(self) -> float:
+        return float(np.mean([float(t.float().var()) for t in self.target or []]))
 
 
 Batch = tuple[list[torch.Tensor], "list[torch.Tensor] | None"]
@@ -68,6 +102,12 @@ def index_batches(n: int, batch_size: int, rng: np.random.Generator | None) -> l
     if rng is not None and len(out) > 1 and len(out[-1]) < 2:
         out.pop()   # a batch of one breaks batch normalization
     return out
+
+
+def batch_plan(n: int, batch_size: int, rng: np.random.Generator | None, rank: int = 0, world: int = 1
+               ) -> list[np.ndarray]:
+    """Rank ``rank``'s index batches of one epoch over ``n`` samples (see `Split.batches`)."""
+    return _share(index_batches(n, batch_size, rng), rank, world, rng is not None)
 
 
 def _share(batches: list[np.ndarray], rank: int, world: int, equal: bool) -> list[np.ndarray]:
@@ -87,6 +127,18 @@ class Task:
     metric: str                  # accuracy | mse
     higher_is_better: bool
     output_kind: str = "logits"  # classification: logits | probabilities | log_probabilities
+    classes: int = 0                        # classification: labels are 0..classes-1
+    target_shape: tuple[int, ...] = ()      # regression: a sample's target (the output's) shape
+
+    def target(self, y: np.ndarray, source: str | None = None) -> np.ndarray:
+        """Labels ``y`` (a batch, as read) in the form the loss wants; a class label out of range
+        is one `DataError` naming ``source``."""
+        if self.kind == "classification":
+            if y.size and (int(y.min()) < 0 or int(y.max()) >= self.classes):
+                raise DataError(f"class labels 'y' range over {int(y.min())}..{int(y.max())}, but the model "
+                                f"outputs {self.classes} classes (labels 0..{self.classes - 1})", file=source)
+            return y.astype(np.int64)
+        return y.astype(np.float32).reshape((y.shape[0], *self.target_shape))
 
     def loss(self, outputs: Sequence[torch.Tensor], target: Sequence[torch.Tensor]) -> torch.Tensor:
         if self.kind == "classification":
@@ -207,11 +259,23 @@ def _classification(y: np.ndarray, out: np.ndarray, graph: Graph, *, auto: bool)
                               f"match the model output {['N', *out.shape[1:]]} for classification")
     producer = graph.gs.outputs[0].inputs[0].op if graph.gs.outputs[0].inputs else ""
     kind = {"Softmax": "probabilities", "LogSoftmax": "log_probabilities"}.get(producer, "logits")
-    return Task("classification", "accuracy", True, kind), y.astype(np.int64)
+    task = Task("classification", "accuracy", True, kind, classes=int(out.shape[1]))
+    return task, task.target(y)
+
+
+def infer_task(labels: str, y: np.ndarray | None, outputs: list[np.ndarray], graph: Graph,
+               source: str | None = None) -> tuple[Task, np.ndarray | None]:
+    """The task and the label array in the form its loss wants; an error about the labels names
+    ``source``."""
+    try:
+        return _infer_task(labels, y, outputs, graph)
+    except PlinioOnnxError as err:
+        if err.file is not None:
+            raise
+        raise type(err)(err.message, file=source) from None
 
 
 def _infer_task(labels: str, y: np.ndarray | None, outputs: list[np.ndarray], graph: Graph) -> tuple[Task, np.ndarray | None]:
-    """The task and the label array in the form its loss wants."""
     if labels not in TASKS:
         raise PlinioOnnxError(f"unknown --labels {labels!r}; choose from {', '.join(TASKS)}")
     if labels == "distill" or y is None:
@@ -228,27 +292,46 @@ def _infer_task(labels: str, y: np.ndarray | None, outputs: list[np.ndarray], gr
     if int(np.prod(y.shape[1:], dtype=np.int64)) != per_sample:
         raise PlinioOnnxError(f"regression targets 'y' {list(y.shape)} do not match the model output "
                               f"{['N', *out.shape[1:]]}")
-    return Task("regression", "mse", False), y.astype(np.float32).reshape((y.shape[0], *out.shape[1:]))
+    task = Task("regression", "mse", False, target_shape=tuple(int(d) for d in out.shape[1:]))
+    return task, task.target(y)
 
 
 # -- the problem ------------------------------------------------------------------------------
 @dataclass
 class Problem:
-    """The model, the task and the tool's own train/validation/test splits."""
+    """The model, the task and the train/validation/test splits (the tool's own, or given)."""
 
     base: Graph
     task: Task
     train: Split
     val: Split
-    test: Split
+    test: Split | None               # None: no test data given (the report's test metrics are n/a)
     input_names: list[str]
-    test_inputs: list[np.ndarray]
-    arrays: dict[str, np.ndarray]
+    identity: tuple                  # (data, arrays): what the checkpoint's fingerprint hashes
     source: str
     shapes_note: str | None = None   # symbolic input sizes taken from the data (for the report)
+    data_note: str | None = None     # where the data came from, when not one .npz (for the report)
 
 
-def _probe(base: Graph, inputs: list[np.ndarray], data_source: str) -> list[np.ndarray]:
+def split_ort_scores(model: onnx.ModelProto, split: Split | None, task: Task, input_names: list[str],
+                     *, source: str | None, batch: int = 256) -> dict[str, float]:
+    """The task's loss and metric(s) of ``model`` in ONNX Runtime on ``split``, batch by batch
+    (empty without a split)."""
+    if split is None:
+        return {}
+    from ..runtime import ort_session
+    session = ort_session(model, source=source)
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for inputs, target in split.batches(batch):
+            feeds = {name: t.numpy() for name, t in zip(input_names, inputs)}
+            outputs = [torch.from_numpy(o) for o in session.run(None, feeds)]
+            for key, value in task.scores(outputs, target).items():
+                totals[key] = totals.get(key, 0.0) + value
+    return {key: value / len(split) for key, value in totals.items()}
+
+
+def probe_model(base: Graph, inputs: list[np.ndarray], data_source: str) -> list[np.ndarray]:
     """One forward of the input model: does it run on this data, and what does it output?"""
     module = to_torch(base)
     module.eval()
@@ -268,17 +351,12 @@ def prepare(model: "str | os.PathLike", data, labels: str, seed: int, test_fract
     base = load(model)
     check_finite_weights(base)
     arrays, data_source = _file_or_arrays(data)
-    base, shapes_note = _concrete_shapes(model, base, arrays)
+    base, shapes_note = concrete_shapes(model, base, arrays)
     inputs, y = _read_data(base, arrays, data_source)
     _check_finite_data(base, arrays, inputs, y, data_source)
     input_names = [t.name for t in base.gs.inputs]
-    outputs = _probe(base, inputs, data_source)
-    try:
-        task, y = _infer_task(labels, y, outputs, base)
-    except PlinioOnnxError as err:   # about the labels: name the data file
-        if err.file is not None:
-            raise
-        raise type(err)(err.message, file=data_source) from None
+    outputs = probe_model(base, inputs, data_source)
+    task, y = infer_task(labels, y, outputs, base, data_source)
 
     train_idx, val_idx, test_idx = split_indices(
         len(inputs[0]), y if task.kind == "classification" and y.ndim == 1 else None, seed,
@@ -290,15 +368,15 @@ def prepare(model: "str | os.PathLike", data, labels: str, seed: int, test_fract
         targets = [torch.from_numpy(np.ascontiguousarray(y))]
     tensors = [torch.from_numpy(v) for v in inputs]
 
-    def make_split(index: np.ndarray) -> Split:
+    def make_split(index: np.ndarray) -> TensorSplit:
         idx = torch.from_numpy(index)
-        return Split([t[idx] for t in tensors], [t[idx] for t in targets])
+        return TensorSplit([t[idx] for t in tensors], [t[idx] for t in targets])
 
     return Problem(base, task, make_split(train_idx), make_split(val_idx), make_split(test_idx), input_names,
-                   [v[test_idx] for v in inputs], arrays, data_source, shapes_note)
+                   (data, arrays), data_source, shapes_note)
 
 
-def _concrete_shapes(model, base: Graph, arrays: dict[str, np.ndarray]) -> tuple[Graph, str | None]:
+def concrete_shapes(model, base: Graph, arrays: dict[str, np.ndarray]) -> tuple[Graph, str | None]:
     """``base`` with the data's sizes for symbolic non-batch input dimensions (height, width...),
     and a note saying so for the report; a fixed batch size is refused here, in one line."""
     fixed = fixed_batch(base)

@@ -73,21 +73,26 @@ from ..sync import sync
 from ..to_torch import to_torch
 from .checkpoint import Checkpoint, fingerprint
 from .config import OptimizeConfig, Recipe
-from .data import Problem, ort_outputs, prepare, task_scores
+from .data import Problem, split_ort_scores
 from .lock import RunLock
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
 from .progress import Progress
 from .report import Report, layer_rows
 from .search_phase import search
+from .sources import DataSources, load_problem
 from .training import Run, choose_threads, evaluate
 
 __all__ = ["baseline", "export_searchable", "optimize"]
 
 
-def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np.ndarray]",
-             config: OptimizeConfig | None = None, /, **options) -> Report:
+def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np.ndarray] | None" = None,
+             config: OptimizeConfig | None = None, /, *, train=None, val=None, test=None, **options) -> Report:
     """Optimize ``model`` on ``data`` and write the deployable result to ``output``.
+
+    ``data``: an ``.npz``, a dict of arrays, or a folder of shards / memory-mapped ``.npy`` arrays
+    (`plinio_onnx.optimize.shards`), split by the tool; or none, and ``train=`` / ``val=`` (and
+    optionally ``test=``) torch ``Dataset``\ s or ``DataLoader``\ s (`plinio_onnx.optimize.datasets`).
 
     The options are `OptimizeConfig`'s, given as keywords (``output=`` is required) or as a
     config (keywords then override its fields), e.g.
@@ -97,7 +102,7 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
     config = replace(config, **options) if config is not None else OptimizeConfig(**options)
     previous = torch.get_num_threads()
     try:
-        return _optimize(model, data, config)
+        return _optimize(model, DataSources(data, train, val, test), config)
     finally:
         torch.set_num_threads(previous)
 
@@ -113,14 +118,14 @@ class _Base:
     min_cost: float | None  # the cheapest architecture the method reaches (with a target)
 
 
-def _optimize(model: "str | os.PathLike", data, config: OptimizeConfig) -> Report:
+def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeConfig) -> Report:
     started = time.perf_counter()
     method = config.search_method
     model_path, output = Path(model), Path(config.output)
     _check_output(model_path, output, config)
     torch.manual_seed(config.seed)
     recipe = config.recipe_with_overrides
-    problem = prepare(model_path, data, config.labels, config.seed, recipe.test_fraction, recipe.val_fraction)
+    problem = load_problem(model_path, data, config.labels, config.seed, recipe.test_fraction, recipe.val_fraction)
     base = _base_costs(problem.base, config, method)
     torch.set_num_threads(choose_threads(config.threads, base.macs, recipe.batch_size))
     if recipe.warmup_epochs is None:
@@ -128,7 +133,7 @@ def _optimize(model: "str | os.PathLike", data, config: OptimizeConfig) -> Repor
     report_json, report_md, folder = config.output_files()
     with RunLock(folder / "lock" if folder else output.parent / f".{output.name}.lock"):
         remove_stale_temporaries(output.parent, {output.name, report_json.name, report_md.name})
-        ckpt, bar = _open_checkpoint(config, model_path, data, problem, recipe, base.target)
+        ckpt, bar = _open_checkpoint(config, model_path, problem, recipe, base.target)
         run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback)
         try:
             warmed, final, phases = _phases(run, method, problem.base, config, base)
@@ -177,11 +182,11 @@ def _base_costs(graph: Graph, config: OptimizeConfig, method: Method) -> _Base:
     return _Base(params, macs, cost, target, min_cost)
 
 
-def _open_checkpoint(config: OptimizeConfig, model_path: Path, data, problem: Problem, recipe: Recipe,
+def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem, recipe: Recipe,
                      target: float | None) -> tuple[Checkpoint, Progress]:
     """The run's checkpoint (resumed when the same command made it) and progress display."""
     folder = config.output_files()[2]
-    ckpt = Checkpoint(folder, fingerprint(model_path, data, problem.arrays, config.fingerprint(recipe, target)))
+    ckpt = Checkpoint(folder, fingerprint(model_path, *problem.identity, config.fingerprint(recipe, target)))
     ckpt.open()
     dropped = ckpt.keep_budgets({"warmup": recipe.warmup_epochs, "search": recipe.search_epochs,
                                  "finetune": recipe.finetune_epochs})
@@ -225,8 +230,7 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
     report_json, report_md, folder = config.output_files()
 
     def ort_scores(proto: onnx.ModelProto, source: str) -> dict[str, float]:
-        outs = ort_outputs(proto, problem.input_names, problem.test_inputs, source=source)
-        return task_scores(problem.task, [torch.from_numpy(o) for o in outs], problem.test.target)
+        return split_ort_scores(proto, problem.test, problem.task, problem.input_names, source=source)
 
     before_test = ort_scores(warmed.to_onnx(), model)
     after_test = ort_scores(onnx.load(output), output)
@@ -243,13 +247,13 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
     return Report(
         model=model, output=output, method=method.name, task=problem.task.kind, metric=problem.task.metric,
         cost=config.cost_name, target=target, strength=search_info.get("strength"),
-        splits={"train": len(problem.train), "val": len(problem.val), "test": len(problem.test)},
+        splits={"train": len(problem.train), "val": len(problem.val), "test": len(problem.test or ())},
         before={"params": int(base.params), "macs": int(base.macs), "test": before_test},
         after={"params": int(cost_total(final, params_cost)), "macs": int(cost_total(final, macs_cost)),
                "test": after_test},
         layers=layer_rows(problem.base, final), architecture=search_info.pop("architecture", {}),
         phases=phases, seed=config.seed, resumed=ckpt.resumed, seconds=time.perf_counter() - started, files=files,
-        notes=[problem.shapes_note] if problem.shapes_note else [])
+        notes=[note for note in (problem.data_note, problem.shapes_note) if note])
 
 
 def baseline(model: "str | os.PathLike", data, *, epochs: int, seed: int = 0, labels: str = "auto",
@@ -267,7 +271,7 @@ def baseline(model: "str | os.PathLike", data, *, epochs: int, seed: int = 0, la
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(seed)
-    problem = prepare(model, data, labels, seed, recipe.test_fraction, recipe.val_fraction)
+    problem = load_problem(model, DataSources(data), labels, seed, recipe.test_fraction, recipe.val_fraction)
     task = problem.task
     graph = problem.base.copy()
     module = to_torch(graph)
@@ -277,8 +281,7 @@ def baseline(model: "str | os.PathLike", data, *, epochs: int, seed: int = 0, la
 
     def test_metric() -> dict:
         sync(graph, module)
-        outs = ort_outputs(graph.to_onnx(), problem.input_names, problem.test_inputs, source=None)
-        return task_scores(task, [torch.from_numpy(o) for o in outs], problem.test.target)
+        return split_ort_scores(graph.to_onnx(), problem.test, task, problem.input_names, source=None)
 
     best_loss = evaluate(module, problem.val, task)["loss"]
     best_test = test_metric()

@@ -142,6 +142,5 @@ class Run:
         """The loss scale that sets the default strength and the first λ: the warmed-up model's
         validation loss, or — when it is ~0, as when distilling from the input model itself —
         1 % of the targets' variance (a 10 % RMS deviation from the teacher)."""
-        spread = float(np.mean([float(t.float().var()) for t in self.train.target])) \
-            if self.task.kind != "classification" else 1.0
+        spread = self.train.target_variance() if self.task.kind != "classification" else 1.0
         return max(initial, 1e-2 * spread, 1e-8)
