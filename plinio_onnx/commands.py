@@ -14,8 +14,10 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
                     "The data are split into train/validation/test by the tool (test never seen by "
                     "the search). Rerunning the same command resumes from the checkpoint.")
     p.add_argument("model", metavar="MODEL", help="the input .onnx model (never modified)")
-    p.add_argument("--data", required=True, metavar="DATA.npz",
-                   help="DATA.npz with x (or one array per graph input) and optional y")
+    p.add_argument("--data", required=True, metavar="DATA",
+                   help="DATA.npz with x (or one array per graph input) and optional y; or a folder, "
+                        "streamed: .npz shards (shard_000.npz, ...), .npy arrays (x.npy, y.npy: "
+                        "memory-mapped) or shard folders of .npy arrays")
     from .optimize.config import cli_arguments
     for flags, options in cli_arguments():   # every other flag is an `OptimizeConfig` field
         p.add_argument(*flags, **options)

@@ -92,7 +92,7 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
 
     ``data``: an ``.npz``, a dict of arrays, or a folder of shards / memory-mapped ``.npy`` arrays
     (`plinio_onnx.optimize.shards`), split by the tool; or none, and ``train=`` / ``val=`` (and
-    optionally ``test=``) torch ``Dataset``\ s or ``DataLoader``\ s (`plinio_onnx.optimize.datasets`).
+    optionally ``test=``) torch ``Dataset`` or ``DataLoader`` objects (`plinio_onnx.optimize.datasets`).
 
     The options are `OptimizeConfig`'s, given as keywords (``output=`` is required) or as a
     config (keywords then override its fields), e.g.

@@ -98,7 +98,7 @@ class BatchMaker:
 class StreamSplit(Split):
     """The samples ``indices`` (global numbers) of a `ShardSet`, read a window at a time."""
 
-    def __init__(self, shards: ShardSet, indices: np.ndarray, maker: BatchMaker, window_bytes: int = WINDOW_BYTES):
+    def __init__(self, shards: ShardSet, indices: np.ndarray, maker: BatchMaker, window_bytes: int | None = None):
         self.shards, self.indices, self.maker, self.window_bytes = shards, indices, maker, window_bytes
 
     def __len__(self) -> int:
@@ -114,7 +114,7 @@ class StreamSplit(Split):
     def batches(self, batch_size: int, rng: np.random.Generator | None = None, *, rank: int = 0,
                 world: int = 1):
         plan = batch_plan(len(self), batch_size, rng, rank, world)
-        per_window = max(1, self.window_bytes // max(1, batch_size * self.shards.row_bytes(self.maker.names)))
+        per_window = max(1, (self.window_bytes or WINDOW_BYTES) // max(1, batch_size * self.shards.row_bytes(self.maker.names)))
         for start in range(0, len(plan), per_window):
             group = plan[start:start + per_window]
             rows = self.indices[np.concatenate(group)]
