@@ -80,13 +80,19 @@ def test_memory_mapped_npy_folder_gives_the_single_npz_result(reference, digits,
     np.save(folder / "x.npy", digits[0])
     np.save(folder / "y.npy", digits[1])
     out = tmp_path / "mmap.onnx"
-    rc = main(["optimize", str(MODEL), "--data", str(folder), "-o", str(out), "--target-params", "50%",
-               "--warmup-epochs", "1", "--epochs", "2", "--finetune-epochs", "1", "--threads", "1", "--quiet"])
-    assert rc == 0
+    argv = ["optimize", str(MODEL), "--data", str(folder), "-o", str(out), "--target-params", "50%",
+            "--warmup-epochs", "1", "--epochs", "2", "--finetune-epochs", "1", "--threads", "1", "--quiet"]
+    assert main(argv) == 0
     report = json.loads(out.with_name("mmap.report.json").read_text())
     ref, ref_out = reference
     assert _sha(out) == _sha(ref_out)
     assert report["after"] == ref.after and report["before"] == ref.before and report["splits"] == ref.splits
+    assert main(argv) == 0                                  # the same command resumes (the arrays' digest)
+    assert json.loads(out.with_name("mmap.report.json").read_text())["resumed"] is True
+    before = load_problem(MODEL, DataSources(folder), "auto", 0, 0.2, 0.2).identity[1]["shards.sha256"]
+    np.save(folder / "y.npy", digits[1][::-1])              # other data: another fingerprint
+    after = load_problem(MODEL, DataSources(folder), "auto", 0, 0.2, 0.2).identity[1]["shards.sha256"]
+    assert not np.array_equal(before, after)
 
 
 def test_every_layout_reads_the_rows_of_one_array(digits, tmp_path):
