@@ -67,7 +67,7 @@ class Shard:
             if info.offset is not None:
                 mapped = np.memmap(info.file, dtype=info.dtype, mode="r", offset=info.offset, shape=info.shape,
                                    order="F" if info.fortran else "C")
-                out[name] = np.array(mapped[rows])
+                out[name] = np.asarray(mapped[rows])   # fancy indexing copies the rows
                 del mapped   # unmapped now: the pages read leave the process's memory
         return out
 

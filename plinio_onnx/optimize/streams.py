@@ -29,7 +29,7 @@ __all__ = ["BatchMaker", "StreamSplit", "Teacher", "prepare_folder"]
 #: Samples the task, the input shapes and the model probe are decided on.
 SAMPLE = 256
 #: Bytes of samples read at once (a window of batches; each shard is read once per window).
-WINDOW_BYTES = 64 << 20
+WINDOW_BYTES = 16 << 20
 #: Teacher outputs (distillation) are kept per sample while they fit in this many bytes.
 TEACHER_CACHE_BYTES = 256 << 20
 
@@ -121,9 +121,11 @@ class StreamSplit(Split):
             arrays = self._read(rows)
             at = 0
             for index in group:
-                part = {name: value[at:at + len(index)] for name, value in arrays.items()}
+                # copies: a batch the loop still holds must not keep its window alive
+                part = {name: value[at:at + len(index)].copy() for name, value in arrays.items()}
                 yield self.maker.make(part, rows[at:at + len(index)])
                 at += len(index)
+            del arrays, part   # before the next window is read
 
 
 def prepare_folder(model: "str | os.PathLike", folder: "str | os.PathLike", labels: str, seed: int,
