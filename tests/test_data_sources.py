@@ -244,3 +244,16 @@ def test_dataset_errors_are_clear(digits, tmp_path):
         optimize(MODEL, output=tmp_path / "o.onnx", train=TensorDataset(x, x, x), val=TensorDataset(x))
     with pytest.raises(DataError, match="Dataset or DataLoader"):
         optimize(MODEL, output=tmp_path / "o.onnx", train=[1, 2], val=TensorDataset(x))
+
+
+def test_dataset_fingerprints_resume_only_on_the_same_data(digits):
+    x, y = (torch.from_numpy(a) for a in digits)
+
+    def identity(train, val):
+        return load_problem(MODEL, DataSources(train=train, val=val), "auto", 0, 0.2, 0.2).identity[1]["datasets.sha256"]
+
+    train, val = TensorDataset(x[:500], y[:500]), TensorDataset(x[500:700], y[500:700])
+    shuffled = identity(DataLoader(train, batch_size=32, shuffle=True), val)
+    assert np.array_equal(shuffled, identity(DataLoader(train, batch_size=32, shuffle=True), val))  # any order
+    assert not np.array_equal(shuffled, identity(train, val))                    # a Dataset, not a loader
+    assert not np.array_equal(identity(train, val), identity(TensorDataset(x[1:501], y[1:501]), val))

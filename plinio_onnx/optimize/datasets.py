@@ -17,7 +17,9 @@ with an optional ``y``; without ``y`` the model is distilled from the input mode
 
 The task, the input shapes and the model probe are decided on the first batch of ``train``;
 NaN/Inf and out-of-range class labels are checked as the batches are read. The splits are the
-caller's: ``test`` (optional) is used only for the report's test metrics.
+caller's: ``test`` (optional) is used only for the report's test metrics. The checkpoint's
+fingerprint holds each split's kind, size and first items (not the whole data set): rerun with
+the same splits, a run resumes.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, default_collate
 
 from ..data import input_arrays
 from ..errors import DataError
@@ -172,7 +174,8 @@ def prepare_datasets(model: "str | os.PathLike", train, val, test, labels: str) 
                       for d, s, name in zip((train, val, test), splits, ("train", "val", "test")) if s is not None)
     note = (f"data: {kinds}; task, input shapes and the model probe from the first {len(inputs[0])} samples "
             "of train; NaN/Inf checked as the batches are read" + ("" if test is not None else "; no test data"))
-    return Problem(base, task, splits[0], splits[1], splits[2], input_names, _identity(splits, sample),
+    given = [(name, data) for name, data in (("train", train), ("val", val), ("test", test)) if data is not None]
+    return Problem(base, task, splits[0], splits[1], splits[2], input_names, _identity(given, input_names),
                    "train", shapes_note, note)
 
 
@@ -187,13 +190,18 @@ def _first_batch(data) -> Any:
     raise DataError(f"train= is a {type(data).__name__}; give a torch Dataset or DataLoader")
 
 
-def _identity(splits: list[Split | None], sample: dict[str, np.ndarray]) -> tuple:
-    """What the checkpoint's fingerprint hashes: the splits' kinds and sizes and the first batch
-    (a Dataset cannot be hashed whole; a resumed run trusts it is the same data)."""
+def _identity(given: list, input_names: list[str]) -> tuple:
+    """What the checkpoint's fingerprint hashes: each split's kind and size and its data set's
+    first items (map-style; an iterable one: its kind and size only). A Dataset is not hashed
+    whole: a resumed run trusts that it holds the same data."""
     digest = hashlib.sha256()
-    for split in splits:
-        digest.update(f"{type(split).__name__}:{len(split) if split is not None else -1};".encode())
-    for name in sorted(sample):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(sample[name]).tobytes())
+    for name, data in given:
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        size = len(dataset) if hasattr(dataset, "__len__") else -1
+        digest.update(f"{name}:{type(data).__name__}:{size};".encode())
+        if size > 0 and not isinstance(dataset, IterableDataset):
+            arrays = batch_arrays(default_collate([dataset[i] for i in range(min(size, 16))]), input_names, name)
+            for key in sorted(arrays):
+                digest.update(key.encode())
+                digest.update(np.ascontiguousarray(arrays[key]).tobytes())
     return {}, {"datasets.sha256": np.frombuffer(digest.digest(), np.uint8)}

@@ -247,7 +247,7 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
     return Report(
         model=model, output=output, method=method.name, task=problem.task.kind, metric=problem.task.metric,
         cost=config.cost_name, target=target, strength=search_info.get("strength"),
-        splits={"train": len(problem.train), "val": len(problem.val), "test": len(problem.test or ())},
+        splits={"train": len(problem.train), "val": len(problem.val), "test": len(problem.test) if problem.test is not None else 0},
         before={"params": int(base.params), "macs": int(base.macs), "test": before_test},
         after={"params": int(cost_total(final, params_cost)), "macs": int(cost_total(final, macs_cost)),
                "test": after_test},
