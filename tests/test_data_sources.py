@@ -65,13 +65,33 @@ def _same_run(a, a_out, b, b_out):
         assert getattr(a, key) == getattr(b, key), key     # equal, not close
 
 
-def test_four_npz_shards_give_the_single_npz_result(reference, digits, tmp_path, monkeypatch):
+def test_four_npz_shards_give_the_single_npz_result_and_never_read_test_rows(reference, digits, tmp_path,
+                                                                              monkeypatch):
     folder = _write_shards(tmp_path / "shards", *digits)
     monkeypatch.setattr(streams, "WINDOW_BYTES", 4096)      # a window per batch: many shard reads
+    read: list[np.ndarray] = []
+    reporting = []
+    original_rows, original_scores = ShardSet.rows, flow.split_ort_scores
+
+    def rows(self, index, names, check=None):
+        if not reporting:
+            read.append(np.asarray(index))
+        return original_rows(self, index, names, check)
+
+    def scores(*args, **kwargs):                            # the report's test metrics
+        reporting.append(True)
+        return original_scores(*args, **kwargs)
+
+    monkeypatch.setattr(ShardSet, "rows", rows)
+    monkeypatch.setattr(flow, "split_ort_scores", scores)
     out = tmp_path / "shards.onnx"
     report = optimize(MODEL, folder, output=out, **FAST)
     _same_run(*reference, report, out)
     assert any("4 .npz shards" in note and "first 256 samples of shard_000.npz" in note for note in report.notes)
+    problem = load_problem(MODEL, DataSources(folder), "auto", 0, 0.2, 0.2)
+    seen = np.unique(np.concatenate(read))
+    assert len(seen) == len(problem.train) + len(problem.val)
+    assert not np.intersect1d(seen, problem.test.indices).size
 
 
 def test_memory_mapped_npy_folder_gives_the_single_npz_result(reference, digits, tmp_path):
@@ -113,30 +133,6 @@ def test_every_layout_reads_the_rows_of_one_array(digits, tmp_path):
         np.testing.assert_array_equal(shards.column("y"), y)
     assert open_shards(npz).shards[0].arrays["x"].offset is not None          # savez: memory-mapped
     assert open_shards(npz).shards[1].arrays["x"].offset is None              # compressed: read whole
-
-
-def test_the_search_never_reads_the_test_split(digits, tmp_path, monkeypatch):
-    folder = _write_shards(tmp_path / "shards", *digits)
-    read: list[np.ndarray] = []
-    reporting = []
-    original_rows, original_scores = ShardSet.rows, flow.split_ort_scores
-
-    def rows(self, index, names, check=None):
-        if not reporting:
-            read.append(np.asarray(index))
-        return original_rows(self, index, names, check)
-
-    def scores(*args, **kwargs):
-        reporting.append(True)
-        return original_scores(*args, **kwargs)
-
-    monkeypatch.setattr(ShardSet, "rows", rows)
-    monkeypatch.setattr(flow, "split_ort_scores", scores)
-    optimize(MODEL, folder, output=tmp_path / "o.onnx", **FAST)
-    problem = load_problem(MODEL, DataSources(folder), "auto", 0, 0.2, 0.2)
-    seen = np.unique(np.concatenate(read))
-    assert len(seen) == len(problem.train) + len(problem.val)
-    assert not np.intersect1d(seen, problem.test.indices).size
 
 
 def test_streamed_distillation_targets_are_the_teachers_outputs(digits, tmp_path):
