@@ -216,7 +216,16 @@ def test_torch_dataset_and_dataloader_with_workers_end_to_end(digits, tmp_path):
     train, val, test = TensorDataset(x[:1100], y[:1100]), TensorDataset(x[1100:1450], y[1100:1450]), \
         TensorDataset(x[1450:], y[1450:])
     first = optimize(MODEL, output=tmp_path / "a.onnx", train=train, val=val, test=test, **options)
-    again = optimize(MODEL, output=tmp_path / "b.onnx", train=train, val=val, test=test, **options)
+
+    def interrupt(phase, epoch, info):
+        if phase == "search" and epoch == 1:
+            raise KeyboardInterrupt
+
+    resumable = {**options, "checkpoint_dir": None}
+    with pytest.raises(KeyboardInterrupt):
+        optimize(MODEL, output=tmp_path / "b.onnx", train=train, val=val, test=test, callback=interrupt, **resumable)
+    again = optimize(MODEL, output=tmp_path / "b.onnx", train=train, val=val, test=test, **resumable)
+    assert again.resumed
     assert _sha(tmp_path / "a.onnx") == _sha(tmp_path / "b.onnx")        # the run's seed batches a Dataset
     assert first.splits == {"train": 1100, "val": 350, "test": 347} and first.after["test"]["accuracy"] > 0.5
     assert first.after["params"] <= 0.5 * first.before["params"]
