@@ -33,6 +33,7 @@ def canonicalize(graph: Graph, *, tied: str = "copy") -> Graph:
     _fold_constants(g)
     _remove_identities(g)
     g.cleanup(remove_unused_graph_inputs=False).toposort()
+    _name_nodes(g)
     return graph
 
 
@@ -104,3 +105,24 @@ def _remove_identities(g: gs.Graph) -> None:
                 consumer.inputs = [src if t is dst else t for t in consumer.inputs]
         node.inputs.clear()
         node.outputs.clear()
+
+
+def _name_nodes(g: gs.Graph) -> None:
+    """Give every node a unique name: passes, records and error messages address nodes by name,
+    and exporters may leave names empty or repeat them (``OP_k``, avoiding names in use)."""
+    taken = {node.name for node in g.nodes if node.name}
+    seen: set[str] = set()
+    counts: dict[str, int] = {}
+    for node in g.nodes:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        stem = node.name or node.op
+        while True:
+            counts[stem] = counts.get(stem, 0) + 1
+            name = f"{stem}_{counts[stem]}"
+            if name not in taken:
+                break
+        node.name = name
+        taken.add(name)
+        seen.add(name)

@@ -181,3 +181,20 @@ def test_old_opsets_are_converted():
     from _util import ONNX_DATA
     graph = po.load(ONNX_DATA / "light" / "light_squeezenet.onnx")  # opset 9
     assert graph.opset == 17
+
+
+def test_nameless_and_repeated_node_names_are_made_unique_and_pit_runs(tmp_path):
+    """Exporters may leave node names empty or repeat them; passes address nodes by name."""
+    import onnxruntime as ort
+    proto = onnx.load("models/digits_cnn.onnx")
+    for i, node in enumerate(proto.graph.node):
+        node.name = "" if i % 2 == 0 else "same"
+    names = [node.name for node in po.load(proto).gs.nodes]
+    assert all(names) and len(set(names)) == len(names)
+
+    out = tmp_path / "pruned.onnx"
+    po.PIT(proto, cost="params").export(out)      # every mask starts kept: same function
+    x = np.random.default_rng(0).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    expected = ort.InferenceSession("models/digits_cnn.onnx").run(None, {proto.graph.input[0].name: x})[0]
+    got = ort.InferenceSession(str(out)).run(None, {proto.graph.input[0].name: x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
