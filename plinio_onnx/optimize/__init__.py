@@ -1,7 +1,7 @@
 """`optimize`: warm-up → search → export → fine-tune of an ONNX model on its data.
 
 Modules, in the order a run uses them: `config` (the options, validated once), `methods` (method
-names → searchable-model classes), `data` (task and splits), `checkpoint`, `progress`,
+names → searchable-model classes), `data` (task and splits), `checkpoint`, `progress`, `distributed` (device; ranks under torchrun),
 `training` (what the phases share), `plain` (warm-up, fine-tune), `control` (the cost-target
 controller), `search_phase`, `report`, and `flow` (the run itself).
 """
