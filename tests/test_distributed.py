@@ -13,10 +13,14 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+import plinio_onnx as po
 from plinio_onnx.cli import main as cli_main
 from plinio_onnx.errors import SettingError
-from plinio_onnx.optimize import OptimizeConfig, export_searchable
-from plinio_onnx.optimize.data import index_batches
+from plinio_onnx.optimize import OptimizeConfig, Recipe, adam, export_searchable
+from plinio_onnx.optimize.checkpoint import Checkpoint
+from plinio_onnx.optimize.data import Split, index_batches, prepare
+from plinio_onnx.optimize.progress import Progress
+from plinio_onnx.optimize.training import Run
 from plinio_onnx.optimize.distributed import DUMP_ENV, resolve_device
 
 from _util import MODELS, ROOT
@@ -133,3 +137,26 @@ def test_a_missing_cuda_device_is_one_clear_error(tmp_path, capsys):
 def test_an_unknown_device_name_is_refused():
     with pytest.raises(SettingError, match="unknown device 'gpu'"):
         OptimizeConfig(output="x.onnx", device="gpu")
+
+
+def test_amp_runs_the_forward_in_bfloat16_on_the_cpu_and_keeps_costs_and_parameters_float():
+    problem = prepare(MODEL, DATA, "auto", 0, 0.2, 0.2)
+    model = po.PIT(problem.base.copy(), cost="params")
+    small = Split(*problem.train.head(128))
+    run = Run(Recipe(batch_size=64), problem.task, small, small, Checkpoint(None, ""), Progress(False), 0, amp=True)
+    seen = {}
+
+    def record(module, inputs, output) -> None:
+        seen["output"] = output.dtype
+
+    model.register_forward_hook(record)
+
+    def regularizer():
+        cost = model.cost
+        seen["cost"] = cost.dtype
+        return 1e-9 * cost
+
+    loss = run.train_epoch("search", model, [adam(model.parameters(), lr=1e-3)], 1, 1, regularizer)
+    assert seen == {"output": torch.bfloat16, "cost": torch.float64}
+    assert np.isfinite(loss)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
