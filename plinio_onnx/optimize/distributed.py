@@ -120,9 +120,9 @@ class Distributed:
         return box[0]
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
-        """Rank 0's buffers (batch-norm statistics) on every rank. DDP sends them at the start of
-        every forward, so after an epoch's last step each rank still holds the statistics of its
-        own last batch; this makes validation, checkpoints and the next phase start identical."""
+        """Rank 0's buffers (batch-norm statistics) on every rank, after each training epoch:
+        during the epoch each rank updates them from its own batches (training-mode batch norm
+        does not read them), so validation, checkpoints and the next phase start identical."""
         if self.enabled:
             for buffer in module.buffers():
                 dist.broadcast(buffer.data, src=0)
@@ -131,13 +131,15 @@ class Distributed:
         """``module`` under `DistributedDataParallel` (as it is in a run of its own).
 
         DDP broadcasts rank 0's parameters and buffers once here, so every rank starts from the
-        same values, and averages the gradients over the ranks in every backward pass.
+        same values, and averages the gradients over the ranks in every backward pass. Buffers are
+        not sent at every step but once per epoch (`broadcast_buffers`): the same rank-0
+        statistics in the end, without a broadcast of every constant per step.
         ``find_unused_parameters``: the objective reaches some parameters only in some runs
         (architecture parameters only through the cost, masks of layers a method leaves alone)."""
         if not self.enabled:
             return module
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(module, find_unused_parameters=True)
+        return DistributedDataParallel(module, find_unused_parameters=True, broadcast_buffers=False)
 
     def dump_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Write ``arrays`` to ``$PLINIO_ONNX_RANK_DUMP/rank<R>.npz`` when that variable is set."""
