@@ -121,6 +121,8 @@ class _SearchPhase:
             r, self.target, self.state, steps,
             restore=lambda floor, before: self.model.restore_marginal(self.cost_fn, floor, before),
             snapshot=lambda: self.model.architecture_snapshot())
+        # λ adapts to each step's discrete cost, read on the host: the one device→host copy of a
+        # step on a GPU besides the PIT counts (identical on every rank: the parameters are).
         self.regularizer, self.after_step = self.control.regularizer(self._cost), self.control.after_step
         self.ramp_epochs = math.ceil(r.ramp * self.epochs)
         self.control.settle(self.net_opt, r.lr_net, 0.05)
