@@ -18,6 +18,7 @@ state (`dump_state`) to ``DIR/rank<R>.npz``, so two ranks can be compared array 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import re
 from dataclasses import dataclass, field
@@ -139,7 +140,10 @@ class Distributed:
         if not self.enabled:
             return module
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(module, find_unused_parameters=True, broadcast_buffers=False)
+        # (named forward_sync_buffers since torch 2.13; before, broadcast_buffers)
+        no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(
+            DistributedDataParallel).parameters else "broadcast_buffers"
+        return DistributedDataParallel(module, find_unused_parameters=True, **{no_sync: False})
 
     def dump_state(self, arrays: dict[str, np.ndarray]) -> None:
         """Write ``arrays`` to ``$PLINIO_ONNX_RANK_DUMP/rank<R>.npz`` when that variable is set."""
