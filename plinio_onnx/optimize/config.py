@@ -104,7 +104,8 @@ class OptimizeConfig:
     exclusive; a target is an absolute number or a percentage string of the input model's cost.
     ``epochs`` is the search budget; ``warmup_epochs`` / ``finetune_epochs`` those of the other
     phases (0 skips a phase). ``checkpoint_dir=False`` disables checkpoints.
-    ``callback(phase, epoch, info)`` is called after every completed (and checkpointed) epoch.
+    ``callback(phase, epoch, info)`` is called after every completed (and checkpointed) epoch
+    (under torchrun on every rank, with the same ``info``).
     ``threads``: torch CPU threads during the run (default: 1 for small models or a busy machine,
     else the idle cores). ``device``: "auto", "cpu", "cuda" or "cuda:N"; ``amp``: mixed precision
     in the forward pass. Neither is part of a checkpoint's fingerprint: a run searched on one
@@ -139,7 +140,8 @@ class OptimizeConfig:
     labels: str = _option("auto", "--labels", metavar="MODE",
                           help="auto (default), classification, regression or distill (match the input "
                                "model's outputs; the default without y)")
-    batch_size: int | None = _option(None, "--batch-size", type=int, metavar="N", help="batch size (default 32)")
+    batch_size: int | None = _option(None, "--batch-size", type=int, metavar="N",
+                                     help="batch size (default 32); under torchrun, per process")
     seed: int = _option(0, "--seed", type=int, metavar="N",
                         help="seed of the splits and the shuffling (default 0)")
     checkpoint_dir: "str | os.PathLike | None | bool" = _option(

@@ -61,7 +61,8 @@ def _searched(problem, method: str, device: torch.device):
 def test_cuda_and_cpu_export_the_same_architecture(problem, method):
     on_cpu, cpu_cost = _searched(problem, method, torch.device("cpu"))
     on_gpu, gpu_cost = _searched(problem, method, CUDA)
-    assert gpu_cost == cpu_cost
+    # PIT counts are integers (exact); MPS / SuperNet weigh them by float32 softmaxes.
+    assert gpu_cost == pytest.approx(cpu_cost, rel=1e-6)
     assert on_gpu.architecture() == on_cpu.architecture()
     a, b = on_cpu.export().to_onnx(), on_gpu.export().to_onnx()
     assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
