@@ -50,6 +50,10 @@ Every completed epoch is checkpointed in ``checkpoint_dir`` (default ``OUT.ckpt/
 `plinio_onnx.optimize.checkpoint`): the ONNX graphs (the searchable one in the search phase),
 optimizer state as ``.npz`` and a small ``state.json``; rerunning the same command resumes from
 the last completed epoch.
+
+The run computes on ``device`` (`plinio_onnx.optimize.distributed`); under ``torchrun`` every
+rank trains on its share of the batches with DistributedDataParallel and only rank 0 writes the
+checkpoint, the output and the report (the other ranks return the same `Report`).
 """
 from __future__ import annotations
 
