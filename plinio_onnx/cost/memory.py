@@ -100,7 +100,8 @@ class MemoryPlan:
         """The peak activation memory in bytes (a tensor when any input is one)."""
         totals = self.live_bytes(channels, bits, default_bits)
         if any(isinstance(t, torch.Tensor) for t in totals):
-            return torch.stack([torch.as_tensor(t, dtype=torch.float64) for t in totals]).max()
+            device = next(t for t in totals if isinstance(t, torch.Tensor)).device
+            return torch.stack([torch.as_tensor(t, dtype=torch.float64, device=device) for t in totals]).max()
         return max(totals)
 
     def live_at(self, step: int) -> list[str]:

@@ -367,7 +367,7 @@ class ActQuantizer(torch.nn.Module):
             p = int(alpha.argmax())
             if not (torch.is_grad_enabled() and (x.requires_grad or clip.requires_grad)):
                 return act_fake_quant(x, clip[p:p + 1], self.bits[p], self.signed)
-            one = torch.ones(1, dtype=x.dtype)
+            one = torch.ones(1, dtype=x.dtype, device=x.device)
             y = _MixedActQuant.apply(x, one, clip[p:p + 1], (self.bits[p],), self.signed, self._scratch, True)
             return y, act_scale(clip[p:p + 1], self.bits[p], self.signed)
         theta = choice_weights(alpha, temperature, self.sampling, True)
@@ -384,7 +384,7 @@ class WeightQuantizer(torch.nn.Module):
         self.bits, self.axis, self.reduce_axes, self.sampling = tuple(bits), axis, list(reduce_axes), sampling
 
     def forward(self, weight, alpha, temperature):
-        table = torch.tensor(self.bits, dtype=weight.dtype)
+        table = torch.tensor(self.bits, dtype=weight.dtype, device=weight.device)
         rank = weight.dim()
         if not self.training or self.sampling == FIXED:
             bits = broadcast_bits(table[alpha.argmax(0)], rank, self.axis)

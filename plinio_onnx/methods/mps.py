@@ -150,8 +150,8 @@ class MPS(relaxation.Annealed, SearchableModel):
         layer = self._layers.get(node)
         if layer is None:
             return None
-        table = torch.tensor(layer.bits, dtype=torch.float64)
         theta = self._theta(self.tensor(layer.alpha)).to(torch.float64)
+        table = torch.tensor(layer.bits, dtype=torch.float64, device=theta.device)
         expected = (theta * (table[:, None] if theta.dim() == 2 else table)).sum(0)
         if expected.dim() == 0:
             return expected
@@ -167,8 +167,8 @@ class MPS(relaxation.Annealed, SearchableModel):
         if layer is None:
             return None
         act = self._activations[layer.activation]
-        table = torch.tensor(act.bits, dtype=torch.float64)
-        return (self._theta(self.tensor(act.alpha)).to(torch.float64) * table).sum()
+        theta = self._theta(self.tensor(act.alpha)).to(torch.float64)
+        return (theta * torch.tensor(act.bits, dtype=torch.float64, device=theta.device)).sum()
 
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:
         if self.pit is not None:

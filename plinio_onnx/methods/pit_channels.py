@@ -201,7 +201,7 @@ class PITChannels:
         theta_beta = torch.cumsum(fn._theta(beta), 0)
         theta_gamma = gamma_map.to(beta.dtype) @ fn._theta(gamma)
         taps_per_level = gamma_map.to(beta.dtype).sum(1)
-        positions = torch.arange(1, beta.numel() + 1, dtype=beta.dtype)
+        positions = torch.arange(1, beta.numel() + 1, dtype=beta.dtype, device=beta.device)
         if beta.numel() == 1:
             theta_beta = theta_beta.expand_as(theta_gamma)
             positions = torch.ones_like(theta_gamma)
@@ -244,10 +244,11 @@ class PITChannels:
         kept_in, kept_out = vectors if vectors is not None else (None, None)
         if kept_in is None and kept_out is None:
             return None
+        device = (kept_in if kept_in is not None else kept_out).device
         per_in = (kept_in.view(groups, -1).sum(1) if kept_in is not None
-                  else torch.full((groups,), spec.in_channels / groups, dtype=torch.float64))
+                  else torch.full((groups,), spec.in_channels / groups, dtype=torch.float64, device=device))
         per_out = (kept_out.view(groups, -1).sum(1) if kept_out is not None
-                   else torch.full((groups,), spec.out_channels / groups, dtype=torch.float64))
+                   else torch.full((groups,), spec.out_channels / groups, dtype=torch.float64, device=device))
         return groups * (per_in * per_out).sum() / out_channels
 
     def _kept_vector(self, gids: list, channels: list) -> torch.Tensor | None:
@@ -260,10 +261,12 @@ class PITChannels:
         for start, end in zip(bounds[:-1], bounds[1:]):
             gid = int(gids[start])
             if self._alpha.get(gid) is None:
-                pieces.append(torch.ones(end - start, dtype=torch.float64))
+                pieces.append(end - start)   # unsearched: all kept (ones on the masks' device below)
             else:
                 pieces.append(self._group_vector(gid)[torch.as_tensor(channels[start:end])])
-        return torch.cat(pieces)
+        device = next(p for p in pieces if isinstance(p, torch.Tensor)).device
+        return torch.cat([torch.ones(p, dtype=torch.float64, device=device) if isinstance(p, int) else p
+                          for p in pieces])
 
     # -- costs --------------------------------------------------------------------------------
     def compiled(self, cost: CostFn, specs) -> CompiledCost | None:
@@ -305,7 +308,8 @@ class PITChannels:
         if not self.discrete_cost:
             values = [self._count(self.tensor(self._alpha[k[1]][0])) if k[0] == "group" else
                       self._kernel(k[1], self._time[k[1]]) for k in compiled.keys]
-            return compiled(torch.stack(values + [torch.ones((), dtype=torch.float64)]))
+            one = torch.ones((), dtype=torch.float64, device=values[0].device if values else None)
+            return compiled(torch.stack(values + [one]))
         entry = self._count_plans.get((compiled, self.threshold))
         if entry is None:
             entry = self._count_plans[(compiled, self.threshold)] = self._count_plan(compiled)

@@ -3,6 +3,7 @@
 Modules, in the order a run uses them: `config` (the options, validated once), `methods` (method
 names → searchable-model classes), `data` (task and splits), `sources` (the data given: one
 .npz, `shards`/`streams` for a folder of shards, `datasets` for torch data), `checkpoint`, `progress`,
+`distributed` (device; ranks under torchrun),
 `training` (what the phases share), `plain` (warm-up, fine-tune), `control` (the cost-target
 controller), `search_phase`, `report`, and `flow` (the run itself).
 """

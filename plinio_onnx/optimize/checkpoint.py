@@ -54,10 +54,15 @@ class Checkpoint:
 
     Files are written first, ``state.json`` (which names them) last and atomically, so a run killed
     at any moment leaves the previous consistent state; files no longer named are removed.
+
+    ``writer=False`` (the ranks other than 0 of a data-parallel run): the folder is only read —
+    the state and files rank 0 wrote before this run — and what this process saves is kept in
+    memory under the same names (every rank saves the same values; rank 0 writes them).
     """
 
-    def __init__(self, folder: Path | None, fingerprint: str) -> None:
+    def __init__(self, folder: Path | None, fingerprint: str, writer: bool = True) -> None:
         self.folder = folder
+        self.writer = writer
         self.fingerprint = fingerprint
         self.state: dict[str, Any] = {"version": STATE_VERSION, "fingerprint": fingerprint, "phases": {}}
         self.resumed = False
@@ -74,8 +79,9 @@ class Checkpoint:
             return
         if self.folder.exists() and not self.folder.is_dir():
             raise PlinioOnnxError("the checkpoint path exists and is not a folder", file=str(self.folder))
-        self.folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.folder)   # of a killed run; the caller holds the folder's lock
+        if self.writer:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.folder)   # of a killed run; the caller holds the folder's lock
         path = self.folder / "state.json"
         if path.is_file():
             try:
@@ -107,20 +113,24 @@ class Checkpoint:
                 del self.state["phases"][name]
         return dropped
 
+    @property
+    def _writes(self) -> bool:
+        return self.enabled and self.writer
+
     def save_graph(self, graph: Graph, name: str) -> str:
-        if self.enabled:
+        if self._writes:
             graph.save(self.folder / name)
         else:
             self._memory[name] = graph.to_onnx(check=False)
         return name
 
     def load_graph(self, name: str) -> Graph:
-        if self.enabled:
-            return load(self.folder / name)
-        return load(self._memory[name])
+        if name in self._memory or not self.enabled:
+            return load(self._memory[name])
+        return load(self.folder / name)
 
     def save_arrays(self, arrays: dict[str, np.ndarray], name: str) -> str:
-        if not self.enabled:
+        if not self._writes:
             self._memory[name] = {k: np.array(v) for k, v in arrays.items()}
             return name
         with atomic_path(self.folder / name) as tmp, open(tmp, "wb") as handle:
@@ -128,7 +138,7 @@ class Checkpoint:
         return name
 
     def load_arrays(self, name: str) -> dict[str, np.ndarray]:
-        if not self.enabled:
+        if name in self._memory or not self.enabled:
             return dict(self._memory[name])
         path = self.folder / name
         try:
@@ -146,9 +156,9 @@ class Checkpoint:
             for key, value in rec.items():
                 if key.endswith("_file") and value:
                     referenced.add(value)
-        if not self.enabled:
-            for name in [n for n in self._memory if n not in referenced]:
-                del self._memory[name]
+        for name in [n for n in self._memory if n not in referenced]:
+            del self._memory[name]
+        if not self._writes:
             return
         write_text(self.folder / "state.json", dumps(self.state, indent=1))
         for entry in self.folder.iterdir():
@@ -263,6 +273,6 @@ def load_optimizer(optimizer: torch.optim.Optimizer, arrays: dict[str, np.ndarra
             prefix = f"p{i}."
             state = {}
             for key, value in arrays.items():
-                if key.startswith(prefix):
-                    state[key[len(prefix):]] = torch.from_numpy(np.array(value))
+                if key.startswith(prefix):   # on the parameter's device (fused Adam keeps its step there)
+                    state[key[len(prefix):]] = torch.from_numpy(np.array(value)).to(p.device)
             optimizer.state[p] = state

@@ -16,6 +16,7 @@ import numpy as np
 from ..cost import BY_NAME
 from ..errors import PlinioOnnxError
 from .data import TASKS
+from .distributed import check_device_name
 from .methods import Method, get_method
 
 __all__ = ["OptimizeConfig", "Recipe", "cli_arguments", "parse_amount"]
@@ -103,9 +104,12 @@ class OptimizeConfig:
     exclusive; a target is an absolute number or a percentage string of the input model's cost.
     ``epochs`` is the search budget; ``warmup_epochs`` / ``finetune_epochs`` those of the other
     phases (0 skips a phase). ``checkpoint_dir=False`` disables checkpoints.
-    ``callback(phase, epoch, info)`` is called after every completed (and checkpointed) epoch.
+    ``callback(phase, epoch, info)`` is called after every completed (and checkpointed) epoch
+    (under torchrun on every rank, with the same ``info``).
     ``threads``: torch CPU threads during the run (default: 1 for small models or a busy machine,
-    else the idle cores). Invalid combinations raise `PlinioOnnxError` on construction.
+    else the idle cores). ``device``: "auto", "cpu", "cuda" or "cuda:N"; ``amp``: mixed precision
+    in the forward pass. Neither is part of a checkpoint's fingerprint: a run searched on one
+    device (or number of processes) resumes on another. Invalid combinations raise `PlinioOnnxError` on construction.
     """
 
     output: "str | os.PathLike" = _option(MISSING, "-o", "--output", metavar="OUT.onnx", required=True,
@@ -136,7 +140,8 @@ class OptimizeConfig:
     labels: str = _option("auto", "--labels", metavar="MODE",
                           help="auto (default), classification, regression or distill (match the input "
                                "model's outputs; the default without y)")
-    batch_size: int | None = _option(None, "--batch-size", type=int, metavar="N", help="batch size (default 32)")
+    batch_size: int | None = _option(None, "--batch-size", type=int, metavar="N",
+                                     help="batch size (default 32); under torchrun, per process")
     seed: int = _option(0, "--seed", type=int, metavar="N",
                         help="seed of the splits and the shuffling (default 0)")
     checkpoint_dir: "str | os.PathLike | None | bool" = _option(
@@ -144,6 +149,13 @@ class OptimizeConfig:
     threads: int | None = _option(None, "--threads", type=int, metavar="N",
                                   help="torch CPU threads (default: 1 for small models or a busy machine, "
                                        "else the idle cores)")
+    device: str = _option("auto", "--device", metavar="DEV",
+                          help="where the search computes: auto (default: a CUDA GPU when torch sees one, "
+                               "else the CPU), cpu, cuda or cuda:N; under torchrun, cuda is each rank's GPU")
+    amp: bool = _option(False, "--amp", action="store_true",
+                        help="automatic mixed precision for the forward pass (float16 with gradient "
+                             "scaling on CUDA, bfloat16 on the CPU); costs and architecture parameters "
+                             "stay float32/float64")
     quiet: bool = _option(False, "--quiet", action="store_true", help="no progress bars and no summary")
     progress: bool = _option(True)
     recipe: Recipe | None = _option()
@@ -164,6 +176,7 @@ class OptimizeConfig:
         if Path(self.output).suffix != ".onnx":
             raise PlinioOnnxError("the output file name must end in .onnx", file=str(self.output))
         self._check_cost(method)
+        check_device_name(self.device)
 
     def _check_cost(self, method: Method) -> None:
         if self.target_params is not None and self.target_macs is not None:

@@ -50,9 +50,14 @@ Every completed epoch is checkpointed in ``checkpoint_dir`` (default ``OUT.ckpt/
 `plinio_onnx.optimize.checkpoint`): the ONNX graphs (the searchable one in the search phase),
 optimizer state as ``.npz`` and a small ``state.json``; rerunning the same command resumes from
 the last completed epoch.
+
+The run computes on ``device`` (`plinio_onnx.optimize.distributed`); under ``torchrun`` every
+rank trains on its share of the batches with DistributedDataParallel and only rank 0 writes the
+checkpoint, the output and the report (the other ranks return the same `Report`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
@@ -71,9 +76,10 @@ from ..graph import Graph
 from ..load import load
 from ..sync import sync
 from ..to_torch import to_torch
-from .checkpoint import Checkpoint, fingerprint
+from .checkpoint import Checkpoint, dumps, fingerprint
 from .config import OptimizeConfig, Recipe
 from .data import Problem, split_ort_scores
+from .distributed import Distributed, start
 from .lock import RunLock
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
@@ -101,10 +107,12 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
     """
     config = replace(config, **options) if config is not None else OptimizeConfig(**options)
     previous = torch.get_num_threads()
+    dist = start(config.device)
     try:
-        return _optimize(model, DataSources(data, train, val, test), config)
+        return _optimize(model, DataSources(data, train, val, test), config, dist)
     finally:
         torch.set_num_threads(previous)
+        dist.close()
 
 
 @dataclass
@@ -118,33 +126,72 @@ class _Base:
     min_cost: float | None  # the cheapest architecture the method reaches (with a target)
 
 
-def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeConfig) -> Report:
+def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeConfig, dist: Distributed) -> Report:
     started = time.perf_counter()
     method = config.search_method
     model_path, output = Path(model), Path(config.output)
     _check_output(model_path, output, config)
+    dist.barrier()   # every rank has probed the folders before rank 0 tidies them
     torch.manual_seed(config.seed)
     recipe = config.recipe_with_overrides
     problem = load_problem(model_path, data, config.labels, config.seed, recipe.test_fraction, recipe.val_fraction)
     base = _base_costs(problem.base, config, method)
-    torch.set_num_threads(choose_threads(config.threads, base.macs, recipe.batch_size))
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world) or 1)
+    torch.set_num_threads(choose_threads(config.threads, base.macs, recipe.batch_size, local_processes))
     if recipe.warmup_epochs is None:
         recipe = replace(recipe, warmup_epochs=0 if problem.task.kind == "distill" else 100)
     report_json, report_md, folder = config.output_files()
-    with RunLock(folder / "lock" if folder else output.parent / f".{output.name}.lock"):
-        remove_stale_temporaries(output.parent, {output.name, report_json.name, report_md.name})
-        ckpt, bar = _open_checkpoint(config, model_path, problem, recipe, base.target)
-        run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback)
+    lock = RunLock(folder / "lock" if folder else output.parent / f".{output.name}.lock") if dist.is_main \
+        else contextlib.nullcontext()
+    with lock:
+        if dist.is_main:
+            remove_stale_temporaries(output.parent, {output.name, report_json.name, report_md.name})
+        ckpt, bar = _open_checkpoint(config, model_path, problem, recipe, base.target, dist.is_main)
+        dist.barrier()   # rank 0 has opened the checkpoint before anyone trains
+        run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback,
+                  dist=dist, amp=config.amp)
         try:
-            warmed, final, phases = _phases(run, method, problem.base, config, base)
+            warmed, searched, final, phases = _phases(run, method, problem.base, config, base)
         finally:
             bar.stop()
-        _save_output(final, model_path, output, config, base.target)
-        report = _report(config, method, model_path, problem, base, warmed, final, phases, ckpt, started)
-        report.write(report_json, report_md)
-    if not config.quiet:
+        _dump_state(dist, searched, final)
+        devices = dist.gather(str(dist.device))
+
+        def write() -> Report:
+            _save_output(final, model_path, output, config, base.target)
+            report = _report(config, method, model_path, problem, base, warmed, final, phases, ckpt, started)
+            report.world_size, report.devices, report.amp = dist.world, devices, config.amp
+            report.write(report_json, report_md)
+            return report
+
+        report = _on_main(dist, write)
+    if not config.quiet and dist.is_main:
         report.print()
     return report
+
+
+def _on_main(dist: Distributed, work):
+    """``work()`` on rank 0 (writing the output); every rank returns its result, or raises its error."""
+    outcome = None
+    try:
+        if dist.is_main:
+            outcome = ("ok", work())
+    except Exception as err:
+        dist.broadcast(("error", f"{type(err).__name__}: {err}"))
+        raise
+    status, value = dist.broadcast(outcome)
+    if status == "error":
+        raise PlinioOnnxError(f"rank 0 failed to write the output ({value})")
+    return value
+
+
+def _dump_state(dist: Distributed, searched, final: Graph) -> None:
+    """This rank's final state (`Distributed.dump_state`, for comparing ranks): the chosen
+    searchable model's state, its architecture (as JSON text) and the final graph's weights."""
+    arrays = {f"search/{k}": v.detach().cpu().numpy() for k, v in searched.state_dict().items()}
+    arrays.update({f"final/{k}": np.asarray(v.values) for k, v in final.initializers().items()})
+    arrays["architecture"] = np.array(dumps(searched.architecture(), indent=None))
+    dist.dump_state(arrays)
 
 
 def _check_output(model_path: Path, output: Path, config: OptimizeConfig) -> None:
@@ -183,15 +230,17 @@ def _base_costs(graph: Graph, config: OptimizeConfig, method: Method) -> _Base:
 
 
 def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem, recipe: Recipe,
-                     target: float | None) -> tuple[Checkpoint, Progress]:
-    """The run's checkpoint (resumed when the same command made it) and progress display."""
+                     target: float | None, main: bool = True) -> tuple[Checkpoint, Progress]:
+    """The run's checkpoint (resumed when the same command made it) and progress display (on
+    rank 0 of a data-parallel run; the other ranks only read the checkpoint and stay quiet)."""
     folder = config.output_files()[2]
-    ckpt = Checkpoint(folder, fingerprint(model_path, *problem.identity, config.fingerprint(recipe, target)))
+    ckpt = Checkpoint(folder, fingerprint(model_path, *problem.identity, config.fingerprint(recipe, target)),
+                      writer=main)
     ckpt.open()
     dropped = ckpt.keep_budgets({"warmup": recipe.warmup_epochs, "search": recipe.search_epochs,
                                  "finetune": recipe.finetune_epochs})
     ckpt.resumed = bool(ckpt.state["phases"])
-    bar = Progress(config.progress and not config.quiet, notes=not config.quiet)
+    bar = Progress(main and config.progress and not config.quiet, notes=main and not config.quiet)
     if dropped:
         bar.note(f"epoch budget changed: redoing {', '.join(dropped)}")
     if ckpt.discarded:
@@ -201,9 +250,9 @@ def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem,
     return ckpt, bar
 
 
-def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base: _Base
-            ) -> tuple[Graph, Graph, dict]:
-    """Warm-up, search, export and fine-tune: (the warmed-up graph, the final graph, phase summaries)."""
+def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base: _Base):
+    """Warm-up, search, export and fine-tune: (the warmed-up graph, the chosen searchable model,
+    the final graph, phase summaries)."""
     warmed, warm_info = train_plain(run, "warmup", graph, run.recipe.warmup_epochs)
     searched, search_info = search(run, method, warmed, config.cost_fn, config.strength, base.target, base.cost)
     exported = searched.export()
@@ -211,7 +260,7 @@ def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base
         final, fine_info = train_plain(run, "finetune", exported, run.recipe.finetune_epochs)
     else:
         final, fine_info = exported, {"epochs": 0, "note": "trained during the search (quantized)"}
-    return warmed, final, {"warmup": warm_info, "search": search_info, "finetune": fine_info}
+    return warmed, searched, final, {"warmup": warm_info, "search": search_info, "finetune": fine_info}
 
 
 def _save_output(final: Graph, model_path: Path, output: Path, config: OptimizeConfig, target: float | None) -> None:

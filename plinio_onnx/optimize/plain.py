@@ -34,7 +34,7 @@ class _PlainPhase:
         self.epochs = epochs
         self.t0 = time.perf_counter()
         self.graph = run.ckpt.load_graph(rec["current_file"]) if rec else graph.copy()
-        self.module = to_torch(self.graph)
+        self.module = run.place(to_torch(self.graph))
         r = run.recipe
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=r.lr, momentum=r.momentum,
                                          weight_decay=r.weight_decay)

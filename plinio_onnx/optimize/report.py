@@ -37,6 +37,9 @@ class Report:
     seconds: float
     files: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # e.g. input sizes taken from the data
+    world_size: int = 1                              # processes of a data-parallel (torchrun) search
+    devices: list[str] = field(default_factory=lambda: ["cpu"])   # each rank's device, in rank order
+    amp: bool = False                                # mixed precision in the forward pass
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -66,6 +69,8 @@ class Report:
                  f"- {self.headline()}",
                  f"- test metrics measured in ONNX Runtime; 'before' is the input model after warm-up",
                  f"- wall time {self.seconds:.1f} s" + (" (resumed)" if self.resumed else ""),
+                 f"- processes (world_size): {self.world_size}; devices: {', '.join(self.devices)}"
+                 + ("; mixed precision (amp)" if self.amp else ""),
                  *(f"- note: {note}" for note in self.notes), "",
                  "| | params | MACs | test " + self.metric + " | test loss |", "|---|---:|---:|---:|---:|"]
         for label, d in (("before", self.before), ("after", self.after)):

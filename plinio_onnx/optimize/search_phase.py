@@ -18,7 +18,7 @@ from .checkpoint import load_optimizer, optimizer_arrays, parameter_names
 from .control import TargetControl
 from .methods import Method, tag_method
 from .report import percent
-from .training import Run, adam
+from .training import Run, adam, to_device
 
 __all__ = ["search"]
 
@@ -30,7 +30,9 @@ def search(run: Run, method: Method, warmed: Graph, cost_fn, strength: float | N
     rec = run.ckpt.phase("search")
     if rec.get("done"):
         return method.build(run.ckpt.load_graph(rec["best_file"]), cost_fn), rec["info"]
-    return _SearchPhase(run, method, warmed, cost_fn, strength, target, base_cost, rec).search()
+    model, info = _SearchPhase(run, method, warmed, cost_fn, strength, target, base_cost, rec).search()
+    # Export reads float32 values on the CPU, whatever device searched: the same bytes.
+    return model.cpu(), info
 
 
 def _nas_learning_rate(run: Run, model, epochs: int) -> float:
@@ -39,7 +41,7 @@ def _nas_learning_rate(run: Run, model, epochs: int) -> float:
     r = run.recipe
     if r.lr_nas:
         return r.lr_nas
-    steps_per_epoch = run.train.num_batches(r.batch_size)
+    steps_per_epoch = run.steps_per_epoch()
     return max(model.nas_lr_floor, min(1e-2, max(5e-4, 1.0 / (r.nas_reach * max(epochs, 1) * steps_per_epoch))))
 
 
@@ -53,11 +55,14 @@ class _SearchPhase:
         self.epochs = run.recipe.search_epochs
         self.t0 = time.perf_counter()
         if rec:
-            self.model = method.build(run.ckpt.load_graph(rec["current_file"]), cost_fn)
+            self.model = run.place(method.build(run.ckpt.load_graph(rec["current_file"]), cost_fn))
         else:
-            self.model = method.build(warmed, cost_fn)
-            self.model.before_search(run.train.head(256)[0])
-        self.lr_nas = _nas_learning_rate(run, self.model, self.epochs)
+            self.model = run.place(method.build(warmed, cost_fn))
+            self.model.before_search(to_device(run.train.head(256)[0], run.device))
+        # Kept in the state: a run resumed with another number of processes (steps per epoch)
+        # goes on at the same rate.
+        self.lr_nas = rec["state"].get("lr_nas") if rec else None
+        self.lr_nas = self.lr_nas or _nas_learning_rate(run, self.model, self.epochs)
         self._make_optimizers()
         if rec:
             self._resume(rec)
@@ -79,6 +84,9 @@ class _SearchPhase:
         for prefix, optimizer in (("net.", self.net_opt), ("nas.", self.nas_opt)):
             load_optimizer(optimizer, {k[4:]: v for k, v in arrays.items() if k.startswith(prefix)}, self.names)
         self.state = rec["state"]
+        # The schedules count optimizer steps; each completed epoch took `steps_per_epoch` of
+        # them, which depends on the number of processes: a resumed run counts in its own.
+        self.state["step"] = self.state["epoch"] * self.run.steps_per_epoch()
         self.elapsed = rec.get("seconds", 0.0)
         self.rec = rec
 
@@ -90,7 +98,8 @@ class _SearchPhase:
         if strength is None and self.target is None:
             strength = reference / max(initial_cost, 1e-12)
         lam = reference * self.run.recipe.lambda_init if self.target is not None else None
-        self.state = {"epoch": 0, "lam": lam, "step": 0, "strength": strength, "best": None, "best_epoch": None,
+        self.state = {"epoch": 0, "lam": lam, "step": 0, "lr_nas": self.lr_nas, "strength": strength, "best": None,
+                      "best_epoch": None,
                       "met_epoch": None, "initial": initial, "initial_cost": initial_cost, "history": []}
         self.elapsed = 0.0
         self.rec = {}
@@ -107,11 +116,13 @@ class _SearchPhase:
             self.ramp_epochs = 0
             return
         r = self.run.recipe
-        steps = self.epochs * self.run.train.num_batches(r.batch_size)
+        steps = self.epochs * self.run.steps_per_epoch()
         self.control = TargetControl(
             r, self.target, self.state, steps,
             restore=lambda floor, before: self.model.restore_marginal(self.cost_fn, floor, before),
             snapshot=lambda: self.model.architecture_snapshot())
+        # λ adapts to each step's discrete cost, read on the host: the one device→host copy of a
+        # step on a GPU besides the PIT counts (identical on every rank: the parameters are).
         self.regularizer, self.after_step = self.control.regularizer(self._cost), self.control.after_step
         self.ramp_epochs = math.ceil(r.ramp * self.epochs)
         self.control.settle(self.net_opt, r.lr_net, 0.05)
@@ -180,7 +191,7 @@ class _SearchPhase:
         forced onto the target; returns whether it was forced."""
         ckpt, rec = self.run.ckpt, self.rec
         if self.state["best_epoch"] is not None:
-            self.model = self.method.build(ckpt.load_graph(rec["best_file"]), self.cost_fn)
+            self.model = self.run.place(self.method.build(ckpt.load_graph(rec["best_file"]), self.cost_fn))
             return False
         if self.target is not None:
             if not self.model.enforce_target(self.cost_fn, self.target):

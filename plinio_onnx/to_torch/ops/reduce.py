@@ -151,7 +151,7 @@ def _reduce_at_run_time(x, axes, keepdim: bool, noop: bool, op: str):
         empty = _empty_value(op, x.dtype)
         if empty is not None:
             shape = [1 if i in dims else n for i, n in enumerate(x.shape) if keepdim or i not in dims]
-            return torch.full(shape, empty, dtype=x.dtype)
+            return torch.full(shape, empty, dtype=x.dtype, device=x.device)
     return _AT_RUN_TIME[op](x, dims, keepdim)
 
 
