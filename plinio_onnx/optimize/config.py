@@ -16,7 +16,7 @@ import numpy as np
 from ..cost import BY_NAME
 from ..errors import PlinioOnnxError
 from .data import TASKS
-from .methods import Method, get_method
+from .methods import Method, default_channel_multiple, get_method
 
 __all__ = ["OptimizeConfig", "Recipe", "cli_arguments", "parse_amount"]
 
@@ -137,6 +137,10 @@ class OptimizeConfig:
                           help="auto (default), classification, regression or distill (match the input "
                                "model's outputs; the default without y)")
     batch_size: int | None = _option(None, "--batch-size", type=int, metavar="N", help="batch size (default 32)")
+    channel_multiple: int | None = _option(
+        None, "--channel-multiple", type=int, metavar="N",
+        help="PIT keeps every pruned layer's channels a multiple of N (pit, pit+mps, supernet+pit; "
+             "default 8: pruned models stay on ONNX Runtime's fast kernels; 1: channel by channel)")
     seed: int = _option(0, "--seed", type=int, metavar="N",
                         help="seed of the splits and the shuffling (default 0)")
     checkpoint_dir: "str | os.PathLike | None | bool" = _option(
@@ -158,12 +162,24 @@ class OptimizeConfig:
             raise PlinioOnnxError("batch size must be at least 1")
         if recipe.warmup_epochs is not None and recipe.warmup_epochs < 0:
             raise PlinioOnnxError("warm-up epochs must not be negative")
+        self._check_channel_multiple(get_method(self.method))
         method = self.search_method
         if self.labels not in TASKS:
             raise PlinioOnnxError(f"unknown labels mode {self.labels!r}; choose from {', '.join(TASKS)}")
         if Path(self.output).suffix != ".onnx":
             raise PlinioOnnxError("the output file name must end in .onnx", file=str(self.output))
         self._check_cost(method)
+
+    def _check_channel_multiple(self, method: Method) -> None:
+        value = self.channel_multiple
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise PlinioOnnxError(f"--channel-multiple must be a positive integer (1: channel by channel), "
+                                  f"got {value!r}")
+        if value > 1 and not method.searches_channels:
+            raise PlinioOnnxError(f"--channel-multiple applies to methods that search channels (pit, pit+mps, "
+                                  f"supernet+pit), not to --method {method.name}")
 
     def _check_cost(self, method: Method) -> None:
         if self.target_params is not None and self.target_macs is not None:
@@ -185,7 +201,13 @@ class OptimizeConfig:
     # -- what the options mean ----------------------------------------------------------------
     @property
     def search_method(self) -> Method:
-        return get_method(self.method)
+        """The method, building its models with `resolved_channel_multiple`."""
+        return get_method(self.method).with_channel_multiple(self.resolved_channel_multiple)
+
+    @property
+    def resolved_channel_multiple(self) -> int:
+        """``channel_multiple``, or the default (`default_channel_multiple`) when it is None."""
+        return default_channel_multiple() if self.channel_multiple is None else int(self.channel_multiple)
 
     @property
     def recipe_with_overrides(self) -> Recipe:
@@ -242,7 +264,15 @@ class OptimizeConfig:
         return {"method": self.search_method.name, "cost": self.cost_name, "strength": self.strength,
                 "target_kind": self.target_kind, "target": target, "labels": self.labels, "seed": self.seed,
                 "batch_size": recipe.batch_size,
-                "recipe": {k: v for k, v in asdict(recipe).items() if not k.endswith("_epochs")}}
+                "recipe": {k: v for k, v in asdict(recipe).items() if not k.endswith("_epochs")},
+                # (absent at 1: checkpoints made before channel blocks searched channel by channel)
+                **({"channel_multiple": self.channel_multiple_of_method}
+                   if self.channel_multiple_of_method != 1 else {})}
+
+    @property
+    def channel_multiple_of_method(self) -> int:
+        """The channel multiple the method searches with (1 for methods without PIT channels)."""
+        return int(self.search_method.options.get("channel_multiple", 1))
 
 
 def cli_arguments() -> list[tuple[tuple[str, ...], dict]]:

@@ -37,6 +37,7 @@ class Report:
     seconds: float
     files: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # e.g. input sizes taken from the data
+    channel_multiple: int | None = None   # PIT's channel blocks (None: the method searches no channels)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -58,6 +59,7 @@ class Report:
     def to_markdown(self) -> str:
         lines = [f"# plinio-onnx optimize: {Path(self.model).name} → {Path(self.output).name}", "",
                  f"- method: {self.method}, cost: {self.cost}"
+                 + (f", channel multiple: {self.channel_multiple}" if self.channel_multiple else "")
                  + (f", target: {self.target['kind']} ≤ {self.target['value']:,.0f} ({self.target['given']})"
                     if self.target else "")
                  + (f", strength: {self.strength:.3g}" if self.strength is not None else ""),
