@@ -206,3 +206,17 @@ def test_cli_flag_end_to_end_on_digits(tmp_path):
                    "-o", tmp_path / "bad.onnx", "--channel-multiple", "0")
     assert refused.returncode != 0 and "--channel-multiple must be a positive integer" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "bad.onnx").exists()
+
+
+def test_searchable_graph_with_blocks_runs_in_onnxruntime(tmp_path):
+    import onnx
+
+    graph = po.load(MODELS / "mobilenetv2_tiny.onnx")
+    model = po.PIT(graph, channel_multiple=16)
+    random_architecture(model, 5, (), (".pit_alpha",), 0.5)
+    model.eval()
+    path = tmp_path / "searchable.onnx"
+    model.searchable_graph().save(path)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    feeds = random_inputs(graph, batch=2, seed=2)
+    assert relative_error(run_torch(model, feeds, ["input"])[0], run_ort(path, feeds)[0]) <= 1e-4
