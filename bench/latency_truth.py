@@ -11,7 +11,8 @@ machine, the time other processes hold the core is not counted (``--clock wall``
 pruned latency (medians over the variants), the latency ratio pruned / original (median and
 worst variant) and the MAC ratio.
 
-    nice python bench/latency_truth.py [--models dscnn resnet8] [--multiples 1 8 16] [--variants 3]
+    nice python bench/latency_truth.py [--models dscnn resnet8] [--multiples 1 8 16] \
+        [--variants 3]
 
 A ratio above 1 means the pruned model is slower than its input. Timings on a shared machine
 stay noisy (caches, frequency): compare ratios of one run, and rerun a model whose worst variant

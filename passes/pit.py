@@ -170,8 +170,8 @@ def _mask_node(g: gs.Graph, prefix: str, node: str, channels: int, block: int, t
                                attrs=attrs, inputs=[alpha], outputs=[mask]))
     else:
         blocks = gs.Constant(f"{prefix}.pit_blocks", pit_keep.block_index(channels, block))
-        g.nodes.append(gs.Node(fn.BLOCK_MASK, name=node.replace("pit_channel_mask", "pit_block_mask"), domain=PLINIO_DOMAIN,
-                               attrs=attrs, inputs=[alpha, blocks], outputs=[mask]))
+        g.nodes.append(gs.Node(fn.BLOCK_MASK, name=node.replace("pit_channel_mask", "pit_block_mask"),
+                               domain=PLINIO_DOMAIN, attrs=attrs, inputs=[alpha, blocks], outputs=[mask]))
     return alpha.name
 
 

@@ -118,6 +118,7 @@ def test_fused_block_masks_equal_the_per_node_functions():
 
     graph = po.load(MODELS / "resnet8.onnx")
     fused, reference = po.PIT(graph, channel_multiple=8), PerNode(graph, channel_multiple=8)
+    assert "block_mask(" not in fused.module.code and "block_mask(" in reference.module.code
     random_architecture(fused, 3, (), (".pit_alpha",), 0.5)
     with torch.no_grad():
         for name in fused.info.mask_parameters():
@@ -220,3 +221,18 @@ def test_searchable_graph_with_blocks_runs_in_onnxruntime(tmp_path):
     onnx.checker.check_model(onnx.load(path), full_check=True)
     feeds = random_inputs(graph, batch=2, seed=2)
     assert relative_error(run_torch(model, feeds, ["input"])[0], run_ort(path, feeds)[0]) <= 1e-4
+
+
+def test_version_2_records_read_as_channel_by_channel():
+    graph = po.passes.pit(po.load(MODELS / "digits_cnn.onnx"))
+    data = json.loads(graph.metadata[PITRecord.KEY])
+    assert data["version"] == PITRecord.VERSION == 3
+    data["version"] = 2
+    for group in data["groups"]:
+        del group["block"]
+    graph.metadata[PITRecord.KEY] = json.dumps(data)
+    record = PITRecord.of(graph)
+    assert [g.block for g in record.groups] == [1] * len(record.groups)
+    assert json.loads(graph.metadata[PITRecord.KEY])["version"] == 3  # upgraded in the graph too
+    model = po.PIT(graph)
+    assert model.kept_channels() == {g.name: (g.size, g.size) for g in record.groups}
