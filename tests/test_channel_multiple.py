@@ -179,10 +179,12 @@ def test_config_default_and_profile_merge():
     assert OptimizeConfig(output="out.onnx", method="pit+mps", channel_multiple=4).search_method.options == \
         {"pit": True, "channel_multiple": 4}
     assert "channel_multiple" not in OptimizeConfig(output="out.onnx", method="mps").search_method.options
-    # checkpoints made channel by channel keep their fingerprint
+    # without a multiple given, the fingerprint is that of earlier releases (a checkpoint resumes
+    # with the blocks its record holds); a multiple given needs a checkpoint made with it
     recipe = config.recipe_with_overrides
+    assert "channel_multiple" not in config.fingerprint(recipe, None)
     assert "channel_multiple" not in OptimizeConfig(output="o.onnx", channel_multiple=1).fingerprint(recipe, None)
-    assert config.fingerprint(recipe, None)["channel_multiple"] == 8
+    assert OptimizeConfig(output="o.onnx", channel_multiple=16).fingerprint(recipe, None)["channel_multiple"] == 16
 
 
 def _cli(*args) -> subprocess.CompletedProcess:

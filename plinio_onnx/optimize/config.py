@@ -265,14 +265,11 @@ class OptimizeConfig:
                 "target_kind": self.target_kind, "target": target, "labels": self.labels, "seed": self.seed,
                 "batch_size": recipe.batch_size,
                 "recipe": {k: v for k, v in asdict(recipe).items() if not k.endswith("_epochs")},
-                # (absent at 1: checkpoints made before channel blocks searched channel by channel)
-                **({"channel_multiple": self.channel_multiple_of_method}
-                   if self.channel_multiple_of_method != 1 else {})}
-
-    @property
-    def channel_multiple_of_method(self) -> int:
-        """The channel multiple the method searches with (1 for methods without PIT channels)."""
-        return int(self.search_method.options.get("channel_multiple", 1))
+                # A channel multiple given (other than 1) needs a checkpoint made with it; without
+                # one, a checkpoint resumes with the channel blocks its PIT record holds (those of
+                # earlier releases: channel by channel), so the fingerprints they wrote still match.
+                **({"channel_multiple": int(self.channel_multiple)}
+                   if self.channel_multiple not in (None, 1) else {})}
 
 
 def cli_arguments() -> list[tuple[tuple[str, ...], dict]]:
