@@ -47,7 +47,7 @@ def _step(module, x, y, parameters):
     return step
 
 
-def training_overhead(names, batch: int, rounds: int) -> None:
+def training_overhead(names, batch: int, rounds: int, channel_multiple: int = 1) -> None:
     print(f"PIT training step / plain training step, batch {batch}:")
     for name in names:
         path = ROOT / "models" / f"{name}.onnx"
@@ -57,11 +57,11 @@ def training_overhead(names, batch: int, rounds: int) -> None:
         plain = po.to_torch(graph)
         classes = plain.eval()(x[:1]).shape[-1]
         y = torch.randint(0, classes, (batch,))
-        pit = po.PIT(graph)
+        pit = po.PIT(graph, channel_multiple=channel_multiple)
         result = paired_ratio(_step(pit, x, y, list(pit.parameters())),
                               _step(plain, x, y, list(plain.parameters())), rounds=rounds)
         # Mid-search: about half of every group's channels (and taps) pruned.
-        pruned = po.PIT(graph)
+        pruned = po.PIT(graph, channel_multiple=channel_multiple)
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for param in pruned.nas_parameters():
@@ -103,10 +103,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--models", nargs="*", default=["digits_cnn", "resnet8", "tcn", "dscnn"])
     parser.add_argument("--skip-passes", action="store_true")
+    parser.add_argument("--channel-multiple", type=int, default=1, help="PIT's channel blocks (default 1)")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    training_overhead(args.models, args.batch, args.rounds)
+    training_overhead(args.models, args.batch, args.rounds, args.channel_multiple)
     if not args.skip_passes:
         light = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
         paths = sorted((ROOT / "models").glob("*.onnx")) + [

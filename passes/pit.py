@@ -6,6 +6,14 @@ masks every consumer's weight where it reads the group (``PITMaskWeight``). For 
 Conv1d with stride 1 and kernel > 1 it adds ``beta`` (one per tap) and ``gamma`` (one per
 dilation level) and a ``PITTimeMask`` on the weight. The math is in `plinio_onnx.functions.pit`.
 
+``channel_multiple`` N > 1 searches channels in blocks: a group's ``alpha`` has one entry per
+block of N channels (`plinio_onnx.functions.pit_keep.block_index`: cut from the group's end, the
+first block holding the C mod N left over) and a ``PITBlockMask`` spreads it over the channels, so
+every pruned layer keeps a multiple of N channels (plus C mod N when the first block survives).
+A group (or, in a group of atoms, every atom) of at most N channels is left whole. Coupled layers
+(residual adds, depthwise chains, Concat parts) share their group's blocks. The block size is in
+the record (`GroupRecord.block`): a checkpoint resumes with the same grouping.
+
 Guarantee: with every mask parameter at its initial 1.0 the graph computes what it computed
 before (every mask is all ones). The analysis result and the parameter names are stored in the
 graph's metadata (`plinio_onnx.records.PITRecord`), so the searchable ONNX file is a complete checkpoint.
@@ -46,7 +54,7 @@ def _selected(name: str, op: str, include: Iterable[str] | None, exclude: Iterab
 
 def pit(graph: Graph, *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
         op_types: Iterable[str] = LAYER_OPS, masks: Iterable[str] = MASKS,
-        threshold: float = 0.5, grouped_convs: bool = True) -> Graph:
+        threshold: float = 0.5, grouped_convs: bool = True, channel_multiple: int = 1) -> Graph:
     """Return a searchable copy of ``graph`` with PIT masks (`PITPass`, see the module docstring).
 
     ``include`` / ``exclude``: fnmatch patterns on layer node names; a channel group is searched
@@ -54,9 +62,19 @@ def pit(graph: Graph, *, include: Iterable[str] | None = None, exclude: Iterable
     "dilation". ``threshold``: binarization threshold (kept means |θ| > threshold).
     ``grouped_convs``: prune grouped (not depthwise) Convs; groups left uneven are exported as
     one Conv per group. False keeps them, and the channels they touch, whole.
+    ``channel_multiple``: search channels in blocks of this many (see the module docstring); 1:
+    channel by channel.
     """
     return PITPass(include=include, exclude=exclude, op_types=op_types, masks=masks, threshold=threshold,
-                   grouped_convs=grouped_convs)(graph).graph
+                   grouped_convs=grouped_convs, channel_multiple=channel_multiple)(graph).graph
+
+
+def check_channel_multiple(value, *, source: str | None = None) -> int:
+    """``value`` as a channel multiple (a positive integer); a clear error otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 1:
+        raise PassError(f"channel_multiple must be a positive integer (1: channel by channel), got {value!r}",
+                        file=source)
+    return int(value)
 
 
 class PITPass(FunctionalPass):
@@ -65,9 +83,10 @@ class PITPass(FunctionalPass):
 
     def __init__(self, *, include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
                  op_types: Iterable[str] = LAYER_OPS, masks: Iterable[str] = MASKS,
-                 threshold: float = 0.5, grouped_convs: bool = True) -> None:
+                 threshold: float = 0.5, grouped_convs: bool = True, channel_multiple: int = 1) -> None:
         self.include, self.exclude, self.op_types = include, exclude, tuple(op_types)
         self.masks, self.threshold, self.grouped_convs = tuple(masks), threshold, grouped_convs
+        self.channel_multiple = check_channel_multiple(channel_multiple)
 
     def requires(self, graph: Graph) -> None:
         # SuperNet Choices may stay (PIT then searches channels inside and around their branches);
@@ -85,11 +104,11 @@ class PITPass(FunctionalPass):
         if unknown:
             raise PassError(f"unknown PIT masks {sorted(unknown)}; choose from {MASKS}", file=graph.source)
         return PassResult(_searchable(graph, self.include, self.exclude, self.op_types, self.masks,
-                                      self.threshold, self.grouped_convs), True)
+                                      self.threshold, self.grouped_convs, self.channel_multiple), True)
 
 
 def _searchable(graph: Graph, include, exclude, op_types: tuple[str, ...], masks: tuple[str, ...],
-                threshold: float, grouped_convs: bool) -> Graph:
+                threshold: float, grouped_convs: bool, block: int = 1) -> Graph:
     graph = graph.copy()
     g = graph.gs
     shuffles_as_gather(g)
@@ -99,11 +118,11 @@ def _searchable(graph: Graph, include, exclude, op_types: tuple[str, ...], masks
     searched, skipped = [], []
     if "channels" in masks:
         for group in analysis.groups:
-            reason = _skip_reason(group, nodes, include, exclude, op_types)
+            reason = _skip_reason(group, nodes, include, exclude, op_types, block)
             if reason:
                 skipped.append(SkippedGroup(group=group.name, size=group.size, reason=reason))
                 continue
-            searched.append(_insert_channel_mask(g, group, nodes, threshold))
+            searched.append(_insert_channel_mask(g, group, nodes, threshold, block))
 
     time_layers = []
     if "time" in masks or "dilation" in masks:
@@ -122,7 +141,7 @@ def _searchable(graph: Graph, include, exclude, op_types: tuple[str, ...], masks
     return add_functions(graph, fn.functions())
 
 
-def _skip_reason(group: ChannelGroup, nodes, include, exclude, op_types) -> str | None:
+def _skip_reason(group: ChannelGroup, nodes, include, exclude, op_types, block: int = 1) -> str | None:
     if group.unprunable:
         return group.unprunable[0]
     if not group.producers:
@@ -131,6 +150,8 @@ def _skip_reason(group: ChannelGroup, nodes, include, exclude, op_types) -> str 
         return "no layer reads it"
     if group.size < 2 or (group.atoms and all(len(atom) < 2 for atom in group.atoms)):
         return "a single channel"
+    if block > 1 and max(len(atom) for atom in group.atoms or [range(group.size)]) <= block:
+        return f"at most {block} channels (the channel multiple): kept whole"
     for producer in group.producers:
         node = nodes[producer.node]
         if not _selected(node.name, node.op, include, exclude, op_types):
@@ -138,24 +159,35 @@ def _skip_reason(group: ChannelGroup, nodes, include, exclude, op_types) -> str 
     return None
 
 
-def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: float) -> GroupRecord:
+def _mask_node(g: gs.Graph, prefix: str, node: str, channels: int, block: int, threshold: float,
+               mask: gs.Variable) -> str:
+    """A mask parameter ``prefix``.pit_alpha for ``channels`` channels (one entry per block of
+    ``block``) and the node computing their mask ``mask``; returns the parameter's name."""
+    alpha = gs.Constant(f"{prefix}.pit_alpha", np.ones(pit_keep.block_count(channels, block), np.float32))
+    attrs = {"threshold": float(threshold)}
+    if block == 1:
+        g.nodes.append(gs.Node(fn.CHANNEL_MASK, name=node, domain=PLINIO_DOMAIN,
+                               attrs=attrs, inputs=[alpha], outputs=[mask]))
+    else:
+        blocks = gs.Constant(f"{prefix}.pit_blocks", pit_keep.block_index(channels, block))
+        g.nodes.append(gs.Node(fn.BLOCK_MASK, name=node.replace("pit_channel_mask", "pit_block_mask"),
+                               domain=PLINIO_DOMAIN, attrs=attrs, inputs=[alpha, blocks], outputs=[mask]))
+    return alpha.name
+
+
+def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: float, block: int = 1) -> GroupRecord:
     base = group.name
     mask = gs.Variable(f"{base}.pit_mask", dtype=np.float32, shape=[group.size])
     if not group.atoms:
-        alpha = gs.Constant(f"{base}.pit_alpha", np.ones(group.size, np.float32))
-        g.nodes.append(gs.Node(fn.CHANNEL_MASK, name=f"{base}/pit_channel_mask", domain=PLINIO_DOMAIN,
-                               attrs={"threshold": float(threshold)}, inputs=[alpha], outputs=[mask]))
-        alphas = [alpha.name]
+        alphas = [_mask_node(g, base, f"{base}/pit_channel_mask", group.size, block, threshold, mask)]
     else:
         # One mask parameter per atom (each keeps a channel alive), gathered into channel order.
         pieces, alphas = [], []
         for k, atom in enumerate(group.atoms):
-            alpha = gs.Constant(f"{base}.atom{k}.pit_alpha", np.ones(len(atom), np.float32))
             piece = gs.Variable(f"{base}.atom{k}.pit_mask", dtype=np.float32, shape=[len(atom)])
-            g.nodes.append(gs.Node(fn.CHANNEL_MASK, name=f"{base}/pit_channel_mask{k}", domain=PLINIO_DOMAIN,
-                                   attrs={"threshold": float(threshold)}, inputs=[alpha], outputs=[piece]))
+            alphas.append(_mask_node(g, f"{base}.atom{k}", f"{base}/pit_channel_mask{k}", len(atom), block, threshold,
+                                      piece))
             pieces.append(piece)
-            alphas.append(alpha.name)
         stacked = gs.Variable(f"{base}.pit_atoms", dtype=np.float32, shape=[group.size])
         order = np.argsort(np.concatenate([np.asarray(atom) for atom in group.atoms])).astype(np.int64)
         g.nodes.append(gs.Node("Concat", name=f"{base}/pit_atoms", attrs={"axis": 0}, inputs=pieces,
@@ -186,7 +218,7 @@ def _insert_channel_mask(g: gs.Graph, group: ChannelGroup, nodes, threshold: flo
                                        gs.Constant(f"{consumer.node}/pit_shape_{group.id}_{k}", shape)],
                                outputs=[masked]))
         node.inputs[1] = masked
-    return GroupRecord.of(group, alphas)  # one mask parameter, or one per atom
+    return GroupRecord.of(group, alphas, block)  # one mask parameter, or one per atom
 
 
 def _insert_time_mask(g: gs.Graph, node: gs.Node, time: bool, dilation: bool,

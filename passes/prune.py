@@ -23,7 +23,7 @@ from plinio_onnx.records import Permutation, PITRecord, SuperNetRecord, TimeMask
 from .infra import ConsumingPass
 from .shuffle import gathers_as_shuffles
 
-PIT_FUNCTIONS = (fn.CHANNEL_MASK, fn.MASK_WEIGHT, fn.TIME_MASK)
+PIT_FUNCTIONS = (fn.CHANNEL_MASK, fn.BLOCK_MASK, fn.MASK_WEIGHT, fn.TIME_MASK)
 
 
 class PruneChannels(ConsumingPass):

@@ -133,13 +133,16 @@ def _entries(kind: type, items) -> list:
 class GroupRecord(ChannelGroup):
     """A channel group as a pass recorded it: the analysis' group and, when PIT searches it, the
     names of its mask parameters (``alpha``): one for the whole group when ``atoms`` is empty,
-    else one per atom, in atom order. MPS records its 0-bit groups with no ``alpha``."""
+    else one per atom, in atom order. MPS records its 0-bit groups with no ``alpha``.
+    ``block``: channels per mask entry (PIT's ``channel_multiple``; the entries of a parameter
+    over C channels are `plinio_onnx.functions.pit_keep.block_index`'s)."""
 
     alpha: list[str] = field(default_factory=list)
+    block: int = 1
 
     @classmethod
-    def of(cls, group: ChannelGroup, alpha: list[str] | None = None) -> "GroupRecord":
-        return cls(**vars(group), alpha=list(alpha or []))
+    def of(cls, group: ChannelGroup, alpha: list[str] | None = None, block: int = 1) -> "GroupRecord":
+        return cls(**vars(group), alpha=list(alpha or []), block=int(block))
 
     @classmethod
     def parse(cls, data: dict) -> "GroupRecord":
@@ -151,7 +154,8 @@ class GroupRecord(ChannelGroup):
                    permutations=_entries(Permutation, data["permutations"]),
                    cuts=_entries(ChannelCut, data["cuts"]), atoms=[list(a) for a in data["atoms"]],
                    unprunable=list(data["unprunable"]), outputs=list(data["outputs"]),
-                   alpha=list(data["alpha"]))
+                   alpha=list(data["alpha"]),
+                   block=int(data.get("block", 1)))  # (MPS's 0-bit groups: never blocked, not written before)
 
 
 def _upgrade_group_v1(group: dict) -> dict:
@@ -195,7 +199,7 @@ class PITRecord(Record):
     ``group_sizes``: every analysed group's size (searched or not)."""
 
     KEY: ClassVar[str] = "plinio.pit"
-    VERSION: ClassVar[int] = 2
+    VERSION: ClassVar[int] = 3
 
     threshold: float
     groups: list[GroupRecord]
@@ -226,6 +230,8 @@ class PITRecord(Record):
             data["layer_inputs"] = {k: [list(e) + [None] * (3 - len(e)) for e in v]
                                     for k, v in data["layer_inputs"].items()}
             data = {"layer_output_part": {}, "layer_rows": {}, "grouped": {}, **data}
+        if version < 3:  # version 3: channel blocks (``block``; before, one entry per channel)
+            data = {**data, "groups": [{"block": 1, **g} for g in data["groups"]]}
         return data
 
     @classmethod

@@ -6,6 +6,10 @@ the last entry of every mask parameter counts as 1 whatever its value (θ = |x| 
 layer keeps at least one channel, the newest tap and the widest dilation pattern.
 
 * ``PITChannelMask(alpha) -> mask``: mask_c = bin(θα_c).
+* ``PITBlockMask(alpha, blocks) -> mask``: channels searched in blocks (``channel_multiple``):
+  mask_c = bin(θα_{blocks_c}), ``blocks`` mapping every channel to its entry
+  (`plinio_onnx.functions.pit_keep.block_index`); straight-through, a block's entry gets the sum
+  of its channels' gradients.
 * ``PITMaskWeight(W, mask, index, shape) -> W'``: W' = W ⊙ reshape([mask, 1][index], shape): the
   consumer-side channel mask. ``index`` maps each input feature of W to its channel's mask entry
   (or to the trailing 1 for features outside this group), so flattened channels (one channel = a
@@ -29,6 +33,7 @@ from ..to_torch.registry import register
 from . import constant_from_attribute, make_function
 
 CHANNEL_MASK = "PITChannelMask"
+BLOCK_MASK = "PITBlockMask"
 MASK_WEIGHT = "PITMaskWeight"
 TIME_MASK = "PITTimeMask"
 
@@ -59,6 +64,12 @@ def channel_mask_function() -> onnx.FunctionProto:
     return make_function(CHANNEL_MASK, ["alpha"], ["mask"], nodes, ["threshold"])
 
 
+def block_mask_function() -> onnx.FunctionProto:
+    nodes = (_keep_alive_nodes("alpha", "theta", "a") + _binarize_nodes("theta", "entries", "b")
+             + [helper.make_node("Gather", ["entries", "blocks"], ["mask"], axis=0)])
+    return make_function(BLOCK_MASK, ["alpha", "blocks"], ["mask"], nodes, ["threshold"])
+
+
 def mask_weight_function() -> onnx.FunctionProto:
     nodes = [
         helper.make_node("Constant", [], ["one"], value=numpy_helper.from_array(np.array([1.0], np.float32))),
@@ -85,7 +96,7 @@ def time_mask_function() -> onnx.FunctionProto:
 
 
 def functions() -> list[onnx.FunctionProto]:
-    return [channel_mask_function(), mask_weight_function(), time_mask_function()]
+    return [channel_mask_function(), block_mask_function(), mask_weight_function(), time_mask_function()]
 
 
 # -- torch ------------------------------------------------------------------------------------
@@ -156,6 +167,11 @@ def channel_mask(alpha: torch.Tensor, threshold: float) -> torch.Tensor:
     return _ChannelMask.apply(alpha, threshold)
 
 
+def block_mask(alpha: torch.Tensor, blocks: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The channel mask of channels masked in blocks: bin(θα)[blocks] (straight-through)."""
+    return channel_mask(alpha, threshold)[blocks]
+
+
 def mask_weight(weight: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, shape: list[int]) -> torch.Tensor:
     extended = torch.cat([mask, mask.new_ones(1)])
     return weight * extended[index].view(shape)
@@ -173,6 +189,11 @@ def taps(beta: torch.Tensor, gamma: torch.Tensor, gamma_map_: torch.Tensor, thre
 @register(CHANNEL_MASK, domain=PLINIO_DOMAIN)
 def _channel_mask_handler(ctx: NodeContext):
     return ctx.call(channel_mask, ctx.input(0), float(ctx.attr("threshold", 0.5)))
+
+
+@register(BLOCK_MASK, domain=PLINIO_DOMAIN)
+def _block_mask_handler(ctx: NodeContext):
+    return ctx.call(block_mask, ctx.input(0), ctx.input(1), float(ctx.attr("threshold", 0.5)))
 
 
 def mask_blocks(weight: torch.Tensor, mask: torch.Tensor, axis: int, inner: int) -> torch.Tensor:

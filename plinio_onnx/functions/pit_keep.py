@@ -5,6 +5,12 @@ current parameter values: θ = |x| with the last entry forced to 1 (keep-alive),
 θ > threshold; a Conv1d's taps are kept by β (receptive field) and γ (dilation) together, and
 `kernel_plan` turns a tap mask into the shortest exported kernel. `gamma_map` is the constant
 that the PIT pass stores beside every time mask.
+
+Channel blocks (``channel_multiple`` N of `plinio_onnx.passes.pit`): a mask parameter of
+⌈C/N⌉ entries, one per block of N consecutive channels, cut from the end of its C channels (the
+first block holds the C mod N left over, when C is not a multiple of N); `block_index` maps
+every channel to its entry. The last (kept-alive) block is a full one, so a pruned layer keeps a
+multiple of N channels, plus the C mod N of the first block when that block survives.
 """
 from __future__ import annotations
 
@@ -40,13 +46,39 @@ def channel_keep(alpha: np.ndarray, threshold: float) -> np.ndarray:
     return np.flatnonzero(keep_alive(alpha) > threshold)
 
 
+def block_count(channels: int, block: int) -> int:
+    """Mask entries of ``channels`` channels searched in blocks of ``block``: ⌈C/N⌉."""
+    return -(-int(channels) // int(block))
+
+
+def block_index(channels: int, block: int) -> np.ndarray:
+    """The mask entry of every one of ``channels`` channels in blocks of ``block`` (blocks cut
+    from the end: the first one holds the C mod N left over). ``block`` 1: the identity."""
+    pad = block_count(channels, block) * block - channels
+    return (np.arange(channels, dtype=np.int64) + pad) // block
+
+
+def block_sizes(channels: int, block: int) -> np.ndarray:
+    """How many channels each mask entry stands for (see `block_index`)."""
+    return np.bincount(block_index(channels, block), minlength=block_count(channels, block))
+
+
+def blocked_keep(alpha: np.ndarray, channels: int, block: int, threshold: float) -> np.ndarray:
+    """Indices of the kept channels of ``channels`` channels masked in blocks by ``alpha``."""
+    entries = keep_alive(alpha) > threshold
+    return np.flatnonzero(entries[block_index(channels, block)])
+
+
 def group_keep(values_of, group, threshold: float) -> np.ndarray:
     """Kept channels of a PIT group record (`plinio_onnx.records.GroupRecord`): its one mask
     parameter, or one per atom (a group whose layers hold parts of it; see
-    `plinio_onnx.analysis.ChannelGroup.atoms`). ``values_of(name)`` reads a parameter's values."""
+    `plinio_onnx.analysis.ChannelGroup.atoms`), each entry masking a block of ``group.block``
+    channels. ``values_of(name)`` reads a parameter's values."""
+    block = int(group.block)
     if not group.atoms:
-        return channel_keep(values_of(group.alpha[0]), threshold)
-    kept = [np.asarray(atom)[channel_keep(values_of(name), threshold)] for name, atom in zip(group.alpha, group.atoms)]
+        return blocked_keep(values_of(group.alpha[0]), group.size, block, threshold)
+    kept = [np.asarray(atom)[blocked_keep(values_of(name), len(atom), block, threshold)]
+            for name, atom in zip(group.alpha, group.atoms)]
     return np.sort(np.concatenate(kept))
 
 

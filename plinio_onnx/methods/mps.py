@@ -21,6 +21,7 @@ import torch
 from plinio_onnx.functions import mps as fn
 from plinio_onnx.functions import relaxation
 from plinio_onnx.passes.mps import DEFAULT_PRECISIONS, LAYER_OPS, TEMPERATURE, fold_batchnorm, mps
+from plinio_onnx.passes.pit import check_channel_multiple
 from plinio_onnx.passes.pit import pit as pit_pass
 from plinio_onnx.records import MPSRecord, PITRecord
 
@@ -43,7 +44,8 @@ class MPS(relaxation.Annealed, SearchableModel):
     name; the bit-level ones are ``"size"`` (bytes), ``"size_bits"``, ``"params_bit"``,
     ``"bitops"`` (`plinio_onnx.cost.bits`); any other (``"params"``, ``"macs"``) costs the
     effective architecture as PIT does. ``pit``: also search PIT channel masks (True, or a dict of
-    `plinio_onnx.passes.pit` options). The other arguments are those of `plinio_onnx.passes.mps`.
+    `plinio_onnx.passes.pit` options); ``channel_multiple`` N: PIT searches channels in blocks of N
+    (with ``pit`` only). The other arguments are those of `plinio_onnx.passes.mps`.
 
     Eval mode evaluates the argmax precisions (and binarized PIT masks): exactly what `export`
     writes. In training the choice follows ``sampling`` (`plinio_onnx.functions.relaxation`:
@@ -61,8 +63,12 @@ class MPS(relaxation.Annealed, SearchableModel):
                  weight_scale: str = "per_channel", zero_bit: bool = False, sampling: str = "softmax",
                  temperature: float = 1.0, include: Iterable[str] | None = None,
                  exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
-                 clip_init: float = 6.0, fold_bn: bool = True, pit: "bool | dict" = False) -> None:
+                 clip_init: float = 6.0, fold_bn: bool = True, pit: "bool | dict" = False,
+                 channel_multiple: int = 1) -> None:
         graph = as_graph(model)
+        if check_channel_multiple(channel_multiple) > 1 and not pit:
+            raise PlinioOnnxError("channel_multiple applies to PIT's channel masks: use it with pit=True "
+                                  "(the 0-bit precision prunes channel by channel)", file=graph.source)
         if not MPSRecord.present(graph):
             if pit and not PITRecord.present(graph):
                 if fold_bn:
@@ -72,6 +78,7 @@ class MPS(relaxation.Annealed, SearchableModel):
                 options.setdefault("exclude", exclude)
                 # A grouped Conv left uneven is exported as one Conv per group, around its quantizer.
                 options.setdefault("grouped_convs", False)
+                options.setdefault("channel_multiple", channel_multiple)
                 graph = pit_pass(graph, **options)
             graph = mps(graph, w_precisions=w_precisions, a_precisions=a_precisions, per_channel=per_channel,
                         weight_scale=weight_scale, zero_bit=zero_bit, sampling=sampling,

@@ -30,7 +30,8 @@ class PIT(SearchableModel):
 
     ``model``: a path, ``onnx.ModelProto`` or `Graph`; a graph already searchable by PIT (a
     checkpoint written by `searchable_graph().save(...)`) resumes as it is. The other arguments
-    are those of `plinio_onnx.passes.pit`. ``discrete_cost``: cost from binarized masks
+    are those of `plinio_onnx.passes.pit` (``channel_multiple`` N: channels searched in blocks of
+    N, so that every pruned layer keeps a multiple of N). ``discrete_cost``: cost from binarized masks
     (straight-through gradients) — the exported model's cost — instead of continuous |θ|.
 
     In eval and train mode alike the forward uses binarized masks, so what you evaluate is what
@@ -44,11 +45,12 @@ class PIT(SearchableModel):
     def __init__(self, model: "str | os.PathLike | onnx.ModelProto | Graph", *,
                  cost: "CostFn | str" = "params", include: Iterable[str] | None = None,
                  exclude: Iterable[str] | None = None, op_types: Iterable[str] = LAYER_OPS,
-                 masks: Iterable[str] = MASKS, threshold: float = 0.5, discrete_cost: bool = True) -> None:
+                 masks: Iterable[str] = MASKS, threshold: float = 0.5, discrete_cost: bool = True,
+                 channel_multiple: int = 1) -> None:
         graph = as_graph(model)
         if not PITRecord.present(graph):
             graph = pit(graph, include=include, exclude=exclude, op_types=op_types, masks=masks,
-                        threshold=threshold)
+                        threshold=threshold, channel_multiple=channel_multiple)
         super().__init__(graph, cost)
         self.pit = PITChannels(self.module, PITRecord.of(graph), discrete_cost)
         self._nas_names = frozenset(self.info.mask_parameters())

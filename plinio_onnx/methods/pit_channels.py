@@ -13,7 +13,7 @@ import torch
 
 from ..cost import LayerSpec
 from ..functions import pit as fn
-from ..functions.pit_keep import group_keep, kernel_plan
+from ..functions.pit_keep import block_index, group_keep, kernel_plan
 from ..records import GroupedConv, GroupRecord, PITRecord, TimeMaskRecord
 from ..to_torch import OnnxModule
 from ..to_torch.pit_counts import count_plan, counts
@@ -74,6 +74,19 @@ class SymbolicCounting(Counting):
 DIRECT = Counting()
 
 
+def _blocks(info: PITRecord) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For mask parameters over channels in blocks: (the entry of each channel, the channels of
+    each entry (float64)), by parameter name."""
+    out = {}
+    for group in info.groups:
+        if group.block > 1:
+            sizes = [len(atom) for atom in group.atoms] if group.atoms else [group.size]
+            for name, size in zip(group.alpha, sizes):
+                index = torch.as_tensor(block_index(size, group.block))
+                out[name] = (index, torch.bincount(index).to(torch.float64))
+    return out
+
+
 def _atom_orders(info: PITRecord) -> dict[int, torch.Tensor]:
     """For groups with one mask parameter per atom: where each channel sits in the atoms' concatenation."""
     return {g.id: torch.as_tensor(np.argsort(np.concatenate([np.asarray(a) for a in g.atoms])))
@@ -94,12 +107,18 @@ class PITChannels:
         # A searched group's mask parameters: one, or one per atom (then in `_atom_order`).
         self._alpha = {g.id: g.alpha for g in info.groups if g.alpha}
         self._atom_order = _atom_orders(info)
+        self._blocks = _blocks(info)  # parameters masking channels in blocks
         self._time = {entry.node: entry for entry in info.time}
         self._compiled: dict = {}   # cost model -> its `CompiledCost` (None: not a polynomial)
         self._count_plans: dict = {}  # (compiled cost, threshold) -> (CountPlan, attributes)
 
     def tensor(self, onnx_name: str) -> torch.Tensor:
         return self.module.initializer(self._attr[onnx_name])
+
+    def _per_channel(self, name: str, entries: torch.Tensor) -> torch.Tensor:
+        """Values per entry of mask parameter ``name`` spread over the channels they mask."""
+        blocks = self._blocks.get(name)
+        return entries if blocks is None else entries[blocks[0].to(entries.device)]
 
     # -- lookups ------------------------------------------------------------------------------
     def output_group(self, node: str) -> tuple[int, list[int] | None] | None:
@@ -134,18 +153,20 @@ class PITChannels:
         if name is None:
             return None
         gid, channels = where
-        if gid not in self._atom_order:  # one mask parameter for the whole group
-            keep = fn.binarize(fn._theta(self.tensor(name[0])), self.threshold)
-        else:
-            keep = torch.cat([fn.binarize(fn._theta(self.tensor(n)), self.threshold) for n in name])
-            keep = keep[self._atom_order[gid]]
+        keeps = [self._per_channel(n, fn.binarize(fn._theta(self.tensor(n)), self.threshold)) for n in name]
+        keep = keeps[0] if gid not in self._atom_order else torch.cat(keeps)[self._atom_order[gid]]
         return keep if channels is None else keep[torch.as_tensor(channels)]
 
     # -- counts -------------------------------------------------------------------------------
-    def _count(self, alpha: torch.Tensor) -> torch.Tensor:
+    def _count(self, name: str) -> torch.Tensor:
+        """The channels mask parameter ``name`` keeps (each entry counts the channels it masks)."""
+        alpha = self.tensor(name)
         # float64: costs reach 1e9 MACs, where float32 would not count exactly.
         kept = fn.channel_mask(alpha, self.threshold) if self.discrete_cost else fn._theta(alpha)
-        return kept.sum(dtype=torch.float64)
+        blocks = self._blocks.get(name)
+        if blocks is None:
+            return kept.sum(dtype=torch.float64)
+        return kept.to(torch.float64) @ blocks[1].to(alpha.device)
 
     def channels(self, gid: int, counting: Counting = DIRECT) -> torch.Tensor | int:
         """Effective channel count of analysis group ``gid`` (static when not searched)."""
@@ -153,8 +174,8 @@ class PITChannels:
         if name is None:
             return int(self.info.group_sizes[gid])
         if gid in self._atom_order:  # one mask parameter per atom
-            return counting.per_channel(("group", gid), lambda: sum(self._count(self.tensor(n)) for n in name))
-        return counting.count(("group", gid), lambda: self._count(self.tensor(name[0])))
+            return counting.per_channel(("group", gid), lambda: sum(self._count(n) for n in name))
+        return counting.count(("group", gid), lambda: self._count(name[0]))
 
     def part(self, gid: int, channels: list[int] | None, counting: Counting = DIRECT) -> torch.Tensor | int:
         """Effective count of ``channels`` of group ``gid`` (all of them: None), for a layer that
@@ -171,7 +192,7 @@ class PITChannels:
         def values(name: str) -> torch.Tensor:
             alpha = self.tensor(name)
             kept = fn.channel_mask(alpha, self.threshold) if self.discrete_cost else fn._theta(alpha)
-            return kept.to(torch.float64)
+            return self._per_channel(name, kept.to(torch.float64))
 
         name = self._alpha[gid]
         if gid not in self._atom_order:  # one mask parameter for the whole group
@@ -306,7 +327,7 @@ class PITChannels:
         """``compiled`` at the counts of its keys: ("group", gid) a group's effective channels,
         ("kernel", node) a Conv1d's effective kernel. None: count layer by layer."""
         if not self.discrete_cost:
-            values = [self._count(self.tensor(self._alpha[k[1]][0])) if k[0] == "group" else
+            values = [self._count(self._alpha[k[1]][0]) if k[0] == "group" else
                       self._kernel(k[1], self._time[k[1]]) for k in compiled.keys]
             one = torch.ones((), dtype=torch.float64, device=values[0].device if values else None)
             return compiled(torch.stack(values + [one]))
@@ -324,7 +345,12 @@ class PITChannels:
         """The count plan computing ``compiled`` (on the module's fused masks where they hold
         every count), and the attributes of its parameters (None: the fused masks' own)."""
         keys, attr = compiled.keys, self._attr
-        alphas = {k: (attr[self._alpha[k[1]][0]], self.tensor(self._alpha[k[1]][0])) for k in keys if k[0] == "group"}
+        alphas = {}
+        for k in keys:
+            if k[0] == "group":
+                name = self._alpha[k[1]][0]
+                blocks = self._blocks.get(name)
+                alphas[k] = (attr[name], self.tensor(name), None if blocks is None else blocks[1].numpy())
         times = {}
         for k in keys:
             if k[0] == "kernel":

@@ -36,11 +36,13 @@ import torch
 
 from plinio_onnx.functions import relaxation
 from plinio_onnx.functions import supernet as fn
+from plinio_onnx.passes.pit import check_channel_multiple
 from plinio_onnx.passes.pit import pit as pit_pass
 from plinio_onnx.passes.supernet import Menu, supernet
 from plinio_onnx.records import ChoiceRecord, PITRecord, SuperNetRecord
 
 from ..cost import LayerSpec
+from ..errors import PlinioOnnxError
 from ..graph import Graph
 from ..to_torch.fuse_pit_masks import fuse_pit_masks
 from .pit_channels import Counting, MemoCounting, PITChannels
@@ -64,7 +66,8 @@ class SuperNet(relaxation.Annealed, SearchableModel):
     instead of the softmax expectation. ``pit``: also search PIT channel (and 1-D kernel) masks
     on the SuperNet graph, jointly with the logits (True, or a dict of `plinio_onnx.passes.pit`
     options: ``include``, ``exclude``, ``op_types``, ``masks``, ``threshold``). A checkpoint
-    holding PIT masks resumes them whatever ``pit`` says.
+    holding PIT masks resumes them whatever ``pit`` says. ``channel_multiple`` N (with ``pit``):
+    PIT searches channels in blocks of N.
 
     Training forward: the softmax (or Gumbel / hard) mix of every Choice's branches (PIT masks
     binarized). Eval forward: the argmax branch of every Choice, i.e. the network `export` writes.
@@ -81,14 +84,19 @@ class SuperNet(relaxation.Annealed, SearchableModel):
                  regions: "Sequence[Mapping[str, Any]] | None" = None,
                  spec: "str | os.PathLike | None" = None, automatic: bool | None = None,
                  sampling: str | None = None, temperature: float | None = None,
-                 discrete_cost: bool = False, pit: "bool | Mapping[str, Any]" = False) -> None:
+                 discrete_cost: bool = False, pit: "bool | Mapping[str, Any]" = False,
+                 channel_multiple: int = 1) -> None:
         graph = as_graph(model)
+        if check_channel_multiple(channel_multiple) > 1 and not pit:
+            raise PlinioOnnxError("channel_multiple applies to PIT's channel masks: use it with pit=True",
+                                  file=graph.source)
         if not SuperNetRecord.present(graph):
             graph = supernet(graph, include=include, exclude=exclude, op_types=op_types, menu=menu,
                              layers=layers, regions=regions, spec=spec, automatic=automatic,
                              sampling=sampling, temperature=temperature)
         if pit and not PITRecord.present(graph):
-            graph = pit_pass(graph, **(dict(pit) if isinstance(pit, Mapping) else {}))
+            graph = pit_pass(graph, **{"channel_multiple": channel_multiple,
+                                       **(dict(pit) if isinstance(pit, Mapping) else {})})
         super().__init__(graph, cost)
         self.info = SuperNetRecord.of(graph)
         self.info.sampling = relaxation.sampling_mode(self.info.sampling)

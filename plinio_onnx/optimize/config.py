@@ -17,7 +17,7 @@ from ..cost import BY_NAME
 from ..errors import PlinioOnnxError
 from .data import TASKS
 from .distributed import check_device_name
-from .methods import Method, get_method
+from .methods import Method, default_channel_multiple, get_method
 
 __all__ = ["OptimizeConfig", "Recipe", "cli_arguments", "parse_amount"]
 
@@ -142,6 +142,10 @@ class OptimizeConfig:
                                "model's outputs; the default without y)")
     batch_size: int | None = _option(None, "--batch-size", type=int, metavar="N",
                                      help="batch size (default 32); under torchrun, per process")
+    channel_multiple: int | None = _option(
+        None, "--channel-multiple", type=int, metavar="N",
+        help="PIT keeps every pruned layer's channels a multiple of N (pit, pit+mps, supernet+pit; "
+             "default 8: pruned models stay on ONNX Runtime's fast kernels; 1: channel by channel)")
     seed: int = _option(0, "--seed", type=int, metavar="N",
                         help="seed of the splits and the shuffling (default 0)")
     checkpoint_dir: "str | os.PathLike | None | bool" = _option(
@@ -170,6 +174,7 @@ class OptimizeConfig:
             raise PlinioOnnxError("batch size must be at least 1")
         if recipe.warmup_epochs is not None and recipe.warmup_epochs < 0:
             raise PlinioOnnxError("warm-up epochs must not be negative")
+        self._check_channel_multiple(get_method(self.method))
         method = self.search_method
         if self.labels not in TASKS:
             raise PlinioOnnxError(f"unknown labels mode {self.labels!r}; choose from {', '.join(TASKS)}")
@@ -177,6 +182,17 @@ class OptimizeConfig:
             raise PlinioOnnxError("the output file name must end in .onnx", file=str(self.output))
         self._check_cost(method)
         check_device_name(self.device)
+
+    def _check_channel_multiple(self, method: Method) -> None:
+        value = self.channel_multiple
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise PlinioOnnxError(f"--channel-multiple must be a positive integer (1: channel by channel), "
+                                  f"got {value!r}")
+        if value > 1 and not method.searches_channels:
+            raise PlinioOnnxError(f"--channel-multiple applies to methods that search channels (pit, pit+mps, "
+                                  f"supernet+pit), not to --method {method.name}")
 
     def _check_cost(self, method: Method) -> None:
         if self.target_params is not None and self.target_macs is not None:
@@ -198,7 +214,13 @@ class OptimizeConfig:
     # -- what the options mean ----------------------------------------------------------------
     @property
     def search_method(self) -> Method:
-        return get_method(self.method)
+        """The method, building its models with `resolved_channel_multiple`."""
+        return get_method(self.method).with_channel_multiple(self.resolved_channel_multiple)
+
+    @property
+    def resolved_channel_multiple(self) -> int:
+        """``channel_multiple``, or the default (`default_channel_multiple`) when it is None."""
+        return default_channel_multiple() if self.channel_multiple is None else int(self.channel_multiple)
 
     @property
     def recipe_with_overrides(self) -> Recipe:
@@ -255,7 +277,12 @@ class OptimizeConfig:
         return {"method": self.search_method.name, "cost": self.cost_name, "strength": self.strength,
                 "target_kind": self.target_kind, "target": target, "labels": self.labels, "seed": self.seed,
                 "batch_size": recipe.batch_size,
-                "recipe": {k: v for k, v in asdict(recipe).items() if not k.endswith("_epochs")}}
+                "recipe": {k: v for k, v in asdict(recipe).items() if not k.endswith("_epochs")},
+                # A channel multiple given (other than 1) needs a checkpoint made with it; without
+                # one, a checkpoint resumes with the channel blocks its PIT record holds (those of
+                # earlier releases: channel by channel), so the fingerprints they wrote still match.
+                **({"channel_multiple": int(self.channel_multiple)}
+                   if self.channel_multiple not in (None, 1) else {})}
 
 
 def cli_arguments() -> list[tuple[tuple[str, ...], dict]]:

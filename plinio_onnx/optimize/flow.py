@@ -302,7 +302,8 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
                "test": after_test},
         layers=layer_rows(problem.base, final), architecture=search_info.pop("architecture", {}),
         phases=phases, seed=config.seed, resumed=ckpt.resumed, seconds=time.perf_counter() - started, files=files,
-        notes=[note for note in (problem.data_note, problem.shapes_note) if note])
+        notes=[note for note in (problem.data_note, problem.shapes_note) if note],
+        channel_multiple=method.options.get("channel_multiple"))
 
 
 def baseline(model: "str | os.PathLike", data, *, epochs: int, seed: int = 0, labels: str = "auto",

@@ -6,17 +6,31 @@ this table only names the methods.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 from ..errors import PlinioOnnxError
 from ..graph import Graph
 from ..methods import MPS, PIT, SearchableModel, SuperNet
 
-__all__ = ["METHODS", "METHOD_KEY", "Method", "get_method", "method_of_checkpoint", "tag_method"]
+__all__ = ["DEFAULT_CHANNEL_MULTIPLE", "METHODS", "METHOD_KEY", "Method", "default_channel_multiple", "get_method",
+           "method_of_checkpoint", "tag_method"]
 
 #: The metadata key naming a searchable checkpoint's method (``plinio.*``: finalize drops it).
 METHOD_KEY = "plinio.method"
+
+#: Channels a PIT search keeps in multiples of, without a hardware profile. Measured
+#: (bench/latency_truth.py, ONNX Runtime 1.19 CPU, ORT_ENABLE_ALL, one thread): random-mask exports
+#: of every zoo model keep the input's speed or beat it at 8, while odd counts (1) leave ONNX
+#: Runtime's blocked convolution kernels and run up to several times slower than their input.
+DEFAULT_CHANNEL_MULTIPLE = 8
+
+
+def default_channel_multiple(profile=None) -> int:
+    """The channel multiple of a search: ``profile``'s (a `plinio_onnx.hardware.HardwareProfile`
+    or anything with a positive ``channel_multiple``) or, without one, `DEFAULT_CHANNEL_MULTIPLE`."""
+    multiple = getattr(profile, "channel_multiple", None) if profile is not None else None
+    return int(multiple) if multiple else DEFAULT_CHANNEL_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,18 @@ class Method:
     def build(self, graph: Graph, cost) -> SearchableModel:
         """A fresh searchable model on ``graph``, or the resumed one for a searchable graph."""
         return self.model_class(graph, cost=cost, **self.options)
+
+    @property
+    def searches_channels(self) -> bool:
+        """Whether the method searches channels with PIT masks (then it takes a ``channel_multiple``)."""
+        return self.model_class is PIT or bool(self.options.get("pit"))
+
+    def with_channel_multiple(self, multiple: int) -> "Method":
+        """This method with PIT's channels searched in blocks of ``multiple`` (itself when it does
+        not search channels). A checkpoint resumes with the blocks it was made with."""
+        if not self.searches_channels:
+            return self
+        return replace(self, options={**self.options, "channel_multiple": int(multiple)})
 
     @property
     def metadata_keys(self) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ class Report:
     world_size: int = 1                              # processes of a data-parallel (torchrun) search
     devices: list[str] = field(default_factory=lambda: ["cpu"])   # each rank's device, in rank order
     amp: bool = False                                # mixed precision in the forward pass
+    channel_multiple: int | None = None   # PIT's channel blocks (None: the method searches no channels)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -61,6 +62,7 @@ class Report:
     def to_markdown(self) -> str:
         lines = [f"# plinio-onnx optimize: {Path(self.model).name} → {Path(self.output).name}", "",
                  f"- method: {self.method}, cost: {self.cost}"
+                 + (f", channel multiple: {self.channel_multiple}" if self.channel_multiple else "")
                  + (f", target: {self.target['kind']} ≤ {self.target['value']:,.0f} ({self.target['given']})"
                     if self.target else "")
                  + (f", strength: {self.strength:.3g}" if self.strength is not None else ""),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ..functions.pit import channel_mask, mask_blocks, mask_weight, time_mask
+from ..functions.pit import block_mask, channel_mask, mask_blocks, mask_weight, time_mask
 from .pit_masks import FactorPlan, MaskPlan, PITMasks
 
 _BLOCKS, _INDEX, _TIME = "blocks", "index", "time"
@@ -22,7 +22,8 @@ _BLOCKS, _INDEX, _TIME = "blocks", "index", "time"
 
 def fuse_pit_masks(module: fx.GraphModule) -> None:
     """Replace, in a generated ``torch.fx.GraphModule``, the PIT mask calls on parameters
-    (`channel_mask` → `mask_blocks` / `mask_weight` → `time_mask` chains from a weight) by one
+    (`channel_mask` or `block_mask` → `mask_blocks` / `mask_weight` → `time_mask` chains from a
+    weight) by one
     `PITMasks` call computing the factor of every masked weight (split into views), each weight
     then one product, and pack the mask parameters it alone reads into one parameter; in place.
     Calls it does not recognize (and channel masks read by them) stay as they are; a module
@@ -74,6 +75,8 @@ def _mask_chains(graph: fx.Graph) -> list:
     and so do its chains."""
     channel_masks = {n for n in graph.nodes if _calls(n, channel_mask) and len(n.args) == 2
                      and _is_attr(n.args[0]) and isinstance(n.args[1], float)}
+    channel_masks |= {n for n in graph.nodes if _calls(n, block_mask) and len(n.args) == 3
+                      and _is_attr(n.args[0]) and _is_attr(n.args[1]) and isinstance(n.args[2], float)}
     parsed = {}
     for node in graph.nodes:
         entry = _parse(node, channel_masks)
@@ -102,8 +105,9 @@ def _mask_chains(graph: fx.Graph) -> list:
 
 def _mask_plan(module, chains) -> tuple[MaskPlan, dict, dict]:
     """The `MaskPlan` of every group and time mask the chains read; the groups (channel mask
-    node → (index, alpha target, size, threshold)) and time masks ((beta, gamma, gamma map
-    targets, threshold) → (index, spec))."""
+    node → (index, alpha target, alpha size, threshold, the alpha entry of each channel — None:
+    one entry per channel)) and time masks ((beta, gamma, gamma map targets, threshold) → (index,
+    spec))."""
     groups: dict = {}
     times: dict = {}
     for _, parts, _ in chains:
@@ -116,11 +120,15 @@ def _mask_plan(module, chains) -> tuple[MaskPlan, dict, dict]:
                                                int(_target(module, gamma.target).numel()),
                                                _target(module, gmap.target).detach().cpu().numpy(), float(threshold)))
             elif part[1] not in groups:
-                alpha = part[1].args[0]
-                groups[part[1]] = (len(groups), alpha.target, int(_target(module, alpha.target).numel()),
-                                   float(part[1].args[1]))
-    plan = MaskPlan([(size, threshold) for _, _, size, threshold in groups.values()],
-                    [spec for _, spec in times.values()])
+                alpha, threshold, blocks = part[1].args[0], part[1].args[-1], None
+                size = int(_target(module, alpha.target).numel())
+                if _calls(part[1], block_mask):  # channels masked in blocks
+                    blocks = _target(module, part[1].args[1].target).detach().cpu().numpy().astype(np.int64)
+                groups[part[1]] = (len(groups), alpha.target, size, float(threshold), blocks)
+    plan = MaskPlan([(size, threshold) for _, _, size, threshold, _ in groups.values()],
+                    [spec for _, spec in times.values()],
+                    [None if blocks is None else np.bincount(blocks, minlength=size)
+                     for _, _, size, _, blocks in groups.values()])
     return plan, groups, times
 
 
@@ -133,17 +141,19 @@ def _part_indices(module, part, weight_shape, mask_plan: MaskPlan, groups: dict,
         kernel = weight_shape[-1]
         start = mask_plan.channels + int(mask_plan.tap_starts[t])
         return (start + np.arange(kernel)).reshape((1,) * (rank - 1) + (kernel,))
-    group, _, size, _ = groups[part[1]]
+    group, _, size, _, blocks = groups[part[1]]
     group_start = sum(mask_plan.sizes[:group])
+    entry = np.arange(size) if blocks is None else blocks  # the alpha entry of each channel
     if part[0] is _BLOCKS:
         _, _, axis, inner = part
         shape = [1] * rank
         shape[axis] = weight_shape[axis]
-        return (group_start + np.arange(weight_shape[axis]) // inner).reshape(shape)
+        return (group_start + entry[np.arange(weight_shape[axis]) // inner]).reshape(shape)
     _, _, index, shape = part
     values = _target(module, index.target).detach().cpu().numpy().astype(np.int64)
     resolved = [w if s == -1 else s for s, w in zip(shape, weight_shape)]
-    return np.where(values < size, group_start + values, one).reshape(resolved)
+    channels = entry.size
+    return np.where(values < channels, group_start + entry[np.minimum(values, channels - 1)], one).reshape(resolved)
 
 
 def _factor_plan(module, chains) -> tuple[FactorPlan, dict]:
@@ -163,9 +173,9 @@ def _factor_plan(module, chains) -> tuple[FactorPlan, dict]:
         columns.append(column[(column != one).any(axis=1)] if (column != one).any() else column[:1])
     rows = [np.concatenate([c[p] if p < len(c) else np.full(int(np.prod(s)), one) for c, s in zip(columns, shapes)])
             for p in range(max(len(c) for c in columns))]
-    targets = [target for _, target, _, _ in groups.values()] + \
+    targets = [target for _, target, _, _, _ in groups.values()] + \
         [t for (beta, gamma, _, _) in times for t in (beta, gamma)]
-    plan = FactorPlan(mask_plan, shapes, rows, targets, [threshold for _, _, _, threshold in groups.values()])
+    plan = FactorPlan(mask_plan, shapes, rows, targets, [threshold for _, _, _, threshold, _ in groups.values()])
     return plan, groups
 
 

@@ -36,7 +36,8 @@ class CountValues:
 class CountPlan:
     """What `counts` computes from ``masks`` (a `MaskPlan`): x = [kept channels of every group,
     exported taps of every time mask (``exports``: its (dilation, pads)), 1] — sums of segments
-    of the masks' ``extended`` vector — and, with ``cost`` (an object with ``value_np(x)`` and
+    of the masks' ``extended`` vector, each channel entry weighted by the channels it masks
+    (``weights``: `MaskPlan.entry_weights`, then 1s) — and, with ``cost`` (an object with ``value_np(x)`` and
     ``grad_np(x, grad)``, e.g. a bound compiled cost model), its value there. ``shared``: the
     `PITMasks` whose last masks it may reuse (``masks`` is its plan's)."""
 
@@ -52,6 +53,8 @@ class CountPlan:
         position[masks.kept_alive_channels] = self.size  # (no gradient: a zero appended to ∂/∂x)
         self.position = np.append(position, self.size)  # the sink
         self.kernels = np.asarray(masks.kernels, dtype=np.float64)
+        self.weights = np.concatenate([masks.entry_weights, np.ones(masks.taps + 1)])
+        self.blocked = bool(np.any(masks.entry_weights != 1))
 
     def with_cost(self, cost) -> "CountPlan":
         """This plan computing ``cost`` (bound to its counts' positions)."""
@@ -81,7 +84,8 @@ class CountPlan:
     def values(self, extended: torch.Tensor) -> np.ndarray:
         """x (numpy float64) from the masks' ``extended`` vector."""
         extended = extended.detach().cpu().numpy()
-        x = np.add.reduceat(extended, self.starts).astype(np.float64)  # exact below 2^24
+        weighted = extended * self.weights if self.blocked else extended
+        x = np.add.reduceat(weighted, self.starts).astype(np.float64)  # exact below 2^24
         groups = len(self.masks.groups)
         if self.masks.times:
             taps = x[groups:-1]
@@ -93,8 +97,11 @@ class CountPlan:
 
     def entry_grads(self, grad: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         """∂/∂extended and the sink (like ``like``) given ∂/∂x (numpy): every entry gets its
-        count's, but kept-alive channels and the sink get 0."""
-        return torch.as_tensor(np.append(grad, 0.0)[self.position], dtype=like.dtype, device=like.device)
+        count's (times the channels it masks), but kept-alive channels and the sink get 0."""
+        grads = np.append(grad, 0.0)[self.position]
+        if self.blocked:
+            grads[:-1] *= self.weights
+        return torch.as_tensor(grads, dtype=like.dtype, device=like.device)
 
 
 class _Counts(torch.autograd.Function):
@@ -147,7 +154,8 @@ def counts(plan: CountPlan, params: list) -> torch.Tensor | None:
 
 
 def count_plan(model_masks: PITMasks | None, alphas: dict, times: dict, threshold: float):
-    """A `CountPlan` for the groups ``alphas`` (key → (attribute, tensor)) and time masks
+    """A `CountPlan` for the groups ``alphas`` (key → (attribute, tensor, channels per entry or
+    None)) and time masks
     ``times`` (key → ((beta attribute, beta), (gamma attribute, gamma), gamma map, dilation,
     pads)), reusing the masks of ``model_masks`` (the module's `PITMasks`) when its plan holds
     them all at ``threshold``. Returns the plan, the attributes of its parameters (in its
@@ -157,15 +165,16 @@ def count_plan(model_masks: PITMasks | None, alphas: dict, times: dict, threshol
         shared = _shared_plan(model_masks, alphas, times, threshold)
         if shared is not None:
             return shared
-    groups = [(int(t.numel()), threshold) for _, t in alphas.values()]
-    specs, exports, attrs = [], [], [attr for attr, _ in alphas.values()]
+    groups = [(int(t.numel()), threshold) for _, t, _ in alphas.values()]
+    weights = [w for _, _, w in alphas.values()]
+    specs, exports, attrs = [], [], [attr for attr, _, _ in alphas.values()]
     for (battr, beta), (gattr, gamma), gmap, dilation, pads in times.values():
         specs.append((int(beta.numel()), int(gamma.numel()), gmap.detach().cpu().numpy(), threshold))
         attrs += [battr, gattr]
         exports.append((dilation, pads))
     positions = {key: i for i, key in enumerate(alphas)}
     positions.update({key: len(groups) + i for i, key in enumerate(times)})
-    return CountPlan(MaskPlan(groups, specs), exports), attrs, positions
+    return CountPlan(MaskPlan(groups, specs, weights), exports), attrs, positions
 
 
 def _shared_plan(model_masks: PITMasks, alphas: dict, times: dict, threshold: float):
@@ -177,9 +186,13 @@ def _shared_plan(model_masks: PITMasks, alphas: dict, times: dict, threshold: fl
     positions, exports = {}, [(1, (0, 0))] * len(mp.times)
     if not (all(t == threshold for _, t in mp.groups) and all(t[3] == threshold for t in mp.times)):
         return None
-    for key, (attr, _) in alphas.items():
+    starts = np.cumsum([0] + mp.sizes)
+    for key, (attr, _, weights) in alphas.items():
         index = index_of.get(attr)
         if index is None or index >= groups_count:
+            return None
+        expected = np.ones(mp.sizes[index]) if weights is None else np.asarray(weights)
+        if not np.array_equal(mp.entry_weights[starts[index]:starts[index + 1]], expected):
             return None
         positions[key] = index
     for key, ((battr, _), (gattr, _), _, dilation, pads) in times.items():

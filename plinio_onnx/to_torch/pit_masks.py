@@ -58,16 +58,21 @@ class MaskPlan:
     as one product with a constant 0/1 matrix, summed in float64 then rounded (the value
     `plinio_onnx.functions.pit.taps` computes).
 
-    ``groups``: (size, threshold) per group; ``times``: (beta size, gamma size, gamma map,
-    threshold) per time mask (a γ map is a constant of the plan: its buffer is what `gamma_map`
-    made it). The concatenation of the parameters: group i's alpha is parameter i, time mask t's
+    ``groups``: (size, threshold) per group — size: its alpha's entries; ``weights``: per group,
+    how many channels each entry masks (None, or a group's None: one each; channels searched in
+    blocks, see `plinio_onnx.functions.pit_keep.block_index`), ``entry_weights`` their
+    concatenation; ``times``: (beta size, gamma size, gamma map, threshold) per time mask (a γ
+    map is a constant of the plan: its buffer is what `gamma_map` made it). The concatenation of the parameters: group i's alpha is parameter i, time mask t's
     beta and gamma parameters G + 2t and G + 2t + 1. ``current``: the `MaskValues` of the last
     call (reused by the next one while no mask flips)."""
 
-    def __init__(self, groups, times=()) -> None:
+    def __init__(self, groups, times=(), weights=None) -> None:
         self.groups = [(int(n), float(t)) for n, t in groups]
         self.times = [(int(nb), int(ng), np.asarray(m), float(t)) for nb, ng, m, t in times]
         self.sizes = [n for n, _ in self.groups]
+        weights = weights or [None] * len(self.sizes)
+        self.entry_weights = np.concatenate([np.ones(n) if w is None else np.asarray(w, dtype=np.float64)
+                                             for n, w in zip(self.sizes, weights)] + [np.zeros(0)])
         self.channels = sum(self.sizes)
         self.lengths = self.sizes + [n for nb, ng, _, _ in self.times for n in (nb, ng)]
         self.kernels = [m.shape[0] for _, _, m, _ in self.times]
