@@ -49,7 +49,7 @@ def test_grids_and_cache_beside_the_model(tmp_path, monkeypatch):
     # reused while it describes the model: nothing is timed again
     def no_timing(*args):
         raise AssertionError("timed again")
-    monkeypatch.setattr(measured, "_time", no_timing)
+    monkeypatch.setattr(measured._Timer, "time", no_timing)
     again = measured.load_or_measure(path, channel_multiple=8)
     assert {n: t.seconds for n, t in again.layers.items()} == {n: t.seconds for n, t in table.layers.items()}
     # another grid, or another model in the same file: measured again
@@ -83,14 +83,25 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
     profile = measured.ort_cpu_profile(path, channel_multiple=8, repeats=2)
     table = profile.latency
     assert profile.name == "ort-cpu" and profile.channel_multiple == 8 and profile.latency_unit == "s"
-    full = sum(t.seconds[-1][-1] for t in table.layers.values())   # every layer at its full size
-    assert sum(table(s) for s in po.cost.layer_specs(po.load(path))) == pytest.approx(full)
+    assert 0 < table.run_seconds and 0 < table.whole_seconds
+
+    def calibrated(entries: list[float]) -> float:
+        """run_seconds once + k · the entries' net seconds, k = (whole − run) / Σ net at full size."""
+        full = sum(t.seconds[-1][-1] - table.run_seconds for t in table.layers.values())
+        k = (table.whole_seconds - table.run_seconds) / full
+        return table.run_seconds + k * sum(max(e - table.run_seconds, 0) for e in entries)
+    # every layer at its full size: exactly the whole model's measured latency
+    assert table.predict(po.load(path)) == pytest.approx(table.whole_seconds)
+    assert sum(table(s) for s in po.cost.layer_specs(po.load(path))) == pytest.approx(table.whole_seconds)
     model = po.PIT(path, cost=profile.cost())
-    assert float(model.cost.detach()) == pytest.approx(full)
+    assert float(model.cost.detach()) == pytest.approx(table.whole_seconds)
     with torch.no_grad():
         model.tensor("conv1.pit_alpha")[:8] = 0.2              # conv1 (and dw) keep 8 of 16 channels
-    eight = table.layers["conv1"].seconds[0][0] + table.layers["dw"].seconds[0][0] + \
-        table.layers["conv2"].seconds[0][0] + table.layers["fc"].seconds[0][0]
+    eight = [table.layers["conv1"].seconds[0][0], table.layers["dw"].seconds[0][0],
+             table.layers["conv2"].seconds[0][0], table.layers["fc"].seconds[0][0]]
     cost = model.cost
-    assert float(cost.detach()) == pytest.approx(eight)
+    assert float(cost.detach()) == pytest.approx(calibrated(eight))
     assert cost.requires_grad
+    # the uncalibrated table: the plain sum of the entries
+    table.calibration = "none"
+    assert float(model.cost.detach()) == pytest.approx(sum(eight))

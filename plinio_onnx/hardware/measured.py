@@ -10,9 +10,22 @@ runs after a warm-up, one thread, default optimization) at input × output chann
 grid of ``channel_multiple`` (its multiples below the layer's size, and the size itself). The
 latency of a layer at effective counts (c_in, c_out) is the bilinear interpolation of its table
 (constant beyond the grid), so it is exact at every grid point and differentiable in between;
-the model's latency is the sum over layers. The table is cached beside the model
-(``MODEL.ort-cpu.json``) and reused while the model file, the grid, the threads and the ONNX
-Runtime version are the same.
+the model's latency is the sum over layers, calibrated on the whole model (below). The table is
+cached beside the model (``MODEL.ort-cpu.json``, ``MODEL.openvino-cpu.json``) and reused while
+the model file, the runtime's version and the threads are the same and its grid is as fine as
+the one asked for.
+
+Calibration (**ours**). A layer timed alone pays what the whole model pays once: the runtime's
+fixed cost of a run (``run_seconds``, timed on a one-node model that does next to nothing) and
+the layout reorders around it (ONNX Runtime's NCHWc kernels reorder the input and output of a
+lone conv; in a chain only the ends). And the whole model runs ops no table holds (pooling,
+residual adds, activations it does not fuse). So each entry less ``run_seconds`` is the layer's
+*net* time, the whole model is timed once when it is profiled (``whole_seconds``), and a layer
+costs ``run_seconds / n + k · net`` with ``k = (whole − run) / Σ net at full size`` over its
+``n`` layers: the sum is exact on the profiled model, and the non-tabulated work and the
+reorders scale with the layers they sit between. `bench/latency_prediction.py` measures how well
+this predicts pruned variants (and the plain ``"add"`` alternative: the non-tabulated time as a
+constant).
 """
 from __future__ import annotations
 
@@ -20,7 +33,6 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,10 +44,11 @@ from onnx import TensorProto, helper
 from ..cost import LayerSpec, layer_specs
 from ..errors import PlinioOnnxError
 from .profile import HardwareProfile
-from .rounding import interpolate
+from .rounding import clamp, interpolate
 
-TABLE_VERSION = 1
-RUNTIME = "ort-cpu"
+TABLE_VERSION = 2
+RUNTIMES = ("ort-cpu", "openvino-cpu")
+CALIBRATIONS = ("scale", "add", "none")
 Progress = Callable[[int, int, str], None]  # (layers done, layers in all, the layer being timed)
 
 
@@ -55,22 +68,50 @@ class LayerTable:
             return rows[0]
         return interpolate(dict(zip(self.in_grid, rows)), in_channels)
 
+    @property
+    def full(self) -> float:
+        """Seconds at the layer's own size (the last grid point of both axes)."""
+        return self.seconds[-1][-1]
+
 
 @dataclass(eq=False)  # hashed by identity: searches key their caches by cost model
 class LatencyTable:
-    """A model's measured per-layer latency: call it on a `LayerSpec` (a cost model, seconds);
-    layers it did not time cost 0."""
+    """A model's measured per-layer latency: call it on a `LayerSpec` (a cost model, seconds;
+    calibrated on the whole model, see the module docstring); layers it did not time cost 0."""
 
     model_sha256: str
     channel_multiple: int
     threads: int
     runtime_version: str
     layers: dict[str, LayerTable] = field(default_factory=dict)
+    runtime: str = "ort-cpu"
+    run_seconds: float = 0.0            # one run of a one-node model that does next to nothing
+    whole_seconds: float | None = None  # the profiled model, whole (None: not timed)
+    calibration: str = "scale"          # "scale", "add" or "none" (the plain sum of the entries)
     version: int = TABLE_VERSION
 
     def __call__(self, spec: LayerSpec) -> Any:
         table = self.layers.get(spec.name)
-        return 0.0 if table is None else table.latency(spec.in_channels, spec.out_channels)
+        if table is None:
+            return 0.0
+        measured = table.latency(spec.in_channels, spec.out_channels)
+        if self.calibration == "none" or self.whole_seconds is None or not self.layers:
+            return measured
+        net = clamp(measured - self.run_seconds, 0.0, float("inf"))
+        full = self.full_net()
+        share = self.run_seconds / len(self.layers)
+        if self.calibration == "add":
+            return share + net + (self.whole_seconds - self.run_seconds - full) / len(self.layers)
+        return share + net * ((self.whole_seconds - self.run_seconds) / max(full, 1e-12))
+
+    def full_net(self) -> float:
+        """The layers' net seconds (less ``run_seconds``) at their own sizes, summed."""
+        return sum(max(t.full - self.run_seconds, 0.0) for t in self.layers.values())
+
+    def predict(self, graph) -> float:
+        """The modelled seconds of ``graph`` (a `plinio_onnx.Graph` with this table's layer names,
+        e.g. an export of the profiled model)."""
+        return float(sum(self(spec) for spec in layer_specs(graph)))
 
     def save(self, path: "str | os.PathLike") -> Path:
         """Write the table as JSON, atomically (temp file + rename)."""
@@ -93,10 +134,10 @@ class LatencyTable:
         return LatencyTable(layers=layers, **data)
 
 
-def table_path(model: "str | os.PathLike") -> Path:
-    """Where the table of ``model`` is cached: ``MODEL.ort-cpu.json`` beside it."""
+def table_path(model: "str | os.PathLike", runtime: str = "ort-cpu") -> Path:
+    """Where the table of ``model`` is cached: ``MODEL.ort-cpu.json`` (``MODEL.RUNTIME.json``) beside it."""
     model = Path(model)
-    return model.with_name(f"{model.stem}.{RUNTIME}.json")
+    return model.with_name(f"{model.stem}.{_runtime(runtime)}.json")
 
 
 def channel_grid(size: int, multiple: int) -> list[int]:
@@ -105,59 +146,82 @@ def channel_grid(size: int, multiple: int) -> list[int]:
     return sorted({*range(multiple, size, multiple), size})
 
 
-def measure(model: "str | os.PathLike", *, channel_multiple: int = 8, threads: int = 1, repeats: int = 20,
-            progress: Progress | None = None) -> LatencyTable:
-    """Time every layer of ``model`` (an .onnx path) on its channel grid (see the module docstring)."""
-    import onnxruntime
-
+def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_multiple: int = 8, threads: int = 1,
+            repeats: int = 20, progress: Progress | None = None) -> LatencyTable:
+    """Time every layer of ``model`` (an .onnx path) on its channel grid, the runtime's fixed cost
+    of a run, and the whole model (see the module docstring)."""
     from ..load import load
     path = Path(model)
+    sha = _sha256(path)
     graph = load(path)
     nodes = {node.name: node for node in graph.gs.nodes}
     specs = [s for s in layer_specs(graph) if s.kind in ("conv", "linear")]
     features = _features_per_channel(graph)
-    table = LatencyTable(_sha256(path), int(channel_multiple), int(threads), onnxruntime.__version__)
+    timer = _Timer(runtime, int(threads), repeats, str(path))
+    table = LatencyTable(sha, int(channel_multiple), int(threads), timer.version, runtime=runtime)
     for done, spec in enumerate(specs):
         if progress is not None:
             progress(done, len(specs), spec.name)
         table.layers[spec.name] = _measure_layer(nodes[spec.name], spec, channel_multiple, features.get(spec.name, 1),
-                                                 threads, repeats, str(path))
+                                                 timer)
+    table.run_seconds = timer.time(_idle_model())
+    table.whole_seconds = timer.whole(path)
     if progress is not None:
         progress(len(specs), len(specs), "")
     return table
 
 
-def load_or_measure(model: "str | os.PathLike", *, channel_multiple: int = 8, threads: int = 1,
-                    repeats: int = 20, progress: Progress | None = None) -> LatencyTable:
-    """The cached table of ``model`` when it still describes it, else a fresh measurement
-    (written beside the model)."""
-    import onnxruntime
-    cache = table_path(model)
-    if cache.exists():
-        try:
-            table = LatencyTable.load(cache)
-        except (ValueError, TypeError, KeyError):
-            table = None  # an unreadable or older cache: measured again
-        if table is not None and table.version == TABLE_VERSION and table.model_sha256 == _sha256(Path(model)) \
-                and table.channel_multiple == channel_multiple and table.threads == threads \
-                and table.runtime_version == onnxruntime.__version__:
-            return table
-    table = measure(model, channel_multiple=channel_multiple, threads=threads, repeats=repeats, progress=progress)
-    table.save(cache)
+def cached_table(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_multiple: int = 8,
+                 threads: int = 1) -> LatencyTable | None:
+    """The table cached beside ``model`` when it still describes it (the same file, runtime
+    version and threads, a grid that holds the one of ``channel_multiple``), else None."""
+    cache = table_path(model, runtime)
+    if not cache.exists():
+        return None
+    try:
+        table = LatencyTable.load(cache)
+    except (ValueError, TypeError, KeyError):
+        return None  # an unreadable or older cache: measured again
+    fits = table.version == TABLE_VERSION and table.runtime == runtime and table.threads == threads \
+        and channel_multiple % table.channel_multiple == 0 and table.model_sha256 == _sha256(Path(model)) \
+        and table.runtime_version == _Timer.runtime_version(runtime)
+    return table if fits else None
+
+
+def load_or_measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_multiple: int = 8,
+                    threads: int = 1, repeats: int = 20, progress: Progress | None = None,
+                    force: bool = False) -> LatencyTable:
+    """The cached table of ``model`` when it still describes it (`cached_table`; not with
+    ``force``), else a fresh measurement (written beside the model, atomically)."""
+    table = None if force else cached_table(model, runtime=runtime, channel_multiple=channel_multiple,
+                                            threads=threads)
+    if table is None:
+        table = measure(model, runtime=runtime, channel_multiple=channel_multiple, threads=threads,
+                        repeats=repeats, progress=progress)
+        table.save(table_path(model, runtime))
     return table
+
+
+def measured_profile(model: "str | os.PathLike", runtime: str = "ort-cpu", *, channel_multiple: int = 8,
+                     threads: int = 1, repeats: int = 20, progress: Progress | None = None,
+                     force: bool = False) -> HardwareProfile:
+    """The measured ``runtime`` profile of ``model``: its latency table (cached or measured now)
+    as the latency cost model, in seconds; float layers as they are."""
+    table = load_or_measure(model, runtime=runtime, channel_multiple=channel_multiple, threads=threads,
+                            repeats=repeats, progress=progress, force=force)
+    engine = "ONNX Runtime" if runtime == "ort-cpu" else "OpenVINO"
+    return HardwareProfile(runtime, latency=table, channel_multiple=channel_multiple, weight_bits=(8,),
+                           activation_bits=(8,), default_bits=None, latency_unit="s",
+                           description=f"{engine} {table.runtime_version} on this CPU, {threads} thread(s), "
+                                       "measured per layer",
+                           source=str(table_path(model, runtime)))
 
 
 def ort_cpu_profile(model: "str | os.PathLike", *, channel_multiple: int = 8, threads: int = 1,
                     repeats: int = 20, progress: Progress | None = None) -> HardwareProfile:
-    """The measured ONNX Runtime CPU profile of ``model``: its latency table (cached or
-    measured now) as the latency cost model, in seconds; float layers as they are."""
-    table = load_or_measure(model, channel_multiple=channel_multiple, threads=threads, repeats=repeats,
-                            progress=progress)
-    return HardwareProfile(RUNTIME, latency=table, channel_multiple=channel_multiple, weight_bits=(8,),
-                           activation_bits=(8,), default_bits=None, latency_unit="s",
-                           description=f"ONNX Runtime {table.runtime_version} on this CPU, {threads} thread(s), "
-                                       "measured per layer",
-                           source=str(table_path(model)))
+    """The measured ONNX Runtime CPU profile of ``model`` (`measured_profile`)."""
+    return measured_profile(model, "ort-cpu", channel_multiple=channel_multiple, threads=threads,
+                            repeats=repeats, progress=progress)
 
 
 # -- timing one layer -------------------------------------------------------------------------
@@ -173,19 +237,16 @@ def _features_per_channel(graph) -> dict[str, int]:
             if len({int(e[1]) for e in entries}) == 1 and int(entries[0][1]) > 1}
 
 
-def _measure_layer(node, spec: LayerSpec, multiple: int, features: int, threads: int, repeats: int,
-                   source: str) -> LayerTable:
+def _measure_layer(node, spec: LayerSpec, multiple: int, features: int, timer: "_Timer") -> LayerTable:
     grouped = spec.kind == "conv" and spec.groups > 1 and not spec.depthwise
     out_grid = [spec.out_channels] if grouped else channel_grid(spec.out_channels, multiple)
     if spec.depthwise:
-        return LayerTable(node.op, [], out_grid, [[_time(_layer_model(node, spec, c, c), threads, repeats, source)
-                                                   for c in out_grid]])
+        return LayerTable(node.op, [], out_grid, [[timer.time(_layer_model(node, spec, c, c)) for c in out_grid]])
     if grouped or spec.in_channels % features:
         in_grid = [spec.in_channels]
     else:
         in_grid = [c * features for c in channel_grid(spec.in_channels // features, multiple)]
-    seconds = [[_time(_layer_model(node, spec, c_in, c_out), threads, repeats, source) for c_out in out_grid]
-               for c_in in in_grid]
+    seconds = [[timer.time(_layer_model(node, spec, c_in, c_out)) for c_out in out_grid] for c_in in in_grid]
     return LayerTable(node.op, in_grid, out_grid, seconds)
 
 
@@ -222,20 +283,78 @@ def _layer_model(node, spec: LayerSpec, c_in: int, c_out: int) -> onnx.ModelProt
     return model
 
 
-def _time(model: onnx.ModelProto, threads: int, repeats: int, source: str) -> float:
-    """Median seconds of one run of ``model`` on random input."""
-    from ..runtime import ort_session
-    session = ort_session(model, source=source, threads=threads)
-    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    feed = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(max(int(repeats), 1)):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def _idle_model() -> onnx.ModelProto:
+    """A one-node model that does next to nothing: what the runtime costs per run by itself."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "idle",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model
+
+
+def _runtime(name: str) -> str:
+    if name not in RUNTIMES:
+        raise PlinioOnnxError(f"unknown measured runtime {name!r}; choose from {', '.join(RUNTIMES)}")
+    return name
+
+
+class _Timer:
+    """Times models in one runtime (``RUNTIMES``): median of ``repeats`` samples of ~1 ms each."""
+
+    def __init__(self, runtime: str, threads: int, repeats: int, source: str) -> None:
+        from ..runtime import RUNNERS
+        self.version = self.runtime_version(runtime)   # fails first, with how to install it
+        self.runner, self.threads, self.repeats, self.source = RUNNERS[runtime], threads, repeats, source
+
+    @staticmethod
+    def runtime_version(runtime: str) -> str:
+        from ..runtime import OPENVINO_MISSING
+        if _runtime(runtime) == "ort-cpu":
+            import onnxruntime
+            return onnxruntime.__version__
+        try:
+            import openvino
+        except ImportError:
+            raise PlinioOnnxError(OPENVINO_MISSING) from None
+        return str(getattr(openvino, "__version__", None) or openvino.get_version())
+
+    def time(self, model: "onnx.ModelProto | Path", feeds: dict | None = None) -> float:
+        """Median seconds of one run of ``model`` (on random inputs of its shapes by default)."""
+        from ..runtime import median_seconds
+        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        feeds = feeds if feeds is not None else random_feeds(proto)
+        run = self.runner(proto, feeds, threads=self.threads, source=self.source)
+        return median_seconds(run, repeats=self.repeats, block_s=0.001)
+
+    def whole(self, path: Path) -> float | None:
+        """Median seconds of the whole model; None when its input sizes are not all known."""
+        proto = onnx.load(str(path))
+        try:
+            feeds = random_feeds(proto)
+        except PlinioOnnxError:
+            return None
+        return self.time(proto, feeds)
+
+
+def random_feeds(model: onnx.ModelProto, *, batch: int = 1) -> dict[str, np.ndarray]:
+    """Random float inputs for ``model``: its input shapes, a symbolic batch (the first axis) as
+    ``batch``; a `PlinioOnnxError` when another size is symbolic."""
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = {}
+    rng = np.random.default_rng(0)
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if dims and dims[0] is None:
+            dims[0] = batch
+        if any(d is None for d in dims):
+            raise PlinioOnnxError(f"input {value.name!r} has symbolic sizes; they are needed to time the model")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        feeds[value.name] = np.zeros(dims, dtype) if np.issubdtype(dtype, np.integer) \
+            else rng.standard_normal(dims).astype(dtype)   # integer inputs (token ids): 0 is valid
+    return feeds
 
 
 def _sha256(path: Path) -> str:
