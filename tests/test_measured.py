@@ -87,7 +87,7 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
 
     def calibrated(entries: list[float]) -> float:
         """run_seconds once + k · the entries' net seconds, k = (whole − run) / Σ net at full size."""
-        full = sum(t.seconds[-1][-1] - table.run_seconds for t in table.layers.values())
+        full = sum(max(t.seconds[-1][-1] - table.run_seconds, 0) for t in table.layers.values())
         k = (table.whole_seconds - table.run_seconds) / full
         return table.run_seconds + k * sum(max(e - table.run_seconds, 0) for e in entries)
     # every layer at its full size: exactly the whole model's measured latency
@@ -105,3 +105,100 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
     # the uncalibrated table: the plain sum of the entries
     table.calibration = "none"
     assert float(model.cost.detach()) == pytest.approx(sum(eight))
+
+
+# -- the profile command and for_model --------------------------------------------------------
+def _counting_timer(monkeypatch) -> list:
+    """Counts the entries timed (the real timer still runs)."""
+    calls = []
+    real = measured._Timer.time
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(measured._Timer, "time", counted)
+    return calls
+
+
+def test_profile_command_caches_reuses_and_forces(tmp_path, monkeypatch, capsys):
+    import json
+
+    from plinio_onnx.cli import main
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    before = path.read_bytes()
+    calls = _counting_timer(monkeypatch)
+    assert main(["profile", str(path), "--repeats", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    cache = tmp_path / "tiny.ort-cpu.json"
+    # 7 grid entries (conv1 2, dw 2, conv2 2, fc 1) + the whole model + an idle run, before and after
+    assert len(calls) == 10 and cache.exists() and path.read_bytes() == before
+    assert summary["table"] == str(cache) and summary["layers"] == 4 and not summary["reused"]
+    assert summary["predicted_ms"] == pytest.approx(summary["measured_ms"])    # calibrated on it
+    stamp = cache.stat().st_mtime_ns
+
+    calls.clear()
+    assert main(["profile", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert not calls and cache.stat().st_mtime_ns == stamp and "cached table reused" in out
+    assert "4 layers" in out and str(cache) in out
+    assert main(["profile", str(path), "--channel-multiple", "16"]) == 0   # a subset of the grid of 8
+    assert not calls and cache.stat().st_mtime_ns == stamp
+    capsys.readouterr()
+
+    assert main(["profile", str(path), "--repeats", "2", "--force"]) == 0
+    assert len(calls) == 10 and cache.stat().st_mtime_ns != stamp and "reused" not in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*.tmp"))    # written atomically, no temporary left
+
+
+def test_profile_command_errors_are_one_clear_line(tmp_path, capsys):
+    from plinio_onnx.cli import main
+    assert main(["profile", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx: no such model file" in capsys.readouterr().err
+    (tmp_path / "text.onnx").write_text("not a model")
+    assert main(["profile", str(tmp_path / "text.onnx")]) == 2
+    assert "text.onnx: not an ONNX model" in capsys.readouterr().err
+    path = tmp_path / "strange.onnx"
+    _tiny(path)
+    model = onnx.load(str(path))
+    model.graph.node.insert(1, helper.make_node("Foo", ["a"], ["a2"], name="strange", domain="com.example"))
+    model.graph.node[2].input[0] = "a2"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    onnx.save(model, str(path))
+    assert main(["profile", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "strange.onnx: node 'strange' (com.example:Foo)" in err and err.count("\n") == 1
+    assert not (tmp_path / "strange.ort-cpu.json").exists()
+    assert main(["profile", str(path), "--hardware", "gap8"]) == 2
+    assert "not a measured runtime" in capsys.readouterr().err
+
+
+def test_for_model_analytical_and_measured(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    gap8 = po.hardware.for_model("gap8", path)
+    assert gap8 == po.hardware.get("gap8")
+    assert gap8.latency is po.hardware.gap8_latency and gap8.channel_multiple == 4
+    assert po.hardware.for_model("gap8", path, channel_multiple=16).channel_multiple == 16
+    assert not (tmp_path / "tiny.ort-cpu.json").exists()      # analytical: nothing measured
+
+    seen = []
+    calls = _counting_timer(monkeypatch)
+    profile = po.hardware.for_model("ort-cpu", path, progress=lambda *a: seen.append(a))
+    assert profile.name == "ort-cpu" and profile.channel_multiple == 8 and profile.latency_unit == "s"
+    assert seen[0] == (0, 4, "conv1") and seen[-1] == (4, 4, "") and calls
+    assert profile.source == str(tmp_path / "tiny.ort-cpu.json")
+    latency = profile.cost()
+    assert sum(latency(s) for s in po.cost.layer_specs(po.load(path))) == pytest.approx(profile.latency.whole_seconds)
+    seen.clear()
+    calls.clear()
+    again = po.hardware.for_model("ort-cpu", path, progress=lambda *a: seen.append(a))   # from the cache
+    assert not seen and not calls and again.latency.layers.keys() == profile.latency.layers.keys()
+
+    monkeypatch.setitem(sys.modules, "openvino", None)       # as where it is not installed
+    with pytest.raises(po.PlinioOnnxError, match="pip install openvino"):
+        po.hardware.for_model("openvino-cpu", path)
+    with pytest.raises(po.PlinioOnnxError, match="unknown hardware profile"):
+        po.hardware.for_model("no-such-board", path)

@@ -99,6 +99,8 @@ class LatencyTable:
             return measured
         net = clamp(measured - self.run_seconds, 0.0, float("inf"))
         full = self.full_net()
+        if full <= 0:   # no layer costs more than an idle run: the whole model shared out evenly
+            return self.whole_seconds / len(self.layers)
         share = self.run_seconds / len(self.layers)
         if self.calibration == "add":
             return share + net + (self.whole_seconds - self.run_seconds - full) / len(self.layers)
@@ -157,15 +159,25 @@ def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_mul
     nodes = {node.name: node for node in graph.gs.nodes}
     specs = [s for s in layer_specs(graph) if s.kind in ("conv", "linear")]
     features = _features_per_channel(graph)
+    _check_runnable(graph, runtime, str(path))
+    if not specs:
+        raise PlinioOnnxError("no layer to time (no Conv, Gemm or MatMul with a constant weight)", file=str(path))
     timer = _Timer(runtime, int(threads), repeats, str(path))
     table = LatencyTable(sha, int(channel_multiple), int(threads), timer.version, runtime=runtime)
+    table.whole_seconds = timer.whole(path)   # first: a model the runtime cannot run fails now
+    idle = timer.time(_idle_model())
     for done, spec in enumerate(specs):
         if progress is not None:
             progress(done, len(specs), spec.name)
-        table.layers[spec.name] = _measure_layer(nodes[spec.name], spec, channel_multiple, features.get(spec.name, 1),
-                                                 timer)
-    table.run_seconds = timer.time(_idle_model())
-    table.whole_seconds = timer.whole(path)
+        try:
+            table.layers[spec.name] = _measure_layer(nodes[spec.name], spec, channel_multiple,
+                                                     features.get(spec.name, 1), timer)
+        except PlinioOnnxError as err:
+            raise PlinioOnnxError(f"cannot time this layer alone: {err.message}", file=str(path), node=spec.name,
+                                  op=spec.op) from None
+    # Nothing runs faster than the idle model: an entry below it means a busy moment inflated it.
+    idle = min(idle, timer.time(_idle_model()))
+    table.run_seconds = min([idle] + [s for layer in table.layers.values() for row in layer.seconds for s in row])
     if progress is not None:
         progress(len(specs), len(specs), "")
     return table
@@ -291,6 +303,20 @@ def _idle_model() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     return model
+
+
+_RUNTIME_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
+
+
+def _check_runnable(graph, runtime: str, source: str) -> None:
+    """A node of a domain the runtime has no kernels for (nor the model a function) fails here,
+    named, before anything is timed."""
+    known = _RUNTIME_DOMAINS | {function.domain for function in getattr(graph.gs, "functions", [])}
+    for node in graph.gs.nodes:
+        if (node.domain or "") not in known:
+            raise PlinioOnnxError(f"{runtime} has no kernel for ops of domain {node.domain!r}; only models of "
+                                  "standard ONNX ops can be profiled", file=source, node=node.name,
+                                  op=f"{node.domain}:{node.op}")
 
 
 def _runtime(name: str) -> str:
