@@ -81,35 +81,46 @@ def openvino_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[st
 
 
 RUNNERS: dict[str, Callable[..., Runner]] = {"ort-cpu": ort_runner, "openvino-cpu": openvino_runner}
+Clock = Callable[[], float]
 
 
-def median_seconds(run: Runner, *, repeats: int = 20, warmup: int = 3, block_s: float = 0.0) -> float:
-    """The median wall time of one call of ``run``: ``repeats`` samples after ``warmup`` calls;
-    with ``block_s``, each sample is the mean of as many calls as last about that long (a
-    microsecond kernel is then not timed against the clock's own resolution)."""
-    start = time.perf_counter()
+def latency_clock(runtime: str, threads: int) -> Clock:
+    """The clock that times one run: with one thread ONNX Runtime computes on the calling thread,
+    so that thread's CPU time is the run's latency on an idle machine and stays so on a busy one
+    (other processes' time slices are not counted); otherwise (several threads, OpenVINO's own
+    worker threads) the wall clock."""
+    return time.thread_time if runtime == "ort-cpu" and int(threads) == 1 else time.perf_counter
+
+
+def median_seconds(run: Runner, *, repeats: int = 20, warmup: int = 3, block_s: float = 0.0,
+                   clock: Clock = time.perf_counter) -> float:
+    """The median time (on ``clock``, see `latency_clock`) of one call of ``run``: ``repeats``
+    samples after ``warmup`` calls; with ``block_s``, each sample is the mean of as many calls as
+    last about that long (a microsecond kernel is then not timed against the clock's resolution)."""
+    start = clock()
     for _ in range(max(int(warmup), 1)):
         run()
-    one = (time.perf_counter() - start) / max(int(warmup), 1)
+    one = (clock() - start) / max(int(warmup), 1)
     steps = max(1, int(block_s / max(one, 1e-7))) if block_s > 0 else 1
     times = []
     for _ in range(max(int(repeats), 1)):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(steps):
             run()
-        times.append((time.perf_counter() - start) / steps)
+        times.append((clock() - start) / steps)
     return float(np.median(times))
 
 
 def alternate_seconds(runners: dict[str, Runner], *, rounds: int = 15, budget_s: float = 3.0,
-                      warmup: int = 3) -> dict[str, float]:
+                      warmup: int = 3, clock: Clock = time.perf_counter) -> dict[str, float]:
     """The median seconds of one call of each runner, timed alternately (A B A B …, the order
     reversed every round) so a shared machine's noise falls on all of them alike. Each round runs
-    every runner for ~5 ms (at least once); ``budget_s`` caps the total (at least 3 rounds)."""
+    every runner for ~5 ms (at least once); ``budget_s`` caps the total (at least 3 rounds).
+    ``clock``: see `latency_clock`."""
     for run in runners.values():
         for _ in range(warmup):
             run()
-    slowest = max(median_seconds(run, repeats=3, warmup=0) for run in runners.values())
+    slowest = max(median_seconds(run, repeats=3, warmup=0, clock=clock) for run in runners.values())
     steps = max(1, int(0.005 / max(slowest, 1e-7)))
     rounds = max(3, min(int(rounds), int(budget_s / max(slowest * steps * len(runners), 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -117,8 +128,8 @@ def alternate_seconds(runners: dict[str, Runner], *, rounds: int = 15, budget_s:
     for r in range(rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
             run = runners[name]
-            start = time.perf_counter()
+            start = clock()
             for _ in range(steps):
                 run()
-            times[name].append((time.perf_counter() - start) / steps)
+            times[name].append((clock() - start) / steps)
     return {name: float(np.median(values)) for name, values in times.items()}

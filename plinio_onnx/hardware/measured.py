@@ -326,12 +326,14 @@ def _runtime(name: str) -> str:
 
 
 class _Timer:
-    """Times models in one runtime (``RUNTIMES``): median of ``repeats`` samples of ~1 ms each."""
+    """Times models in one runtime (``RUNTIMES``): median of ``repeats`` samples of ~1 ms each, on
+    the calling thread's CPU time for ONNX Runtime on one thread (`latency_clock`)."""
 
     def __init__(self, runtime: str, threads: int, repeats: int, source: str) -> None:
-        from ..runtime import RUNNERS
+        from ..runtime import RUNNERS, latency_clock
         self.version = self.runtime_version(runtime)   # fails first, with how to install it
         self.runner, self.threads, self.repeats, self.source = RUNNERS[runtime], threads, repeats, source
+        self.clock = latency_clock(runtime, threads)
 
     @staticmethod
     def runtime_version(runtime: str) -> str:
@@ -351,7 +353,7 @@ class _Timer:
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         feeds = feeds if feeds is not None else random_feeds(proto)
         run = self.runner(proto, feeds, threads=self.threads, source=self.source)
-        return median_seconds(run, repeats=self.repeats, block_s=0.001)
+        return median_seconds(run, repeats=self.repeats, block_s=0.001, clock=self.clock)
 
     def whole(self, path: Path) -> float | None:
         """Median seconds of the whole model; None when its input sizes are not all known."""
