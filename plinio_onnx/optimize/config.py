@@ -105,7 +105,9 @@ class OptimizeConfig:
     phases (0 skips a phase). ``checkpoint_dir=False`` disables checkpoints.
     ``callback(phase, epoch, info)`` is called after every completed (and checkpointed) epoch.
     ``threads``: torch CPU threads during the run (default: 1 for small models or a busy machine,
-    else the idle cores). Invalid combinations raise `PlinioOnnxError` on construction.
+    else the idle cores). ``measure_latency``: time the input and the output model in ONNX
+    Runtime (and OpenVINO) after the run, for the report (`plinio_onnx.optimize.measure`).
+    Invalid combinations raise `PlinioOnnxError` on construction.
     """
 
     output: "str | os.PathLike" = _option(MISSING, "-o", "--output", metavar="OUT.onnx", required=True,
@@ -145,6 +147,9 @@ class OptimizeConfig:
                                   help="torch CPU threads (default: 1 for small models or a busy machine, "
                                        "else the idle cores)")
     quiet: bool = _option(False, "--quiet", action="store_true", help="no progress bars and no summary")
+    measure_latency: bool = _option(True, "--no-measure", action="store_false",
+                                    help="do not time the input and the output in ONNX Runtime (and OpenVINO "
+                                         "when installed) for the report")
     progress: bool = _option(True)
     recipe: Recipe | None = _option()
     callback: "Callable[[str, int, dict], None] | None" = _option()

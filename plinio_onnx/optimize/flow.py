@@ -45,6 +45,10 @@ dataset, with nothing but the model, the data, an output path and (optionally) a
 5. **Report** (`plinio_onnx.optimize.report`). Cost (params, MACs) and the test metric before
    (warmed-up input model) and after (the written file, run in ONNX Runtime), the kept channels
    per layer, per-phase summaries; ``OUT.report.json`` and ``OUT.report.md`` next to the output.
+   The input and the output file are timed alternately in ONNX Runtime (and OpenVINO when
+   installed; `plinio_onnx.optimize.measure`, off with ``measure_latency=False``), and SVG plots
+   of the layers before/after and of the search trajectory are drawn beside the report
+   (`plinio_onnx.optimize.plots`).
 
 Every completed epoch is checkpointed in ``checkpoint_dir`` (default ``OUT.ckpt/``;
 `plinio_onnx.optimize.checkpoint`): the ONNX graphs (the searchable one in the search phase),
@@ -75,8 +79,10 @@ from .checkpoint import Checkpoint, fingerprint
 from .config import OptimizeConfig, Recipe
 from .data import Problem, ort_outputs, prepare, task_scores
 from .lock import RunLock
+from .measure import measure_latency
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
+from .plots import PLOTS, write_plots
 from .progress import Progress
 from .report import Report, layer_rows
 from .search_phase import search
@@ -127,7 +133,8 @@ def _optimize(model: "str | os.PathLike", data, config: OptimizeConfig) -> Repor
         recipe = replace(recipe, warmup_epochs=0 if problem.task.kind == "distill" else 100)
     report_json, report_md, folder = config.output_files()
     with RunLock(folder / "lock" if folder else output.parent / f".{output.name}.lock"):
-        remove_stale_temporaries(output.parent, {output.name, report_json.name, report_md.name})
+        remove_stale_temporaries(output.parent, {output.name, report_json.name, report_md.name,
+                                                 *(f"{output.stem}.{kind}.svg" for kind in PLOTS)})
         ckpt, bar = _open_checkpoint(config, model_path, data, problem, recipe, base.target)
         run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback)
         try:
@@ -136,6 +143,7 @@ def _optimize(model: "str | os.PathLike", data, config: OptimizeConfig) -> Repor
             bar.stop()
         _save_output(final, model_path, output, config, base.target)
         report = _report(config, method, model_path, problem, base, warmed, final, phases, ckpt, started)
+        _measures_and_plots(report, config, model_path, output, problem)
         report.write(report_json, report_md)
     if not config.quiet:
         report.print()
@@ -216,6 +224,15 @@ def _save_output(final: Graph, model_path: Path, output: Path, config: OptimizeC
                               f"exceed the target ({target:,.0f}); nothing was written")
     final.source = str(model_path)   # save() then refuses to overwrite the input model
     final.save(output)
+
+
+def _measures_and_plots(report: Report, config: OptimizeConfig, model_path: Path, output: Path,
+                        problem: Problem) -> None:
+    """What the report measures (the input and the output timed alternately in ONNX Runtime, and
+    OpenVINO when installed; unless ``measure_latency`` is off) and draws (SVG files beside it)."""
+    if config.measure_latency:
+        report.measured_latency = measure_latency(model_path, output, problem.input_names, problem.test_inputs)
+    report.files.update(write_plots(report, output.with_suffix("")))
 
 
 def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: Problem, base: _Base,
