@@ -10,17 +10,19 @@ order reversed every round), and each variant's measured latency is compared wit
 prediction (`LatencyTable.predict`). Prints every variant's error, each model's share within
 ±10 %, and the share over all variants, for the table's calibrations:
 
-* ``scale`` (the default cost model): the layers' net seconds scaled so the profiled model's sum
-  is its measured latency (non-tabulated ops and reorders scale with the layers);
+* ``fit`` (the default cost model): ``fixed + k · Σ net`` through the profiled model and its
+  half-size anchor, both timed whole when the table was made;
+* ``scale``: the layers' net seconds scaled so the profiled model's sum is its measured latency
+  (non-tabulated ops and reorders scale with the layers);
 * ``add``: the non-tabulated time as a constant;
 * ``none``: the plain sum of the single-layer timings (each pays a run's fixed cost, reorders);
-* ``scale@run``: ``scale`` re-anchored on the original's latency measured in the same run as the
+* ``fit@run``: ``fit`` re-anchored on the original's latency measured in the same run as the
   variants, which takes out a shared machine's drift between profiling and validation.
 
     python bench/latency_prediction.py [--models dscnn resnet8] [--variants 10] [--rounds 31]
 
-Timings on a shared machine are noisy: run it on an idle one, and read ``scale@run`` beside
-``scale`` when the load changed between profiling and timing.
+Timings on a shared machine are noisy: run it on an idle one, and read ``fit@run`` beside
+``fit`` when the load changed between profiling and timing.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 ZOO = ("digits_cnn", "dscnn", "resnet8", "mobilenetv1_025", "mobilenetv2_tiny", "densenet_tiny", "tcn",
        "fc_autoencoder", "transformer_tiny")
-CALIBRATIONS = ("scale", "add", "none")
+CALIBRATIONS = ("fit", "scale", "add", "none")
 
 
 def main(argv=None) -> int:
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet", action="store_true", help="only the summaries")
     args = ap.parse_args(argv)
 
-    errors: dict[str, list[float]] = {c: [] for c in (*CALIBRATIONS, "scale@run")}
+    errors: dict[str, list[float]] = {c: [] for c in (*CALIBRATIONS, "fit@run")}
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             try:
@@ -89,13 +91,13 @@ def _model(name: str, tmp: Path, args) -> dict[str, list[float]]:
     seconds = alternate_seconds(runners, rounds=args.rounds, budget_s=args.budget, clock=latency_clock("ort-cpu", 1))
     tables = {c: dataclasses.replace(table, calibration=c) for c in CALIBRATIONS}
     drift = seconds["original"] / table.whole_seconds
-    out: dict[str, list[float]] = {c: [] for c in (*CALIBRATIONS, "scale@run")}
+    out: dict[str, list[float]] = {c: [] for c in (*CALIBRATIONS, "fit@run")}
     print(f"{name}: {len(table.layers)} layers; original {1e3 * table.whole_seconds:.3f} ms when profiled, "
           f"{1e3 * seconds['original']:.3f} ms now")
     for key, file in variants.items():
         graph = po.load(file)
         predicted = {c: t.predict(graph) for c, t in tables.items()}
-        predicted["scale@run"] = predicted["scale"] * drift
+        predicted["fit@run"] = predicted["fit"] * drift
         actual = seconds[key]
         for c, value in predicted.items():
             out[c].append(value / actual - 1)

@@ -111,17 +111,17 @@ def median_seconds(run: Runner, *, repeats: int = 20, warmup: int = 3, block_s: 
     return float(np.median(times))
 
 
-def alternate_seconds(runners: dict[str, Runner], *, rounds: int = 15, budget_s: float = 3.0,
-                      warmup: int = 3, clock: Clock = time.perf_counter) -> dict[str, float]:
+def alternate_seconds(runners: dict, *, rounds: int = 15, budget_s: float = 3.0, warmup: int = 3,
+                      clock: Clock = time.perf_counter, block_s: float = 0.005) -> dict:
     """The median seconds of one call of each runner, timed alternately (A B A B …, the order
     reversed every round) so a shared machine's noise falls on all of them alike. Each round runs
-    every runner for ~5 ms (at least once); ``budget_s`` caps the total (at least 3 rounds).
+    every runner for ~``block_s`` (at least once); ``budget_s`` caps the total (at least 3 rounds).
     ``clock``: see `latency_clock`."""
     for run in runners.values():
         for _ in range(warmup):
             run()
     slowest = max(median_seconds(run, repeats=3, warmup=0, clock=clock) for run in runners.values())
-    steps = max(1, int(0.005 / max(slowest, 1e-7)))
+    steps = max(1, int(block_s / max(slowest, 1e-7)))
     rounds = max(3, min(int(rounds), int(budget_s / max(slowest * steps * len(runners), 1e-9))))
     times: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)

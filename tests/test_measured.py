@@ -50,6 +50,7 @@ def test_grids_and_cache_beside_the_model(tmp_path, monkeypatch):
     def no_timing(*args):
         raise AssertionError("timed again")
     monkeypatch.setattr(measured._Timer, "time", no_timing)
+    monkeypatch.setattr(measured._Timer, "times", no_timing)
     again = measured.load_or_measure(path, channel_multiple=8)
     assert {n: t.seconds for n, t in again.layers.items()} == {n: t.seconds for n, t in table.layers.items()}
     # another grid, or another model in the same file: measured again
@@ -83,13 +84,23 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
     profile = measured.ort_cpu_profile(path, channel_multiple=8, repeats=2)
     table = profile.latency
     assert profile.name == "ort-cpu" and profile.channel_multiple == 8 and profile.latency_unit == "s"
-    assert 0 < table.run_seconds and 0 < table.whole_seconds
-
-    def calibrated(entries: list[float]) -> float:
-        """run_seconds once + k · the entries' net seconds, k = (whole − run) / Σ net at full size."""
-        full = sum(max(t.seconds[-1][-1] - table.run_seconds, 0) for t in table.layers.values())
-        k = (table.whole_seconds - table.run_seconds) / full
-        return table.run_seconds + k * sum(max(e - table.run_seconds, 0) for e in entries)
+    assert 0 < table.run_seconds and 0 < table.whole_seconds and 0 < table.anchor_seconds
+    run = table.run_seconds
+    full = sum(max(t.seconds[-1][-1] - run, 0) for t in table.layers.values())
+    # the anchor: conv1 (and dw, its channels) at 8 of 16, the rest whole (conv2's 8 and fc's 4
+    # outputs have no smaller grid point)
+    eight = [table.layers["conv1"].seconds[0][0], table.layers["dw"].seconds[0][0],
+             table.layers["conv2"].seconds[0][0], table.layers["fc"].seconds[0][0]]
+    anchor_net = sum(max(e - run, 0) for e in eight)
+    assert table.anchor_net_seconds == pytest.approx(anchor_net)
+    # "fit": fixed + k · Σ net through (full, whole) and (anchor_net, anchor), fixed within [0, whole]
+    # (timing noise can make the anchor's net no smaller: then "scale", below)
+    if full - anchor_net > 1e-3 * full:
+        k = (table.whole_seconds - table.anchor_seconds) / (full - anchor_net)
+        fixed = min(max(table.whole_seconds - k * full, 0.0), table.whole_seconds)
+        k = (table.whole_seconds - fixed) / full
+    else:
+        fixed, k = run, (table.whole_seconds - run) / full
     # every layer at its full size: exactly the whole model's measured latency
     assert table.predict(po.load(path)) == pytest.approx(table.whole_seconds)
     assert sum(table(s) for s in po.cost.layer_specs(po.load(path))) == pytest.approx(table.whole_seconds)
@@ -97,26 +108,51 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
     assert float(model.cost.detach()) == pytest.approx(table.whole_seconds)
     with torch.no_grad():
         model.tensor("conv1.pit_alpha")[:8] = 0.2              # conv1 (and dw) keep 8 of 16 channels
-    eight = [table.layers["conv1"].seconds[0][0], table.layers["dw"].seconds[0][0],
-             table.layers["conv2"].seconds[0][0], table.layers["fc"].seconds[0][0]]
     cost = model.cost
-    assert float(cost.detach()) == pytest.approx(calibrated(eight))
+    assert float(cost.detach()) == pytest.approx(fixed + k * anchor_net)
     assert cost.requires_grad
+    # "scale": run once + k' · Σ net, k' = (whole − run) / Σ net at full size
+    table.calibration = "scale"
+    scale = (table.whole_seconds - run) / full
+    assert float(model.cost.detach()) == pytest.approx(run + scale * anchor_net)
     # the uncalibrated table: the plain sum of the entries
     table.calibration = "none"
     assert float(model.cost.detach()) == pytest.approx(sum(eight))
 
 
+def test_the_fit_goes_through_the_model_and_its_anchor():
+    layers = {"a": LayerTable("Conv", [], [8, 16], [[3.0, 5.0]]), "b": LayerTable("Conv", [8], [8, 16], [[2.0, 4.0]])}
+    table = measured.LatencyTable("sha", 8, 1, "v", layers, run_seconds=1.0, whole_seconds=10.0,
+                                  anchor_seconds=6.0, anchor_net_seconds=3.0)   # nets: a 2 → 4, b 1 → 3
+    assert table.full_net() == 7.0
+    assert table.calibrated() == pytest.approx((3.0, 1.0))    # k = (10 − 6) / (7 − 3), fixed = 10 − 7
+    spec = po.cost.LayerSpec
+    a8 = spec(name="a", op="Conv", kind="conv", in_channels=8, out_channels=8, kernel_size=9, groups=8,
+              bias=False, output_positions=1, depthwise=True)
+    assert table(a8) == pytest.approx(3.0 / 2 + 1.0 * 2.0)
+    table.anchor_seconds = 2.0                                 # a line that would start below 0
+    assert table.calibrated() == pytest.approx((0.0, 10.0 / 7))
+    table.anchor_seconds = None                                # no anchor: "scale"
+    assert table.calibrated() == pytest.approx((1.0, 9.0 / 7))
+    table.calibration = "add"
+    assert table.calibrated() == pytest.approx((3.0, 1.0))
+
+
 # -- the profile command and for_model --------------------------------------------------------
 def _counting_timer(monkeypatch) -> list:
-    """Counts the entries timed (the real timer still runs)."""
+    """Counts the models timed (the real timer still runs)."""
     calls = []
-    real = measured._Timer.time
+    real_time, real_times = measured._Timer.time, measured._Timer.times
 
-    def counted(self, *args, **kwargs):
+    def counted_time(self, model, *args, **kwargs):
         calls.append(1)
-        return real(self, *args, **kwargs)
-    monkeypatch.setattr(measured._Timer, "time", counted)
+        return real_time(self, model, *args, **kwargs)
+
+    def counted_times(self, models):
+        calls.extend([1] * len(models))
+        return real_times(self, models)
+    monkeypatch.setattr(measured._Timer, "time", counted_time)
+    monkeypatch.setattr(measured._Timer, "times", counted_times)
     return calls
 
 
@@ -131,8 +167,9 @@ def test_profile_command_caches_reuses_and_forces(tmp_path, monkeypatch, capsys)
     assert main(["profile", str(path), "--repeats", "2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     cache = tmp_path / "tiny.ort-cpu.json"
-    # 7 grid entries (conv1 2, dw 2, conv2 2, fc 1) + the whole model + an idle run, before and after
-    assert len(calls) == 10 and cache.exists() and path.read_bytes() == before
+    # 7 grid entries (conv1 2, dw 2, conv2 2, fc 1) + an idle run, before and after (the whole
+    # model and its anchor are timed together, alternately)
+    assert len(calls) == 9 and cache.exists() and path.read_bytes() == before
     assert summary["table"] == str(cache) and summary["layers"] == 4 and not summary["reused"]
     assert summary["predicted_ms"] == pytest.approx(summary["measured_ms"])    # calibrated on it
     stamp = cache.stat().st_mtime_ns
@@ -147,7 +184,7 @@ def test_profile_command_caches_reuses_and_forces(tmp_path, monkeypatch, capsys)
     capsys.readouterr()
 
     assert main(["profile", str(path), "--repeats", "2", "--force"]) == 0
-    assert len(calls) == 10 and cache.stat().st_mtime_ns != stamp and "reused" not in capsys.readouterr().out
+    assert len(calls) == 9 and cache.stat().st_mtime_ns != stamp and "reused" not in capsys.readouterr().out
     assert not list(tmp_path.glob(".*.tmp"))    # written atomically, no temporary left
 
 

@@ -5,9 +5,12 @@ Per-layer tables are how NetAdapt and HALP prune against real latency, and nn-Me
 kernel-level predictors show that summing kernels predicts a CPU model's latency closely. Here
 every Conv (2-D or 1-D; depthwise along its channels; other grouped convs at their full size
 only) and every linear layer (Gemm, MatMul with a constant weight) of a model is rebuilt as a
-one-node model with the layer's attributes and input size, and timed (median of ``repeats``
-runs after a warm-up, one thread, default optimization) at input × output channel counts on the
-grid of ``channel_multiple`` (its multiples below the layer's size, and the size itself). The
+one-node model with the layer's attributes and input size, and timed at input × output channel
+counts on the grid of ``channel_multiple`` (its multiples below the layer's size, and the size
+itself): one thread, default optimization, a layer's grid points alternately with the whole
+model as a reference (medians of ``repeats`` rounds of ~1 ms blocks; every entry scaled by the
+reference's drift from its own time, so layers timed minutes apart on a busy machine stay
+comparable). The
 latency of a layer at effective counts (c_in, c_out) is the bilinear interpolation of its table
 (constant beyond the grid), so it is exact at every grid point and differentiable in between;
 the model's latency is the sum over layers, calibrated on the whole model (below). The table is
@@ -20,12 +23,15 @@ fixed cost of a run (``run_seconds``, timed on a one-node model that does next t
 the layout reorders around it (ONNX Runtime's NCHWc kernels reorder the input and output of a
 lone conv; in a chain only the ends). And the whole model runs ops no table holds (pooling,
 residual adds, activations it does not fuse). So each entry less ``run_seconds`` is the layer's
-*net* time, the whole model is timed once when it is profiled (``whole_seconds``), and a layer
-costs ``run_seconds / n + k · net`` with ``k = (whole − run) / Σ net at full size`` over its
-``n`` layers: the sum is exact on the profiled model, and the non-tabulated work and the
-reorders scale with the layers they sit between. `bench/latency_prediction.py` measures how well
-this predicts pruned variants (and the plain ``"add"`` alternative: the non-tabulated time as a
-constant).
+*net* time, and the model's latency is modelled as ``fixed + k · Σ net``, a line through two
+whole-model measurements taken when the table is made, alternately: the model itself
+(``whole_seconds``) and its *anchor*, the model with every prunable channel group cut to about
+half on the grid (``anchor_seconds``; PIT masks set, finalized). A layer costs
+``fixed / n + k · net`` over the table's ``n`` layers, so the sum is exact on both models
+(``"fit"``). Where there is no anchor (nothing prunable, symbolic sizes), ``"scale"``: fixed =
+``run_seconds``, k so the model's sum is exact (the non-tabulated work scales with the layers);
+``"add"`` (k = 1, the rest a constant) and ``"none"`` (the plain sum of the entries) are there
+for comparison. `bench/latency_prediction.py` measures how well each predicts pruned variants.
 """
 from __future__ import annotations
 
@@ -46,9 +52,9 @@ from ..errors import PlinioOnnxError
 from .profile import HardwareProfile
 from .rounding import clamp, interpolate
 
-TABLE_VERSION = 2
+TABLE_VERSION = 3
 RUNTIMES = ("ort-cpu", "openvino-cpu")
-CALIBRATIONS = ("scale", "add", "none")
+CALIBRATIONS = ("fit", "scale", "add", "none")
 Progress = Callable[[int, int, str], None]  # (layers done, layers in all, the layer being timed)
 
 
@@ -87,7 +93,9 @@ class LatencyTable:
     runtime: str = "ort-cpu"
     run_seconds: float = 0.0            # one run of a one-node model that does next to nothing
     whole_seconds: float | None = None  # the profiled model, whole (None: not timed)
-    calibration: str = "scale"          # "scale", "add" or "none" (the plain sum of the entries)
+    anchor_seconds: float | None = None     # its anchor variant (about half the channels), whole
+    anchor_net_seconds: float | None = None  # the anchor's layers' net seconds in this table, summed
+    calibration: str = "fit"            # "fit", "scale", "add" or "none" (the plain sum of the entries)
     version: int = TABLE_VERSION
 
     def __call__(self, spec: LayerSpec) -> Any:
@@ -97,18 +105,31 @@ class LatencyTable:
         measured = table.latency(spec.in_channels, spec.out_channels)
         if self.calibration == "none" or self.whole_seconds is None or not self.layers:
             return measured
-        net = clamp(measured - self.run_seconds, 0.0, float("inf"))
-        full = self.full_net()
-        if full <= 0:   # no layer costs more than an idle run: the whole model shared out evenly
-            return self.whole_seconds / len(self.layers)
-        share = self.run_seconds / len(self.layers)
+        fixed, k = self.calibrated()
+        return fixed / len(self.layers) + k * clamp(measured - self.run_seconds, 0.0, float("inf"))
+
+    def calibrated(self) -> tuple[float, float]:
+        """(fixed seconds, factor k): the model's latency is ``fixed + k · Σ net`` (module docstring)."""
+        whole, full = float(self.whole_seconds), self.full_net()
+        if full <= 0:   # no layer costs more than an idle run: the whole model is fixed cost
+            return whole, 0.0
         if self.calibration == "add":
-            return share + net + (self.whole_seconds - self.run_seconds - full) / len(self.layers)
-        return share + net * ((self.whole_seconds - self.run_seconds) / max(full, 1e-12))
+            return whole - full, 1.0
+        if self.calibration == "fit" and self.anchor_seconds is not None and self.anchor_net_seconds is not None \
+                and full - self.anchor_net_seconds > 1e-3 * full:
+            k = (whole - self.anchor_seconds) / (full - self.anchor_net_seconds)
+            fixed = min(max(whole - k * full, 0.0), whole)   # through both points, within [0, whole]
+            return fixed, (whole - fixed) / full
+        return self.run_seconds, (whole - self.run_seconds) / full   # "scale"
 
     def full_net(self) -> float:
         """The layers' net seconds (less ``run_seconds``) at their own sizes, summed."""
         return sum(max(t.full - self.run_seconds, 0.0) for t in self.layers.values())
+
+    def net(self, graph) -> float:
+        """The net seconds of ``graph``'s layers in this table (entries less ``run_seconds``), summed."""
+        return float(sum(max(float(t.latency(s.in_channels, s.out_channels)) - self.run_seconds, 0.0)
+                         for s in layer_specs(graph) if (t := self.layers.get(s.name)) is not None))
 
     def predict(self, graph) -> float:
         """The modelled seconds of ``graph`` (a `plinio_onnx.Graph` with this table's layer names,
@@ -164,7 +185,9 @@ def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_mul
         raise PlinioOnnxError("no layer to time (no Conv, Gemm or MatMul with a constant weight)", file=str(path))
     timer = _Timer(runtime, int(threads), repeats, str(path))
     table = LatencyTable(sha, int(channel_multiple), int(threads), timer.version, runtime=runtime)
-    table.whole_seconds = timer.whole(path)   # first: a model the runtime cannot run fails now
+    anchor = _anchor(graph, channel_multiple)
+    # first: a model the runtime cannot run fails now
+    table.whole_seconds, table.anchor_seconds = timer.whole(path, anchor)
     idle = timer.time(_idle_model())
     for done, spec in enumerate(specs):
         if progress is not None:
@@ -178,6 +201,8 @@ def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_mul
     # Nothing runs faster than the idle model: an entry below it means a busy moment inflated it.
     idle = min(idle, timer.time(_idle_model()))
     table.run_seconds = min([idle] + [s for layer in table.layers.values() for row in layer.seconds for s in row])
+    if anchor is not None and table.anchor_seconds is not None:
+        table.anchor_net_seconds = table.net(anchor)
     if progress is not None:
         progress(len(specs), len(specs), "")
     return table
@@ -253,13 +278,15 @@ def _measure_layer(node, spec: LayerSpec, multiple: int, features: int, timer: "
     grouped = spec.kind == "conv" and spec.groups > 1 and not spec.depthwise
     out_grid = [spec.out_channels] if grouped else channel_grid(spec.out_channels, multiple)
     if spec.depthwise:
-        return LayerTable(node.op, [], out_grid, [[timer.time(_layer_model(node, spec, c, c)) for c in out_grid]])
+        seconds = timer.times({(c, c): _layer_model(node, spec, c, c) for c in out_grid})
+        return LayerTable(node.op, [], out_grid, [[seconds[c, c] for c in out_grid]])
     if grouped or spec.in_channels % features:
         in_grid = [spec.in_channels]
     else:
         in_grid = [c * features for c in channel_grid(spec.in_channels // features, multiple)]
-    seconds = [[timer.time(_layer_model(node, spec, c_in, c_out)) for c_out in out_grid] for c_in in in_grid]
-    return LayerTable(node.op, in_grid, out_grid, seconds)
+    seconds = timer.times({(c_in, c_out): _layer_model(node, spec, c_in, c_out) for c_in in in_grid
+                           for c_out in out_grid})
+    return LayerTable(node.op, in_grid, out_grid, [[seconds[c_in, c_out] for c_out in out_grid] for c_in in in_grid])
 
 
 def _layer_model(node, spec: LayerSpec, c_in: int, c_out: int) -> onnx.ModelProto:
@@ -295,6 +322,30 @@ def _layer_model(node, spec: LayerSpec, c_in: int, c_out: int) -> onnx.ModelProt
     return model
 
 
+def _anchor(graph, multiple: int):
+    """The model with every prunable channel group cut to the count on the grid of ``multiple``
+    nearest to half its size (PIT masks set, then finalized): the second point of the
+    calibration. None when nothing can be pruned."""
+    from ..finalize import finalize
+    from ..passes import pit
+    try:
+        searchable = pit(graph.copy())
+    except PlinioOnnxError:
+        return None
+    changed = False
+    for name, tensor in searchable.initializers().items():
+        if name.endswith(".pit_alpha"):
+            alpha = np.array(tensor.values, dtype=np.float32)
+            keep = min(channel_grid(alpha.size, multiple), key=lambda c: abs(c - alpha.size / 2))
+            alpha[:alpha.size - keep] = 0.0
+            tensor.values = alpha
+            changed = changed or keep < alpha.size
+    try:
+        return finalize(searchable) if changed else None
+    except PlinioOnnxError:
+        return None
+
+
 def _idle_model() -> onnx.ModelProto:
     """A one-node model that does next to nothing: what the runtime costs per run by itself."""
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "idle",
@@ -326,14 +377,15 @@ def _runtime(name: str) -> str:
 
 
 class _Timer:
-    """Times models in one runtime (``RUNTIMES``): median of ``repeats`` samples of ~1 ms each, on
-    the calling thread's CPU time for ONNX Runtime on one thread (`latency_clock`)."""
+    """Times models in one runtime (``RUNTIMES``): medians of ``repeats`` samples of ~1 ms each,
+    on the calling thread's CPU time for ONNX Runtime on one thread (`latency_clock`)."""
 
     def __init__(self, runtime: str, threads: int, repeats: int, source: str) -> None:
         from ..runtime import RUNNERS, latency_clock
         self.version = self.runtime_version(runtime)   # fails first, with how to install it
         self.runner, self.threads, self.repeats, self.source = RUNNERS[runtime], threads, repeats, source
         self.clock = latency_clock(runtime, threads)
+        self.reference = None   # (the whole model's runner, its seconds): see `times`
 
     @staticmethod
     def runtime_version(runtime: str) -> str:
@@ -355,14 +407,37 @@ class _Timer:
         run = self.runner(proto, feeds, threads=self.threads, source=self.source)
         return median_seconds(run, repeats=self.repeats, block_s=0.001, clock=self.clock)
 
-    def whole(self, path: Path) -> float | None:
-        """Median seconds of the whole model; None when its input sizes are not all known."""
-        proto = onnx.load(str(path))
+    def times(self, models: dict) -> dict:
+        """Median seconds of each of ``models`` (one-input models on random inputs), timed
+        alternately with the whole model as a reference, and scaled by how far the reference
+        is off its own time: entries timed at different moments of a busy machine stay comparable."""
+        from ..runtime import alternate_seconds
+        runners = {key: self.runner(proto, random_feeds(proto), threads=self.threads, source=self.source)
+                   for key, proto in models.items()}
+        if self.reference is not None:
+            runners["reference"] = self.reference[0]
+        seconds = alternate_seconds(runners, rounds=self.repeats, budget_s=1e9, clock=self.clock,
+                                    block_s=0.001)
+        drift = self.reference[1] / seconds.pop("reference") if self.reference is not None else 1.0
+        return {key: value * drift for key, value in seconds.items()}
+
+    def whole(self, path: Path, anchor=None) -> tuple[float | None, float | None]:
+        """Median seconds of the whole model and of ``anchor`` (a `Graph`, or None), timed
+        alternately, the whole model then the reference of `times`; (None, None) when the
+        model's input sizes are not all known."""
+        from ..runtime import alternate_seconds
+        models = {"whole": onnx.load(str(path))}
+        if anchor is not None:
+            models["anchor"] = anchor.to_onnx(check=False)
         try:
-            feeds = random_feeds(proto)
+            feeds = random_feeds(models["whole"])
         except PlinioOnnxError:
-            return None
-        return self.time(proto, feeds)
+            return None, None
+        runners = {key: self.runner(proto, feeds, threads=self.threads, source=self.source)
+                   for key, proto in models.items()}
+        seconds = alternate_seconds(runners, rounds=max(self.repeats, 3), budget_s=4.0, clock=self.clock)
+        self.reference = (runners["whole"], seconds["whole"])
+        return seconds["whole"], seconds.get("anchor")
 
 
 def random_feeds(model: onnx.ModelProto, *, batch: int = 1) -> dict[str, np.ndarray]:
