@@ -67,11 +67,15 @@ def openvino_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[st
         import openvino as ov
     except ImportError:
         raise PlinioOnnxError(OPENVINO_MISSING, file=source) from None
+    import tempfile
     core = ov.Core()
     try:
-        read = core.read_model(model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model))
-        compiled = core.compile_model(read, "CPU", {"INFERENCE_NUM_THREADS": int(threads),
-                                                    "PERFORMANCE_HINT": "LATENCY"})
+        with tempfile.TemporaryDirectory() as folder:   # OpenVINO reads ONNX from a file
+            if isinstance(model, onnx.ModelProto):
+                onnx.save(model, os.path.join(folder, "model.onnx"))
+                model = os.path.join(folder, "model.onnx")
+            compiled = core.compile_model(core.read_model(str(model)), "CPU",
+                                          {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"})
     except Exception as err:
         raise PlinioOnnxError(f"OpenVINO cannot compile the model: {' '.join(str(err).split())[:300]}",
                               file=source) from None
