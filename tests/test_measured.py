@@ -78,6 +78,11 @@ def test_the_table_is_interpolated_bilinearly_and_differentiably():
     assert depthwise.latency(None, 12) == pytest.approx(2.0)
 
 
+def _at_zero(grid: list[int], values: list[float]) -> float:
+    """Linear extrapolation to 0 channels from the first two grid points."""
+    return values[0] if len(grid) < 2 else values[0] - grid[0] * (values[1] - values[0]) / (grid[1] - grid[0])
+
+
 def test_ort_cpu_profile_drives_pit(tmp_path):
     path = tmp_path / "tiny.onnx"
     _tiny(path)
@@ -85,57 +90,69 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
     table = profile.latency
     assert profile.name == "ort-cpu" and profile.channel_multiple == 8 and profile.latency_unit == "s"
     assert 0 < table.run_seconds and 0 < table.whole_seconds and 0 < table.anchor_seconds
-    run = table.run_seconds
-    full = sum(max(t.seconds[-1][-1] - run, 0) for t in table.layers.values())
     # the anchor: conv1 (and dw, its channels) at 8 of 16, the rest whole (conv2's 8 and fc's 4
     # outputs have no smaller grid point)
-    eight = [table.layers["conv1"].seconds[0][0], table.layers["dw"].seconds[0][0],
-             table.layers["conv2"].seconds[0][0], table.layers["fc"].seconds[0][0]]
-    anchor_net = sum(max(e - run, 0) for e in eight)
-    assert table.anchor_net_seconds == pytest.approx(anchor_net)
-    # "fit": fixed + k · Σ net through (full, whole) and (anchor_net, anchor), fixed within [0, whole]
-    # (timing noise can make the anchor's net no smaller: then "scale", below)
-    if full - anchor_net > 1e-3 * full:
-        k = (table.whole_seconds - table.anchor_seconds) / (full - anchor_net)
-        fixed = min(max(table.whole_seconds - k * full, 0.0), table.whole_seconds)
-        k = (table.whole_seconds - fixed) / full
-    else:
-        fixed, k = run, (table.whole_seconds - run) / full
+    assert table.anchor_channels == {"conv1": [4, 8], "dw": [8, 8], "conv2": [8, 8], "fc": [8, 4]}
+    layers = table.layers
+    full = {name: t.seconds[-1][-1] for name, t in layers.items()}
+    eight = {"conv1": layers["conv1"].seconds[0][0], "dw": layers["dw"].seconds[0][0],
+             "conv2": layers["conv2"].seconds[0][0], "fc": layers["fc"].seconds[0][0]}
+    # each layer's fixed part: at zero channels, linearly from its two smallest grid points
+    at_zero = {"conv1": _at_zero([8, 16], layers["conv1"].seconds[0]), "dw": _at_zero([8, 16], layers["dw"].seconds[0]),
+               "conv2": _at_zero([8, 16], [row[0] for row in layers["conv2"].seconds]), "fc": layers["fc"].seconds[0][0]}
+    base = {n: min(max(at_zero[n], 0.0), min(min(row) for row in layers[n].seconds)) for n in layers}
+    assert {n: t.fixed for n, t in layers.items()} == pytest.approx(base)
+    v_full = sum(max(full[n] - base[n], 0) for n in layers)
+    v_anchor = sum(max(eight[n] - base[n], 0) for n in layers)
+    whole, anchor = table.whole_seconds, table.anchor_seconds
+    if v_full - v_anchor > 1e-3 * v_full:   # "fit": the line through (v_full, whole), (v_anchor, anchor)
+        k = (whole - anchor) / (v_full - v_anchor)
+        fixed = min(max(whole - k * v_full, 0.0), whole)
+        k = (whole - fixed) / v_full
+        expected_eight = fixed + k * v_anchor
+    else:                                   # timing noise made the anchor no smaller: "scale"
+        run = table.run_seconds
+        expected_eight = run + (whole - run) / sum(max(full[n] - run, 0) for n in layers) * \
+            sum(max(eight[n] - run, 0) for n in layers)
     # every layer at its full size: exactly the whole model's measured latency
-    assert table.predict(po.load(path)) == pytest.approx(table.whole_seconds)
-    assert sum(table(s) for s in po.cost.layer_specs(po.load(path))) == pytest.approx(table.whole_seconds)
+    assert table.predict(po.load(path)) == pytest.approx(whole)
     model = po.PIT(path, cost=profile.cost())
-    assert float(model.cost.detach()) == pytest.approx(table.whole_seconds)
+    assert float(model.cost.detach()) == pytest.approx(whole)
     with torch.no_grad():
         model.tensor("conv1.pit_alpha")[:8] = 0.2              # conv1 (and dw) keep 8 of 16 channels
     cost = model.cost
-    assert float(cost.detach()) == pytest.approx(fixed + k * anchor_net)
+    assert float(cost.detach()) == pytest.approx(expected_eight)
     assert cost.requires_grad
-    # "scale": run once + k' · Σ net, k' = (whole − run) / Σ net at full size
+    # "scale": run once + k' · Σ (entry − run), k' = (whole − run) / Σ (full − run)
     table.calibration = "scale"
-    scale = (table.whole_seconds - run) / full
-    assert float(model.cost.detach()) == pytest.approx(run + scale * anchor_net)
+    run = table.run_seconds
+    scale = (whole - run) / sum(max(full[n] - run, 0) for n in layers)
+    assert float(model.cost.detach()) == pytest.approx(run + scale * sum(max(eight[n] - run, 0) for n in layers))
     # the uncalibrated table: the plain sum of the entries
     table.calibration = "none"
-    assert float(model.cost.detach()) == pytest.approx(sum(eight))
+    assert float(model.cost.detach()) == pytest.approx(sum(eight.values()))
 
 
 def test_the_fit_goes_through_the_model_and_its_anchor():
+    # fixed parts: a 3 − 8·(5 − 3)/8 = 1; b 2 − 8·(4 − 2)/8 = 0; variable at full: a 4, b 4
     layers = {"a": LayerTable("Conv", [], [8, 16], [[3.0, 5.0]]), "b": LayerTable("Conv", [8], [8, 16], [[2.0, 4.0]])}
     table = measured.LatencyTable("sha", 8, 1, "v", layers, run_seconds=1.0, whole_seconds=10.0,
-                                  anchor_seconds=6.0, anchor_net_seconds=3.0)   # nets: a 2 → 4, b 1 → 3
-    assert table.full_net() == 7.0
-    assert table.calibrated() == pytest.approx((3.0, 1.0))    # k = (10 − 6) / (7 − 3), fixed = 10 − 7
+                                  anchor_seconds=6.0, anchor_channels={"a": [8, 8], "b": [8, 8]})
+    assert (layers["a"].fixed, layers["b"].fixed) == (1.0, 0.0)
+    fixed, k, base = table.calibrated()       # variable at the anchor: a 2, b 2 → k = (10 − 6) / (8 − 4)
+    assert (fixed, k) == pytest.approx((2.0, 1.0)) and base == {"a": 1.0, "b": 0.0}
     spec = po.cost.LayerSpec
     a8 = spec(name="a", op="Conv", kind="conv", in_channels=8, out_channels=8, kernel_size=9, groups=8,
               bias=False, output_positions=1, depthwise=True)
-    assert table(a8) == pytest.approx(3.0 / 2 + 1.0 * 2.0)
-    table.anchor_seconds = 2.0                                 # a line that would start below 0
-    assert table.calibrated() == pytest.approx((0.0, 10.0 / 7))
-    table.anchor_seconds = None                                # no anchor: "scale"
-    assert table.calibrated() == pytest.approx((1.0, 9.0 / 7))
+    b12 = spec(name="b", op="Conv", kind="conv", in_channels=8, out_channels=12, kernel_size=1)
+    assert table(a8) == pytest.approx(2.0 / 2 + 1.0 * (3.0 - 1.0))
+    assert table(b12) == pytest.approx(2.0 / 2 + 1.0 * (3.0 - 0.0))          # 3.0: halfway between 2 and 4
+    table.anchor_seconds = 2.0                 # a line that would start below 0: through (8, 10) and 0
+    assert table.calibrated()[:2] == pytest.approx((0.0, 10.0 / 8))
+    table.anchor_seconds = None                # no anchor: "scale" on entries less run_seconds (nets 4 and 3)
+    assert table.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7)) and table.calibrated()[2] == {"a": 1.0, "b": 1.0}
     table.calibration = "add"
-    assert table.calibrated() == pytest.approx((3.0, 1.0))
+    assert table.calibrated()[:2] == pytest.approx((3.0, 1.0))
 
 
 # -- the profile command and for_model --------------------------------------------------------

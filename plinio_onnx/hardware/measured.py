@@ -18,20 +18,22 @@ cached beside the model (``MODEL.ort-cpu.json``, ``MODEL.openvino-cpu.json``) an
 the model file, the runtime's version and the threads are the same and its grid is as fine as
 the one asked for.
 
-Calibration (**ours**). A layer timed alone pays what the whole model pays once: the runtime's
-fixed cost of a run (``run_seconds``, timed on a one-node model that does next to nothing) and
-the layout reorders around it (ONNX Runtime's NCHWc kernels reorder the input and output of a
-lone conv; in a chain only the ends). And the whole model runs ops no table holds (pooling,
-residual adds, activations it does not fuse). So each entry less ``run_seconds`` is the layer's
-*net* time, and the model's latency is modelled as ``fixed + k · Σ net``, a line through two
-whole-model measurements taken when the table is made, alternately: the model itself
-(``whole_seconds``) and its *anchor*, the model with every prunable channel group cut to about
-half on the grid (``anchor_seconds``; PIT masks set, finalized). A layer costs
-``fixed / n + k · net`` over the table's ``n`` layers, so the sum is exact on both models
-(``"fit"``). Where there is no anchor (nothing prunable, symbolic sizes), ``"scale"``: fixed =
-``run_seconds``, k so the model's sum is exact (the non-tabulated work scales with the layers);
-``"add"`` (k = 1, the rest a constant) and ``"none"`` (the plain sum of the entries) are there
-for comparison. `bench/latency_prediction.py` measures how well each predicts pruned variants.
+Calibration (**ours**). A layer timed alone pays what the whole model pays once or not at all:
+the runtime's fixed cost of a run, the layout reorders around it (ONNX Runtime's NCHWc kernels
+reorder the input and output of a lone conv; in a chain only the ends), the kernel's set-up.
+And the whole model runs ops no table holds (pooling, residual adds, activations it does not
+fuse). So a layer's entries less its *fixed* part — its time at zero channels, extrapolated
+from its two smallest grid points — are its *variable* time, and the model's latency is
+modelled as ``fixed + k · Σ variable``: a line through two whole-model measurements taken,
+alternately, when the table is made — the model itself (``whole_seconds``) and its *anchor*, the
+model with every prunable channel group cut to about half on the grid (``anchor_seconds``; PIT
+masks set, finalized). A layer costs ``fixed / n + k · variable`` over the table's ``n`` layers,
+so the sum is exact on both models (``"fit"``). Without an anchor (nothing prunable, symbolic
+sizes) it is ``"scale"``: the variable time is the entry less ``run_seconds`` (a run of a
+one-node model that does next to nothing), fixed = ``run_seconds`` and k so the model's sum is
+exact; ``"add"`` (k = 1, the rest a constant) and ``"none"`` (the plain sum of the entries) are
+there for comparison. `bench/latency_prediction.py` measures how well each predicts pruned
+variants of the zoo.
 """
 from __future__ import annotations
 
@@ -79,6 +81,19 @@ class LayerTable:
         """Seconds at the layer's own size (the last grid point of both axes)."""
         return self.seconds[-1][-1]
 
+    @property
+    def fixed(self) -> float:
+        """Seconds at zero channels, extrapolated linearly from the two smallest grid points of
+        each axis (within [0, its smallest entry]): what the layer costs alone whatever its size
+        (the run, the reorders around it, the kernel's set-up)."""
+        def at_zero(grid: list[int], values: list[float]) -> float:
+            if len(grid) < 2:
+                return values[0]
+            return values[0] - grid[0] * (values[1] - values[0]) / (grid[1] - grid[0])
+        rows = [at_zero(self.out_grid, row) for row in self.seconds]
+        value = rows[0] if not self.in_grid else at_zero(self.in_grid, rows)
+        return min(max(value, 0.0), min(min(row) for row in self.seconds))
+
 
 @dataclass(eq=False)  # hashed by identity: searches key their caches by cost model
 class LatencyTable:
@@ -93,8 +108,8 @@ class LatencyTable:
     runtime: str = "ort-cpu"
     run_seconds: float = 0.0            # one run of a one-node model that does next to nothing
     whole_seconds: float | None = None  # the profiled model, whole (None: not timed)
-    anchor_seconds: float | None = None     # its anchor variant (about half the channels), whole
-    anchor_net_seconds: float | None = None  # the anchor's layers' net seconds in this table, summed
+    anchor_seconds: float | None = None     # its anchor (about half the channels), whole
+    anchor_channels: dict[str, list[int]] | None = None   # the anchor's layers: name → [in, out]
     calibration: str = "fit"            # "fit", "scale", "add" or "none" (the plain sum of the entries)
     version: int = TABLE_VERSION
 
@@ -105,31 +120,43 @@ class LatencyTable:
         measured = table.latency(spec.in_channels, spec.out_channels)
         if self.calibration == "none" or self.whole_seconds is None or not self.layers:
             return measured
-        fixed, k = self.calibrated()
-        return fixed / len(self.layers) + k * clamp(measured - self.run_seconds, 0.0, float("inf"))
+        fixed, k, base = self.calibrated()
+        return fixed / len(self.layers) + k * clamp(measured - base[spec.name], 0.0, float("inf"))
 
-    def calibrated(self) -> tuple[float, float]:
-        """(fixed seconds, factor k): the model's latency is ``fixed + k · Σ net`` (module docstring)."""
-        whole, full = float(self.whole_seconds), self.full_net()
+    def calibrated(self) -> tuple[float, float, dict[str, float]]:
+        """(fixed, k, base): the model's latency is ``fixed + k · Σ (entry − base[layer])`` over
+        its layers (the module docstring says which line each calibration draws)."""
+        key = (self.calibration, self.whole_seconds, self.anchor_seconds, self.run_seconds, len(self.layers))
+        memo = self.__dict__.get("_memo")
+        if memo is None or memo[0] != key:
+            memo = self.__dict__["_memo"] = (key, self._calibrate())
+        return memo[1]
+
+    def _calibrate(self) -> tuple[float, float, dict[str, float]]:
+        whole = float(self.whole_seconds)
+        if self.calibration == "fit" and self.anchor_seconds is not None and self.anchor_channels:
+            base = {name: t.fixed for name, t in self.layers.items()}
+            full, anchor = self._variable(base), self._variable(base, self.anchor_channels)
+            if full - anchor > 1e-3 * full:
+                k = (whole - self.anchor_seconds) / (full - anchor)
+                fixed = min(max(whole - k * full, 0.0), whole)   # through both points, within [0, whole]
+                return fixed, (whole - fixed) / full, base
+        base = {name: self.run_seconds for name in self.layers}
+        full = self._variable(base)
         if full <= 0:   # no layer costs more than an idle run: the whole model is fixed cost
-            return whole, 0.0
+            return whole, 0.0, base
         if self.calibration == "add":
-            return whole - full, 1.0
-        if self.calibration == "fit" and self.anchor_seconds is not None and self.anchor_net_seconds is not None \
-                and full - self.anchor_net_seconds > 1e-3 * full:
-            k = (whole - self.anchor_seconds) / (full - self.anchor_net_seconds)
-            fixed = min(max(whole - k * full, 0.0), whole)   # through both points, within [0, whole]
-            return fixed, (whole - fixed) / full
-        return self.run_seconds, (whole - self.run_seconds) / full   # "scale"
+            return whole - full, 1.0, base
+        return self.run_seconds, (whole - self.run_seconds) / full, base   # "scale" (and "fit" without anchor)
 
-    def full_net(self) -> float:
-        """The layers' net seconds (less ``run_seconds``) at their own sizes, summed."""
-        return sum(max(t.full - self.run_seconds, 0.0) for t in self.layers.values())
-
-    def net(self, graph) -> float:
-        """The net seconds of ``graph``'s layers in this table (entries less ``run_seconds``), summed."""
-        return float(sum(max(float(t.latency(s.in_channels, s.out_channels)) - self.run_seconds, 0.0)
-                         for s in layer_specs(graph) if (t := self.layers.get(s.name)) is not None))
+    def _variable(self, base: dict[str, float], channels: dict[str, list[int]] | None = None) -> float:
+        """Σ (entry − base) over the layers, at ``channels`` (name → [in, out]) or their own sizes."""
+        total = 0.0
+        for name, table in self.layers.items():
+            entry = table.full if channels is None or name not in channels else \
+                float(table.latency(*channels[name]))
+            total += max(entry - base[name], 0.0)
+        return total
 
     def predict(self, graph) -> float:
         """The modelled seconds of ``graph`` (a `plinio_onnx.Graph` with this table's layer names,
@@ -202,7 +229,8 @@ def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_mul
     idle = min(idle, timer.time(_idle_model()))
     table.run_seconds = min([idle] + [s for layer in table.layers.values() for row in layer.seconds for s in row])
     if anchor is not None and table.anchor_seconds is not None:
-        table.anchor_net_seconds = table.net(anchor)
+        table.anchor_channels = {s.name: [int(s.in_channels), int(s.out_channels)] for s in layer_specs(anchor)
+                                 if s.name in table.layers}
     if progress is not None:
         progress(len(specs), len(specs), "")
     return table
