@@ -181,7 +181,7 @@ def test_profile_command_caches_reuses_and_forces(tmp_path, monkeypatch, capsys)
     _tiny(path)
     before = path.read_bytes()
     calls = _counting_timer(monkeypatch)
-    assert main(["profile", str(path), "--repeats", "2", "--json"]) == 0
+    assert main(["profile", str(path), "--channel-multiple", "8", "--repeats", "2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     cache = tmp_path / "tiny.ort-cpu.json"
     # 7 grid entries (conv1 2, dw 2, conv2 2, fc 1) + an idle run, before and after (the whole
@@ -192,7 +192,7 @@ def test_profile_command_caches_reuses_and_forces(tmp_path, monkeypatch, capsys)
     stamp = cache.stat().st_mtime_ns
 
     calls.clear()
-    assert main(["profile", str(path)]) == 0
+    assert main(["profile", str(path), "--channel-multiple", "8"]) == 0
     out = capsys.readouterr().out
     assert not calls and cache.stat().st_mtime_ns == stamp and "cached table reused" in out
     assert "4 layers" in out and str(cache) in out
@@ -200,7 +200,7 @@ def test_profile_command_caches_reuses_and_forces(tmp_path, monkeypatch, capsys)
     assert not calls and cache.stat().st_mtime_ns == stamp
     capsys.readouterr()
 
-    assert main(["profile", str(path), "--repeats", "2", "--force"]) == 0
+    assert main(["profile", str(path), "--channel-multiple", "8", "--repeats", "2", "--force"]) == 0
     assert len(calls) == 9 and cache.stat().st_mtime_ns != stamp and "reused" not in capsys.readouterr().out
     assert not list(tmp_path.glob(".*.tmp"))    # written atomically, no temporary left
 
@@ -240,7 +240,7 @@ def test_for_model_analytical_and_measured(tmp_path, monkeypatch):
 
     seen = []
     calls = _counting_timer(monkeypatch)
-    profile = po.hardware.for_model("ort-cpu", path, progress=lambda *a: seen.append(a))
+    profile = po.hardware.for_model("ort-cpu", path, channel_multiple=8, progress=lambda *a: seen.append(a))
     assert profile.name == "ort-cpu" and profile.channel_multiple == 8 and profile.latency_unit == "s"
     assert seen[0] == (0, 4, "conv1") and seen[-1] == (4, 4, "") and calls
     assert profile.source == str(tmp_path / "tiny.ort-cpu.json")
@@ -248,7 +248,7 @@ def test_for_model_analytical_and_measured(tmp_path, monkeypatch):
     assert sum(latency(s) for s in po.cost.layer_specs(po.load(path))) == pytest.approx(profile.latency.whole_seconds)
     seen.clear()
     calls.clear()
-    again = po.hardware.for_model("ort-cpu", path, progress=lambda *a: seen.append(a))   # from the cache
+    again = po.hardware.for_model("ort-cpu", path, channel_multiple=8, progress=lambda *a: seen.append(a))  # cached
     assert not seen and not calls and again.latency.layers.keys() == profile.latency.layers.keys()
 
     monkeypatch.setitem(sys.modules, "openvino", None)       # as where it is not installed
@@ -256,3 +256,19 @@ def test_for_model_analytical_and_measured(tmp_path, monkeypatch):
         po.hardware.for_model("openvino-cpu", path)
     with pytest.raises(po.PlinioOnnxError, match="unknown hardware profile"):
         po.hardware.for_model("no-such-board", path)
+
+
+def test_the_default_channel_multiple_is_the_cpus_nchwc_block(tmp_path, monkeypatch):
+    from plinio_onnx.hardware import model_profile
+    avx512, avx2 = tmp_path / "avx512", tmp_path / "avx2"
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert model_profile.nchwc_block(avx512) == 16 and model_profile.nchwc_block(avx2) == 8
+    assert model_profile.nchwc_block(tmp_path / "missing") == 8
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    monkeypatch.setattr(model_profile, "nchwc_block", lambda: 8)
+    assert po.hardware.for_model("ort-cpu", path).channel_multiple == 8
+    monkeypatch.setattr(model_profile, "nchwc_block", lambda: 16)
+    profile = po.hardware.for_model("ort-cpu", path)
+    assert profile.channel_multiple == 16 and profile.latency.channel_multiple == 8   # the finer cached grid serves
