@@ -1,8 +1,9 @@
 """How well a model's measured ort-cpu profile predicts the whole-model latency of pruned variants.
 
-For each zoo model: its latency table (`plinio-onnx profile MODEL --hardware ort-cpu`, channel
-multiple 8, one thread), then ``--variants`` PIT exports with random masks that keep a multiple
-of 8 channels per group (or all of them), as a search on channel blocks leaves them: shapes the
+For each zoo model: its latency table (`plinio-onnx profile MODEL --hardware ort-cpu`, one
+thread, channel multiple ``--multiple``: by default the CPU's NCHWc block, 16 with AVX-512, else
+8), then ``--variants`` PIT exports with random masks that keep a multiple of it per channel
+group (or all the channels), as a search on channel blocks leaves them: shapes the
 table did not time as whole models. The original and every variant are then timed whole in ONNX
 Runtime (ORT_ENABLE_ALL, one thread, on the calling thread's CPU time as the table:
 `plinio_onnx.runtime.latency_clock`), alternately in one run (medians of blocks of ~5 ms; the
@@ -47,12 +48,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(ZOO))
     ap.add_argument("--variants", type=int, default=10)
-    ap.add_argument("--multiple", type=int, default=8)
+    ap.add_argument("--multiple", type=int, default=None,
+                    help="channel multiple of the table and the variants (default: the CPU's NCHWc block, 16 with AVX-512, else 8)")
     ap.add_argument("--repeats", type=int, default=20, help="samples per table entry")
     ap.add_argument("--rounds", type=int, default=31, help="alternating rounds of the whole-model timing")
     ap.add_argument("--budget", type=float, default=6.0, help="seconds of whole-model timing per model")
     ap.add_argument("--quiet", action="store_true", help="only the summaries")
     args = ap.parse_args(argv)
+    if args.multiple is None:
+        from plinio_onnx.hardware import nchwc_block
+        args.multiple = nchwc_block()
+    print(f"channel multiple {args.multiple}, {args.variants} variants per model")
 
     errors: dict[str, list[float]] = {c: [] for c in (*CALIBRATIONS, "fit@run")}
     with tempfile.TemporaryDirectory() as tmp:

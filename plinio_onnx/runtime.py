@@ -53,10 +53,10 @@ def ort_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[str, np
 def openvino_available() -> bool:
     """Whether the ``openvino`` package can be imported."""
     try:
-        import openvino  # noqa: F401
+        import openvino
     except ImportError:
         return False
-    return True
+    return hasattr(openvino, "Core")   # not a folder of that name on the path
 
 
 def openvino_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[str, np.ndarray], *,

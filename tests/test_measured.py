@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 import plinio_onnx as po
-from plinio_onnx.hardware import measured
+from plinio_onnx.hardware import measured, timing
 from plinio_onnx.hardware.measured import LayerTable
 
 
@@ -49,8 +49,8 @@ def test_grids_and_cache_beside_the_model(tmp_path, monkeypatch):
     # reused while it describes the model: nothing is timed again
     def no_timing(*args):
         raise AssertionError("timed again")
-    monkeypatch.setattr(measured._Timer, "time", no_timing)
-    monkeypatch.setattr(measured._Timer, "times", no_timing)
+    monkeypatch.setattr(timing.Timer, "time", no_timing)
+    monkeypatch.setattr(timing.Timer, "times", no_timing)
     again = measured.load_or_measure(path, channel_multiple=8)
     assert {n: t.seconds for n, t in again.layers.items()} == {n: t.seconds for n, t in table.layers.items()}
     # another grid, or another model in the same file: measured again
@@ -159,7 +159,7 @@ def test_the_fit_goes_through_the_model_and_its_anchor():
 def _counting_timer(monkeypatch) -> list:
     """Counts the models timed (the real timer still runs)."""
     calls = []
-    real_time, real_times = measured._Timer.time, measured._Timer.times
+    real_time, real_times = timing.Timer.time, timing.Timer.times
 
     def counted_time(self, model, *args, **kwargs):
         calls.append(1)
@@ -168,8 +168,8 @@ def _counting_timer(monkeypatch) -> list:
     def counted_times(self, models):
         calls.extend([1] * len(models))
         return real_times(self, models)
-    monkeypatch.setattr(measured._Timer, "time", counted_time)
-    monkeypatch.setattr(measured._Timer, "times", counted_times)
+    monkeypatch.setattr(timing.Timer, "time", counted_time)
+    monkeypatch.setattr(timing.Timer, "times", counted_times)
     return calls
 
 

@@ -45,17 +45,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper
-
 from ..cost import LayerSpec, layer_specs
 from ..errors import PlinioOnnxError
 from .profile import HardwareProfile
 from .rounding import clamp, interpolate
+from .timing import (RUNTIMES, Timer, anchor_model, channel_grid, check_runnable, idle_model, layer_model,
+                     random_feeds, runtime_name)
+
+__all__ = ["CALIBRATIONS", "RUNTIMES", "LatencyTable", "LayerTable", "cached_table", "channel_grid", "load_or_measure",
+           "measure", "measured_profile", "ort_cpu_profile", "random_feeds", "table_path"]
 
 TABLE_VERSION = 3
-RUNTIMES = ("ort-cpu", "openvino-cpu")
 CALIBRATIONS = ("fit", "scale", "add", "none")
 Progress = Callable[[int, int, str], None]  # (layers done, layers in all, the layer being timed)
 
@@ -187,13 +187,7 @@ class LatencyTable:
 def table_path(model: "str | os.PathLike", runtime: str = "ort-cpu") -> Path:
     """Where the table of ``model`` is cached: ``MODEL.ort-cpu.json`` (``MODEL.RUNTIME.json``) beside it."""
     model = Path(model)
-    return model.with_name(f"{model.stem}.{_runtime(runtime)}.json")
-
-
-def channel_grid(size: int, multiple: int) -> list[int]:
-    """The channel counts a search on blocks of ``multiple`` can keep: its multiples below
-    ``size``, and ``size`` itself."""
-    return sorted({*range(multiple, size, multiple), size})
+    return model.with_name(f"{model.stem}.{runtime_name(runtime)}.json")
 
 
 def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_multiple: int = 8, threads: int = 1,
@@ -207,15 +201,15 @@ def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_mul
     nodes = {node.name: node for node in graph.gs.nodes}
     specs = [s for s in layer_specs(graph) if s.kind in ("conv", "linear")]
     features = _features_per_channel(graph)
-    _check_runnable(graph, runtime, str(path))
+    check_runnable(graph, runtime, str(path))
     if not specs:
         raise PlinioOnnxError("no layer to time (no Conv, Gemm or MatMul with a constant weight)", file=str(path))
-    timer = _Timer(runtime, int(threads), repeats, str(path))
+    timer = Timer(runtime, int(threads), repeats, str(path))
     table = LatencyTable(sha, int(channel_multiple), int(threads), timer.version, runtime=runtime)
-    anchor = _anchor(graph, channel_multiple)
+    anchor = anchor_model(graph, channel_multiple)
     # first: a model the runtime cannot run fails now
     table.whole_seconds, table.anchor_seconds = timer.whole(path, anchor)
-    idle = timer.time(_idle_model())
+    idle = timer.time(idle_model())
     for done, spec in enumerate(specs):
         if progress is not None:
             progress(done, len(specs), spec.name)
@@ -226,7 +220,7 @@ def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_mul
             raise PlinioOnnxError(f"cannot time this layer alone: {err.message}", file=str(path), node=spec.name,
                                   op=spec.op) from None
     # Nothing runs faster than the idle model: an entry below it means a busy moment inflated it.
-    idle = min(idle, timer.time(_idle_model()))
+    idle = min(idle, timer.time(idle_model()))
     table.run_seconds = min([idle] + [s for layer in table.layers.values() for row in layer.seconds for s in row])
     if anchor is not None and table.anchor_seconds is not None:
         table.anchor_channels = {s.name: [int(s.in_channels), int(s.out_channels)] for s in layer_specs(anchor)
@@ -249,7 +243,7 @@ def cached_table(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channe
         return None  # an unreadable or older cache: measured again
     fits = table.version == TABLE_VERSION and table.runtime == runtime and table.threads == threads \
         and channel_multiple % table.channel_multiple == 0 and table.model_sha256 == _sha256(Path(model)) \
-        and table.runtime_version == _Timer.runtime_version(runtime)
+        and table.runtime_version == Timer.runtime_version(runtime)
     return table if fits else None
 
 
@@ -289,7 +283,7 @@ def ort_cpu_profile(model: "str | os.PathLike", *, channel_multiple: int = 8, th
                             repeats=repeats, progress=progress)
 
 
-# -- timing one layer -------------------------------------------------------------------------
+# -- timing the layers ------------------------------------------------------------------------
 def _features_per_channel(graph) -> dict[str, int]:
     """Input features per channel of each layer that reads a flattened tensor (a Gemm after
     Flatten reads H·W features of every channel): its input grid steps in channels, not features."""
@@ -302,190 +296,19 @@ def _features_per_channel(graph) -> dict[str, int]:
             if len({int(e[1]) for e in entries}) == 1 and int(entries[0][1]) > 1}
 
 
-def _measure_layer(node, spec: LayerSpec, multiple: int, features: int, timer: "_Timer") -> LayerTable:
+def _measure_layer(node, spec: LayerSpec, multiple: int, features: int, timer: "Timer") -> LayerTable:
     grouped = spec.kind == "conv" and spec.groups > 1 and not spec.depthwise
     out_grid = [spec.out_channels] if grouped else channel_grid(spec.out_channels, multiple)
     if spec.depthwise:
-        seconds = timer.times({(c, c): _layer_model(node, spec, c, c) for c in out_grid})
+        seconds = timer.times({(c, c): layer_model(node, spec, c, c) for c in out_grid})
         return LayerTable(node.op, [], out_grid, [[seconds[c, c] for c in out_grid]])
     if grouped or spec.in_channels % features:
         in_grid = [spec.in_channels]
     else:
         in_grid = [c * features for c in channel_grid(spec.in_channels // features, multiple)]
-    seconds = timer.times({(c_in, c_out): _layer_model(node, spec, c_in, c_out) for c_in in in_grid
+    seconds = timer.times({(c_in, c_out): layer_model(node, spec, c_in, c_out) for c_in in in_grid
                            for c_out in out_grid})
     return LayerTable(node.op, in_grid, out_grid, [[seconds[c_in, c_out] for c_out in out_grid] for c_in in in_grid])
-
-
-def _layer_model(node, spec: LayerSpec, c_in: int, c_out: int) -> onnx.ModelProto:
-    """A one-node model: ``node`` with ``c_in`` input and ``c_out`` output channels, batch 1."""
-    shape = [1 if not isinstance(d, (int, np.integer)) else int(d) for d in node.inputs[0].shape]
-    shape[0] = 1
-    rng = np.random.default_rng(0)
-    attrs = {k: v for k, v in node.attrs.items() if k not in ("group",)}
-    inputs = ["x", "w"]
-    if node.op == "Conv":
-        shape[1] = c_in
-        groups = c_in if spec.depthwise else spec.groups
-        kernel = list(spec.extra["kernel_shape"])
-        weight = rng.standard_normal([c_out, c_in // groups, *kernel]).astype(np.float32)
-        attrs["group"] = groups
-    elif node.op == "Gemm":
-        shape = [1, c_in]
-        attrs = {"transB": 1}
-        weight = rng.standard_normal([c_out, c_in]).astype(np.float32)
-    else:  # MatMul with a constant [in, out] weight
-        shape[-1] = c_in
-        attrs = {}
-        weight = rng.standard_normal([c_in, c_out]).astype(np.float32)
-    initializers = [onnx.numpy_helper.from_array(weight, "w")]
-    if spec.bias and node.op in ("Conv", "Gemm"):
-        inputs.append("b")
-        initializers.append(onnx.numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b"))
-    layer = helper.make_node(node.op, inputs, ["y"], **attrs)
-    graph = helper.make_graph([layer], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return model
-
-
-def _anchor(graph, multiple: int):
-    """The model with every prunable channel group cut to the count on the grid of ``multiple``
-    nearest to half its size (PIT masks set, then finalized): the second point of the
-    calibration. None when nothing can be pruned."""
-    from ..finalize import finalize
-    from ..passes import pit
-    try:
-        searchable = pit(graph.copy())
-    except PlinioOnnxError:
-        return None
-    changed = False
-    for name, tensor in searchable.initializers().items():
-        if name.endswith(".pit_alpha"):
-            alpha = np.array(tensor.values, dtype=np.float32)
-            keep = min(channel_grid(alpha.size, multiple), key=lambda c: abs(c - alpha.size / 2))
-            alpha[:alpha.size - keep] = 0.0
-            tensor.values = alpha
-            changed = changed or keep < alpha.size
-    try:
-        return finalize(searchable) if changed else None
-    except PlinioOnnxError:
-        return None
-
-
-def _idle_model() -> onnx.ModelProto:
-    """A one-node model that does next to nothing: what the runtime costs per run by itself."""
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "idle",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return model
-
-
-_RUNTIME_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft"}
-
-
-def _check_runnable(graph, runtime: str, source: str) -> None:
-    """A node of a domain the runtime has no kernels for (nor the model a function) fails here,
-    named, before anything is timed."""
-    known = _RUNTIME_DOMAINS | {function.domain for function in getattr(graph.gs, "functions", [])}
-    for node in graph.gs.nodes:
-        if (node.domain or "") not in known:
-            raise PlinioOnnxError(f"{runtime} has no kernel for ops of domain {node.domain!r}; only models of "
-                                  "standard ONNX ops can be profiled", file=source, node=node.name,
-                                  op=f"{node.domain}:{node.op}")
-
-
-def _runtime(name: str) -> str:
-    if name not in RUNTIMES:
-        raise PlinioOnnxError(f"unknown measured runtime {name!r}; choose from {', '.join(RUNTIMES)}")
-    return name
-
-
-class _Timer:
-    """Times models in one runtime (``RUNTIMES``): medians of ``repeats`` samples of ~1 ms each,
-    on the calling thread's CPU time for ONNX Runtime on one thread (`latency_clock`)."""
-
-    def __init__(self, runtime: str, threads: int, repeats: int, source: str) -> None:
-        from ..runtime import RUNNERS, latency_clock
-        self.version = self.runtime_version(runtime)   # fails first, with how to install it
-        self.runner, self.threads, self.repeats, self.source = RUNNERS[runtime], threads, repeats, source
-        self.clock = latency_clock(runtime, threads)
-        self.reference = None   # (the whole model's runner, its seconds): see `times`
-
-    @staticmethod
-    def runtime_version(runtime: str) -> str:
-        from ..runtime import OPENVINO_MISSING
-        if _runtime(runtime) == "ort-cpu":
-            import onnxruntime
-            return onnxruntime.__version__
-        try:
-            import openvino
-        except ImportError:
-            raise PlinioOnnxError(OPENVINO_MISSING) from None
-        return str(getattr(openvino, "__version__", None) or openvino.get_version())
-
-    def time(self, model: "onnx.ModelProto | Path", feeds: dict | None = None) -> float:
-        """Median seconds of one run of ``model`` (on random inputs of its shapes by default)."""
-        from ..runtime import median_seconds
-        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-        feeds = feeds if feeds is not None else random_feeds(proto)
-        run = self.runner(proto, feeds, threads=self.threads, source=self.source)
-        return median_seconds(run, repeats=self.repeats, block_s=0.001, clock=self.clock)
-
-    def times(self, models: dict) -> dict:
-        """Median seconds of each of ``models`` (one-input models on random inputs), timed
-        alternately with the whole model as a reference, and scaled by how far the reference
-        is off its own time: entries timed at different moments of a busy machine stay comparable."""
-        from ..runtime import alternate_seconds
-        runners = {key: self.runner(proto, random_feeds(proto), threads=self.threads, source=self.source)
-                   for key, proto in models.items()}
-        if self.reference is not None:
-            runners["reference"] = self.reference[0]
-        seconds = alternate_seconds(runners, rounds=self.repeats, budget_s=1e9, clock=self.clock,
-                                    block_s=0.001)
-        drift = self.reference[1] / seconds.pop("reference") if self.reference is not None else 1.0
-        return {key: value * drift for key, value in seconds.items()}
-
-    def whole(self, path: Path, anchor=None) -> tuple[float | None, float | None]:
-        """Median seconds of the whole model and of ``anchor`` (a `Graph`, or None), timed
-        alternately, the whole model then the reference of `times`; (None, None) when the
-        model's input sizes are not all known."""
-        from ..runtime import alternate_seconds
-        models = {"whole": onnx.load(str(path))}
-        if anchor is not None:
-            models["anchor"] = anchor.to_onnx(check=False)
-        try:
-            feeds = random_feeds(models["whole"])
-        except PlinioOnnxError:
-            return None, None
-        runners = {key: self.runner(proto, feeds, threads=self.threads, source=self.source)
-                   for key, proto in models.items()}
-        seconds = alternate_seconds(runners, rounds=max(self.repeats, 3), budget_s=4.0, clock=self.clock)
-        self.reference = (runners["whole"], seconds["whole"])
-        return seconds["whole"], seconds.get("anchor")
-
-
-def random_feeds(model: onnx.ModelProto, *, batch: int = 1) -> dict[str, np.ndarray]:
-    """Random float inputs for ``model``: its input shapes, a symbolic batch (the first axis) as
-    ``batch``; a `PlinioOnnxError` when another size is symbolic."""
-    initializers = {t.name for t in model.graph.initializer}
-    feeds = {}
-    rng = np.random.default_rng(0)
-    for value in model.graph.input:
-        if value.name in initializers:
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-        if dims and dims[0] is None:
-            dims[0] = batch
-        if any(d is None for d in dims):
-            raise PlinioOnnxError(f"input {value.name!r} has symbolic sizes; they are needed to time the model")
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        feeds[value.name] = np.zeros(dims, dtype) if np.issubdtype(dtype, np.integer) \
-            else rng.standard_normal(dims).astype(dtype)   # integer inputs (token ids): 0 is valid
-    return feeds
 
 
 def _sha256(path: Path) -> str:
