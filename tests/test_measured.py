@@ -250,6 +250,11 @@ def test_for_model_analytical_and_measured(tmp_path, monkeypatch):
     calls.clear()
     again = po.hardware.for_model("ort-cpu", path, channel_multiple=8, progress=lambda *a: seen.append(a))  # cached
     assert not seen and not calls and again.latency.layers.keys() == profile.latency.layers.keys()
+    from plinio_onnx.inspect import inspect_model             # inspect --hardware ort-cpu reads it too
+    report = inspect_model(path, hardware="ort-cpu")
+    assert not calls and report["latency"] == pytest.approx(profile.latency.whole_seconds)
+    assert report["hardware"]["latency_unit"] == "s" and [r["name"] for r in report["layers"]] == list(
+        profile.latency.layers)
 
     monkeypatch.setitem(sys.modules, "openvino", None)       # as where it is not installed
     with pytest.raises(po.PlinioOnnxError, match="pip install openvino"):
