@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--hardware", metavar="NAME", help="also each layer's modelled latency (and energy) on a "
-                   "hardware profile: gap8, ne16, diana, mpic, simd-mcu, or FILE.py:NAME")
+                   "hardware profile: gap8, ne16, diana, mpic, simd-mcu, ort-cpu or openvino-cpu (the model's "
+                   "measured table: plinio-onnx profile), or FILE.py:NAME")
     _input_shape_option(p)
     p.set_defaults(run=_inspect)
 

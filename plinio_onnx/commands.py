@@ -1,4 +1,5 @@
-"""Subcommands contributed by the search methods: ``optimize`` and ``export``."""
+"""Subcommands contributed by the search methods and the hardware profiles: ``optimize``,
+``export`` and ``profile``."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +7,7 @@ import sys
 
 
 def register_commands(sub: argparse._SubParsersAction) -> None:
-    """Add ``optimize`` and ``export`` to the CLI parser."""
+    """Add ``optimize``, ``export`` and ``profile`` to the CLI parser."""
     p = sub.add_parser(
         "optimize", help="search a smaller model (PIT) on your data; write the deployable ONNX",
         description="Warm-up, search, export and fine-tune MODEL on DATA.npz (x or one array per "
@@ -42,6 +43,29 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", default="adamw", metavar="NAME",
                    help="optimizer of the training artifacts: adamw (default) or sgd")
     p.set_defaults(run=_export)
+    _one_line_errors(p)
+    _register_profile(sub)
+
+
+def _register_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="time each layer of MODEL in a runtime on this machine (a measured "
+                                       "hardware profile for --hardware ort-cpu)",
+                       description="Time every Conv/Gemm/MatMul layer of MODEL alone at the channel counts a "
+                                   "search on blocks of --channel-multiple can reach, and the whole model, in "
+                                   "ONNX Runtime (or OpenVINO) on this machine; cache the table beside the "
+                                   "model (MODEL.ort-cpu.json) for optimize --hardware and inspect --hardware.")
+    p.add_argument("model", metavar="MODEL", help="the .onnx model (never modified)")
+    p.add_argument("--hardware", default="ort-cpu", metavar="NAME",
+                   help="the runtime to time in: ort-cpu (default) or openvino-cpu (needs `pip install openvino`)")
+    p.add_argument("--channel-multiple", type=int, default=None, metavar="N",
+                   help="the channel grid: multiples of N below each layer's size, and the size (default: "
+                        "ONNX Runtime's NCHWc block on this CPU, 16 with AVX-512, else 8)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="runtime threads (default 1)")
+    p.add_argument("--repeats", type=int, default=20, metavar="N",
+                   help="timed samples per entry, their median kept (default 20)")
+    p.add_argument("--force", action="store_true", help="time again even when a cached table fits")
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
+    p.set_defaults(run=_profile)
     _one_line_errors(p)
 
 
@@ -85,3 +109,61 @@ def _export(args: argparse.Namespace) -> int:
               f"tensors ({'QDQ quantizers as fake-quant' if result.quantized else 'float'}), "
               f"loss {result.loss} on {result.loss_output!r} with labels {result.label_input!r}")
     return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    import json
+
+    from .hardware import for_model, is_measured, measured, nchwc_block
+    from .load import load
+    if not is_measured(args.hardware):
+        print(f"plinio-onnx profile: error: --hardware {args.hardware!r} is not a measured runtime; choose "
+              f"from {', '.join(measured.RUNTIMES)} (analytical profiles need no profiling: "
+              f"plinio-onnx inspect MODEL --hardware NAME)", file=sys.stderr)
+        return 2
+    multiple = args.channel_multiple or nchwc_block()
+    if multiple < 1 or args.threads < 1 or args.repeats < 1:
+        print("plinio-onnx profile: error: --channel-multiple, --threads and --repeats must be at least 1",
+              file=sys.stderr)
+        return 2
+    cached = None if args.force else measured.cached_table(args.model, runtime=args.hardware,
+                                                           channel_multiple=multiple, threads=args.threads)
+    if cached is None:
+        table = _measure_with_progress(args, multiple)
+    else:
+        table = cached
+    profile = for_model(args.hardware, args.model, channel_multiple=multiple, threads=args.threads)
+    summary = {"model": args.model, "hardware": args.hardware, "runtime_version": table.runtime_version,
+               "table": str(measured.table_path(args.model, args.hardware)), "reused": cached is not None,
+               "layers": len(table.layers), "channel_multiple": table.channel_multiple, "threads": table.threads,
+               "predicted_ms": 1e3 * table.predict(load(args.model)),
+               "measured_ms": None if table.whole_seconds is None else 1e3 * table.whole_seconds,
+               "run_ms": 1e3 * table.run_seconds}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    measured_ms = "n/a" if summary["measured_ms"] is None else f"{summary['measured_ms']:.3f} ms"
+    print(f"{args.model}: {summary['layers']} layers timed in {profile.description} on the grid of "
+          f"{table.channel_multiple} channels{' (cached table reused; --force times again)' if cached else ''}")
+    print(f"  predicted {summary['predicted_ms']:.3f} ms (sum of the layers, calibrated); "
+          f"measured whole model {measured_ms}; fixed cost of a run {summary['run_ms']:.4f} ms")
+    print(f"  table: {summary['table']}")
+    return 0
+
+
+def _measure_with_progress(args: argparse.Namespace, multiple: int):
+    """Time the model's table now, with a progress bar on stderr (on a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .hardware import measured
+    console = Console(stderr=True)
+    with Progress(TextColumn("[bold]profile"), BarColumn(bar_width=28), MofNCompleteColumn(),
+                  TextColumn("{task.fields[layer]}"), TimeElapsedColumn(), console=console,
+                  disable=not console.is_terminal) as bar:
+        task = bar.add_task("profile", total=None, layer="")
+
+        def progress(done: int, total: int, layer: str) -> None:
+            bar.update(task, completed=done, total=total, layer=layer)
+        return measured.load_or_measure(args.model, runtime=args.hardware, channel_multiple=multiple,
+                                        threads=args.threads, repeats=args.repeats, progress=progress, force=True)

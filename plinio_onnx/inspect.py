@@ -55,7 +55,9 @@ def inspect_model(path, hardware=None, *, input_shapes=None) -> dict:
         "searchable": searchable,
     }
     if hardware is not None:
-        from .hardware import hardware_costs
+        from .hardware import for_model, hardware_costs, is_measured
+        if is_measured(hardware):   # the model's own table: cached beside it, or measured now
+            hardware = for_model(hardware, path)
         costs = hardware_costs(graph, hardware)
         by_name = {row["name"]: row for row in costs.pop("layers")}
         for row in layers:

@@ -191,7 +191,7 @@ _ALLOWED = {
     "load": {"graph", "passes", "errors"}, "sync": {"graph", "errors"}, "finalize": {"graph", "passes", "errors"},
     "methods": {"cost", "finalize", "functions", "graph", "load", "passes", "records", "sync", "to_torch", "errors"},
     "regularizers": {"errors"},
-    "hardware": {"analysis", "cost", "load", "runtime", "errors"},
+    "hardware": {"analysis", "cost", "load", "runtime", "errors", "passes", "finalize"},
     "optimize": {"atomic", "cost", "data", "errors", "finite", "graph", "load", "methods", "regularizers", "runtime", "sync",
                  "to_torch", "analysis", "finalize", "functions", "passes", "records"},
     "training_graph": {"graph", "records", "errors"}, "requantize": {"graph", "load", "errors"},

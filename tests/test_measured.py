@@ -11,7 +11,7 @@ import torch
 from onnx import TensorProto, helper
 
 import plinio_onnx as po
-from plinio_onnx.hardware import measured
+from plinio_onnx.hardware import measured, timing
 from plinio_onnx.hardware.measured import LayerTable
 
 
@@ -49,7 +49,8 @@ def test_grids_and_cache_beside_the_model(tmp_path, monkeypatch):
     # reused while it describes the model: nothing is timed again
     def no_timing(*args):
         raise AssertionError("timed again")
-    monkeypatch.setattr(measured, "_time", no_timing)
+    monkeypatch.setattr(timing.Timer, "time", no_timing)
+    monkeypatch.setattr(timing.Timer, "times", no_timing)
     again = measured.load_or_measure(path, channel_multiple=8)
     assert {n: t.seconds for n, t in again.layers.items()} == {n: t.seconds for n, t in table.layers.items()}
     # another grid, or another model in the same file: measured again
@@ -77,20 +78,202 @@ def test_the_table_is_interpolated_bilinearly_and_differentiably():
     assert depthwise.latency(None, 12) == pytest.approx(2.0)
 
 
+def _at_zero(grid: list[int], values: list[float]) -> float:
+    """Linear extrapolation to 0 channels from the first two grid points."""
+    return values[0] if len(grid) < 2 else values[0] - grid[0] * (values[1] - values[0]) / (grid[1] - grid[0])
+
+
 def test_ort_cpu_profile_drives_pit(tmp_path):
     path = tmp_path / "tiny.onnx"
     _tiny(path)
     profile = measured.ort_cpu_profile(path, channel_multiple=8, repeats=2)
     table = profile.latency
     assert profile.name == "ort-cpu" and profile.channel_multiple == 8 and profile.latency_unit == "s"
-    full = sum(t.seconds[-1][-1] for t in table.layers.values())   # every layer at its full size
-    assert sum(table(s) for s in po.cost.layer_specs(po.load(path))) == pytest.approx(full)
+    assert 0 < table.run_seconds and 0 < table.whole_seconds and 0 < table.anchor_seconds
+    # the anchor: conv1 (and dw, its channels) at 8 of 16, the rest whole (conv2's 8 and fc's 4
+    # outputs have no smaller grid point)
+    assert table.anchor_channels == {"conv1": [4, 8], "dw": [8, 8], "conv2": [8, 8], "fc": [8, 4]}
+    layers = table.layers
+    full = {name: t.seconds[-1][-1] for name, t in layers.items()}
+    eight = {"conv1": layers["conv1"].seconds[0][0], "dw": layers["dw"].seconds[0][0],
+             "conv2": layers["conv2"].seconds[0][0], "fc": layers["fc"].seconds[0][0]}
+    # each layer's fixed part: at zero channels, linearly from its two smallest grid points
+    at_zero = {"conv1": _at_zero([8, 16], layers["conv1"].seconds[0]), "dw": _at_zero([8, 16], layers["dw"].seconds[0]),
+               "conv2": _at_zero([8, 16], [row[0] for row in layers["conv2"].seconds]), "fc": layers["fc"].seconds[0][0]}
+    base = {n: min(max(at_zero[n], 0.0), min(min(row) for row in layers[n].seconds)) for n in layers}
+    assert {n: t.fixed for n, t in layers.items()} == pytest.approx(base)
+    v_full = sum(max(full[n] - base[n], 0) for n in layers)
+    v_anchor = sum(max(eight[n] - base[n], 0) for n in layers)
+    whole, anchor = table.whole_seconds, table.anchor_seconds
+    if v_full - v_anchor > 1e-3 * v_full:   # "fit": the line through (v_full, whole), (v_anchor, anchor)
+        k = (whole - anchor) / (v_full - v_anchor)
+        fixed = min(max(whole - k * v_full, 0.0), whole)
+        k = (whole - fixed) / v_full
+        expected_eight = fixed + k * v_anchor
+    else:                                   # timing noise made the anchor no smaller: "scale"
+        run = table.run_seconds
+        expected_eight = run + (whole - run) / sum(max(full[n] - run, 0) for n in layers) * \
+            sum(max(eight[n] - run, 0) for n in layers)
+    # every layer at its full size: exactly the whole model's measured latency
+    assert table.predict(po.load(path)) == pytest.approx(whole)
     model = po.PIT(path, cost=profile.cost())
-    assert float(model.cost.detach()) == pytest.approx(full)
+    assert float(model.cost.detach()) == pytest.approx(whole)
     with torch.no_grad():
         model.tensor("conv1.pit_alpha")[:8] = 0.2              # conv1 (and dw) keep 8 of 16 channels
-    eight = table.layers["conv1"].seconds[0][0] + table.layers["dw"].seconds[0][0] + \
-        table.layers["conv2"].seconds[0][0] + table.layers["fc"].seconds[0][0]
     cost = model.cost
-    assert float(cost.detach()) == pytest.approx(eight)
+    assert float(cost.detach()) == pytest.approx(expected_eight)
     assert cost.requires_grad
+    # "scale": run once + k' · Σ (entry − run), k' = (whole − run) / Σ (full − run)
+    table.calibration = "scale"
+    run = table.run_seconds
+    scale = (whole - run) / sum(max(full[n] - run, 0) for n in layers)
+    assert float(model.cost.detach()) == pytest.approx(run + scale * sum(max(eight[n] - run, 0) for n in layers))
+    # the uncalibrated table: the plain sum of the entries
+    table.calibration = "none"
+    assert float(model.cost.detach()) == pytest.approx(sum(eight.values()))
+
+
+def test_the_fit_goes_through_the_model_and_its_anchor():
+    # fixed parts: a 3 − 8·(5 − 3)/8 = 1; b 2 − 8·(4 − 2)/8 = 0; variable at full: a 4, b 4
+    layers = {"a": LayerTable("Conv", [], [8, 16], [[3.0, 5.0]]), "b": LayerTable("Conv", [8], [8, 16], [[2.0, 4.0]])}
+    table = measured.LatencyTable("sha", 8, 1, "v", layers, run_seconds=1.0, whole_seconds=10.0,
+                                  anchor_seconds=6.0, anchor_channels={"a": [8, 8], "b": [8, 8]})
+    assert (layers["a"].fixed, layers["b"].fixed) == (1.0, 0.0)
+    fixed, k, base = table.calibrated()       # variable at the anchor: a 2, b 2 → k = (10 − 6) / (8 − 4)
+    assert (fixed, k) == pytest.approx((2.0, 1.0)) and base == {"a": 1.0, "b": 0.0}
+    spec = po.cost.LayerSpec
+    a8 = spec(name="a", op="Conv", kind="conv", in_channels=8, out_channels=8, kernel_size=9, groups=8,
+              bias=False, output_positions=1, depthwise=True)
+    b12 = spec(name="b", op="Conv", kind="conv", in_channels=8, out_channels=12, kernel_size=1)
+    assert table(a8) == pytest.approx(2.0 / 2 + 1.0 * (3.0 - 1.0))
+    assert table(b12) == pytest.approx(2.0 / 2 + 1.0 * (3.0 - 0.0))          # 3.0: halfway between 2 and 4
+    table.anchor_seconds = 2.0                 # a line that would start below 0: through (8, 10) and 0
+    assert table.calibrated()[:2] == pytest.approx((0.0, 10.0 / 8))
+    table.anchor_seconds = None                # no anchor: "scale" on entries less run_seconds (nets 4 and 3)
+    assert table.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7)) and table.calibrated()[2] == {"a": 1.0, "b": 1.0}
+    table.calibration = "add"
+    assert table.calibrated()[:2] == pytest.approx((3.0, 1.0))
+
+
+# -- the profile command and for_model --------------------------------------------------------
+def _counting_timer(monkeypatch) -> list:
+    """Counts the models timed (the real timer still runs)."""
+    calls = []
+    real_time, real_times = timing.Timer.time, timing.Timer.times
+
+    def counted_time(self, model, *args, **kwargs):
+        calls.append(1)
+        return real_time(self, model, *args, **kwargs)
+
+    def counted_times(self, models):
+        calls.extend([1] * len(models))
+        return real_times(self, models)
+    monkeypatch.setattr(timing.Timer, "time", counted_time)
+    monkeypatch.setattr(timing.Timer, "times", counted_times)
+    return calls
+
+
+def test_profile_command_caches_reuses_and_forces(tmp_path, monkeypatch, capsys):
+    import json
+
+    from plinio_onnx.cli import main
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    before = path.read_bytes()
+    calls = _counting_timer(monkeypatch)
+    assert main(["profile", str(path), "--channel-multiple", "8", "--repeats", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    cache = tmp_path / "tiny.ort-cpu.json"
+    # 7 grid entries (conv1 2, dw 2, conv2 2, fc 1) + an idle run, before and after (the whole
+    # model and its anchor are timed together, alternately)
+    assert len(calls) == 9 and cache.exists() and path.read_bytes() == before
+    assert summary["table"] == str(cache) and summary["layers"] == 4 and not summary["reused"]
+    assert summary["predicted_ms"] == pytest.approx(summary["measured_ms"])    # calibrated on it
+    stamp = cache.stat().st_mtime_ns
+
+    calls.clear()
+    assert main(["profile", str(path), "--channel-multiple", "8"]) == 0
+    out = capsys.readouterr().out
+    assert not calls and cache.stat().st_mtime_ns == stamp and "cached table reused" in out
+    assert "4 layers" in out and str(cache) in out
+    assert main(["profile", str(path), "--channel-multiple", "16"]) == 0   # a subset of the grid of 8
+    assert not calls and cache.stat().st_mtime_ns == stamp
+    capsys.readouterr()
+
+    assert main(["profile", str(path), "--channel-multiple", "8", "--repeats", "2", "--force"]) == 0
+    assert len(calls) == 9 and cache.stat().st_mtime_ns != stamp and "reused" not in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*.tmp"))    # written atomically, no temporary left
+
+
+def test_profile_command_errors_are_one_clear_line(tmp_path, capsys):
+    from plinio_onnx.cli import main
+    assert main(["profile", str(tmp_path / "missing.onnx")]) == 2
+    assert "missing.onnx: no such model file" in capsys.readouterr().err
+    (tmp_path / "text.onnx").write_text("not a model")
+    assert main(["profile", str(tmp_path / "text.onnx")]) == 2
+    assert "text.onnx: not an ONNX model" in capsys.readouterr().err
+    path = tmp_path / "strange.onnx"
+    _tiny(path)
+    model = onnx.load(str(path))
+    model.graph.node.insert(1, helper.make_node("Foo", ["a"], ["a2"], name="strange", domain="com.example"))
+    model.graph.node[2].input[0] = "a2"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    onnx.save(model, str(path))
+    assert main(["profile", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "strange.onnx: node 'strange' (com.example:Foo)" in err and err.count("\n") == 1
+    assert not (tmp_path / "strange.ort-cpu.json").exists()
+    assert main(["profile", str(path), "--hardware", "gap8"]) == 2
+    assert "not a measured runtime" in capsys.readouterr().err
+
+
+def test_for_model_analytical_and_measured(tmp_path, monkeypatch):
+    import sys
+
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    gap8 = po.hardware.for_model("gap8", path)
+    assert gap8 == po.hardware.get("gap8")
+    assert gap8.latency is po.hardware.gap8_latency and gap8.channel_multiple == 4
+    assert po.hardware.for_model("gap8", path, channel_multiple=16).channel_multiple == 16
+    assert not (tmp_path / "tiny.ort-cpu.json").exists()      # analytical: nothing measured
+
+    seen = []
+    calls = _counting_timer(monkeypatch)
+    profile = po.hardware.for_model("ort-cpu", path, channel_multiple=8, progress=lambda *a: seen.append(a))
+    assert profile.name == "ort-cpu" and profile.channel_multiple == 8 and profile.latency_unit == "s"
+    assert seen[0] == (0, 4, "conv1") and seen[-1] == (4, 4, "") and calls
+    assert profile.source == str(tmp_path / "tiny.ort-cpu.json")
+    latency = profile.cost()
+    assert sum(latency(s) for s in po.cost.layer_specs(po.load(path))) == pytest.approx(profile.latency.whole_seconds)
+    seen.clear()
+    calls.clear()
+    again = po.hardware.for_model("ort-cpu", path, channel_multiple=8, progress=lambda *a: seen.append(a))  # cached
+    assert not seen and not calls and again.latency.layers.keys() == profile.latency.layers.keys()
+    from plinio_onnx.inspect import inspect_model             # inspect --hardware ort-cpu reads it too
+    report = inspect_model(path, hardware="ort-cpu")
+    assert not calls and report["latency"] == pytest.approx(profile.latency.whole_seconds)
+    assert report["hardware"]["latency_unit"] == "s" and [r["name"] for r in report["layers"]] == list(
+        profile.latency.layers)
+
+    monkeypatch.setitem(sys.modules, "openvino", None)       # as where it is not installed
+    with pytest.raises(po.PlinioOnnxError, match="pip install openvino"):
+        po.hardware.for_model("openvino-cpu", path)
+    with pytest.raises(po.PlinioOnnxError, match="unknown hardware profile"):
+        po.hardware.for_model("no-such-board", path)
+
+
+def test_the_default_channel_multiple_is_the_cpus_nchwc_block(tmp_path, monkeypatch):
+    from plinio_onnx.hardware import model_profile
+    avx512, avx2 = tmp_path / "avx512", tmp_path / "avx2"
+    avx512.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    avx2.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n")
+    assert model_profile.nchwc_block(avx512) == 16 and model_profile.nchwc_block(avx2) == 8
+    assert model_profile.nchwc_block(tmp_path / "missing") == 8
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    monkeypatch.setattr(model_profile, "nchwc_block", lambda: 8)
+    assert po.hardware.for_model("ort-cpu", path).channel_multiple == 8
+    monkeypatch.setattr(model_profile, "nchwc_block", lambda: 16)
+    profile = po.hardware.for_model("ort-cpu", path)
+    assert profile.channel_multiple == 16 and profile.latency.channel_multiple == 8   # the finer cached grid serves

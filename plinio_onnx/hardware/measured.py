@@ -5,14 +5,35 @@ Per-layer tables are how NetAdapt and HALP prune against real latency, and nn-Me
 kernel-level predictors show that summing kernels predicts a CPU model's latency closely. Here
 every Conv (2-D or 1-D; depthwise along its channels; other grouped convs at their full size
 only) and every linear layer (Gemm, MatMul with a constant weight) of a model is rebuilt as a
-one-node model with the layer's attributes and input size, and timed (median of ``repeats``
-runs after a warm-up, one thread, default optimization) at input × output channel counts on the
-grid of ``channel_multiple`` (its multiples below the layer's size, and the size itself). The
+one-node model with the layer's attributes and input size, and timed at input × output channel
+counts on the grid of ``channel_multiple`` (its multiples below the layer's size, and the size
+itself): one thread, default optimization, a layer's grid points alternately with the whole
+model as a reference (medians of ``repeats`` rounds of ~1 ms blocks; every entry scaled by the
+reference's drift from its own time, so layers timed minutes apart on a busy machine stay
+comparable). The
 latency of a layer at effective counts (c_in, c_out) is the bilinear interpolation of its table
 (constant beyond the grid), so it is exact at every grid point and differentiable in between;
-the model's latency is the sum over layers. The table is cached beside the model
-(``MODEL.ort-cpu.json``) and reused while the model file, the grid, the threads and the ONNX
-Runtime version are the same.
+the model's latency is the sum over layers, calibrated on the whole model (below). The table is
+cached beside the model (``MODEL.ort-cpu.json``, ``MODEL.openvino-cpu.json``) and reused while
+the model file, the runtime's version and the threads are the same and its grid is as fine as
+the one asked for.
+
+Calibration (**ours**). A layer timed alone pays what the whole model pays once or not at all:
+the runtime's fixed cost of a run, the layout reorders around it (ONNX Runtime's NCHWc kernels
+reorder the input and output of a lone conv; in a chain only the ends), the kernel's set-up.
+And the whole model runs ops no table holds (pooling, residual adds, activations it does not
+fuse). So a layer's entries less its *fixed* part — its time at zero channels, extrapolated
+from its two smallest grid points — are its *variable* time, and the model's latency is
+modelled as ``fixed + k · Σ variable``: a line through two whole-model measurements taken,
+alternately, when the table is made — the model itself (``whole_seconds``) and its *anchor*, the
+model with every prunable channel group cut to about half on the grid (``anchor_seconds``; PIT
+masks set, finalized). A layer costs ``fixed / n + k · variable`` over the table's ``n`` layers,
+so the sum is exact on both models (``"fit"``). Without an anchor (nothing prunable, symbolic
+sizes) it is ``"scale"``: the variable time is the entry less ``run_seconds`` (a run of a
+one-node model that does next to nothing), fixed = ``run_seconds`` and k so the model's sum is
+exact; ``"add"`` (k = 1, the rest a constant) and ``"none"`` (the plain sum of the entries) are
+there for comparison. `bench/latency_prediction.py` measures how well each predicts pruned
+variants of the zoo.
 """
 from __future__ import annotations
 
@@ -20,22 +41,22 @@ import hashlib
 import json
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
-import onnx
-from onnx import TensorProto, helper
-
 from ..cost import LayerSpec, layer_specs
 from ..errors import PlinioOnnxError
 from .profile import HardwareProfile
-from .rounding import interpolate
+from .rounding import clamp, interpolate
+from .timing import (RUNTIMES, Timer, anchor_model, channel_grid, check_runnable, idle_model, layer_model,
+                     random_feeds, runtime_name)
 
-TABLE_VERSION = 1
-RUNTIME = "ort-cpu"
+__all__ = ["CALIBRATIONS", "RUNTIMES", "LatencyTable", "LayerTable", "cached_table", "channel_grid", "load_or_measure",
+           "measure", "measured_profile", "ort_cpu_profile", "random_feeds", "table_path"]
+
+TABLE_VERSION = 3
+CALIBRATIONS = ("fit", "scale", "add", "none")
 Progress = Callable[[int, int, str], None]  # (layers done, layers in all, the layer being timed)
 
 
@@ -55,22 +76,92 @@ class LayerTable:
             return rows[0]
         return interpolate(dict(zip(self.in_grid, rows)), in_channels)
 
+    @property
+    def full(self) -> float:
+        """Seconds at the layer's own size (the last grid point of both axes)."""
+        return self.seconds[-1][-1]
+
+    @property
+    def fixed(self) -> float:
+        """Seconds at zero channels, extrapolated linearly from the two smallest grid points of
+        each axis (within [0, its smallest entry]): what the layer costs alone whatever its size
+        (the run, the reorders around it, the kernel's set-up)."""
+        def at_zero(grid: list[int], values: list[float]) -> float:
+            if len(grid) < 2:
+                return values[0]
+            return values[0] - grid[0] * (values[1] - values[0]) / (grid[1] - grid[0])
+        rows = [at_zero(self.out_grid, row) for row in self.seconds]
+        value = rows[0] if not self.in_grid else at_zero(self.in_grid, rows)
+        return min(max(value, 0.0), min(min(row) for row in self.seconds))
+
 
 @dataclass(eq=False)  # hashed by identity: searches key their caches by cost model
 class LatencyTable:
-    """A model's measured per-layer latency: call it on a `LayerSpec` (a cost model, seconds);
-    layers it did not time cost 0."""
+    """A model's measured per-layer latency: call it on a `LayerSpec` (a cost model, seconds;
+    calibrated on the whole model, see the module docstring); layers it did not time cost 0."""
 
     model_sha256: str
     channel_multiple: int
     threads: int
     runtime_version: str
     layers: dict[str, LayerTable] = field(default_factory=dict)
+    runtime: str = "ort-cpu"
+    run_seconds: float = 0.0            # one run of a one-node model that does next to nothing
+    whole_seconds: float | None = None  # the profiled model, whole (None: not timed)
+    anchor_seconds: float | None = None     # its anchor (about half the channels), whole
+    anchor_channels: dict[str, list[int]] | None = None   # the anchor's layers: name → [in, out]
+    calibration: str = "fit"            # "fit", "scale", "add" or "none" (the plain sum of the entries)
     version: int = TABLE_VERSION
 
     def __call__(self, spec: LayerSpec) -> Any:
         table = self.layers.get(spec.name)
-        return 0.0 if table is None else table.latency(spec.in_channels, spec.out_channels)
+        if table is None:
+            return 0.0
+        measured = table.latency(spec.in_channels, spec.out_channels)
+        if self.calibration == "none" or self.whole_seconds is None or not self.layers:
+            return measured
+        fixed, k, base = self.calibrated()
+        return fixed / len(self.layers) + k * clamp(measured - base[spec.name], 0.0, float("inf"))
+
+    def calibrated(self) -> tuple[float, float, dict[str, float]]:
+        """(fixed, k, base): the model's latency is ``fixed + k · Σ (entry − base[layer])`` over
+        its layers (the module docstring says which line each calibration draws)."""
+        key = (self.calibration, self.whole_seconds, self.anchor_seconds, self.run_seconds, len(self.layers))
+        memo = self.__dict__.get("_memo")
+        if memo is None or memo[0] != key:
+            memo = self.__dict__["_memo"] = (key, self._calibrate())
+        return memo[1]
+
+    def _calibrate(self) -> tuple[float, float, dict[str, float]]:
+        whole = float(self.whole_seconds)
+        if self.calibration == "fit" and self.anchor_seconds is not None and self.anchor_channels:
+            base = {name: t.fixed for name, t in self.layers.items()}
+            full, anchor = self._variable(base), self._variable(base, self.anchor_channels)
+            if full - anchor > 1e-3 * full:
+                k = (whole - self.anchor_seconds) / (full - anchor)
+                fixed = min(max(whole - k * full, 0.0), whole)   # through both points, within [0, whole]
+                return fixed, (whole - fixed) / full, base
+        base = {name: self.run_seconds for name in self.layers}
+        full = self._variable(base)
+        if full <= 0:   # no layer costs more than an idle run: the whole model is fixed cost
+            return whole, 0.0, base
+        if self.calibration == "add":
+            return whole - full, 1.0, base
+        return self.run_seconds, (whole - self.run_seconds) / full, base   # "scale" (and "fit" without anchor)
+
+    def _variable(self, base: dict[str, float], channels: dict[str, list[int]] | None = None) -> float:
+        """Σ (entry − base) over the layers, at ``channels`` (name → [in, out]) or their own sizes."""
+        total = 0.0
+        for name, table in self.layers.items():
+            entry = table.full if channels is None or name not in channels else \
+                float(table.latency(*channels[name]))
+            total += max(entry - base[name], 0.0)
+        return total
+
+    def predict(self, graph) -> float:
+        """The modelled seconds of ``graph`` (a `plinio_onnx.Graph` with this table's layer names,
+        e.g. an export of the profiled model)."""
+        return float(sum(self(spec) for spec in layer_specs(graph)))
 
     def save(self, path: "str | os.PathLike") -> Path:
         """Write the table as JSON, atomically (temp file + rename)."""
@@ -93,74 +184,106 @@ class LatencyTable:
         return LatencyTable(layers=layers, **data)
 
 
-def table_path(model: "str | os.PathLike") -> Path:
-    """Where the table of ``model`` is cached: ``MODEL.ort-cpu.json`` beside it."""
+def table_path(model: "str | os.PathLike", runtime: str = "ort-cpu") -> Path:
+    """Where the table of ``model`` is cached: ``MODEL.ort-cpu.json`` (``MODEL.RUNTIME.json``) beside it."""
     model = Path(model)
-    return model.with_name(f"{model.stem}.{RUNTIME}.json")
+    return model.with_name(f"{model.stem}.{runtime_name(runtime)}.json")
 
 
-def channel_grid(size: int, multiple: int) -> list[int]:
-    """The channel counts a search on blocks of ``multiple`` can keep: its multiples below
-    ``size``, and ``size`` itself."""
-    return sorted({*range(multiple, size, multiple), size})
-
-
-def measure(model: "str | os.PathLike", *, channel_multiple: int = 8, threads: int = 1, repeats: int = 20,
-            progress: Progress | None = None) -> LatencyTable:
-    """Time every layer of ``model`` (an .onnx path) on its channel grid (see the module docstring)."""
-    import onnxruntime
-
+def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_multiple: int = 8, threads: int = 1,
+            repeats: int = 20, progress: Progress | None = None) -> LatencyTable:
+    """Time every layer of ``model`` (an .onnx path) on its channel grid, the runtime's fixed cost
+    of a run, and the whole model (see the module docstring)."""
     from ..load import load
     path = Path(model)
+    sha = _sha256(path)
     graph = load(path)
     nodes = {node.name: node for node in graph.gs.nodes}
     specs = [s for s in layer_specs(graph) if s.kind in ("conv", "linear")]
     features = _features_per_channel(graph)
-    table = LatencyTable(_sha256(path), int(channel_multiple), int(threads), onnxruntime.__version__)
+    check_runnable(graph, runtime, str(path))
+    if not specs:
+        raise PlinioOnnxError("no layer to time (no Conv, Gemm or MatMul with a constant weight)", file=str(path))
+    timer = Timer(runtime, int(threads), repeats, str(path))
+    table = LatencyTable(sha, int(channel_multiple), int(threads), timer.version, runtime=runtime)
+    anchor = anchor_model(graph, channel_multiple)
+    # first: a model the runtime cannot run fails now
+    table.whole_seconds, table.anchor_seconds = timer.whole(path, anchor)
+    idle = timer.time(idle_model())
     for done, spec in enumerate(specs):
         if progress is not None:
             progress(done, len(specs), spec.name)
-        table.layers[spec.name] = _measure_layer(nodes[spec.name], spec, channel_multiple, features.get(spec.name, 1),
-                                                 threads, repeats, str(path))
+        try:
+            table.layers[spec.name] = _measure_layer(nodes[spec.name], spec, channel_multiple,
+                                                     features.get(spec.name, 1), timer)
+        except PlinioOnnxError as err:
+            raise PlinioOnnxError(f"cannot time this layer alone: {err.message}", file=str(path), node=spec.name,
+                                  op=spec.op) from None
+    # Nothing runs faster than the idle model: an entry below it means a busy moment inflated it.
+    idle = min(idle, timer.time(idle_model()))
+    table.run_seconds = min([idle] + [s for layer in table.layers.values() for row in layer.seconds for s in row])
+    if anchor is not None and table.anchor_seconds is not None:
+        table.anchor_channels = {s.name: [int(s.in_channels), int(s.out_channels)] for s in layer_specs(anchor)
+                                 if s.name in table.layers}
     if progress is not None:
         progress(len(specs), len(specs), "")
     return table
 
 
-def load_or_measure(model: "str | os.PathLike", *, channel_multiple: int = 8, threads: int = 1,
-                    repeats: int = 20, progress: Progress | None = None) -> LatencyTable:
-    """The cached table of ``model`` when it still describes it, else a fresh measurement
-    (written beside the model)."""
-    import onnxruntime
-    cache = table_path(model)
-    if cache.exists():
-        try:
-            table = LatencyTable.load(cache)
-        except (ValueError, TypeError, KeyError):
-            table = None  # an unreadable or older cache: measured again
-        if table is not None and table.version == TABLE_VERSION and table.model_sha256 == _sha256(Path(model)) \
-                and table.channel_multiple == channel_multiple and table.threads == threads \
-                and table.runtime_version == onnxruntime.__version__:
-            return table
-    table = measure(model, channel_multiple=channel_multiple, threads=threads, repeats=repeats, progress=progress)
-    table.save(cache)
+def cached_table(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_multiple: int = 8,
+                 threads: int = 1) -> LatencyTable | None:
+    """The table cached beside ``model`` when it still describes it (the same file, runtime
+    version and threads, a grid that holds the one of ``channel_multiple``), else None."""
+    cache = table_path(model, runtime)
+    if not cache.exists():
+        return None
+    try:
+        table = LatencyTable.load(cache)
+    except (ValueError, TypeError, KeyError):
+        return None  # an unreadable or older cache: measured again
+    fits = table.version == TABLE_VERSION and table.runtime == runtime and table.threads == threads \
+        and channel_multiple % table.channel_multiple == 0 and table.model_sha256 == _sha256(Path(model)) \
+        and table.runtime_version == Timer.runtime_version(runtime)
+    return table if fits else None
+
+
+def load_or_measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_multiple: int = 8,
+                    threads: int = 1, repeats: int = 20, progress: Progress | None = None,
+                    force: bool = False) -> LatencyTable:
+    """The cached table of ``model`` when it still describes it (`cached_table`; not with
+    ``force``), else a fresh measurement (written beside the model, atomically)."""
+    table = None if force else cached_table(model, runtime=runtime, channel_multiple=channel_multiple,
+                                            threads=threads)
+    if table is None:
+        table = measure(model, runtime=runtime, channel_multiple=channel_multiple, threads=threads,
+                        repeats=repeats, progress=progress)
+        table.save(table_path(model, runtime))
     return table
+
+
+def measured_profile(model: "str | os.PathLike", runtime: str = "ort-cpu", *, channel_multiple: int = 8,
+                     threads: int = 1, repeats: int = 20, progress: Progress | None = None,
+                     force: bool = False) -> HardwareProfile:
+    """The measured ``runtime`` profile of ``model``: its latency table (cached or measured now)
+    as the latency cost model, in seconds; float layers as they are."""
+    table = load_or_measure(model, runtime=runtime, channel_multiple=channel_multiple, threads=threads,
+                            repeats=repeats, progress=progress, force=force)
+    engine = "ONNX Runtime" if runtime == "ort-cpu" else "OpenVINO"
+    return HardwareProfile(runtime, latency=table, channel_multiple=channel_multiple, weight_bits=(8,),
+                           activation_bits=(8,), default_bits=None, latency_unit="s",
+                           description=f"{engine} {table.runtime_version} on this CPU, {threads} thread(s), "
+                                       "measured per layer",
+                           source=str(table_path(model, runtime)))
 
 
 def ort_cpu_profile(model: "str | os.PathLike", *, channel_multiple: int = 8, threads: int = 1,
                     repeats: int = 20, progress: Progress | None = None) -> HardwareProfile:
-    """The measured ONNX Runtime CPU profile of ``model``: its latency table (cached or
-    measured now) as the latency cost model, in seconds; float layers as they are."""
-    table = load_or_measure(model, channel_multiple=channel_multiple, threads=threads, repeats=repeats,
-                            progress=progress)
-    return HardwareProfile(RUNTIME, latency=table, channel_multiple=channel_multiple, weight_bits=(8,),
-                           activation_bits=(8,), default_bits=None, latency_unit="s",
-                           description=f"ONNX Runtime {table.runtime_version} on this CPU, {threads} thread(s), "
-                                       "measured per layer",
-                           source=str(table_path(model)))
+    """The measured ONNX Runtime CPU profile of ``model`` (`measured_profile`)."""
+    return measured_profile(model, "ort-cpu", channel_multiple=channel_multiple, threads=threads,
+                            repeats=repeats, progress=progress)
 
 
-# -- timing one layer -------------------------------------------------------------------------
+# -- timing the layers ------------------------------------------------------------------------
 def _features_per_channel(graph) -> dict[str, int]:
     """Input features per channel of each layer that reads a flattened tensor (a Gemm after
     Flatten reads H·W features of every channel): its input grid steps in channels, not features."""
@@ -173,69 +296,19 @@ def _features_per_channel(graph) -> dict[str, int]:
             if len({int(e[1]) for e in entries}) == 1 and int(entries[0][1]) > 1}
 
 
-def _measure_layer(node, spec: LayerSpec, multiple: int, features: int, threads: int, repeats: int,
-                   source: str) -> LayerTable:
+def _measure_layer(node, spec: LayerSpec, multiple: int, features: int, timer: "Timer") -> LayerTable:
     grouped = spec.kind == "conv" and spec.groups > 1 and not spec.depthwise
     out_grid = [spec.out_channels] if grouped else channel_grid(spec.out_channels, multiple)
     if spec.depthwise:
-        return LayerTable(node.op, [], out_grid, [[_time(_layer_model(node, spec, c, c), threads, repeats, source)
-                                                   for c in out_grid]])
+        seconds = timer.times({(c, c): layer_model(node, spec, c, c) for c in out_grid})
+        return LayerTable(node.op, [], out_grid, [[seconds[c, c] for c in out_grid]])
     if grouped or spec.in_channels % features:
         in_grid = [spec.in_channels]
     else:
         in_grid = [c * features for c in channel_grid(spec.in_channels // features, multiple)]
-    seconds = [[_time(_layer_model(node, spec, c_in, c_out), threads, repeats, source) for c_out in out_grid]
-               for c_in in in_grid]
-    return LayerTable(node.op, in_grid, out_grid, seconds)
-
-
-def _layer_model(node, spec: LayerSpec, c_in: int, c_out: int) -> onnx.ModelProto:
-    """A one-node model: ``node`` with ``c_in`` input and ``c_out`` output channels, batch 1."""
-    shape = [1 if not isinstance(d, (int, np.integer)) else int(d) for d in node.inputs[0].shape]
-    shape[0] = 1
-    rng = np.random.default_rng(0)
-    attrs = {k: v for k, v in node.attrs.items() if k not in ("group",)}
-    inputs = ["x", "w"]
-    if node.op == "Conv":
-        shape[1] = c_in
-        groups = c_in if spec.depthwise else spec.groups
-        kernel = list(spec.extra["kernel_shape"])
-        weight = rng.standard_normal([c_out, c_in // groups, *kernel]).astype(np.float32)
-        attrs["group"] = groups
-    elif node.op == "Gemm":
-        shape = [1, c_in]
-        attrs = {"transB": 1}
-        weight = rng.standard_normal([c_out, c_in]).astype(np.float32)
-    else:  # MatMul with a constant [in, out] weight
-        shape[-1] = c_in
-        attrs = {}
-        weight = rng.standard_normal([c_in, c_out]).astype(np.float32)
-    initializers = [onnx.numpy_helper.from_array(weight, "w")]
-    if spec.bias and node.op in ("Conv", "Gemm"):
-        inputs.append("b")
-        initializers.append(onnx.numpy_helper.from_array(rng.standard_normal(c_out).astype(np.float32), "b"))
-    layer = helper.make_node(node.op, inputs, ["y"], **attrs)
-    graph = helper.make_graph([layer], "layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    return model
-
-
-def _time(model: onnx.ModelProto, threads: int, repeats: int, source: str) -> float:
-    """Median seconds of one run of ``model`` on random input."""
-    from ..runtime import ort_session
-    session = ort_session(model, source=source, threads=threads)
-    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    feed = {"x": np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(max(int(repeats), 1)):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    seconds = timer.times({(c_in, c_out): layer_model(node, spec, c_in, c_out) for c_in in in_grid
+                           for c_out in out_grid})
+    return LayerTable(node.op, in_grid, out_grid, [[seconds[c_in, c_out] for c_out in out_grid] for c_in in in_grid])
 
 
 def _sha256(path: Path) -> str:

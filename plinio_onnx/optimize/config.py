@@ -109,7 +109,10 @@ class OptimizeConfig:
     ``threads``: torch CPU threads during the run (default: 1 for small models or a busy machine,
     else the idle cores). ``device``: "auto", "cpu", "cuda" or "cuda:N"; ``amp``: mixed precision
     in the forward pass. Neither is part of a checkpoint's fingerprint: a run searched on one
-    device (or number of processes) resumes on another. Invalid combinations raise `PlinioOnnxError` on construction.
+    device (or number of processes) resumes on another.
+    ``measure_latency``: time the input and the output model in ONNX
+    Runtime (and OpenVINO) after the run, for the report (`plinio_onnx.optimize.measure`).
+    Invalid combinations raise `PlinioOnnxError` on construction.
     """
 
     output: "str | os.PathLike" = _option(MISSING, "-o", "--output", metavar="OUT.onnx", required=True,
@@ -161,6 +164,9 @@ class OptimizeConfig:
                              "scaling on CUDA, bfloat16 on the CPU); costs and architecture parameters "
                              "stay float32/float64")
     quiet: bool = _option(False, "--quiet", action="store_true", help="no progress bars and no summary")
+    measure_latency: bool = _option(True, "--no-measure", action="store_false",
+                                    help="do not time the input and the output in ONNX Runtime (and OpenVINO "
+                                         "when installed) for the report")
     progress: bool = _option(True)
     recipe: Recipe | None = _option()
     callback: "Callable[[str, int, dict], None] | None" = _option()

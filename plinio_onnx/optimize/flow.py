@@ -45,6 +45,10 @@ dataset, with nothing but the model, the data, an output path and (optionally) a
 5. **Report** (`plinio_onnx.optimize.report`). Cost (params, MACs) and the test metric before
    (warmed-up input model) and after (the written file, run in ONNX Runtime), the kept channels
    per layer, per-phase summaries; ``OUT.report.json`` and ``OUT.report.md`` next to the output.
+   The input and the output file are timed alternately in ONNX Runtime (and OpenVINO when
+   installed; `plinio_onnx.optimize.measure`, off with ``measure_latency=False``), and SVG plots
+   of the layers before/after and of the search trajectory are drawn beside the report
+   (`plinio_onnx.optimize.plots`).
 
 Every completed epoch is checkpointed in ``checkpoint_dir`` (default ``OUT.ckpt/``;
 `plinio_onnx.optimize.checkpoint`): the ONNX graphs (the searchable one in the search phase),
@@ -81,8 +85,10 @@ from .config import OptimizeConfig, Recipe
 from .data import Problem, split_ort_scores
 from .distributed import Distributed, start
 from .lock import RunLock
+from .measure import measure_latency
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
+from .plots import PLOTS, write_plots
 from .progress import Progress
 from .report import Report, layer_rows
 from .search_phase import search
@@ -145,7 +151,8 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
         else contextlib.nullcontext()
     with lock:
         if dist.is_main:
-            remove_stale_temporaries(output.parent, {output.name, report_json.name, report_md.name})
+            remove_stale_temporaries(output.parent, {output.name, report_json.name, report_md.name,
+                                                     *(f"{output.stem}.{kind}.svg" for kind in PLOTS)})
         ckpt, bar = _open_checkpoint(config, model_path, problem, recipe, base.target, dist.is_main)
         dist.barrier()   # rank 0 has opened the checkpoint before anyone trains
         run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback,
@@ -161,6 +168,7 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
             _save_output(final, model_path, output, config, base.target)
             report = _report(config, method, model_path, problem, base, warmed, final, phases, ckpt, started)
             report.world_size, report.devices, report.amp = dist.world, devices, config.amp
+            _measures_and_plots(report, config, model_path, output, problem)
             report.write(report_json, report_md)
             return report
 
@@ -270,6 +278,17 @@ def _save_output(final: Graph, model_path: Path, output: Path, config: OptimizeC
                               f"exceed the target ({target:,.0f}); nothing was written")
     final.source = str(model_path)   # save() then refuses to overwrite the input model
     final.save(output)
+
+
+def _measures_and_plots(report: Report, config: OptimizeConfig, model_path: Path, output: Path,
+                        problem: Problem) -> None:
+    """What the report measures (the input and the output timed alternately in ONNX Runtime, and
+    OpenVINO when installed; unless ``measure_latency`` is off) and draws (SVG files beside it)."""
+    if config.measure_latency:
+        sample = (problem.test or problem.val).head(8)[0]   # a few samples; the first feeds each model
+        report.measured_latency = measure_latency(model_path, output, problem.input_names,
+                                                  [t.cpu().numpy() for t in sample])
+    report.files.update(write_plots(report, output.with_suffix("")))
 
 
 def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: Problem, base: _Base,

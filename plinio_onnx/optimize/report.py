@@ -10,6 +10,8 @@ from ..cost import macs as macs_cost
 from ..cost import params as params_cost
 from ..graph import Graph
 from .checkpoint import dumps
+from .measure import latency_lines, latency_markdown
+from .plots import plot_links
 
 __all__ = ["Report", "layer_rows", "percent"]
 
@@ -41,6 +43,7 @@ class Report:
     devices: list[str] = field(default_factory=lambda: ["cpu"])   # each rank's device, in rank order
     amp: bool = False                                # mixed precision in the forward pass
     channel_multiple: int | None = None   # PIT's channel blocks (None: the method searches no channels)
+    measured_latency: dict | None = None   # {runtime: {input_ms, output_ms, speedup}} (`measure`)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -89,9 +92,15 @@ class Report:
             lines.append(f"| {name} | {p.get('epochs', 0)} | {p.get('best_epoch', '')} | "
                          f"{p.get('val_loss', float('nan')):.4g} | {self._fmt_metric(p.get('val_metric'))} | "
                          f"{p.get('seconds', 0):.1f} |")
+        lines += latency_markdown(self.measured_latency) + plot_links(self.files, self.report_folder)
         if self.files:
             lines += [""] + [f"- {k}: `{v}`" for k, v in self.files.items()]
         return "\n".join(lines) + "\n"
+
+    @property
+    def report_folder(self) -> Path:
+        """Where the markdown report lies (its links to the plots are relative to it)."""
+        return Path(self.files.get("report_md", self.output)).parent
 
     def print(self, console=None) -> None:
         """The layer table and the headline on ``console`` (default: stdout)."""
@@ -112,6 +121,8 @@ class Report:
                       f"{self.after['macs']:,}/{self.before['macs']:,}", style="bold")
         console.print(table)
         console.print(self.headline(), highlight=False)
+        for line in latency_lines(self.measured_latency):
+            console.print(line, highlight=False)
         for note in self.notes:
             console.print(f"note: {note}", highlight=False)
         for key, value in self.files.items():

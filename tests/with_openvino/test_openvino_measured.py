@@ -1,0 +1,36 @@
+"""The openvino-cpu profile and the report's OpenVINO measure (where OpenVINO is installed)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import plinio_onnx as po
+from plinio_onnx.cli import main
+from plinio_onnx.optimize import measure
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from test_measured import _tiny  # noqa: E402
+
+
+def test_openvino_profile_is_cached_beside_the_model(tmp_path, capsys):
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    assert main(["profile", str(path), "--hardware", "openvino-cpu", "--repeats", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["table"] == str(tmp_path / "tiny.openvino-cpu.json") and summary["layers"] == 4
+    profile = po.hardware.for_model("openvino-cpu", path)
+    assert profile.name == "openvino-cpu" and profile.latency.runtime == "openvino-cpu"
+    assert profile.latency.predict(po.load(path)) == pytest.approx(profile.latency.whole_seconds)
+    assert not (tmp_path / "tiny.ort-cpu.json").exists()
+
+
+def test_the_report_measures_in_openvino_too(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    result = measure.measure_latency(path, path, ["x"], [np.zeros((2, 4, 6, 6), np.float32)], budget_s=0.2)
+    assert list(result) == ["ort-cpu", "openvino-cpu"]
+    assert result["openvino-cpu"]["input_ms"] > 0 and result["openvino-cpu"]["output_ms"] > 0
