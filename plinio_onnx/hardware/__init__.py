@@ -17,10 +17,10 @@ from .measured import LatencyTable, ort_cpu_profile
 from .mpic import mpic_energy, mpic_latency
 from .ne16 import ne16_latency
 from .profile import AtPrecision, HardwareProfile, load_profile
-from .registry import Registry, get, names
+from .registry import Registry, for_model, get, names
 from .report import hardware_costs
 from .simd import SimdMcu
 
-__all__ = ["AtPrecision", "HardwareProfile", "LatencyTable", "Registry", "SimdMcu", "diana_latency", "gap8_latency",
-           "get", "hardware_costs", "load_profile", "measured", "mpic_energy", "mpic_latency", "names", "ne16_latency",
+__all__ = ["AtPrecision", "HardwareProfile", "LatencyTable", "Registry", "SimdMcu", "diana_latency", "for_model",
+           "gap8_latency", "get", "hardware_costs", "load_profile", "measured", "mpic_energy", "mpic_latency", "names", "ne16_latency",
            "ort_cpu_profile", "rounding"]

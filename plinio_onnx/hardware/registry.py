@@ -1,13 +1,14 @@
 """`Registry`: hardware profiles by name — the built-in ones and a user's own."""
 from __future__ import annotations
 
-from typing import Iterable
+import os
+from typing import Any, Iterable
 
 from ..errors import PlinioOnnxError
 from .builtin import builtin_profiles
 from .profile import HardwareProfile, load_profile
 
-__all__ = ["Registry", "get", "names"]
+__all__ = ["Registry", "for_model", "get", "names"]
 
 
 class Registry:
@@ -49,6 +50,14 @@ def get(name: "str | HardwareProfile") -> HardwareProfile:
     """A built-in profile by name, a user-defined one by ``FILE.py:NAME`` / ``module:NAME``, or
     ``name`` itself when it is already a `HardwareProfile`."""
     return Registry().get(name)
+
+
+def for_model(name: "str | HardwareProfile", model_path: "str | os.PathLike | None" = None, *,
+              channel_multiple: int | None = None, progress: Any = None) -> HardwareProfile:
+    """The profile ``name`` ready to cost ``model_path`` (the `optimize` flow's entry point).
+    Analytical profiles do not depend on the model: this is `get`. (``channel_multiple`` and
+    ``progress`` serve profiles measured on the model.)"""
+    return get(name)
 
 
 def names() -> list[str]:

@@ -40,7 +40,7 @@ from plinio_onnx.passes.pit import pit as pit_pass
 from plinio_onnx.passes.supernet import Menu, supernet
 from plinio_onnx.records import ChoiceRecord, PITRecord, SuperNetRecord
 
-from ..cost import LayerSpec
+from ..cost import LayerSpec, ModelCost
 from ..graph import Graph
 from ..to_torch.fuse_pit_masks import fuse_pit_masks
 from .pit_channels import Counting, MemoCounting, PITChannels
@@ -158,10 +158,13 @@ class SuperNet(relaxation.Annealed, SearchableModel):
     def _branch_costs(self, choice: int, cost: CostFn, counting: Counting) -> list[Any]:
         return [sum((cost(self.effective_spec(s, counting)) for s in specs), 0) for specs in self._branch_specs[choice]]
 
-    def cost_of(self, cost: "CostFn | str") -> torch.Tensor:
+    def cost_of(self, cost: "CostFn | str | ModelCost") -> torch.Tensor:
         """Σ (layers outside Choices) + Σ_choices Σ_i θ_i · cost(branch i), every layer through
         `effective_spec` (PIT-effective with ``pit``); float64, differentiable in the logits (and
-        the PIT masks). Eval mode: the argmax branches' cost = the exported model's."""
+        the PIT masks). Eval mode: the argmax branches' cost = the exported model's. A
+        `ModelCost` is computed on the whole model."""
+        if isinstance(cost, ModelCost):
+            return cost.of(self)
         fn_ = self.cost_fn(cost)
         counting = MemoCounting()  # every PIT group's channels (and kernel's taps) counted once
         total = torch.zeros((), dtype=torch.float64)
