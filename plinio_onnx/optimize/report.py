@@ -65,7 +65,9 @@ class Report:
         lines = [f"# plinio-onnx optimize: {Path(self.model).name} → {Path(self.output).name}", "",
                  f"- method: {self.method}, cost: {self.cost}"
                  + (f", target: {self.target['kind']} ≤ {self.target['value']:,.0f} ({self.target['given']})"
-                    if self.target else "")
+                    if self.target and len(self.constraints) <= 1 else "")
+                 + (", targets: " + ", ".join(f"{c['kind']} ≤ {c['target']:,.0f} ({c['given']})" for c in self.constraints)
+                    if len(self.constraints) > 1 else "")
                  + (f", strength: {self.strength:.3g}" if self.strength is not None else ""),
                  f"- task: {self.task} (metric: {self.metric}); splits: train {self.splits['train']}, "
                  f"validation {self.splits['val']}, test {self.splits['test']} (seed {self.seed})",
