@@ -208,9 +208,9 @@ def test_impossible_memory_target_fails_before_training(tmp_path, capsys):
 # -- the bit-width report -------------------------------------------------------------------------
 def _weight_bits_by_hand(q: np.ndarray) -> list[int]:
     """Each output channel's bits from its integers: min-max symmetric scaling puts the largest
-    magnitude at 2^(b-1) (clipped to 2^(b-1)-1 on the positive side)."""
+    magnitude at 2^(b-1) (clipped to 2^(b-1)-1 on the positive side): either gives b."""
     top = np.abs(q.reshape(q.shape[0], -1).astype(np.int64)).max(1)
-    return [8 if t >= 127 else int(np.log2(t)) + 1 for t in top]
+    return [int(np.floor(np.log2(t + 1))) + 1 for t in top]
 
 
 def _input_bits_by_hand(model: onnx.ModelProto, layer: onnx.NodeProto, inits: dict) -> int:
@@ -221,7 +221,7 @@ def _input_bits_by_hand(model: onnx.ModelProto, layer: onnx.NodeProto, inits: di
     before = producers[dq.input[0]]
     if before.op_type == "Clip":
         low, high = (int(inits[name]) for name in before.input[1:3])
-        return int(np.log2(high - low + 1))
+        return int(np.ceil(np.log2(high - low + 1)))
     return 8
 
 

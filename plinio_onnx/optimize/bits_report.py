@@ -69,8 +69,10 @@ def quantization_report(before: Graph, final: Graph) -> dict | None:
 
 
 def _number(value: Any) -> "int | float":
+    """An integer where the value counts one (a mean bit-width times MACs rounds off by an ulp)."""
     number = float(value)
-    return int(number) if number.is_integer() else number
+    nearest = round(number)
+    return int(nearest) if abs(number - nearest) <= 1e-9 * max(1.0, abs(number)) else number
 
 
 def _sum(values) -> "int | float":
