@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
-
-import numpy as np
 
 from ..cost import BY_NAME
 from ..errors import PlinioOnnxError
@@ -76,9 +73,14 @@ class OptimizeConfig:
     """What `optimize` does with a model and its data (see `plinio_onnx.optimize.flow`).
 
     ``method``: "pit", "mps", "qat", "pit+mps", "supernet" or "supernet+pit". ``cost``: the cost
-    model of the regularizer (a name of `plinio_onnx.cost` or a callable on a `LayerSpec`; with a
-    target, the target's kind). ``strength`` and ``target_params`` / ``target_macs`` are mutually
-    exclusive; a target is an absolute number or a percentage string of the input model's cost.
+    model of the regularizer (a name of `plinio_onnx.cost`, "latency" / "energy" of the
+    ``hardware`` profile, "peak_memory", or a callable on a `LayerSpec`; with targets, the first
+    target's). Targets — ``target_params``, ``target_macs``, ``target_size`` (bytes),
+    ``target_latency`` (on ``hardware``), ``target_memory`` (peak activation bytes) — are met
+    together (`plinio_onnx.optimize.targets`); each is an absolute number or a percentage string
+    of the input model's cost (a size also ``"25%int8"``). ``regularizer``: "constraint" (the
+    default with targets), "duccio" or "linear" (the default without; ``strength``, which
+    excludes targets).
     ``epochs`` is the search budget; ``warmup_epochs`` / ``finetune_epochs`` those of the other
     phases (0 skips a phase). ``checkpoint_dir=False`` disables checkpoints.
     ``callback(phase, epoch, info)`` is called after every completed (and checkpointed) epoch.
