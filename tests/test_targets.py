@@ -49,7 +49,8 @@ def test_several_targets_are_one_config_and_bad_combinations_one_error():
             ({"cost": "latency"}, "need --hardware"),
             ({"target_params": "5%", "target_macs": "9%", "cost": "size"}, "conflicts"),
             ({"method": "qat", "target_size": "50%"}, "does not apply to --method qat"),
-            ({"method": "mps", "target_params": "50%"}, "does not apply to --method mps")):
+            ({"method": "mps", "target_params": "50%"}, "does not apply to --method mps"),
+            ({"method": "supernet", "target_memory": "50%"}, "does not apply to --method supernet")):
         with pytest.raises(po.PlinioOnnxError, match=message):
             OptimizeConfig(**{"output": "o.onnx", **options})
     # The cost may name one of the targets' costs.
@@ -138,6 +139,16 @@ def test_worst_ratio_drives_every_cost_to_its_bound():
     # A multi-target fallback prunes until both fit.
     assert model.enforce_target(worst, 1.0)
     assert float(model.cost_of("params")) <= params / 2 and float(model.cost_of("macs")) <= macs / 4
+    # A SuperNet's fallback judges each branch by the whole ratio, in place.
+    supernet = po.SuperNet(MODEL, cost="macs")
+    with torch.no_grad():
+        supernet.eval()
+        params, macs = float(supernet.cost_of("params")), float(supernet.cost_of("macs"))
+    worst = po.cost.WorstRatio({"params": 0.7 * params, "macs": 0.5 * macs})
+    assert supernet.enforce_target(worst, 1.0)
+    with torch.no_grad():
+        supernet.eval()
+        assert float(supernet.cost_of("params")) <= 0.7 * params and float(supernet.cost_of("macs")) <= 0.5 * macs
 
 
 # -- end to end -----------------------------------------------------------------------------------

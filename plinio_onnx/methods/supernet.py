@@ -209,7 +209,8 @@ class SuperNet(relaxation.Annealed, SearchableModel):
         """Greedily switch Choices to cheaper branches until the discrete cost is ≤ ``target``
         (each step takes the most probable cheaper branch); True on success. For targets a
         search did not reach."""
-        fn_ = self.cost_fn(cost)
+        whole = isinstance(cost, ModelCost)   # not a sum over layers: judge each branch in place
+        fn_ = cost if whole else self.cost_fn(cost)
         was_training = self.training
         self.eval()
         try:
@@ -219,7 +220,8 @@ class SuperNet(relaxation.Annealed, SearchableModel):
                     for choice in self.info.choices:
                         logits = self.tensor(choice.logits)
                         current = int(logits.argmax())
-                        costs = [float(c) for c in self.branch_costs(choice.id, fn_)]
+                        costs = ([self._cost_with_branch(logits, b, fn_) for b in range(logits.numel())] if whole
+                                 else [float(c) for c in self.branch_costs(choice.id, fn_)])
                         p = relaxation.probabilities(logits.cpu().numpy(), self.temperature)
                         for b, c in enumerate(costs):
                             if c < costs[current]:
@@ -233,6 +235,14 @@ class SuperNet(relaxation.Annealed, SearchableModel):
                 return True
         finally:
             self.train(was_training)
+
+    def _cost_with_branch(self, logits: torch.Tensor, branch: int, cost) -> float:
+        """The model's (eval) ``cost`` were ``branch`` chosen by ``logits``; the logits are left as they were."""
+        saved = logits.clone()
+        logits[branch] = logits.max() + 1.0
+        value = float(self.cost_of(cost))
+        logits.copy_(saved)
+        return value
 
     # -- search hooks (`SearchHooks`: what `plinio_onnx.optimize` asks) -----------------------
     default_cost = "macs"

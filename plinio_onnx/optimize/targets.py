@@ -9,7 +9,8 @@ kind          cost model                              a percentage is of        
 ``size``      `plinio_onnx.cost.size` (bytes)         the float32 model's bytes;       all but qat
                                                       ``"25%int8"``: of uniform int8
 ``latency``   the ``--hardware`` profile's latency    the input model on that profile  all but qat
-``memory``    `plinio_onnx.cost.PeakMemory` (bytes)   the input model's peak           all but qat
+``memory``    `plinio_onnx.cost.PeakMemory` (bytes)   the input model's peak           pit, mps,
+                                                                                       pit+mps
 ============  ======================================  ===============================  ==========
 
 Sizes count weights at their bit-widths and biases at 32 bits (a float model: 4 bytes a
@@ -79,6 +80,10 @@ def method_target_kinds(method: Method) -> tuple[str, ...]:
         return ()
     if method.name == "mps":
         return _BIT_LEVEL
+    if method.name.startswith("supernet"):
+        # A supernet's peak memory holds every branch (they all run in the search), not the
+        # exported argmax network's: a memory target could not be judged.
+        return tuple(kind for kind in TARGET_KINDS if kind != "memory")
     if method.name == "pit+mps" or method.supports_targets:
         return TARGET_KINDS
     return ()
