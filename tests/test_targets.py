@@ -130,15 +130,36 @@ def test_target_control_with_two_costs_equals_hand_computed_penalties():
     assert control.met({"params": 250.0, "macs": 1999.0}) and not control.met({"params": 251.0, "macs": 10.0})
 
 
+def test_duccio_control_with_two_costs_equals_eq_13_and_14_by_hand():
+    from plinio_onnx.optimize.control import make_control
+
+    model = _Scripted()
+    state = {"step": 0, "lam": 0.5, "initial": {"loss": 0.5}, "reference_loss": 0.5,
+             "initial_costs": {"params": 1000.0, "macs": 8000.0}}
+    control = make_control("duccio", Recipe(), {"params": 250.0, "macs": 2000.0}, {"params": "params", "macs": "macs"},
+                           model, state, total_steps=8, epochs=4)
+    final = {"params": 0.5 / 750.0, "macs": 0.5 / 6000.0}          # Eq. 13: L_wu / (C(0) − T)
+    model.values = {"params": torch.tensor(600.0, dtype=torch.float64),
+                    "macs": torch.tensor(1500.0, dtype=torch.float64)}   # macs already met
+    for step in range(8):
+        factor = min(1.0, 0.01 + 0.99 * (step // 2) / 2)              # Eq. 14, full at mid-search
+        assert state["lambdas"] == pytest.approx({k: v * factor for k, v in final.items()})
+        assert float(control.regularizer()) == pytest.approx(final["params"] * factor * 350.0)
+        control.after_step()
+    assert control.aim("macs") == 2000.0 and model.asked == []      # fixed targets, nothing re-kept
+
+
 def test_worst_ratio_drives_every_cost_to_its_bound():
     model = po.PIT(MODEL)
     with torch.no_grad():
         params, macs = float(model.cost_of("params")), float(model.cost_of("macs"))
     worst = po.cost.WorstRatio({"params": params / 2, "macs": macs / 4})
-    assert float(model.cost_of(worst)) == pytest.approx(4.0)
+    with torch.no_grad():
+        assert float(model.cost_of(worst)) == pytest.approx(4.0)
     # A multi-target fallback prunes until both fit.
     assert model.enforce_target(worst, 1.0)
-    assert float(model.cost_of("params")) <= params / 2 and float(model.cost_of("macs")) <= macs / 4
+    with torch.no_grad():
+        assert float(model.cost_of("params")) <= params / 2 and float(model.cost_of("macs")) <= macs / 4
     # A SuperNet's fallback judges each branch by the whole ratio, in place.
     supernet = po.SuperNet(MODEL, cost="macs")
     with torch.no_grad():

@@ -22,5 +22,5 @@ from .report import hardware_costs
 from .simd import SimdMcu
 
 __all__ = ["AtPrecision", "HardwareProfile", "LatencyTable", "Registry", "SimdMcu", "diana_latency", "for_model",
-           "gap8_latency", "get", "hardware_costs", "load_profile", "measured", "mpic_energy", "mpic_latency", "names", "ne16_latency",
-           "ort_cpu_profile", "rounding"]
+           "gap8_latency", "get", "hardware_costs", "load_profile", "measured", "mpic_energy", "mpic_latency", "names",
+           "ne16_latency", "ort_cpu_profile", "rounding"]

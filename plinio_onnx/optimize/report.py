@@ -66,8 +66,8 @@ class Report:
                  f"- method: {self.method}, cost: {self.cost}"
                  + (f", target: {self.target['kind']} ≤ {self.target['value']:,.0f} ({self.target['given']})"
                     if self.target and len(self.constraints) <= 1 else "")
-                 + (", targets: " + ", ".join(f"{c['kind']} ≤ {c['target']:,.0f} ({c['given']})" for c in self.constraints)
-                    if len(self.constraints) > 1 else "")
+                 + (", targets: " + ", ".join(f"{c['kind']} ≤ {c['target']:,.0f} ({c['given']})"
+                                              for c in self.constraints) if len(self.constraints) > 1 else "")
                  + (f", strength: {self.strength:.3g}" if self.strength is not None else ""),
                  f"- task: {self.task} (metric: {self.metric}); splits: train {self.splits['train']}, "
                  f"validation {self.splits['val']}, test {self.splits['test']} (seed {self.seed})",
@@ -82,8 +82,9 @@ class Report:
         if self.constraints:
             lines += ["", f"## Targets ({self.regularizer} regularizer)", "",
                       "| cost | before | after | target | given | met |", "|---|---:|---:|---:|---|---|"]
-            lines += [f"| {c['kind']} ({c['unit']}) | {c['before']:,.0f} | {c['after']:,.0f} ({percent(c['after'], c['before'])}) "
-                      f"| {c['target']:,.0f} | {c['given']} | {'yes' if c['met'] else '**no**'} |" for c in self.constraints]
+            lines += [f"| {c['kind']} ({c['unit']}) | {c['before']:,.0f} | {c['after']:,.0f} "
+                      f"({percent(c['after'], c['before'])}) | {c['target']:,.0f} | {c['given']} | "
+                      f"{'yes' if c['met'] else '**no**'} |" for c in self.constraints]
         if self.quantization:
             lines += [""] + quantization_markdown(self.quantization)
         lines += ["", "| layer | op | in | out | kernel | params | MACs |", "|---|---|---:|---:|---:|---:|---:|"]

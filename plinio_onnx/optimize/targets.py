@@ -33,8 +33,8 @@ from ..graph import Graph
 from .methods import Method
 
 __all__ = ["Budget", "COST_OF_TARGET", "HARDWARE_COSTS", "MEMORY_COST", "QUANTIZING", "REGULARIZERS",
-           "TARGET_KINDS", "budgets", "cost_ref", "method_for_targets", "exported_cost", "method_target_kinds", "parse_amount",
-           "resolve_target"]
+           "TARGET_KINDS", "budgets", "cost_ref", "exported_cost", "method_for_targets", "method_target_kinds",
+           "parse_amount", "resolve_target"]
 
 TARGET_KINDS = ("params", "macs", "size", "latency", "memory")
 #: The cost model (a name) each target kind constrains.
