@@ -283,10 +283,22 @@ def test_adaptive_target_equals_the_optimize_flow_on_a_scripted_cost_sequence():
     costs = [100, 99, 97, 96, 98, 90, 85, 80, 82, 70, 65, 60, 58, 52, 51, 49, 47, 45, 46, 44,
              43, 40, 41, 42, 48, 50, 49.5, 51, 47, 46]
     recipe = Recipe()
-    state = {"initial_cost": 100.0, "lam": 1.5, "step": 0}
-    flow = _TargetControl(recipe, 50.0, state, len(costs))
     current = {}
-    flow_term = flow.regularizer(lambda: current["cost"])
+
+    class _Scripted:   # a model whose cost follows the script (nothing to re-keep)
+        def cost_of(self, cost):
+            return current["cost"]
+
+        def architecture_snapshot(self):
+            return None
+
+        def restore_marginal(self, cost, floor, before):
+            return 0
+
+    # A state as a one-target search wrote it before several targets (λ and the cost plain numbers).
+    state = {"initial_cost": 100.0, "lam": 1.5, "step": 0}
+    flow = _TargetControl(recipe, {"params": 50.0}, {"params": "params"}, _Scripted(), state, len(costs))
+    flow_term = flow.regularizer
     ours = AdaptiveTarget({"params": 50.0}, len(costs), strength=1.5, ramp=recipe.ramp,
                           lambda_up=recipe.lambda_up, lambda_down=recipe.lambda_down,
                           relax=recipe.relax, margin=recipe.margin)

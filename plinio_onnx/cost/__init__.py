@@ -6,11 +6,13 @@ differentiable in the effective channels / kernel sizes that search masks select
 from . import bits
 from .bits import bitops, params_bit, size, size_bits
 from .memory import MemoryPlan, memory_plan, peak_memory, peak_memory_of
+from .model_cost import ModelCost, PeakMemory, WorstRatio
 from .models import BY_NAME, macs, ops, params, params_no_bias
 from .spec import LayerSpec, layer_specs
 
 BY_NAME.update(bits.BY_NAME)
-__all__ = ["BY_NAME", "LayerSpec", "MemoryPlan", "bitops", "bits", "layer_specs", "macs", "memory_plan", "ops",
+__all__ = ["BY_NAME", "LayerSpec", "MemoryPlan", "ModelCost", "PeakMemory", "WorstRatio",
+           "bitops", "bits", "layer_specs", "macs", "memory_plan", "ops",
            "params", "params_bit", "peak_memory", "peak_memory_of", "params_no_bias", "size", "size_bits", "total"]
 
 

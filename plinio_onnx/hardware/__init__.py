@@ -14,7 +14,7 @@ the analytical names too.
 """
 from . import measured, rounding
 from .diana import diana_latency
-from .model_profile import for_model, is_measured, nchwc_block
+from .model_profile import channel_multiple_of, for_model, is_measured, nchwc_block
 from .gap8 import gap8_latency
 from .measured import LatencyTable, measured_profile, ort_cpu_profile
 from .mpic import mpic_energy, mpic_latency
@@ -24,6 +24,7 @@ from .registry import Registry, get, names
 from .report import hardware_costs
 from .simd import SimdMcu
 
-__all__ = ["AtPrecision", "HardwareProfile", "LatencyTable", "Registry", "SimdMcu", "diana_latency", "for_model",
+__all__ = ["AtPrecision", "HardwareProfile", "LatencyTable", "Registry", "SimdMcu", "channel_multiple_of", "diana_latency",
+           "for_model",
            "gap8_latency", "get", "hardware_costs", "is_measured", "load_profile", "measured", "measured_profile",
            "mpic_energy", "mpic_latency", "names", "nchwc_block", "ne16_latency", "ort_cpu_profile", "rounding"]

@@ -15,7 +15,7 @@ from .measured import RUNTIMES, Progress, measured_profile
 from .profile import HardwareProfile
 from .registry import get
 
-__all__ = ["DEFAULT_MEASURED_MULTIPLE", "for_model", "is_measured", "nchwc_block"]
+__all__ = ["DEFAULT_MEASURED_MULTIPLE", "channel_multiple_of", "for_model", "is_measured", "nchwc_block"]
 
 #: The channel multiple a measured CPU profile searches on where the CPU is not known: ONNX
 #: Runtime's blocked (NCHWc) convolution kernels work on blocks of 8 channels with AVX2.
@@ -36,6 +36,14 @@ def nchwc_block(cpuinfo: "str | os.PathLike" = "/proc/cpuinfo") -> int:
 def is_measured(name: "str | HardwareProfile") -> bool:
     """Whether ``name`` is a measured runtime profile (a per-model latency table)."""
     return isinstance(name, str) and name in RUNTIMES
+
+
+def channel_multiple_of(name: "str | HardwareProfile") -> int:
+    """The channel multiple a search for ``name`` uses by default (a measured runtime's: this
+    CPU's NCHWc block), known without measuring anything."""
+    if is_measured(name):
+        return nchwc_block()
+    return int(get(name).channel_multiple or 1)
 
 
 def for_model(name: "str | HardwareProfile", model_path: "str | os.PathLike", *,

@@ -275,7 +275,43 @@ class MPS(relaxation.Annealed, SearchableModel):
         self.calibrate(*inputs)
 
     def after_search_epoch(self, epoch: int, epochs: int) -> None:
-        self.anneal(0.9)
+        # 0.9 per epoch over a 10-epoch search, the same total cooling spread over a longer one:
+        # a fixed 0.9 per epoch saturates the softmax within ~30 epochs (T < 0.05), its
+        # gradients vanish and a long search stops moving the precisions halfway to its target.
+        self.anneal(0.9 ** (10 / max(epochs, 10)))
+
+    def enforce_target(self, cost, target: float) -> bool:
+        """Greedy fallback: move the weight choice nearest to its next lower precision (the
+        smallest logit gap) one step down, until the discrete cost is ≤ ``target``."""
+        was_training = self.training
+        self.eval()   # the argmax precisions: the exported model's cost
+        try:
+            with torch.no_grad():
+                while float(self.cost_of(cost)) > target:
+                    if not self._lower_one_weight_choice():
+                        return False
+                return True
+        finally:
+            self.train(was_training)
+
+    def _lower_one_weight_choice(self) -> bool:
+        best = None
+        for layer in self.info.layers:
+            bits = np.asarray(layer.bits)
+            logits = self.tensor(layer.alpha).detach().cpu().numpy().reshape(len(bits), -1)
+            for channel, chosen in enumerate(logits.argmax(0)):
+                lower = np.flatnonzero(bits < bits[chosen])
+                if lower.size:
+                    step = lower[np.argmax(bits[lower])]
+                    gap = logits[chosen, channel] - logits[step, channel]
+                    if best is None or gap < best[0]:
+                        best = (gap, layer.alpha, len(bits), channel, chosen, step)
+        if best is None:
+            return False
+        _, name, count, channel, chosen, step = best
+        logits = self.tensor(name).view(count, -1)
+        logits[step, channel] = logits[chosen, channel] + 1e-3
+        return True
 
 
 # -- the CLI's entry point --------------------------------------------------------------------

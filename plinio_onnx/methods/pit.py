@@ -16,7 +16,7 @@ import torch
 from plinio_onnx.passes.pit import LAYER_OPS, MASKS, pit
 from plinio_onnx.records import PITRecord
 
-from ..cost import LayerSpec, macs, params
+from ..cost import LayerSpec, ModelCost, macs, params
 from ..graph import Graph
 from ..to_torch.fuse_pit_masks import fuse_pit_masks
 from .pit_channels import PITChannels
@@ -82,7 +82,9 @@ class PIT(SearchableModel):
         return onnx_name in self._nas_names
 
     # -- effective sizes ----------------------------------------------------------------------
-    def cost_of(self, cost: "CostFn | str") -> torch.Tensor:
+    def cost_of(self, cost: "CostFn | str | ModelCost") -> torch.Tensor:
+        if isinstance(cost, ModelCost):
+            return cost.of(self)
         return self.pit.cost_of(self.cost_fn(cost), self.specs)
 
     def channels(self, gid: int) -> torch.Tensor | int:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import torch
 
-from ..cost import BY_NAME, LayerSpec, layer_specs
+from ..cost import BY_NAME, LayerSpec, ModelCost, layer_specs
 from ..errors import PlinioOnnxError
 from ..finalize import finalize
 from ..graph import Graph
@@ -120,9 +120,12 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
         """The cost model ``cost`` names: one of `costs`, else a built-in one (or ``cost`` itself)."""
         return as_cost(cost, self.costs)
 
-    def cost_of(self, cost: "CostFn | str") -> torch.Tensor:
+    def cost_of(self, cost: "CostFn | str | ModelCost") -> torch.Tensor:
         """``cost`` (a cost model, or the name of one of `costs` or of a built-in one) summed over
-        all layers at the current architecture (differentiable)."""
+        all layers at the current architecture (differentiable); a `ModelCost` (peak memory)
+        computed on the whole model."""
+        if isinstance(cost, ModelCost):
+            return cost.of(self)
         fn = self.cost_fn(cost)
         total = torch.zeros((), dtype=torch.float64)
         for spec in self.specs:

@@ -41,7 +41,7 @@ from plinio_onnx.passes.pit import pit as pit_pass
 from plinio_onnx.passes.supernet import Menu, supernet
 from plinio_onnx.records import ChoiceRecord, PITRecord, SuperNetRecord
 
-from ..cost import LayerSpec
+from ..cost import LayerSpec, ModelCost
 from ..errors import PlinioOnnxError
 from ..graph import Graph
 from ..to_torch.fuse_pit_masks import fuse_pit_masks
@@ -166,10 +166,13 @@ class SuperNet(relaxation.Annealed, SearchableModel):
     def _branch_costs(self, choice: int, cost: CostFn, counting: Counting) -> list[Any]:
         return [sum((cost(self.effective_spec(s, counting)) for s in specs), 0) for specs in self._branch_specs[choice]]
 
-    def cost_of(self, cost: "CostFn | str") -> torch.Tensor:
+    def cost_of(self, cost: "CostFn | str | ModelCost") -> torch.Tensor:
         """Σ (layers outside Choices) + Σ_choices Σ_i θ_i · cost(branch i), every layer through
         `effective_spec` (PIT-effective with ``pit``); float64, differentiable in the logits (and
-        the PIT masks). Eval mode: the argmax branches' cost = the exported model's."""
+        the PIT masks). Eval mode: the argmax branches' cost = the exported model's. A
+        `ModelCost` is computed on the whole model."""
+        if isinstance(cost, ModelCost):
+            return cost.of(self)
         fn_ = self.cost_fn(cost)
         counting = MemoCounting()  # every PIT group's channels (and kernel's taps) counted once
         total = torch.zeros((), dtype=torch.float64)
@@ -214,7 +217,8 @@ class SuperNet(relaxation.Annealed, SearchableModel):
         """Greedily switch Choices to cheaper branches until the discrete cost is ≤ ``target``
         (each step takes the most probable cheaper branch); True on success. For targets a
         search did not reach."""
-        fn_ = self.cost_fn(cost)
+        whole = isinstance(cost, ModelCost)   # not a sum over layers: judge each branch in place
+        fn_ = cost if whole else self.cost_fn(cost)
         was_training = self.training
         self.eval()
         try:
@@ -224,7 +228,8 @@ class SuperNet(relaxation.Annealed, SearchableModel):
                     for choice in self.info.choices:
                         logits = self.tensor(choice.logits)
                         current = int(logits.argmax())
-                        costs = [float(c) for c in self.branch_costs(choice.id, fn_)]
+                        costs = ([self._cost_with_branch(logits, b, fn_) for b in range(logits.numel())] if whole
+                                 else [float(c) for c in self.branch_costs(choice.id, fn_)])
                         p = relaxation.probabilities(logits.cpu().numpy(), self.temperature)
                         for b, c in enumerate(costs):
                             if c < costs[current]:
@@ -238,6 +243,14 @@ class SuperNet(relaxation.Annealed, SearchableModel):
                 return True
         finally:
             self.train(was_training)
+
+    def _cost_with_branch(self, logits: torch.Tensor, branch: int, cost) -> float:
+        """The model's (eval) ``cost`` were ``branch`` chosen by ``logits``; the logits are left as they were."""
+        saved = logits.clone()
+        logits[branch] = logits.max() + 1.0
+        value = float(self.cost_of(cost))
+        logits.copy_(saved)
+        return value
 
     # -- search hooks (`SearchHooks`: what `plinio_onnx.optimize` asks) -----------------------
     default_cost = "macs"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +17,8 @@ from ..errors import PlinioOnnxError
 from .data import TASKS
 from .distributed import check_device_name
 from .methods import Method, default_channel_multiple, get_method
+from .targets import (COST_OF_TARGET, HARDWARE_COSTS, MEMORY_COST, REGULARIZERS, TARGET_KINDS, method_target_kinds,
+                      parse_amount)
 
 __all__ = ["OptimizeConfig", "Recipe", "cli_arguments", "parse_amount"]
 
@@ -55,30 +56,6 @@ class Recipe:
     val_fraction: float = 0.2
 
 
-def parse_amount(value: "int | float | str | None", base: float, *, what: str) -> float | None:
-    """``1234``, ``"1234"``, ``"1.2e4"``, ``"12k"`` or ``"50%"`` (of ``base``) → an absolute number."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
-        number = float(value)
-    else:
-        text = str(value).strip().replace(",", "").replace("_", "")
-        match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([%kKmMgG]?)", text)
-        if not match:
-            raise PlinioOnnxError(f"{what}: {value!r} is not a number or a percentage like '50%'")
-        number = float(match.group(1))
-        unit = match.group(2).lower()
-        if unit == "%":
-            if not 0 < number <= 100:
-                raise PlinioOnnxError(f"{what}: a percentage must be in (0, 100], got {value!r}")
-            number = base * number / 100.0
-        elif unit:
-            number *= {"k": 1e3, "m": 1e6, "g": 1e9}[unit]
-    if not math.isfinite(number) or number <= 0:
-        raise PlinioOnnxError(f"{what}: must be positive, got {value!r}")
-    return number
-
-
 def _option(default: Any = None, *flags: str, help: str | None = None, metavar: str | None = None,
             type: Callable | None = None, required: bool = False, action: str | None = None) -> Any:
     """A config field; ``flags``: its command-line flags (none: not on the command line), with
@@ -99,9 +76,14 @@ class OptimizeConfig:
     """What `optimize` does with a model and its data (see `plinio_onnx.optimize.flow`).
 
     ``method``: "pit", "mps", "qat", "pit+mps", "supernet" or "supernet+pit". ``cost``: the cost
-    model of the regularizer (a name of `plinio_onnx.cost` or a callable on a `LayerSpec`; with a
-    target, the target's kind). ``strength`` and ``target_params`` / ``target_macs`` are mutually
-    exclusive; a target is an absolute number or a percentage string of the input model's cost.
+    model of the regularizer (a name of `plinio_onnx.cost`, "latency" / "energy" of the
+    ``hardware`` profile, "peak_memory", or a callable on a `LayerSpec`; with targets, the first
+    target's). Targets — ``target_params``, ``target_macs``, ``target_size`` (bytes),
+    ``target_latency`` (on ``hardware``), ``target_memory`` (peak activation bytes) — are met
+    together (`plinio_onnx.optimize.targets`); each is an absolute number or a percentage string
+    of the input model's cost (a size also ``"25%int8"``). ``regularizer``: "constraint" (the
+    default with targets), "duccio" or "linear" (the default without; ``strength``, which
+    excludes targets).
     ``epochs`` is the search budget; ``warmup_epochs`` / ``finetune_epochs`` those of the other
     phases (0 skips a phase). ``checkpoint_dir=False`` disables checkpoints.
     ``callback(phase, epoch, info)`` is called after every completed (and checkpointed) epoch
@@ -132,6 +114,24 @@ class OptimizeConfig:
     target_macs: "int | float | str | None" = _option(
         None, "--target-macs", metavar="N",
         help="MAC budget: a number (1.5M) or a percentage of the input model (25%%)")
+    target_size: "int | float | str | None" = _option(
+        None, "--target-size", metavar="N",
+        help="model size budget in bytes (weights at their bit-widths, 32-bit biases): a number "
+             "(20k), a percentage of the float model (25%%) or of the uniform int8 model (25%%int8)")
+    target_latency: "int | float | str | None" = _option(
+        None, "--target-latency", metavar="N",
+        help="latency budget on --hardware (in the profile's unit) or a percentage of the input model (60%%)")
+    target_memory: "int | float | str | None" = _option(
+        None, "--target-memory", metavar="N",
+        help="peak activation memory budget in bytes (float32 activations; a quantizing method's chosen "
+             "bit-widths, 8 elsewhere) or a percentage of the input model (50%%)")
+    hardware: str | None = _option(
+        None, "--hardware", metavar="NAME",
+        help="hardware profile of the latency cost (gap8, ne16, diana, mpic, simd-mcu, ort-cpu, FILE.py:NAME)")
+    regularizer: str | None = _option(
+        None, "--regularizer", metavar="NAME",
+        help="linear (strength*cost; the default without targets), constraint (adaptive strengths against "
+             "moving targets; the default with targets) or duccio (strengths from the warm-up loss, ramped)")
     epochs: int | None = _option(None, "--epochs", type=int, metavar="N",
                                  help="search epochs (default 100, early stopping)")
     warmup_epochs: int | None = _option(
@@ -201,21 +201,37 @@ class OptimizeConfig:
                                   f"supernet+pit), not to --method {method.name}")
 
     def _check_cost(self, method: Method) -> None:
-        if self.target_params is not None and self.target_macs is not None:
-            raise PlinioOnnxError("give at most one of --target-params and --target-macs")
-        kind = self.target_kind
-        if self.strength is not None and kind:
-            raise PlinioOnnxError(f"--strength and --target-{kind} are mutually exclusive")
+        targets = self.targets
+        regularizer = self.regularizer_name
+        if regularizer not in REGULARIZERS:
+            raise PlinioOnnxError(f"unknown regularizer {self.regularizer!r}; choose from {', '.join(REGULARIZERS)}")
+        if self.strength is not None and targets:
+            raise PlinioOnnxError(f"--strength and --target-{next(iter(targets))} are mutually exclusive")
         if self.strength is not None and (not math.isfinite(float(self.strength)) or float(self.strength) < 0):
             raise PlinioOnnxError(f"--strength must be a non-negative number, got {self.strength!r}")
-        if kind and self.cost is not None and self.cost != kind:
-            raise PlinioOnnxError(f"--cost {self.cost if isinstance(self.cost, str) else 'callable'} conflicts "
-                                  f"with --target-{kind}; the target decides the cost")
-        if kind and not method.supports_targets:
-            raise PlinioOnnxError(f"--target-{kind} does not apply to --method {method.name}; "
-                                  "use --strength (or the default)")
-        if (isinstance(self.cost, str) or self.cost is None) and self.cost_name not in BY_NAME:
-            raise PlinioOnnxError(f"unknown cost model {self.cost_name!r}; choose from {', '.join(sorted(BY_NAME))}")
+        if regularizer == "linear" and targets:
+            raise PlinioOnnxError(f"--regularizer linear takes no target (--target-{next(iter(targets))}): it "
+                                  "weighs one cost with --strength; use --regularizer constraint or duccio")
+        if regularizer != "linear" and not targets:
+            raise PlinioOnnxError(f"--regularizer {regularizer} needs at least one target "
+                                  f"({', '.join('--target-' + k for k in TARGET_KINDS)})")
+        if targets and self.cost is not None and self.cost_name_given not in {COST_OF_TARGET[k] for k in targets}:
+            raise PlinioOnnxError(f"--cost {self.cost_name_given} conflicts with "
+                                  f"{', '.join('--target-' + k for k in targets)}; the targets decide the costs")
+        for kind in targets:
+            if kind not in method_target_kinds(method):
+                allowed = method_target_kinds(method)
+                raise PlinioOnnxError(f"--target-{kind} does not apply to --method {method.name}"
+                                      + (f" (it searches nothing that moves it; targets: "
+                                         f"{', '.join('--target-' + k for k in allowed)})" if allowed else
+                                         "; use --strength (or the default)"))
+        needs_hardware = "latency" in targets or self.cost_name in HARDWARE_COSTS
+        if needs_hardware and not self.hardware:
+            raise PlinioOnnxError("--target-latency and --cost latency|energy need --hardware NAME "
+                                  "(a hardware profile: gap8, ne16, diana, mpic, simd-mcu, ...)")
+        known = set(BY_NAME) | set(HARDWARE_COSTS) | {MEMORY_COST}
+        if (isinstance(self.cost, str) or self.cost is None) and self.cost_name not in known:
+            raise PlinioOnnxError(f"unknown cost model {self.cost_name!r}; choose from {', '.join(sorted(known))}")
 
     # -- what the options mean ----------------------------------------------------------------
     @property
@@ -225,8 +241,14 @@ class OptimizeConfig:
 
     @property
     def resolved_channel_multiple(self) -> int:
-        """``channel_multiple``, or the default (`default_channel_multiple`) when it is None."""
-        return default_channel_multiple() if self.channel_multiple is None else int(self.channel_multiple)
+        """``channel_multiple``; when it is None, the hardware profile's, or without one
+        `default_channel_multiple`."""
+        if self.channel_multiple is not None:
+            return int(self.channel_multiple)
+        if self.hardware:
+            from ..hardware import channel_multiple_of   # the profile's, known without measuring
+            return channel_multiple_of(self.hardware)
+        return default_channel_multiple()
 
     @property
     def recipe_with_overrides(self) -> Recipe:
@@ -238,31 +260,57 @@ class OptimizeConfig:
         return replace(self.recipe or Recipe(), **overrides)
 
     @property
+    def targets(self) -> dict[str, "int | float | str"]:
+        """The targets given, by kind ("params", "macs", "size", "latency", "memory"), as given
+        (numbers or percentage strings), in that order."""
+        given = {"params": self.target_params, "macs": self.target_macs, "size": self.target_size,
+                 "latency": self.target_latency, "memory": self.target_memory}
+        return {kind: value for kind, value in given.items() if value is not None}
+
+    @property
     def target_kind(self) -> str | None:
-        """"params", "macs" or None (no target)."""
-        return "params" if self.target_params is not None else "macs" if self.target_macs is not None else None
+        """The first target's kind (the run's primary cost), or None (no target)."""
+        return next(iter(self.targets), None)
 
     @property
     def target_given(self) -> "int | float | str | None":
-        """The target as given (a number or a percentage string)."""
-        return self.target_params if self.target_kind == "params" else self.target_macs
+        """The first target as given (a number or a percentage string)."""
+        return self.targets.get(self.target_kind) if self.target_kind else None
+
+    @property
+    def regularizer_name(self) -> str:
+        """"linear", "constraint" or "duccio": as given, else constraint with targets, linear without."""
+        if self.regularizer is not None:
+            return str(self.regularizer).lower()
+        return "constraint" if self.targets else "linear"
+
+    @property
+    def cost_name_given(self) -> str:
+        return self.cost if isinstance(self.cost, str) else "custom"
 
     @property
     def cost_name(self) -> str:
-        """The cost model's name ("custom" for a callable)."""
+        """The primary cost model's name ("custom" for a callable): with targets, the first
+        target's cost."""
         if self.target_kind:
-            return self.target_kind
+            return COST_OF_TARGET[self.target_kind]
         if isinstance(self.cost, str):
             return self.cost
         return "custom" if self.cost is not None else self.search_method.default_cost
 
     @property
     def cost_fn(self) -> Callable:
-        """The cost model itself."""
-        return BY_NAME[self.cost_name] if isinstance(self.cost, str) or self.cost is None else self.cost
+        """The primary cost model itself, when it needs no hardware profile or model (else see
+        `plinio_onnx.optimize.targets.cost_ref`)."""
+        if isinstance(self.cost, str) or self.cost is None:
+            if self.cost_name not in BY_NAME:
+                raise PlinioOnnxError(f"cost {self.cost_name!r} is resolved by the optimize flow "
+                                      "(plinio_onnx.optimize.targets.cost_ref)")
+            return BY_NAME[self.cost_name]
+        return self.cost
 
     def target_value(self, base_cost: float) -> float | None:
-        """The absolute target (a percentage is of ``base_cost``, the input model's cost)."""
+        """The absolute first target (a percentage is of ``base_cost``, the input model's cost)."""
         if not self.target_kind:
             return None
         return parse_amount(self.target_given, base_cost, what=f"--target-{self.target_kind}")
@@ -277,18 +325,27 @@ class OptimizeConfig:
             folder = Path(self.checkpoint_dir) if self.checkpoint_dir else Path(f"{stem}.ckpt")
         return Path(f"{stem}.report.json"), Path(f"{stem}.report.md"), folder
 
-    def fingerprint(self, recipe: Recipe, target: float | None) -> dict:
+    def fingerprint(self, recipe: Recipe, target: "float | dict[str, float] | None") -> dict:
         """The options a checkpoint must have been made with to be resumed (epoch budgets may
-        change: a phase whose budget changed is redone)."""
-        return {"method": self.search_method.name, "cost": self.cost_name, "strength": self.strength,
-                "target_kind": self.target_kind, "target": target, "labels": self.labels, "seed": self.seed,
-                "batch_size": recipe.batch_size,
-                "recipe": {k: v for k, v in asdict(recipe).items() if not k.endswith("_epochs")},
-                # A channel multiple given (other than 1) needs a checkpoint made with it; without
-                # one, a checkpoint resumes with the channel blocks its PIT record holds (those of
-                # earlier releases: channel by channel), so the fingerprints they wrote still match.
-                **({"channel_multiple": int(self.channel_multiple)}
-                   if self.channel_multiple not in (None, 1) else {})}
+        change: a phase whose budget changed is redone). ``target``: the absolute targets by kind
+        (or the one target's value). One params or MACs target under the default regularizer
+        hashes as earlier releases did, so their checkpoints resume."""
+        targets = target if isinstance(target, dict) else ({self.target_kind: target} if self.target_kind else {})
+        first = targets.get(self.target_kind) if self.target_kind else None
+        options = {"method": self.search_method.name, "cost": self.cost_name, "strength": self.strength,
+                   "target_kind": self.target_kind, "target": first, "labels": self.labels, "seed": self.seed,
+                   "batch_size": recipe.batch_size,
+                   "recipe": {k: v for k, v in asdict(recipe).items() if not k.endswith("_epochs")}}
+        legacy = (len(targets) <= 1 and set(targets) <= {"params", "macs"} and self.regularizer is None
+                  and not self.hardware)
+        if not legacy:
+            options.update(targets=dict(targets), regularizer=self.regularizer_name, hardware=self.hardware)
+        # A channel multiple given (other than 1) needs a checkpoint made with it; without one, a
+        # checkpoint resumes with the channel blocks its PIT record holds (those of earlier
+        # releases: channel by channel), so the fingerprints they wrote still match.
+        if self.channel_multiple not in (None, 1):
+            options["channel_multiple"] = int(self.channel_multiple)
+        return options
 
 
 def cli_arguments() -> list[tuple[tuple[str, ...], dict]]:

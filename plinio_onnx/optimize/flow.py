@@ -64,7 +64,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,7 @@ from ..cost import total as cost_total
 from ..atomic import check_writable, remove_stale_temporaries
 from ..errors import OutputError, PlinioOnnxError
 from ..graph import Graph
+from ..hardware import for_model
 from ..load import load
 from ..sync import sync
 from ..to_torch import to_torch
@@ -90,9 +92,11 @@ from .methods import Method, method_of_checkpoint
 from .plain import train_plain
 from .plots import PLOTS, write_plots
 from .progress import Progress
+from .bits_report import quantization_report
 from .report import Report, layer_rows
 from .search_phase import search
 from .sources import DataSources, load_problem
+from .targets import COST_OF_TARGET, Budget, budgets, cost_ref, exported_cost, graph_cost, method_for_targets
 from .training import Run, choose_threads, evaluate
 
 __all__ = ["baseline", "export_searchable", "optimize"]
@@ -123,25 +127,33 @@ def optimize(model: "str | os.PathLike", data: "str | os.PathLike | dict[str, np
 
 @dataclass
 class _Base:
-    """The input model's costs, and the run's cost target."""
+    """The input model's costs, and the run's cost targets."""
 
     params: int
     macs: int
-    cost: float             # in the cost model of the run (the target's kind with a target)
-    target: float | None    # absolute
-    min_cost: float | None  # the cheapest architecture the method reaches (with a target)
+    cost: float             # in the primary cost model of the run (the first target's with targets)
+    target: float | None    # the first target, absolute
+    min_cost: float | None  # the cheapest architecture the method reaches (first target's cost)
+    cost_ref: Any = None    # the primary cost model
+    budgets: list[Budget] = field(default_factory=list)   # every target
+    refs: dict = field(default_factory=dict)              # every target's cost model, by kind
+
+    @property
+    def targets(self) -> dict[str, float]:
+        """The absolute targets by kind (empty: none)."""
+        return {budget.kind: budget.value for budget in self.budgets}
 
 
 def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeConfig, dist: Distributed) -> Report:
     started = time.perf_counter()
-    method = config.search_method
+    method = method_for_targets(config.search_method, config.targets)
     model_path, output = Path(model), Path(config.output)
     _check_output(model_path, output, config)
     dist.barrier()   # every rank has probed the folders before rank 0 tidies them
     torch.manual_seed(config.seed)
     recipe = config.recipe_with_overrides
     problem = load_problem(model_path, data, config.labels, config.seed, recipe.test_fraction, recipe.val_fraction)
-    base = _base_costs(problem.base, config, method)
+    base = _base_costs(problem.base, config, method, model_path)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world) or 1)
     torch.set_num_threads(choose_threads(config.threads, base.macs, recipe.batch_size, local_processes))
     if recipe.warmup_epochs is None:
@@ -153,7 +165,7 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
         if dist.is_main:
             remove_stale_temporaries(output.parent, {output.name, report_json.name, report_md.name,
                                                      *(f"{output.stem}.{kind}.svg" for kind in PLOTS)})
-        ckpt, bar = _open_checkpoint(config, model_path, problem, recipe, base.target, dist.is_main)
+        ckpt, bar = _open_checkpoint(config, model_path, problem, recipe, base.targets or None, dist.is_main)
         dist.barrier()   # rank 0 has opened the checkpoint before anyone trains
         run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback,
                   dist=dist, amp=config.amp)
@@ -165,7 +177,7 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
         devices = dist.gather(str(dist.device))
 
         def write() -> Report:
-            _save_output(final, model_path, output, config, base.target)
+            _save_output(final, model_path, output, base, phases["search"])
             report = _report(config, method, model_path, problem, base, warmed, final, phases, ckpt, started)
             report.world_size, report.devices, report.amp = dist.world, devices, config.amp
             _measures_and_plots(report, config, model_path, output, problem)
@@ -221,20 +233,36 @@ def _check_output(model_path: Path, output: Path, config: OptimizeConfig) -> Non
                               f"{'-o' if what == 'output' else '--checkpoint-dir'}", file=str(place)) from None
 
 
-def _base_costs(graph: Graph, config: OptimizeConfig, method: Method) -> _Base:
-    """The input model's costs and the absolute target; an impossible target fails here."""
+def _base_costs(graph: Graph, config: OptimizeConfig, method: Method, model_path: Path) -> _Base:
+    """The input model's costs and the absolute targets; an impossible target fails here."""
     params, macs = cost_total(graph, params_cost), cost_total(graph, macs_cost)
-    kind = config.target_kind
-    cost = float(cost_total(graph, config.cost_fn)) if kind is None else float(params if kind == "params" else macs)
-    target = config.target_value(cost)
-    min_cost = None
-    if target is not None:
-        min_cost = method.build(graph, config.cost_fn).min_cost(config.cost_fn)
-        if min_cost is not None and target < min_cost - 1e-6:
-            raise PlinioOnnxError(f"target {kind} {target:,.0f} is below the smallest architecture "
-                                  f"{method.name} can reach ({min_cost:,.0f} {kind}: one channel "
-                                  "per searched layer, unsearched layers whole)")
-    return _Base(params, macs, cost, target, min_cost)
+    profile = _hardware_profile(config, model_path) if config.hardware else None
+    refs = {kind: cost_ref(COST_OF_TARGET[kind], method=method, profile=profile) for kind in config.targets}
+    found = budgets(config.targets, graph, method, refs, profile)
+    if found:
+        first = found[0]
+        return _Base(params, macs, first.base, first.value, first.min_reachable, first.ref, found, refs)
+    primary = cost_ref(config.cost_name, method=method, profile=profile, custom=config.cost)
+    return _Base(params, macs, graph_cost(graph, primary), None, None, primary)
+
+
+def _hardware_profile(config: OptimizeConfig, model_path: Path):
+    """``--hardware``'s profile for this model; a measured one times the model's layers now when
+    no table is cached beside it (with a progress bar)."""
+    bar = Progress(config.progress and not config.quiet)
+
+    def progress(done: int, total: int, layer: str) -> None:
+        if done == 0:
+            bar.note(f"timing {model_path.name}'s layers in {config.hardware} (once: the table is cached "
+                     "beside the model)")
+            bar.start("profile", total)
+        bar.epoch(done, layer)
+
+    try:
+        return for_model(config.hardware, model_path, channel_multiple=config.resolved_channel_multiple,
+                         progress=progress)
+    finally:
+        bar.stop()
 
 
 def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem, recipe: Recipe,
@@ -262,7 +290,8 @@ def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base
     """Warm-up, search, export and fine-tune: (the warmed-up graph, the chosen searchable model,
     the final graph, phase summaries)."""
     warmed, warm_info = train_plain(run, "warmup", graph, run.recipe.warmup_epochs)
-    searched, search_info = search(run, method, warmed, config.cost_fn, config.strength, base.target, base.cost)
+    searched, search_info = search(run, method, warmed, base.cost_ref, config.strength, base.targets or None,
+                                   base.cost, refs=base.refs, regularizer=config.regularizer_name)
     exported = searched.export()
     if method.finetune_export:
         final, fine_info = train_plain(run, "finetune", exported, run.recipe.finetune_epochs)
@@ -271,11 +300,12 @@ def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base
     return warmed, searched, final, {"warmup": warm_info, "search": search_info, "finetune": fine_info}
 
 
-def _save_output(final: Graph, model_path: Path, output: Path, config: OptimizeConfig, target: float | None) -> None:
-    final_cost = float(cost_total(final, config.cost_fn))
-    if target is not None and final_cost > target + 1e-6:
-        raise PlinioOnnxError(f"internal error: the exported model's {config.target_kind} ({final_cost:,.0f}) "
-                              f"exceed the target ({target:,.0f}); nothing was written")
+def _save_output(final: Graph, model_path: Path, output: Path, base: _Base, search_info: dict) -> None:
+    for budget in base.budgets:
+        final_cost = exported_cost(final, budget.ref, search_info.get("costs", {}).get(budget.kind, 0.0))
+        if final_cost > budget.value + 1e-6:
+            raise PlinioOnnxError(f"internal error: the exported model's {budget.kind} ({final_cost:,.0f}) "
+                                  f"exceeds the target ({budget.value:,.0f}); nothing was written")
     final.source = str(model_path)   # save() then refuses to overwrite the input model
     final.save(output)
 
@@ -312,6 +342,11 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
     if base.target is not None:
         target = {"kind": config.target_kind, "value": base.target, "given": str(config.target_given),
                   "min_reachable": base.min_cost}
+    constraints = []
+    for budget in base.budgets:
+        after = exported_cost(final, budget.ref, search_info.get("costs", {}).get(budget.kind, 0.0))
+        constraints.append({**budget.to_json(), "target": budget.value, "before": budget.base, "after": after,
+                            "met": after <= budget.value + 1e-6})
     return Report(
         model=model, output=output, method=method.name, task=problem.task.kind, metric=problem.task.metric,
         cost=config.cost_name, target=target, strength=search_info.get("strength"),
@@ -322,7 +357,8 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
         layers=layer_rows(problem.base, final), architecture=search_info.pop("architecture", {}),
         phases=phases, seed=config.seed, resumed=ckpt.resumed, seconds=time.perf_counter() - started, files=files,
         notes=[note for note in (problem.data_note, problem.shapes_note) if note],
-        channel_multiple=method.options.get("channel_multiple"))
+        channel_multiple=method.options.get("channel_multiple"), constraints=constraints,
+        regularizer=config.regularizer_name, quantization=quantization_report(problem.base, final))
 
 
 def baseline(model: "str | os.PathLike", data, *, epochs: int, seed: int = 0, labels: str = "auto",

@@ -9,6 +9,7 @@ from ..cost import layer_specs
 from ..cost import macs as macs_cost
 from ..cost import params as params_cost
 from ..graph import Graph
+from .bits_report import quantization_markdown, quantization_table, summary_line
 from .checkpoint import dumps
 from .measure import latency_lines, latency_markdown
 from .plots import plot_links
@@ -44,6 +45,11 @@ class Report:
     amp: bool = False                                # mixed precision in the forward pass
     channel_multiple: int | None = None   # PIT's channel blocks (None: the method searches no channels)
     measured_latency: dict | None = None   # {runtime: {input_ms, output_ms, speedup}} (`measure`)
+    #: Every constrained cost: kind, unit, given, target, before, after (the exported model's), met.
+    constraints: list[dict] = field(default_factory=list)
+    regularizer: str | None = None
+    #: A quantizing method's bit-widths, bytes and bit-operations (`bits_report`); None otherwise.
+    quantization: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -67,7 +73,9 @@ class Report:
                  f"- method: {self.method}, cost: {self.cost}"
                  + (f", channel multiple: {self.channel_multiple}" if self.channel_multiple else "")
                  + (f", target: {self.target['kind']} ≤ {self.target['value']:,.0f} ({self.target['given']})"
-                    if self.target else "")
+                    if self.target and len(self.constraints) <= 1 else "")
+                 + (", targets: " + ", ".join(f"{c['kind']} ≤ {c['target']:,.0f} ({c['given']})"
+                                              for c in self.constraints) if len(self.constraints) > 1 else "")
                  + (f", strength: {self.strength:.3g}" if self.strength is not None else ""),
                  f"- task: {self.task} (metric: {self.metric}); splits: train {self.splits['train']}, "
                  f"validation {self.splits['val']}, test {self.splits['test']} (seed {self.seed})",
@@ -81,6 +89,14 @@ class Report:
         for label, d in (("before", self.before), ("after", self.after)):
             lines.append(f"| {label} | {d['params']:,} | {d['macs']:,} | {self._fmt_metric(d['test'].get(self.metric))} "
                          f"| {d['test'].get('loss', float('nan')):.4g} |")
+        if self.constraints:
+            lines += ["", f"## Targets ({self.regularizer} regularizer)", "",
+                      "| cost | before | after | target | given | met |", "|---|---:|---:|---:|---|---|"]
+            lines += [f"| {c['kind']} ({c['unit']}) | {c['before']:,.0f} | {c['after']:,.0f} "
+                      f"({percent(c['after'], c['before'])}) | {c['target']:,.0f} | {c['given']} | "
+                      f"{'yes' if c['met'] else '**no**'} |" for c in self.constraints]
+        if self.quantization:
+            lines += [""] + quantization_markdown(self.quantization)
         lines += ["", "| layer | op | in | out | kernel | params | MACs |", "|---|---|---:|---:|---:|---:|---:|"]
         for row in self.layers:
             lines.append(f"| {row['name']} | {row['op']} | {row['in_after']}/{row['in_before']} | "
@@ -120,6 +136,11 @@ class Report:
         table.add_row("total", "", "", "", "", f"{self.after['params']:,}/{self.before['params']:,}",
                       f"{self.after['macs']:,}/{self.before['macs']:,}", style="bold")
         console.print(table)
+        if self.quantization:
+            console.print(quantization_table(self.quantization))
+            console.print(summary_line(self.quantization), highlight=False)
+        if self.constraints:
+            console.print(constraints_table(self.constraints, self.regularizer))
         console.print(self.headline(), highlight=False)
         for line in latency_lines(self.measured_latency):
             console.print(line, highlight=False)
@@ -132,6 +153,20 @@ class Report:
         """``to_json()`` and ``to_markdown()`` to their files, each written atomically."""
         write_text(json_path, dumps(self.to_json(), indent=2))
         write_text(markdown_path, self.to_markdown())
+
+
+def constraints_table(constraints: list[dict], regularizer: str | None):
+    """Every constrained cost against its target, for the console (rich)."""
+    from rich.table import Table
+
+    table = Table(title=f"targets ({regularizer} regularizer)")
+    for col in ("cost", "before", "after", "target", "met"):
+        table.add_column(col, justify="left" if col in ("cost", "met") else "right")
+    for c in constraints:
+        table.add_row(f"{c['kind']} ({c['unit']})", f"{c['before']:,.0f}",
+                      f"{c['after']:,.0f} ({percent(c['after'], c['before'])})", f"{c['target']:,.0f} ({c['given']})",
+                      "yes" if c["met"] else "[red]no[/red]")
+    return table
 
 
 def percent(a: float, b: float) -> str:

@@ -2,8 +2,10 @@
 architecture parameters) on ``task loss + regularizer``, checkpointed every epoch; the best
 epoch that meets the target (by validation metric) is the chosen architecture.
 
-The regularizer is ``strength · cost`` or, with a target, `TargetControl`'s moving-target hinge.
-What differs between methods is asked of the model through its `SearchHooks`.
+The regularizer is ``strength · cost`` or, with targets, the control of
+`plinio_onnx.optimize.control` over all of them (the adaptive constraint or DUCCIO); an epoch
+qualifies when every target is met. What differs between methods is asked of the model through
+its `SearchHooks`.
 """
 from __future__ import annotations
 
@@ -12,10 +14,11 @@ import time
 
 import torch
 
+from ..cost import ModelCost
 from ..errors import PlinioOnnxError
 from ..graph import Graph
 from .checkpoint import load_optimizer, optimizer_arrays, parameter_names
-from .control import TargetControl
+from .control import make_control, upgrade_state
 from .methods import Method, tag_method
 from .report import percent
 from .training import Run, adam, to_device
@@ -23,16 +26,29 @@ from .training import Run, adam, to_device
 __all__ = ["search"]
 
 
-def search(run: Run, method: Method, warmed: Graph, cost_fn, strength: float | None, target: float | None,
-           base_cost: float):
+def search(run: Run, method: Method, warmed: Graph, cost_fn, strength: float | None,
+           target: "float | dict[str, float] | None", base_cost: float, *, refs: "dict | None" = None,
+           regularizer: str = "constraint"):
     """Search ``method`` on the warmed-up graph; returns the chosen searchable model and the
-    phase's summary (a finished phase is read back from the checkpoint)."""
+    phase's summary (a finished phase is read back from the checkpoint).
+
+    ``cost_fn``: the primary cost (the first target's, or the one ``strength`` weighs);
+    ``target``: the absolute targets by kind (one number: a target on ``cost_fn``), each kind's
+    cost model in ``refs``; ``regularizer``: "constraint" or "duccio" with targets."""
     rec = run.ckpt.phase("search")
+    if isinstance(target, (int, float)):
+        target, refs = {"cost": float(target)}, {"cost": cost_fn}
     if rec.get("done"):
-        return method.build(run.ckpt.load_graph(rec["best_file"]), cost_fn), rec["info"]
-    model, info = _SearchPhase(run, method, warmed, cost_fn, strength, target, base_cost, rec).search()
+        return method.build(run.ckpt.load_graph(rec["best_file"]), _build_cost(cost_fn)), rec["info"]
+    model, info = _SearchPhase(run, method, warmed, cost_fn, strength, target or None, base_cost, rec,
+                               refs or {}, regularizer).search()
     # Export reads float32 values on the CPU, whatever device searched: the same bytes.
     return model.cpu(), info
+
+
+def _build_cost(cost_fn):
+    """What a model is built with: a per-layer cost (a `ModelCost` is read through ``cost_of``)."""
+    return "params" if isinstance(cost_fn, ModelCost) else cost_fn
 
 
 def _nas_learning_rate(run: Run, model, epochs: int) -> float:
@@ -49,15 +65,18 @@ class _SearchPhase:
     """One search: the model, its two optimizers, the checkpointed ``state`` and the objective."""
 
     def __init__(self, run: Run, method: Method, warmed: Graph, cost_fn, strength: float | None,
-                 target: float | None, base_cost: float, rec: dict) -> None:
+                 targets: "dict[str, float] | None", base_cost: float, rec: dict, refs: dict,
+                 regularizer: str) -> None:
         self.run, self.method, self.cost_fn = run, method, cost_fn
-        self.target, self.base_cost = target, base_cost
+        self.targets, self.refs, self.regularizer_name = targets, refs, regularizer
+        self.target = None if targets is None else next(iter(targets.values()))   # the primary one
+        self.base_cost = base_cost
         self.epochs = run.recipe.search_epochs
         self.t0 = time.perf_counter()
         if rec:
-            self.model = run.place(method.build(run.ckpt.load_graph(rec["current_file"]), cost_fn))
+            self.model = run.place(method.build(run.ckpt.load_graph(rec["current_file"]), _build_cost(cost_fn)))
         else:
-            self.model = run.place(method.build(warmed, cost_fn))
+            self.model = run.place(method.build(warmed, _build_cost(cost_fn)))
             self.model.before_search(to_device(run.train.head(256)[0], run.device))
         # Kept in the state: a run resumed with another number of processes (steps per epoch)
         # goes on at the same rate.
@@ -87,6 +106,8 @@ class _SearchPhase:
         # The schedules count optimizer steps; each completed epoch took `steps_per_epoch` of
         # them, which depends on the number of processes: a resumed run counts in its own.
         self.state["step"] = self.state["epoch"] * self.run.steps_per_epoch()
+        if self.targets:
+            upgrade_state(self.state, list(self.targets))
         self.elapsed = rec.get("seconds", 0.0)
         self.rec = rec
 
@@ -94,6 +115,7 @@ class _SearchPhase:
         initial = self.run.evaluate(self.model)
         with torch.no_grad():
             initial_cost = float(self.model.cost_of(self.cost_fn))
+            initial_costs = {kind: float(self.model.cost_of(ref)) for kind, ref in self.refs.items()}
         reference = self.run.reference_loss(initial["loss"])
         if strength is None and self.target is None:
             strength = reference / max(initial_cost, 1e-12)
@@ -101,6 +123,9 @@ class _SearchPhase:
         self.state = {"epoch": 0, "lam": lam, "step": 0, "lr_nas": self.lr_nas, "strength": strength, "best": None,
                       "best_epoch": None,
                       "met_epoch": None, "initial": initial, "initial_cost": initial_cost, "history": []}
+        if self.targets:
+            self.state.update(lambdas={kind: lam for kind in self.targets}, initial_costs=initial_costs,
+                              reference_loss=reference)
         self.elapsed = 0.0
         self.rec = {}
 
@@ -117,14 +142,12 @@ class _SearchPhase:
             return
         r = self.run.recipe
         steps = self.epochs * self.run.steps_per_epoch()
-        self.control = TargetControl(
-            r, self.target, self.state, steps,
-            restore=lambda floor, before: self.model.restore_marginal(self.cost_fn, floor, before),
-            snapshot=lambda: self.model.architecture_snapshot())
+        self.control = make_control(self.regularizer_name, r, self.targets, self.refs, self.model, self.state,
+                                    steps, self.epochs)
         # λ adapts to each step's discrete cost, read on the host: the one device→host copy of a
         # step on a GPU besides the PIT counts (identical on every rank: the parameters are).
-        self.regularizer, self.after_step = self.control.regularizer(self._cost), self.control.after_step
-        self.ramp_epochs = math.ceil(r.ramp * self.epochs)
+        self.regularizer, self.after_step = self.control.regularizer, self.control.after_step
+        self.ramp_epochs = math.ceil(self.control.ramp * self.epochs)
         self.control.settle(self.net_opt, r.lr_net, 0.05)
         self.control.settle(self.nas_opt, self.lr_nas, 0.0)
 
@@ -144,12 +167,12 @@ class _SearchPhase:
         fallback = self._choose(epoch)
         return self.model, self._finish(epoch, stopped, fallback)
 
-    def _judge(self, scores: dict, cost: float) -> tuple[bool, list]:
-        """Whether the epoch meets the target, and its rank (higher is better)."""
+    def _judge(self, scores: dict, cost: float, costs: dict[str, float]) -> tuple[bool, list]:
+        """Whether the epoch meets every target, and its rank (higher is better)."""
         if self.target is None:
             return True, [-(scores["loss"] + self.state["strength"] * cost)]
         score = scores[self.run.task.metric]
-        return cost <= self.target + 1e-6, [score if self.run.task.higher_is_better else -score, -scores["loss"]]
+        return self.control.met(costs), [score if self.run.task.higher_is_better else -score, -scores["loss"]]
 
     def _epoch(self, epoch: int) -> None:
         run, state, model = self.run, self.state, self.model
@@ -159,7 +182,8 @@ class _SearchPhase:
         scores = run.evaluate(model)
         with torch.no_grad():
             c = float(self._cost())
-        eligible, key = self._judge(scores, c)
+            costs = {kind: float(value) for kind, value in self.control.costs().items()} if self.control else {}
+        eligible, key = self._judge(scores, c, costs)
         improved = eligible and (state["best"] is None or tuple(key) > tuple(state["best"]))
         if eligible and state["met_epoch"] is None:
             state["met_epoch"] = epoch
@@ -172,7 +196,8 @@ class _SearchPhase:
         control = self.control
         state["history"].append({"epoch": epoch, "train_loss": train_loss, "val": scores, "cost": c,
                                  "lambda": state["lam"] if self.target is not None else state["strength"],
-                                 **({"aim": control.aim(), "restored": state.get("restored", 0)}
+                                 **({"aim": control.aim(), "restored": state.get("restored", 0), "costs": costs,
+                                     "aims": control.aims(), "lambdas": control.lambdas()}
                                     if control else {})})
         arrays = {**{f"net.{k}": v for k, v in optimizer_arrays(self.net_opt, self.names).items()},
                   **{f"nas.{k}": v for k, v in optimizer_arrays(self.nas_opt, self.names).items()}}
@@ -183,6 +208,7 @@ class _SearchPhase:
         extra = f"  {c:,.0f} ({percent(c, self.base_cost)})"
         if control is not None:
             extra += f" → {control.aim():,.0f}  λ {state['lam']:.3g}"
+            extra += "".join(f"  {kind} {costs[kind]:,.0f} → {control.aim(kind):,.0f}" for kind in list(costs)[1:])
         run.bar.epoch(epoch, run.info(scores, extra))
         run.epoch_done("search", epoch, {"val": scores, "cost": c})
 
@@ -191,11 +217,12 @@ class _SearchPhase:
         forced onto the target; returns whether it was forced."""
         ckpt, rec = self.run.ckpt, self.rec
         if self.state["best_epoch"] is not None:
-            self.model = self.run.place(self.method.build(ckpt.load_graph(rec["best_file"]), self.cost_fn))
+            self.model = self.run.place(self.method.build(ckpt.load_graph(rec["best_file"]), _build_cost(self.cost_fn)))
             return False
         if self.target is not None:
-            if not self.model.enforce_target(self.cost_fn, self.target):
-                raise PlinioOnnxError(f"the search could not reach the target ({self.target:,.0f}); "
+            if not self.control.enforce():
+                wanted = ", ".join(f"{kind} {value:,.0f}" for kind, value in self.targets.items())
+                raise PlinioOnnxError(f"the search could not reach the target ({wanted}); "
                                       "try a larger target or more --epochs")
             rec["best_file"] = ckpt.save_graph(self._searchable(), "search-best-fallback.onnx")
             return True
@@ -213,9 +240,12 @@ class _SearchPhase:
         with torch.no_grad():
             final_scores = run.evaluate(model)
             final_cost = float(self._cost())
+            final_costs = {kind: float(model.cost_of(ref)) for kind, ref in self.refs.items()}
         info = {"epochs": epoch, "best_epoch": state["best_epoch"], "val_loss": final_scores["loss"],
                 "val_metric": final_scores[run.task.metric], "cost": final_cost, "lr_nas": self.lr_nas,
                 "strength": state["strength"], "lambda": state["lam"] if self.target is not None else None,
+                "costs": final_costs, "lambdas": state.get("lambdas"), "regularizer": self.regularizer_name
+                if self.target is not None else "linear",
                 "target_met_epoch": state["met_epoch"], "fallback": fallback, "stopped": stopped,
                 "initial_val_loss": state["initial"]["loss"], "initial_cost": state["initial_cost"],
                 "history": state["history"], "seconds": self.elapsed + time.perf_counter() - self.t0,
