@@ -229,6 +229,24 @@ def test_qonnx_reference_function_is_the_spec():
         np.testing.assert_array_equal(got, _spec_quant(x, scale, np.float32(0), bitwidth, signed, narrow, "ROUND"))
 
 
+def _qonnx_channel_bits(weight, axis: int) -> np.ndarray:
+    """Per-channel bit-widths of a QONNX weight: one ``Quant`` (scalar bit-width, signed, not
+    narrow) or, for mixed precisions, one ``Quant`` per group → ``Concat`` (→ ``Gather`` back
+    into channel order)."""
+    node = _producer(weight)
+    if node.op == "Quant":
+        assert node.attrs["signed"] == 1 and node.attrs["narrow"] == 0
+        assert np.asarray(node.inputs[3].values).ndim == 0   # qonnx's executor runs scalars only
+        return np.full(np.shape(node.inputs[0].values)[axis], int(node.inputs[3].values))
+    if node.op == "Gather":
+        assert node.attrs["axis"] == axis
+        return _qonnx_channel_bits(node.inputs[0], axis)[np.asarray(node.inputs[1].values)]
+    assert node.op == "Concat" and node.attrs["axis"] == axis
+    parts = [_qonnx_channel_bits(part, axis) for part in node.inputs]
+    assert len({int(p[0]) for p in parts}) == len(parts) > 1   # one Quant per precision
+    return np.concatenate(parts)
+
+
 @pytest.mark.parametrize("name", ["digits_cnn", "resnet8", "mobilenetv2_tiny", "transformer_tiny"])
 def test_qonnx_export_matches_reference_execution(name):
     graph, model, feeds = _searched_model(name, zero_bit=True, seed=5)
@@ -246,9 +264,7 @@ def test_qonnx_export_matches_reference_execution(name):
     assert stored["format"] == "qonnx"
     nodes = {n.name: n for n in exported.nodes}
     for layer, entry in chosen.items():
-        quant = _producer(nodes[layer].inputs[1])
-        assert quant.op == "Quant" and quant.attrs["signed"] == 1 and quant.attrs["narrow"] == 0
-        bitwidth = np.asarray(quant.inputs[3].values).reshape(-1)
+        bitwidth = _qonnx_channel_bits(nodes[layer].inputs[1], model._layers[layer].axis)
         wanted = np.asarray(_exported_bits(entry["weight_bits"], stored["layers"][layer])).reshape(-1)
         kept = wanted[wanted > 0]
         if bitwidth.size == 1:
