@@ -436,16 +436,25 @@ def test_int4_weights_where_opset_21_allows(zero_bit):
     _randomize_logits(model, 2)
     model.eval()
     expected = run_torch(model, feeds, ["x"])[0]
-    exported = model.export()
+    assert not any(t.data_type == TensorProto.INT4 for t in model.export().to_onnx().graph.initializer)  # default "off"
+    exported = model.export(int4="auto")
     saved = exported.to_onnx()
     int4 = [t for t in saved.graph.initializer if t.data_type == TensorProto.INT4]
     assert len(int4) >= 3
     assert np.max(np.abs(expected - run_ort(saved, feeds)[0])) <= _output_step(expected)
     removed = sum(len(e["removed_channels"]) for e in json.loads(exported.metadata[BITS_METADATA_KEY])["layers"].values())
     assert (removed > 0) == zero_bit   # int4 weights are packed after slicing
-    # Opset 17 keeps int8 containers.
-    assert not any(t.data_type == TensorProto.INT4 for t in po.MPS(po.load(MODELS / "digits_cnn.onnx"),
-                                                                  w_precisions=(4,)).export().to_onnx().graph.initializer)
+    # Opset 17 keeps int8 containers with "auto"; "on" raises the model to opset 21 for INT4.
+    digits = po.MPS(po.load(MODELS / "digits_cnn.onnx"), w_precisions=(4,))
+    assert not any(t.data_type == TensorProto.INT4 for t in digits.export(int4="auto").to_onnx().graph.initializer)
+    raised = digits.export(int4="on")
+    assert raised.opset == 21
+    assert sum(t.data_type == TensorProto.INT4 for t in raised.to_onnx().graph.initializer) >= 5
+    digits_feeds = random_inputs(raised, batch=2)
+    reference = run_torch(digits.eval(), digits_feeds, ["input"])[0]
+    assert np.max(np.abs(reference - run_ort(raised.to_onnx(), digits_feeds)[0])) <= _output_step(reference)
+    with pytest.raises(PassError, match="int4="):
+        digits.export(int4="maybe")
 
 
 # -- costs ------------------------------------------------------------------------------------

@@ -144,6 +144,10 @@ class OptimizeConfig:
     threads: int | None = _option(None, "--threads", type=int, metavar="N",
                                   help="torch CPU threads (default: 1 for small models or a busy machine, "
                                        "else the idle cores)")
+    int4: str = _option("off", "--int4", metavar="MODE",
+                        help="QDQ weights of layers that chose <= 4 bits: off (default: int8 containers, "
+                             "read by every compiler), auto (INT4 where the model's opset is >= 21), on "
+                             "(INT4, raising the opset to 21)")
     quiet: bool = _option(False, "--quiet", action="store_true", help="no progress bars and no summary")
     progress: bool = _option(True)
     recipe: Recipe | None = _option()
@@ -163,6 +167,8 @@ class OptimizeConfig:
             raise PlinioOnnxError(f"unknown labels mode {self.labels!r}; choose from {', '.join(TASKS)}")
         if Path(self.output).suffix != ".onnx":
             raise PlinioOnnxError("the output file name must end in .onnx", file=str(self.output))
+        if self.int4 not in ("off", "auto", "on"):
+            raise PlinioOnnxError(f"--int4 {self.int4!r}: choose from off, auto, on")
         self._check_cost(method)
 
     def _check_cost(self, method: Method) -> None:
