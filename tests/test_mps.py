@@ -763,3 +763,17 @@ def test_zero_bit_depthwise_channel_is_removed_with_its_producer_row():
     assert stored["conv_p"]["weight_bits"] == [0, 8] and stored["dw"]["weight_bits"] == [8, 8]
     dw = next(n for n in exported.nodes if n.name == "dw")
     assert dw.attrs["group"] == 2 and np.shape(_producer(dw.inputs[1]).inputs[0].values) == (2, 1, 3, 3)
+
+
+def test_export_command_int4_and_format(tmp_path):
+    from plinio_onnx.cli import main
+    checkpoint = tmp_path / "search.onnx"
+    po.MPS(po.load(MODELS / "digits_cnn.onnx"), w_precisions=(4,)).searchable_graph().save(checkpoint)
+    outputs = {mode: tmp_path / f"out_{mode}.onnx" for mode in ("off", "on")}
+    for mode, path in outputs.items():
+        assert main(["export", str(checkpoint), "-o", str(path), "--int4", mode]) == 0
+    counts = {mode: sum(t.data_type == TensorProto.INT4 for t in onnx.load(str(p)).graph.initializer)
+              for mode, p in outputs.items()}
+    assert counts["off"] == 0 and counts["on"] >= 5
+    assert main(["export", str(checkpoint), "-o", str(tmp_path / "q.onnx"), "--format", "qonnx"]) == 0
+    assert any(n.op_type == "Quant" for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)
