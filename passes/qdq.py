@@ -1,9 +1,13 @@
 """The QDQ writer: MPS quantizers at their chosen precisions as standard ONNX QuantizeLinear /
 DequantizeLinear (what ONNX Runtime fuses into integer kernels).
 
-* Weights are stored already quantized: an int8 initializer (int4 when the graph's opset is
-  ≥ 21 and every channel uses ≤ 4 bits; sub-8-bit values sit in int8 restricted to their range)
-  with per-axis (or per-tensor) scales, then ``DequantizeLinear`` → the layer.
+* Weights are stored already quantized: an int8 initializer (sub-8-bit values sit in int8
+  restricted to their range) with per-axis (or per-tensor) scales, then ``DequantizeLinear`` →
+  the layer. ``int4`` (`INT4_MODES`) decides where a layer whose channels all chose ≤ 4 bits is
+  stored as INT4 instead: ``"off"`` (default) never — int8 containers are what ONNX Runtime
+  fuses and what TVM and IREE read; ``"auto"`` where the model's opset is already ≥ 21 (INT4 in
+  ``DequantizeLinear`` needs opset 21); ``"on"`` always, raising the model to opset 21 with
+  onnx's version converter first where it is lower.
 * Biases: int32 in the scale s_in·s_w, then ``DequantizeLinear`` (what ONNX Runtime's QDQ
   fusion expects of a Conv/Gemm bias).
 * Activations: ``QuantizeLinear`` (uint8 unsigned / int8 signed, zero point 0) →
@@ -15,13 +19,39 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_graphsurgeon as gs
 import torch
 
+from plinio_onnx.errors import PassError
 from plinio_onnx.functions import mps as fn
+from plinio_onnx.graph import Graph
 from plinio_onnx.records import QuantizedLayer
 
 from .precision import ChosenLayer
+
+
+INT4_MODES = ("off", "auto", "on")
+INT4_OPSET = 21
+
+
+def int4_mode(value: "str | bool | None") -> str:
+    """``"off"``, ``"auto"`` or ``"on"`` (True means "auto", False and None "off")."""
+    if value is None or isinstance(value, bool):
+        return "auto" if value else "off"
+    mode = str(value).lower()
+    if mode not in INT4_MODES:
+        raise PassError(f"int4={value!r}: choose from {', '.join(INT4_MODES)}")
+    return mode
+
+
+def raise_opset_for_int4(graph: Graph) -> None:
+    """Convert ``graph`` in place to opset 21 (onnx's version converter), so that its weights may
+    be INT4; its functions and metadata are kept."""
+    converted = onnx.version_converter.convert_version(graph.to_onnx(check=False), INT4_OPSET)
+    sub_byte = dict(graph.gs.__dict__.get("sub_byte_types", {}))
+    graph.gs = gs.import_onnx(converted)
+    graph.gs.sub_byte_types = sub_byte
 
 
 class QDQWriter:

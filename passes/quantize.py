@@ -25,11 +25,11 @@ from plinio_onnx.records import BitWidths, LayerBits, MPSRecord, PITRecord, Supe
 
 from .infra import ConsumingPass
 from .precision import choose_activation, choose_layer, detach, per_channel_keep
-from .qdq import QDQWriter
+from .qdq import INT4_MODES, QDQWriter, int4_mode, raise_opset_for_int4
 from .qonnx import QONNX_DOMAIN, QONNXWriter
 from .zero_bit import SliceZeroBitChannels, ZeroBitPlan, plan_zero_bit
 
-__all__ = ["BITS_METADATA_KEY", "FORMATS", "FoldQuantizers", "QONNX_DOMAIN", "fold_quantizers"]
+__all__ = ["BITS_METADATA_KEY", "FORMATS", "INT4_MODES", "FoldQuantizers", "QONNX_DOMAIN", "fold_quantizers"]
 
 FORMATS = ("qdq", "qonnx")
 BITS_METADATA_KEY = BitWidths.KEY
@@ -43,9 +43,9 @@ class FoldQuantizers(ConsumingPass):
 
     record = MPSRecord
 
-    def __init__(self, format: str | None = "qdq", int4: bool = True) -> None:
+    def __init__(self, format: str | None = "qdq", int4: "str | bool" = "off") -> None:
         self.format = str(format or "qdq").lower()
-        self.int4 = bool(int4)
+        self.int4 = int4_mode(int4)
 
     def requires(self, graph: Graph) -> None:
         if MPSRecord.present(graph) and (PITRecord.present(graph) or SuperNetRecord.present(graph)):
@@ -55,17 +55,28 @@ class FoldQuantizers(ConsumingPass):
     def apply(self, graph: Graph, info: MPSRecord) -> None:
         if self.format not in FORMATS:
             raise PassError(f"unknown quantized format {self.format!r}; choose from {FORMATS}", file=graph.source)
-        writer = QDQWriter(int4=graph.opset >= 21 and self.int4) if self.format == "qdq" else QONNXWriter()
-        g = graph.gs.toposort()
-        nodes = {n.name: n for n in g.nodes}
-        acts = {act.tensor: choose_activation(nodes[act.node], act) for act in info.activations}
-        layers = {layer.node: choose_layer(graph, nodes, layer, acts[layer.activation]) for layer in info.layers}
+        g, nodes, acts, layers = _chosen(graph, info)
+        if self.format == "qdq" and self.int4 == "on" and graph.opset < 21 and \
+                any(int(np.asarray(c.bits).max()) <= 4 for c in layers.values()):
+            raise_opset_for_int4(graph)
+            g, nodes, acts, layers = _chosen(graph, info)
+        int4 = self.int4 == "on" or (self.int4 == "auto" and graph.opset >= 21)
+        writer = QDQWriter(int4=int4) if self.format == "qdq" else QONNXWriter()
         plan = plan_zero_bit(g, nodes, info, layers, acts)
         chosen = _write(g, nodes, info, acts, layers, writer, plan)
         SliceZeroBitChannels(plan)(graph)
         writer.finish(g)
         g.cleanup(remove_unused_graph_inputs=False).toposort()
         chosen.store(graph)
+
+
+def _chosen(graph: Graph, info: MPSRecord) -> tuple:
+    """(sorted gs graph, nodes by name, chosen activations, chosen layers)."""
+    g = graph.gs.toposort()
+    nodes = {n.name: n for n in g.nodes}
+    acts = {act.tensor: choose_activation(nodes[act.node], act) for act in info.activations}
+    layers = {layer.node: choose_layer(graph, nodes, layer, acts[layer.activation]) for layer in info.layers}
+    return g, nodes, acts, layers
 
 
 def _write(g, nodes: dict, info: MPSRecord, acts: dict, layers: dict, writer, plan: ZeroBitPlan) -> BitWidths:
@@ -106,6 +117,6 @@ def _write(g, nodes: dict, info: MPSRecord, acts: dict, layers: dict, writer, pl
 def fold_quantizers(graph: Graph, **options) -> Graph:
     """Replace the MPS quantizers of ``graph`` in place (`FoldQuantizers`); returns it.
 
-    Options: ``format`` ("qdq" | "qonnx"), ``int4`` (default True: int4 weights where the
-    opset allows them); others are ignored."""
-    return FoldQuantizers(format=options.get("format", "qdq"), int4=options.get("int4", True))(graph).graph
+    Options: ``format`` ("qdq" | "qonnx"), ``int4`` ("off" default, "auto", "on": see
+    `plinio_onnx.passes.qdq`); others are ignored."""
+    return FoldQuantizers(format=options.get("format", "qdq"), int4=options.get("int4", "off"))(graph).graph

@@ -35,6 +35,13 @@ def register_commands(sub: argparse._SubParsersAction) -> None:
                    help="a searchable .onnx checkpoint (or, with --training-artifacts, a deployable model)")
     p.add_argument("-o", "--output", default=None, metavar="OUT.onnx",
                    help="output .onnx file (required without --training-artifacts)")
+    p.add_argument("--format", default="qdq", choices=("qdq", "qonnx"),
+                   help="quantized models: qdq (default; QuantizeLinear/DequantizeLinear) or qonnx "
+                        "(Quant nodes, for FINN, hls4ml and qonnx)")
+    p.add_argument("--int4", default="off", choices=("off", "auto", "on"),
+                   help="QDQ weights of layers that chose ≤ 4 bits: off (default: int8 containers, read "
+                        "by every compiler), auto (INT4 where the model's opset is ≥ 21), on (INT4, "
+                        "raising the opset to 21)")
     p.add_argument("--training-artifacts", default=None, metavar="DIR",
                    help="write ONNX Runtime training artifacts (training, eval and optimizer models, "
                         "checkpoint) into DIR for on-device fine-tuning")
@@ -98,7 +105,7 @@ def _export(args: argparse.Namespace) -> int:
         model = args.output
     elif args.output is not None:
         from .optimize import export_searchable
-        graph, method = export_searchable(args.model, args.output)
+        graph, method = export_searchable(args.model, args.output, format=args.format, int4=args.int4)
         from .cost import params, macs, total
         print(f"{args.output}: {method} → {total(graph, params):,} params, {total(graph, macs):,} MACs")
         model = args.output

@@ -40,16 +40,17 @@ class StripSearchFunctions(InPlacePass):
         return PassResult(graph, True)
 
 
-def finalize_passes(*, format: str | None = "qdq", int4: bool = True) -> list[Pass]:
+def finalize_passes(*, format: str | None = "qdq", int4: "str | bool" = "off") -> list[Pass]:
     """The finalizing passes, in order (module docstring)."""
     return [PickBranches(), PruneChannels(), FoldQuantizers(format=format, int4=int4), StripSearchFunctions()]
 
 
 class Finalize(FunctionalPass):
     """Searchable → deployable (module docstring); ``format``: "qdq" or "qonnx" for quantized
-    graphs, ``int4``: int4 weights where the opset allows them."""
+    graphs, ``int4``: "off" (default: int8 containers), "auto" (INT4 ≤ 4-bit weights where the
+    opset is ≥ 21) or "on" (INT4, raising the opset to 21) — `plinio_onnx.passes.qdq`."""
 
-    def __init__(self, *, format: str | None = "qdq", int4: bool = True) -> None:
+    def __init__(self, *, format: str | None = "qdq", int4: "str | bool" = "off") -> None:
         self.steps = Sequential(finalize_passes(format=format, int4=int4), name="finalize")
 
     def call(self, graph: Graph) -> PassResult:
@@ -71,6 +72,6 @@ class Finalize(FunctionalPass):
 def finalize(graph: Graph, **options) -> Graph:
     """Return the deployable graph of a searchable ``graph`` (which is left unchanged).
 
-    ``options``: ``format="qdq"|"qonnx"`` for quantized exports, ``int4`` (default True); others
-    are ignored."""
-    return Finalize(format=options.get("format", "qdq"), int4=options.get("int4", True))(graph).graph
+    ``options``: ``format="qdq"|"qonnx"`` for quantized exports, ``int4="off"|"auto"|"on"``
+    (`Finalize`); others are ignored."""
+    return Finalize(format=options.get("format", "qdq"), int4=options.get("int4", "off"))(graph).graph

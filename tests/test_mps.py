@@ -229,6 +229,24 @@ def test_qonnx_reference_function_is_the_spec():
         np.testing.assert_array_equal(got, _spec_quant(x, scale, np.float32(0), bitwidth, signed, narrow, "ROUND"))
 
 
+def _qonnx_channel_bits(weight, axis: int) -> np.ndarray:
+    """Per-channel bit-widths of a QONNX weight: one ``Quant`` (scalar bit-width, signed, not
+    narrow) or, for mixed precisions, one ``Quant`` per group → ``Concat`` (→ ``Gather`` back
+    into channel order)."""
+    node = _producer(weight)
+    if node.op == "Quant":
+        assert node.attrs["signed"] == 1 and node.attrs["narrow"] == 0
+        assert np.asarray(node.inputs[3].values).ndim == 0   # qonnx's executor runs scalars only
+        return np.full(np.shape(node.inputs[0].values)[axis], int(node.inputs[3].values))
+    if node.op == "Gather":
+        assert node.attrs["axis"] == axis
+        return _qonnx_channel_bits(node.inputs[0], axis)[np.asarray(node.inputs[1].values)]
+    assert node.op == "Concat" and node.attrs["axis"] == axis
+    parts = [_qonnx_channel_bits(part, axis) for part in node.inputs]
+    assert len({int(p[0]) for p in parts}) == len(parts) > 1   # one Quant per precision
+    return np.concatenate(parts)
+
+
 @pytest.mark.parametrize("name", ["digits_cnn", "resnet8", "mobilenetv2_tiny", "transformer_tiny"])
 def test_qonnx_export_matches_reference_execution(name):
     graph, model, feeds = _searched_model(name, zero_bit=True, seed=5)
@@ -246,9 +264,7 @@ def test_qonnx_export_matches_reference_execution(name):
     assert stored["format"] == "qonnx"
     nodes = {n.name: n for n in exported.nodes}
     for layer, entry in chosen.items():
-        quant = _producer(nodes[layer].inputs[1])
-        assert quant.op == "Quant" and quant.attrs["signed"] == 1 and quant.attrs["narrow"] == 0
-        bitwidth = np.asarray(quant.inputs[3].values).reshape(-1)
+        bitwidth = _qonnx_channel_bits(nodes[layer].inputs[1], model._layers[layer].axis)
         wanted = np.asarray(_exported_bits(entry["weight_bits"], stored["layers"][layer])).reshape(-1)
         kept = wanted[wanted > 0]
         if bitwidth.size == 1:
@@ -420,16 +436,25 @@ def test_int4_weights_where_opset_21_allows(zero_bit):
     _randomize_logits(model, 2)
     model.eval()
     expected = run_torch(model, feeds, ["x"])[0]
-    exported = model.export()
+    assert not any(t.data_type == TensorProto.INT4 for t in model.export().to_onnx().graph.initializer)  # default "off"
+    exported = model.export(int4="auto")
     saved = exported.to_onnx()
     int4 = [t for t in saved.graph.initializer if t.data_type == TensorProto.INT4]
     assert len(int4) >= 3
     assert np.max(np.abs(expected - run_ort(saved, feeds)[0])) <= _output_step(expected)
     removed = sum(len(e["removed_channels"]) for e in json.loads(exported.metadata[BITS_METADATA_KEY])["layers"].values())
     assert (removed > 0) == zero_bit   # int4 weights are packed after slicing
-    # Opset 17 keeps int8 containers.
-    assert not any(t.data_type == TensorProto.INT4 for t in po.MPS(po.load(MODELS / "digits_cnn.onnx"),
-                                                                  w_precisions=(4,)).export().to_onnx().graph.initializer)
+    # Opset 17 keeps int8 containers with "auto"; "on" raises the model to opset 21 for INT4.
+    digits = po.MPS(po.load(MODELS / "digits_cnn.onnx"), w_precisions=(4,))
+    assert not any(t.data_type == TensorProto.INT4 for t in digits.export(int4="auto").to_onnx().graph.initializer)
+    raised = digits.export(int4="on")
+    assert raised.opset == 21
+    assert sum(t.data_type == TensorProto.INT4 for t in raised.to_onnx().graph.initializer) >= 5
+    digits_feeds = random_inputs(raised, batch=2)
+    reference = run_torch(digits.eval(), digits_feeds, ["input"])[0]
+    assert np.max(np.abs(reference - run_ort(raised.to_onnx(), digits_feeds)[0])) <= _output_step(reference)
+    with pytest.raises(PassError, match="int4="):
+        digits.export(int4="maybe")
 
 
 # -- costs ------------------------------------------------------------------------------------
@@ -738,3 +763,17 @@ def test_zero_bit_depthwise_channel_is_removed_with_its_producer_row():
     assert stored["conv_p"]["weight_bits"] == [0, 8] and stored["dw"]["weight_bits"] == [8, 8]
     dw = next(n for n in exported.nodes if n.name == "dw")
     assert dw.attrs["group"] == 2 and np.shape(_producer(dw.inputs[1]).inputs[0].values) == (2, 1, 3, 3)
+
+
+def test_export_command_int4_and_format(tmp_path):
+    from plinio_onnx.cli import main
+    checkpoint = tmp_path / "search.onnx"
+    po.MPS(po.load(MODELS / "digits_cnn.onnx"), w_precisions=(4,)).searchable_graph().save(checkpoint)
+    outputs = {mode: tmp_path / f"out_{mode}.onnx" for mode in ("off", "on")}
+    for mode, path in outputs.items():
+        assert main(["export", str(checkpoint), "-o", str(path), "--int4", mode]) == 0
+    counts = {mode: sum(t.data_type == TensorProto.INT4 for t in onnx.load(str(p)).graph.initializer)
+              for mode, p in outputs.items()}
+    assert counts["off"] == 0 and counts["on"] >= 5
+    assert main(["export", str(checkpoint), "-o", str(tmp_path / "q.onnx"), "--format", "qonnx"]) == 0
+    assert any(n.op_type == "Quant" for n in onnx.load(str(tmp_path / "q.onnx")).graph.node)

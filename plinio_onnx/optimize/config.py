@@ -163,6 +163,10 @@ class OptimizeConfig:
                         help="automatic mixed precision for the forward pass (float16 with gradient "
                              "scaling on CUDA, bfloat16 on the CPU); costs and architecture parameters "
                              "stay float32/float64")
+    int4: str = _option("off", "--int4", metavar="MODE",
+                        help="QDQ weights of layers that chose <= 4 bits: off (default: int8 containers, "
+                             "read by every compiler), auto (INT4 where the model's opset is >= 21), on "
+                             "(INT4, raising the opset to 21)")
     quiet: bool = _option(False, "--quiet", action="store_true", help="no progress bars and no summary")
     measure_latency: bool = _option(True, "--no-measure", action="store_false",
                                     help="do not time the input and the output in ONNX Runtime (and OpenVINO "
@@ -186,6 +190,8 @@ class OptimizeConfig:
             raise PlinioOnnxError(f"unknown labels mode {self.labels!r}; choose from {', '.join(TASKS)}")
         if Path(self.output).suffix != ".onnx":
             raise PlinioOnnxError("the output file name must end in .onnx", file=str(self.output))
+        if self.int4 not in ("off", "auto", "on"):
+            raise PlinioOnnxError(f"--int4 {self.int4!r}: choose from off, auto, on")
         self._check_cost(method)
         check_device_name(self.device)
 

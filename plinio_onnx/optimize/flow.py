@@ -292,7 +292,7 @@ def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base
     warmed, warm_info = train_plain(run, "warmup", graph, run.recipe.warmup_epochs)
     searched, search_info = search(run, method, warmed, base.cost_ref, config.strength, base.targets or None,
                                    base.cost, refs=base.refs, regularizer=config.regularizer_name)
-    exported = searched.export()
+    exported = searched.export(int4=config.int4)
     if method.finetune_export:
         final, fine_info = train_plain(run, "finetune", exported, run.recipe.finetune_epochs)
     else:
@@ -401,9 +401,10 @@ def baseline(model: "str | os.PathLike", data, *, epochs: int, seed: int = 0, la
             "params": cost_total(problem.base, params_cost), "macs": cost_total(problem.base, macs_cost)}
 
 
-def export_searchable(searchable: "str | os.PathLike", output: "str | os.PathLike") -> tuple[Graph, str]:
+def export_searchable(searchable: "str | os.PathLike", output: "str | os.PathLike", **options) -> tuple[Graph, str]:
     """A searchable checkpoint (e.g. ``OUT.ckpt/search.best.onnx``) → the deployable model at
-    ``output``; returns it and the method's name."""
+    ``output``; returns it and the method's name. ``options``: `plinio_onnx.finalize`'s
+    (``format="qdq"|"qonnx"``, ``int4="off"|"auto"|"on"``)."""
     path, output = Path(searchable), Path(output)
     if output.suffix != ".onnx":
         raise PlinioOnnxError("the output file name must end in .onnx", file=str(output))
@@ -416,4 +417,4 @@ def export_searchable(searchable: "str | os.PathLike", output: "str | os.PathLik
         raise PlinioOnnxError("not a searchable checkpoint (no search metadata); give a file written by "
                               "'plinio-onnx optimize' (OUT.ckpt/search.best.onnx) or PIT.searchable_graph().save()",
                               file=str(path))
-    return method.build(graph, "params").export(output), method.name
+    return method.build(graph, "params").export(output, **options), method.name
