@@ -97,7 +97,7 @@ def _option(default: Any = None, *flags: str, help: str | None = None, metavar: 
 class OptimizeConfig:
     """What `optimize` does with a model and its data (see `plinio_onnx.optimize.flow`).
 
-    ``method``: "pit", "mps", "qat", "pit+mps", "supernet" or "supernet+pit". ``cost``: the cost
+    ``method``: "pit", "mps", "qat", "pit+mps", "supernet", "supernet+pit" or "odimo". ``cost``: the cost
     model of the regularizer (a name of `plinio_onnx.cost` or a callable on a `LayerSpec`; with a
     target, the target's kind). ``strength`` and ``target_params`` / ``target_macs`` are mutually
     exclusive; a target is an absolute number or a percentage string of the input model's cost.
@@ -111,7 +111,7 @@ class OptimizeConfig:
     output: "str | os.PathLike" = _option(MISSING, "-o", "--output", metavar="OUT.onnx", required=True,
                                           help="output .onnx file")
     method: str = _option("pit", "--method", metavar="NAME",
-                          help="search method: pit (default), mps, qat, pit+mps, supernet, supernet+pit")
+                          help="search method: pit (default), mps, qat, pit+mps, supernet, supernet+pit, odimo")
     cost: "str | Callable | None" = _option(
         None, "--cost", metavar="NAME",
         help="cost model of the regularizer: params (default), macs, ops, params_no_bias; with a "
@@ -179,8 +179,10 @@ class OptimizeConfig:
         if kind and not method.supports_targets:
             raise PlinioOnnxError(f"--target-{kind} does not apply to --method {method.name}; "
                                   "use --strength (or the default)")
-        if (isinstance(self.cost, str) or self.cost is None) and self.cost_name not in BY_NAME:
-            raise PlinioOnnxError(f"unknown cost model {self.cost_name!r}; choose from {', '.join(sorted(BY_NAME))}")
+        if (isinstance(self.cost, str) or self.cost is None) and self.cost_name not in BY_NAME \
+                and self.cost_name not in method.costs:
+            choices = sorted(set(BY_NAME) | set(method.costs))
+            raise PlinioOnnxError(f"unknown cost model {self.cost_name!r}; choose from {', '.join(choices)}")
 
     # -- what the options mean ----------------------------------------------------------------
     @property
@@ -218,7 +220,9 @@ class OptimizeConfig:
     @property
     def cost_fn(self) -> Callable:
         """The cost model itself."""
-        return BY_NAME[self.cost_name] if isinstance(self.cost, str) or self.cost is None else self.cost
+        if not (isinstance(self.cost, str) or self.cost is None):
+            return self.cost
+        return self.search_method.costs.get(self.cost_name) or BY_NAME[self.cost_name]
 
     def target_value(self, base_cost: float) -> float | None:
         """The absolute target (a percentage is of ``base_cost``, the input model's cost)."""

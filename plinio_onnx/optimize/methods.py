@@ -11,7 +11,8 @@ from typing import Any, Mapping
 
 from ..errors import PlinioOnnxError
 from ..graph import Graph
-from ..methods import MPS, PIT, SearchableModel, SuperNet
+from ..methods import MPS, PIT, ODiMO, SearchableModel, SuperNet
+from ..methods.accelerators import ParallelLatency
 
 __all__ = ["METHODS", "METHOD_KEY", "Method", "get_method", "method_of_checkpoint", "tag_method"]
 
@@ -27,6 +28,8 @@ class Method:
     name: str
     model_class: type[SearchableModel]
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Cost models only this method knows, by name (ODiMO's "latency" over its accelerators).
+    costs: Mapping[str, Any] = field(default_factory=dict)
 
     def build(self, graph: Graph, cost) -> SearchableModel:
         """A fresh searchable model on ``graph``, or the resumed one for a searchable graph."""
@@ -58,6 +61,7 @@ METHODS: dict[str, Method] = {
     "pit+mps": Method("pit+mps", MPS, {"pit": True}),
     "supernet": Method("supernet", SuperNet),
     "supernet+pit": Method("supernet+pit", SuperNet, {"pit": True}),
+    "odimo": Method("odimo", ODiMO, costs={"latency": ParallelLatency()}),   # DIANA's digital + analog units
 }
 
 
