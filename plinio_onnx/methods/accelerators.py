@@ -19,6 +19,7 @@ data-movement term.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -71,6 +72,7 @@ class ParallelLatency:
             raise PlinioOnnxError(f"reduction must be one of {REDUCTIONS}, not {self.reduction!r}")
         if not self.accelerators:
             raise PlinioOnnxError("ParallelLatency needs at least one accelerator")
+        object.__setattr__(self, "_units", {a.name: a for a in self.accelerators})
 
     @property
     def __name__(self) -> str:  # the cost's name in reports and `SearchableModel.costs`
@@ -80,14 +82,15 @@ class ParallelLatency:
         counts = spec.extra.get(CHANNELS_KEY)
         if counts is None:
             counts = {self._whole(spec).name: spec.out_channels}
-        units = {a.name: a for a in self.accelerators}
+        units = self._units
         costs = []
         for name, channels in counts.items():
             if name not in units:
                 raise PlinioOnnxError(f"layer {spec.name!r}: no latency model for accelerator {name!r}")
             unit = units[name]
-            costs.append(unit.latency(spec.with_(out_channels=channels, weight_bits=unit.weight_bits,
-                                                 input_bits=unit.act_bits)))
+            on_unit = copy.copy(spec)   # `LayerSpec.with_` without dataclasses.replace's cost
+            on_unit.out_channels, on_unit.weight_bits, on_unit.input_bits = channels, unit.weight_bits, unit.act_bits
+            costs.append(unit.latency(on_unit))
         value = self._reduce(costs)
         if self.data_movement is not None:
             value = value + self.data_movement(spec, counts)

@@ -18,6 +18,7 @@ model's metadata (``odimo.mapping``) which node runs where.
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -75,6 +76,10 @@ class ODiMO(MPS):
         self.latency = latency
         self.mapping_record = record
         self._mapped = {layer.node: layer for layer in record.layers}
+        # One activation precision (the accelerators'): a layer's input bits are a constant.
+        self._input_bits = {node: int(self._activations[layer.activation].bits[0])
+                            for node, layer in self._layers.items()}
+        self._bit_tables = {node: torch.tensor(layer.bits, dtype=torch.float64) for node, layer in self._layers.items()}
 
     # -- effective architecture ---------------------------------------------------------------
     def channels_per_accelerator(self, node: str) -> dict[str, torch.Tensor] | None:
@@ -89,11 +94,19 @@ class ODiMO(MPS):
         return dict(zip(mapped.accelerators, counts.unbind()))
 
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:
-        spec = super().effective_spec(spec)
-        counts = self.channels_per_accelerator(spec.name)
-        if counts is None:
-            return spec
-        return spec.with_(extra={**spec.extra, CHANNELS_KEY: counts})
+        """The layer with its expected (eval: chosen) channel counts per accelerator, mean weight
+        bits and input bits (one softmax per layer and step: the cost runs every step)."""
+        mapped = self._mapped.get(spec.name)
+        if mapped is None:
+            return super().effective_spec(spec)
+        layer = self._layers[spec.name]
+        theta = self._theta(self.tensor(layer.alpha).to(torch.float64))
+        counts = theta.sum(1) if mapped.per_channel else theta * float(layer.channels)
+        effective = copy.copy(spec)   # `LayerSpec.with_` without dataclasses.replace's cost
+        effective.weight_bits = (counts * self._bit_tables[spec.name]).sum() / float(layer.channels)
+        effective.input_bits = self._input_bits[spec.name]
+        effective.extra = {**spec.extra, CHANNELS_KEY: dict(zip(mapped.accelerators, counts.unbind()))}
+        return effective
 
     # -- reporting ----------------------------------------------------------------------------
     @torch.no_grad()
