@@ -72,8 +72,8 @@ def main() -> None:
     for layer, counts in model.mapping().items():
         print(f"{layer}: " + ", ".join(f"{unit} {n}" for unit, n in counts.items()))
     latency = model.architecture()["latency"]
-    print(f"latency (cycles): mapping {latency['mapping']:,.0f}, all digital {latency['all_digital']:,.0f}, "
-          f"all analog {latency['all_analog']:,.0f}")
+    print(f"latency (cycles): mapping {latency['mapping']:.0f}, all digital {latency['all_digital']:.0f}, "
+          f"all analog {latency['all_analog']:.0f}")
     nodes = json.loads(exported.metadata["odimo.mapping"])["nodes"]
     print("sub-layers: " + ", ".join(f"{node} → {unit}" for node, unit in nodes.items()))
     logits = ort_session(exported.to_onnx()).run(None, {"input": data["x"][test]})[0]
