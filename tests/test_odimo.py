@@ -248,6 +248,22 @@ def test_user_accelerators_with_equal_precisions_stay_apart():
     assert json.loads(model.export().metadata[MAPPING_KEY])["nodes"]["conv/odimo/slow"] == "slow"
 
 
+def test_diana_units_alone_are_plinios_uniform_cases():
+    from plinio_onnx.cost import LayerSpec
+    from plinio_onnx.hardware.diana import diana_analog_latency, diana_digital_latency, diana_latency
+
+    def conv(c_in, c_out, k, hw, groups=1, w=8):
+        return LayerSpec(name="c", op="Conv", kind="conv", in_channels=c_in, out_channels=c_out, kernel_size=k * k,
+                         groups=groups, depthwise=groups > 1, output_positions=hw * hw, weight_bits=w,
+                         extra={"kernel_shape": [k, k], "output_shape": [hw, hw]})
+    for c_in, c_out, k, hw in ((16, 32, 3, 8), (3, 600, 1, 4), (64, 10, 1, 1)):
+        assert diana_digital_latency(conv(c_in, c_out, k, hw)) == diana_latency(conv(c_in, c_out, k, hw, w=8))
+        assert diana_analog_latency(conv(c_in, c_out, k, hw)) == diana_latency(conv(c_in, c_out, k, hw, w=2))
+    assert diana_digital_latency(conv(16, 0, 3, 8)) == 0 and diana_analog_latency(conv(16, 0, 3, 8)) == 0
+    with pytest.raises(ValueError, match="dense"):
+        diana_analog_latency(conv(16, 16, 3, 8, groups=16))
+
+
 # -- the command line -------------------------------------------------------------------------
 def test_optimize_method_odimo_on_digits(tmp_path):
     out = tmp_path / "odimo.onnx"
