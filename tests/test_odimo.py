@@ -153,6 +153,8 @@ def test_latency_is_the_maximum_over_the_units_by_hand():
     assert model.single_accelerator_latency("digital") == pytest.approx(_digital(8, 16, 3, 8, 8) + head)
     assert model.single_accelerator_latency("analog") == pytest.approx(
         _analog(8, 16, 3, 4, 64) + _analog(4, 8, 1, 8, 64))      # head: u = 8 (8·4 ≤ 512, 8·64 ≤ 1152)
+    summary = model.summary()
+    assert f"mapping {max(conv_analog, conv_digital) + head:,.0f}" in summary and "all on analog" in summary
     # Training: the expected channel counts (uniform logits: half of each layer on each unit).
     with torch.no_grad():
         for layer in model._layers.values():

@@ -148,6 +148,36 @@ class ODiMO(MPS):
                 "accelerators": {a.name: {"weight_bits": a.weight_bits, "act_bits": a.act_bits}
                                  for a in self.accelerators}}
 
+    def summary(self) -> str:
+        """MPS's table of precisions, then the mapping: per layer the channels on each accelerator
+        and its modelled latency, and the totals of the mapping and of every single accelerator."""
+        from io import StringIO
+
+        from rich.console import Console
+        from rich.table import Table
+
+        was_training = self.training
+        self.eval()
+        names = [a.name for a in self.accelerators]
+        table = Table(title="ODiMO mapping (argmax accelerators)")
+        for col in ["layer", *names, "latency"]:
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        try:
+            with torch.no_grad():
+                mapping = self.mapping()
+                for spec in self.specs:
+                    counts = mapping.get(spec.name, {})
+                    table.add_row(spec.name, *[str(counts.get(n, "")) for n in names],
+                                  f"{float(self.latency(self.effective_spec(spec))):,.0f}")
+                latency = self.architecture()["latency"]
+        finally:
+            self.train(was_training)
+        buffer = StringIO()
+        Console(file=buffer, width=140).print(table)
+        buffer.write(f"latency: mapping {latency['mapping']:,.0f}; "
+                     + "; ".join(f"all on {n} {latency[f'all_{n}']:,.0f}" for n in names) + "\n")
+        return super().summary() + buffer.getvalue()
+
     # -- search hooks -------------------------------------------------------------------------
     default_cost = "latency"
 
