@@ -8,9 +8,12 @@ the searchable module evaluates in eval mode):
   weight (and bias) quantizer whose logits are the channels' columns — so `FoldQuantizers`,
   which runs next, quantizes it at the accelerator's precision exactly as the whole layer was;
 * the sub-layers read the layer's (shared) quantized input, and a ``Concat`` on the channel
-  axis joins their outputs; a ``Gather`` on that axis (``<layer>/odimo/restore_order``) then
-  restores the original channel order, so consumers see what they saw (no Gather when the
-  regrouped order already is the original one);
+  axis joins their outputs in the regrouped order. Consumers see the original order again: when
+  every reader is a dense Conv reached through channel-wise ops only (ReLU, pooling, the
+  per-tensor activation quantizer), its weight's input channels are permuted instead (exact: the
+  per-output-channel weight scales do not change); otherwise a ``Gather`` on the channel axis
+  (``<layer>/odimo/restore_order``) restores the order (neither when the regrouped order already
+  is the original one);
 * an accelerator no channel chose gets no sub-layer; a layer on one accelerator stays whole
   (its name unchanged).
 
@@ -127,7 +130,7 @@ def _split(graph: Graph, nodes: dict, tensors: dict, layer: QuantizedLayer, mapp
             detach(dead)
     axis = mapped.channel_axis
     restore = np.argsort(np.asarray(order)).astype(np.int64)
-    if np.array_equal(restore, np.arange(restore.size)):
+    if np.array_equal(restore, np.arange(restore.size)) or _fold_into_consumers(g, result, np.asarray(order)):
         g.nodes.append(gs.Node("Concat", name=f"{layer.node}/odimo/concat", attrs={"axis": axis},
                                inputs=outputs, outputs=[result]))
     else:
@@ -138,6 +141,56 @@ def _split(graph: Graph, nodes: dict, tensors: dict, layer: QuantizedLayer, mapp
                                inputs=[joined, gs.Constant(f"{layer.node}/odimo/order", restore)],
                                outputs=[result]))
     return parts, records
+
+
+def _fold_into_consumers(g: gs.Graph, tensor: gs.Tensor, order: np.ndarray) -> bool:
+    """Permute the input channels of every layer that reads ``tensor`` (position j then holds
+    original channel ``order[j]``), when each path to them runs through channel-wise ops only
+    and each of them is a dense Conv whose float weight nothing else reads; False (nothing
+    changed) otherwise, and the caller restores the order with a Gather."""
+    outputs = {id(t) for t in g.outputs}
+    weights, stack, seen = [], [tensor], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in outputs:
+            return False
+        for consumer in current.outputs:
+            if id(consumer) in seen:
+                continue
+            seen.add(id(consumer))
+            if consumer.inputs[0] is not current or any(current is t for t in consumer.inputs[1:]):
+                return False
+            if consumer.op in _CHANNEL_WISE and (consumer.domain or "") in ("", "ai.onnx") \
+                    or consumer.op == fn.ACT_QUANT and (consumer.domain or "") == PLINIO_DOMAIN:
+                if any(t.outputs for t in consumer.outputs[1:]) and consumer.op != fn.ACT_QUANT:
+                    return False     # MaxPool's indices; the act quantizer's second output is its scale
+                stack.append(consumer.outputs[0])
+                continue
+            weight = _dense_conv_weight(consumer)
+            if weight is None:
+                return False
+            weights.append(weight)
+    for weight in {id(w): w for w in weights}.values():
+        weight.values = np.ascontiguousarray(np.take(np.asarray(weight.values), order, axis=1))
+    return bool(weights)
+
+
+#: Ops that act on every channel alike (no per-channel constants): a permutation passes through.
+_CHANNEL_WISE = {"Relu", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LeakyRelu", "Sigmoid",
+                 "Tanh", "HardSwish", "HardSigmoid", "Identity"}
+
+
+def _dense_conv_weight(node: gs.Node) -> gs.Constant | None:
+    """The float weight constant of a dense Conv (directly or through its MPS weight quantizer)
+    when only that Conv reads it; None otherwise."""
+    if node.op != "Conv" or (node.domain or "") not in ("", "ai.onnx") or int(node.attrs.get("group", 1)) != 1:
+        return None
+    weight = node.inputs[1]
+    if not isinstance(weight, gs.Constant) and weight.inputs and weight.inputs[0].op == fn.WEIGHT_QUANT:
+        if len(weight.outputs) != 1:
+            return None
+        weight = weight.inputs[0].inputs[0]
+    return weight if isinstance(weight, gs.Constant) and len(weight.outputs) == 1 else None
 
 
 def _sliced_bias(graph: Graph, node: gs.Node, layer: QuantizedLayer, accelerator: str,
