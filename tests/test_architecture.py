@@ -109,7 +109,7 @@ print(json.dumps({{"methods": "plinio_onnx.methods.pit" in sys.modules,
 # The package's __init__ imports the methods: a stand-in keeps them out.
 _WITHOUT_METHODS = """
 stand_in = types.ModuleType("plinio_onnx.methods")
-stand_in.MPS = stand_in.PIT = stand_in.SuperNet = stand_in.ODiMO = stand_in.odimo = None
+stand_in.MPS = stand_in.PIT = stand_in.SuperNet = stand_in.ODiMO = stand_in.odimo = stand_in.ParallelLatency = None
 stand_in.SearchableModel = type("SearchableModel", (), {})  # what the optimize flow names
 sys.modules["plinio_onnx.methods"] = stand_in
 """

@@ -98,6 +98,6 @@ def test_method_table_names_classes_and_finds_a_checkpoints_method():
     assert method_of_checkpoint(graph).name == "supernet+pit"
     assert method_of_checkpoint(METHODS["pit"].build(po.load(DIGITS), "params").searchable_graph()).name == "pit"
     assert method_of_checkpoint(po.load(DIGITS)) is None
-    odimo = METHODS["odimo"].build(po.load(DIGITS), METHODS["odimo"].costs["latency"]).searchable_graph()
+    odimo = METHODS["odimo"].build(po.load(DIGITS), METHODS["odimo"].costs["latency"]()).searchable_graph()
     assert "plinio.method" not in odimo.metadata   # found by its records (both MPS's and ODiMO's)
     assert method_of_checkpoint(odimo).name == "odimo"

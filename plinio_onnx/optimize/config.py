@@ -222,7 +222,8 @@ class OptimizeConfig:
         """The cost model itself."""
         if not (isinstance(self.cost, str) or self.cost is None):
             return self.cost
-        return self.search_method.costs.get(self.cost_name) or BY_NAME[self.cost_name]
+        make = self.search_method.costs.get(self.cost_name)
+        return make() if make is not None else BY_NAME[self.cost_name]
 
     def target_value(self, base_cost: float) -> float | None:
         """The absolute target (a percentage is of ``base_cost``, the input model's cost)."""
