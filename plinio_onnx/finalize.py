@@ -5,9 +5,11 @@ The pipeline, in the order written here and nowhere else:
 1. `PickBranches` — every SuperNet ``Choice`` becomes its argmax branch;
 2. `PruneChannels` — PIT masks are binarized and the channels sliced; it *requires* the choices
    picked (masks of dropped branches are gone then, and their groups are skipped);
-3. `FoldQuantizers` — MPS quantizers become QDQ or QONNX at their argmax precisions (zero-bit
+3. `SplitAccelerators` — every ODiMO layer becomes one sub-layer per accelerator it uses (their
+   quantizers stay for the next step);
+4. `FoldQuantizers` — MPS quantizers become QDQ or QONNX at their argmax precisions (zero-bit
    channels sliced); it requires the masks pruned (quantized weights are constants then);
-4. `StripSearchFunctions` — the ``ai.plinio`` functions, domain and ``plinio.*`` records go,
+5. `StripSearchFunctions` — the ``ai.plinio`` functions, domain and ``plinio.*`` records go,
    shapes are inferred again.
 
 `Finalize` copies the graph first (the searchable graph is left unchanged) and *ensures* what a
@@ -17,6 +19,7 @@ passes.
 from __future__ import annotations
 
 from plinio_onnx.passes.infra import FunctionalPass, InPlacePass, Pass, PassResult, Sequential
+from plinio_onnx.passes.odimo_split import SplitAccelerators
 from plinio_onnx.passes.pick import PickBranches
 from plinio_onnx.passes.prune import PruneChannels
 from plinio_onnx.passes.quantize import FoldQuantizers
@@ -42,7 +45,7 @@ class StripSearchFunctions(InPlacePass):
 
 def finalize_passes(*, format: str | None = "qdq", int4: "str | bool" = "off") -> list[Pass]:
     """The finalizing passes, in order (module docstring)."""
-    return [PickBranches(), PruneChannels(), FoldQuantizers(format=format, int4=int4), StripSearchFunctions()]
+    return [PickBranches(), PruneChannels(), SplitAccelerators(), FoldQuantizers(format=format, int4=int4), StripSearchFunctions()]
 
 
 class Finalize(FunctionalPass):

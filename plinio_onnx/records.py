@@ -9,6 +9,7 @@ writes them; everyone else holds the dataclasses below.
 * ``plinio.mps`` — `MPSRecord`: passes.mps → methods.mps and passes.quantize (its writers and the
   zero-bit slicing).
 * ``plinio.supernet`` — `SuperNetRecord`: passes.supernet → methods.supernet and passes.pick.
+* ``plinio.odimo`` — `ODiMORecord`: passes.odimo → methods.odimo and passes.odimo_split.
 * ``mps.bit_widths`` — `BitWidths`: what the quantized export chose; it stays in the deployable
   file (cost.bits reads it), so it is not a search record and keeps its unversioned shape.
 
@@ -32,7 +33,7 @@ from .analysis.channels import (ChannelCut, ChannelGroup, Consumer, GroupedConv,
 from .errors import PlinioOnnxError
 
 __all__ = ["ActivationQuantizer", "BitWidths", "Branch", "ChannelCut", "ChoiceRecord", "Consumer", "GroupRecord",
-           "GroupedConv", "LayerBits", "MPSRecord", "Member", "PITRecord", "Permutation", "Producer",
+           "AcceleratorRecord", "GroupedConv", "LayerBits", "MPSRecord", "MappedLayer", "Member", "ODiMORecord", "PITRecord", "Permutation", "Producer",
            "QuantizedLayer", "Record", "RecordError", "ReshapeWidth", "SkippedGroup", "SkippedLayer",
            "SkippedPlace", "SuperNetRecord", "TimeMaskRecord", "search_records"]
 
@@ -387,6 +388,47 @@ class BitWidths:
 
 
 # ==============================================================================================
+# ODiMO
+# ==============================================================================================
+@dataclass
+class AcceleratorRecord:
+    """One accelerator as the ODiMO pass saw it (its latency model lives in the method)."""
+
+    name: str
+    weight_bits: int
+    act_bits: int
+    dense_only: bool = False     # runs only dense (groups = 1) layers
+
+
+@dataclass
+class MappedLayer:
+    """A layer whose output channels are mapped onto ``accelerators`` (names, in the order of the
+    rows of its MPS logits); ``per_channel``: one accelerator per channel (else one per layer)."""
+
+    node: str
+    accelerators: list[str]
+    per_channel: bool
+    channel_axis: int            # the output's channel axis (Conv/Gemm: 1, MatMul: −1)
+
+
+@dataclass
+class ODiMORecord(Record):
+    """What the ODiMO pass leaves for `plinio_onnx.methods.odimo` and the export split
+    (`plinio_onnx.passes.odimo_split`); the quantizers themselves are in the `MPSRecord`."""
+
+    KEY: ClassVar[str] = "plinio.odimo"
+    VERSION: ClassVar[int] = 1
+
+    accelerators: list[AcceleratorRecord]
+    layers: list[MappedLayer]
+
+    @classmethod
+    def _parse(cls, data: dict) -> "ODiMORecord":
+        return cls(accelerators=_entries(AcceleratorRecord, data["accelerators"]),
+                   layers=_entries(MappedLayer, data["layers"]))
+
+
+# ==============================================================================================
 # SuperNet
 # ==============================================================================================
 @dataclass
@@ -443,5 +485,5 @@ class SuperNetRecord(Record):
 
 def search_records(graph) -> list[Record]:
     """Every search record ``graph`` holds (an empty list: it is not a searchable graph)."""
-    return [record for kind in (SuperNetRecord, PITRecord, MPSRecord) if (record := kind.of(graph)) is not None]
+    return [record for kind in (SuperNetRecord, PITRecord, MPSRecord, ODiMORecord) if (record := kind.of(graph)) is not None]
 

@@ -109,7 +109,7 @@ print(json.dumps({{"methods": "plinio_onnx.methods.pit" in sys.modules,
 # The package's __init__ imports the methods: a stand-in keeps them out.
 _WITHOUT_METHODS = """
 stand_in = types.ModuleType("plinio_onnx.methods")
-stand_in.MPS = stand_in.PIT = stand_in.SuperNet = None
+stand_in.MPS = stand_in.PIT = stand_in.SuperNet = stand_in.ODiMO = stand_in.odimo = stand_in.ParallelLatency = None
 stand_in.SearchableModel = type("SearchableModel", (), {})  # what the optimize flow names
 sys.modules["plinio_onnx.methods"] = stand_in
 """
@@ -189,7 +189,8 @@ _ALLOWED = {
     "functions": {"to_torch", "graph", "errors"},
     "passes": {"analysis", "cost", "functions", "graph", "records", "errors"},
     "load": {"graph", "passes", "errors"}, "sync": {"graph", "errors"}, "finalize": {"graph", "passes", "errors"},
-    "methods": {"cost", "finalize", "functions", "graph", "load", "passes", "records", "sync", "to_torch", "errors"},
+    "methods": {"cost", "finalize", "functions", "graph", "hardware", "load", "passes", "records", "sync", "to_torch",
+                "errors"},
     "regularizers": {"errors"},
     "hardware": {"analysis", "cost", "load", "runtime", "errors", "passes", "finalize"},
     "optimize": {"atomic", "cost", "data", "errors", "finite", "graph", "hardware", "load", "methods", "regularizers",

@@ -61,3 +61,16 @@ def test_custom_hardware_example():
     for method in ("pit", "mps"):
         before, after = (float(v.replace(",", "")) for v in lines[method].removesuffix(" cycles").split(" -> "))
         assert after < before
+
+
+def test_odimo_example_maps_channels_below_both_single_unit_latencies(tmp_path):
+    out = tmp_path / "odimo.onnx"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "07_odimo.py"), "--epochs", "1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    latency = next(line for line in lines if line.startswith("latency (cycles):"))
+    mapping, digital, analog = (float(part.split()[-1].replace(",", "")) for part in latency.split(":")[1].split(","))
+    assert mapping < min(digital, analog)
+    assert out.exists() and "/odimo/" in next(line for line in lines if line.startswith("sub-layers:"))
+    assert float(lines[-1].split()[-1]) > 0.8

@@ -90,7 +90,8 @@ def test_sequential_says_which_passes_ran_before_a_failure():
 def test_search_passes_are_functional_and_the_wrappers_return_graphs():
     graph = _graph()
     before = [n.name for n in graph.nodes]
-    for make in (po.passes.PITPass(), po.passes.MPSPass(), po.passes.SuperNetPass()):
+    for make in (po.passes.PITPass(), po.passes.MPSPass(), po.passes.SuperNetPass(),
+                 po.passes.ODiMOPass(accelerators=po.odimo.DEFAULT_ACCELERATORS)):
         assert not make.in_place
         result = make(graph)
         assert result.modified and result.graph is not graph
@@ -98,8 +99,8 @@ def test_search_passes_are_functional_and_the_wrappers_return_graphs():
     assert isinstance(po.passes.pit(graph), po.Graph)
     for finalizing in finalize_passes():
         assert finalizing.in_place
-    assert [p.name for p in finalize_passes()] == ["PickBranches", "PruneChannels", "FoldQuantizers",
-                                                   "StripSearchFunctions"]
+    assert [p.name for p in finalize_passes()] == ["PickBranches", "PruneChannels", "SplitAccelerators",
+                                                   "FoldQuantizers", "StripSearchFunctions"]
 
 
 def test_a_search_pass_requires_a_graph_it_can_search():

@@ -91,9 +91,13 @@ def test_mps_hooks_calibrate_and_anneal():
 def test_method_table_names_classes_and_finds_a_checkpoints_method():
     assert all(issubclass(m.model_class, SearchHooks) for m in METHODS.values())
     assert {name: m.model_class.__name__ for name, m in METHODS.items()} == {
-        "pit": "PIT", "mps": "MPS", "qat": "MPS", "pit+mps": "MPS", "supernet": "SuperNet", "supernet+pit": "SuperNet"}
+        "pit": "PIT", "mps": "MPS", "qat": "MPS", "pit+mps": "MPS", "supernet": "SuperNet", "supernet+pit": "SuperNet",
+        "odimo": "ODiMO"}
     assert METHODS["supernet+pit"].metadata_keys == (SUPERNET_KEY, PIT_KEY)
     graph = METHODS["supernet+pit"].build(po.load(DIGITS), "macs").searchable_graph()
     assert method_of_checkpoint(graph).name == "supernet+pit"
     assert method_of_checkpoint(METHODS["pit"].build(po.load(DIGITS), "params").searchable_graph()).name == "pit"
     assert method_of_checkpoint(po.load(DIGITS)) is None
+    odimo = METHODS["odimo"].build(po.load(DIGITS), METHODS["odimo"].costs["latency"]()).searchable_graph()
+    assert "plinio.method" not in odimo.metadata   # found by its records (both MPS's and ODiMO's)
+    assert method_of_checkpoint(odimo).name == "odimo"

@@ -47,6 +47,27 @@ def diana_latency(spec: LayerSpec) -> Any:
                    _digital_cycles(layer, layer.out_channels - on_analog)) * layer.repeats
 
 
+def diana_digital_latency(spec: LayerSpec) -> Any:
+    """Cycles of ``spec``'s ``out_channels`` output channels on DIANA's digital unit alone (8-bit
+    weights; ``out_channels`` may be an expected count, a tensor): one accelerator of ODiMO's
+    default pair (`plinio_onnx.methods.accelerators`)."""
+    layer = planar(spec)
+    if layer is None:
+        return 0
+    return _digital_cycles(layer, layer.out_channels) * layer.repeats
+
+
+def diana_analog_latency(spec: LayerSpec) -> Any:
+    """Cycles of ``spec``'s ``out_channels`` output channels on DIANA's analog unit alone
+    (ternary weights); the array only runs dense layers, so a grouped one raises ValueError."""
+    layer = planar(spec)
+    if layer is None:
+        return 0
+    if layer.depthwise or layer.groups != 1:
+        raise ValueError(f"layer {spec.name!r}: DIANA's analog unit runs only dense (groups = 1) layers")
+    return _analog_cycles(layer, layer.out_channels) * layer.repeats
+
+
 def _ox_unroll(ch_out: Any, ch_in: Any, k_x: Any, k_y: Any) -> int:
     """ComputeOxUnrollSTE: the largest output-row unrolling u ∈ {1, 2, 4, 8} with u·C_out ≤ 512
     and (u + k_x − 1)·max(64, C_in)·k_y ≤ 1152 (1 when none fits). Piecewise constant, so no

@@ -4,9 +4,11 @@ Every searchable model answers the optimization flow's questions (learning-rate 
 groups, schedules, cost-target repair, report) through `search_hooks.SearchHooks`;
 `plinio_onnx.optimize.methods` names the methods of ``optimize`` after these classes.
 """
+from .accelerators import ParallelLatency
 from .mps import MPS
+from .odimo import ODiMO
 from .pit import PIT
 from .searchable import SearchableModel
 from .supernet import SuperNet
 
-__all__ = ["MPS", "PIT", "SearchableModel", "SuperNet"]
+__all__ = ["MPS", "ODiMO", "PIT", "ParallelLatency", "SearchableModel", "SuperNet"]

@@ -75,8 +75,9 @@ def _option(default: Any = None, *flags: str, help: str | None = None, metavar: 
 class OptimizeConfig:
     """What `optimize` does with a model and its data (see `plinio_onnx.optimize.flow`).
 
-    ``method``: "pit", "mps", "qat", "pit+mps", "supernet" or "supernet+pit". ``cost``: the cost
-    model of the regularizer (a name of `plinio_onnx.cost`, "latency" / "energy" of the
+    ``method``: "pit", "mps", "qat", "pit+mps", "supernet", "supernet+pit" or "odimo". ``cost``:
+    the cost model of the regularizer (a name of `plinio_onnx.cost`, a cost of the method's own
+    (ODiMO's "latency"), "latency" / "energy" of the
     ``hardware`` profile, "peak_memory", or a callable on a `LayerSpec`; with targets, the first
     target's). Targets — ``target_params``, ``target_macs``, ``target_size`` (bytes),
     ``target_latency`` (on ``hardware``), ``target_memory`` (peak activation bytes) — are met
@@ -100,7 +101,7 @@ class OptimizeConfig:
     output: "str | os.PathLike" = _option(MISSING, "-o", "--output", metavar="OUT.onnx", required=True,
                                           help="output .onnx file")
     method: str = _option("pit", "--method", metavar="NAME",
-                          help="search method: pit (default), mps, qat, pit+mps, supernet, supernet+pit")
+                          help="search method: pit (default), mps, qat, pit+mps, supernet, supernet+pit, odimo")
     cost: "str | Callable | None" = _option(
         None, "--cost", metavar="NAME",
         help="cost model of the regularizer: params (default), macs, ops, params_no_bias; with a "
@@ -231,11 +232,12 @@ class OptimizeConfig:
                                       + (f" (it searches nothing that moves it; targets: "
                                          f"{', '.join('--target-' + k for k in allowed)})" if allowed else
                                          "; use --strength (or the default)"))
-        needs_hardware = "latency" in targets or self.cost_name in HARDWARE_COSTS
+        needs_hardware = "latency" in targets or (self.cost_name in HARDWARE_COSTS
+                                                   and self.cost_name not in method.costs)
         if needs_hardware and not self.hardware:
             raise PlinioOnnxError("--target-latency and --cost latency|energy need --hardware NAME "
                                   "(a hardware profile: gap8, ne16, diana, mpic, simd-mcu, ...)")
-        known = set(BY_NAME) | set(HARDWARE_COSTS) | {MEMORY_COST}
+        known = set(BY_NAME) | set(HARDWARE_COSTS) | {MEMORY_COST} | set(method.costs)
         if (isinstance(self.cost, str) or self.cost is None) and self.cost_name not in known:
             raise PlinioOnnxError(f"unknown cost model {self.cost_name!r}; choose from {', '.join(sorted(known))}")
 
@@ -309,6 +311,9 @@ class OptimizeConfig:
         """The primary cost model itself, when it needs no hardware profile or model (else see
         `plinio_onnx.optimize.targets.cost_ref`)."""
         if isinstance(self.cost, str) or self.cost is None:
+            make = self.search_method.costs.get(self.cost_name)   # a method's own (ODiMO's latency)
+            if make is not None:
+                return make()
             if self.cost_name not in BY_NAME:
                 raise PlinioOnnxError(f"cost {self.cost_name!r} is resolved by the optimize flow "
                                       "(plinio_onnx.optimize.targets.cost_ref)")

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from ..errors import PlinioOnnxError
 from ..graph import Graph
-from ..methods import MPS, PIT, SearchableModel, SuperNet
+from ..methods import MPS, PIT, ODiMO, ParallelLatency, SearchableModel, SuperNet
 
 __all__ = ["DEFAULT_CHANNEL_MULTIPLE", "METHODS", "METHOD_KEY", "Method", "default_channel_multiple", "get_method",
            "method_of_checkpoint", "tag_method"]
@@ -41,6 +41,8 @@ class Method:
     name: str
     model_class: type[SearchableModel]
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: Cost models only this method knows: name → a function making it (ODiMO's "latency").
+    costs: Mapping[str, Any] = field(default_factory=dict)
 
     def build(self, graph: Graph, cost) -> SearchableModel:
         """A fresh searchable model on ``graph``, or the resumed one for a searchable graph."""
@@ -84,6 +86,7 @@ METHODS: dict[str, Method] = {
     "pit+mps": Method("pit+mps", MPS, {"pit": True}),
     "supernet": Method("supernet", SuperNet),
     "supernet+pit": Method("supernet+pit", SuperNet, {"pit": True}),
+    "odimo": Method("odimo", ODiMO, costs={"latency": lambda: ParallelLatency()}),   # DIANA's two units
 }
 
 

@@ -1,6 +1,7 @@
 """What an `optimize` run did: the `Report` (JSON, markdown, a rich table on the console)."""
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from ..cost import layer_specs
 from ..cost import macs as macs_cost
 from ..cost import params as params_cost
 from ..graph import Graph
+from ..passes.odimo_split import MAPPING_KEY
 from .bits_report import quantization_markdown, quantization_table, summary_line
 from .checkpoint import dumps
 from .measure import latency_lines, latency_markdown
@@ -174,12 +176,23 @@ def percent(a: float, b: float) -> str:
     return f"{100.0 * a / b:.1f}%" if b else "n/a"
 
 
+def _joined_sub_layers(after: Graph, final: dict, name: str):
+    """An ODiMO layer split into one sub-layer per accelerator (``odimo.mapping``), as one spec:
+    its sub-layers' output channels together (they share input and kernel)."""
+    parts = json.loads(after.metadata.get(MAPPING_KEY, "{}")).get("layers", {}).get(name, {})
+    subs = [final[part] for part in parts if part in final]
+    if not subs:
+        return None
+    return subs[0].with_(name=name, out_channels=sum(int(s.out_channels) for s in subs),
+                         bias=any(s.bias for s in subs))
+
+
 def layer_rows(before: Graph, after: Graph) -> list[dict]:
     """Every layer of ``before`` with its channels, kernel, params and MACs before and after."""
     final = {spec.name: spec for spec in layer_specs(after)}
     rows = []
     for spec in layer_specs(before):
-        new = final.get(spec.name)
+        new = final.get(spec.name) or _joined_sub_layers(after, final, spec.name)
         rows.append({
             "name": spec.name, "op": spec.op,
             "in_before": int(spec.in_channels), "in_after": int(new.in_channels) if new else 0,

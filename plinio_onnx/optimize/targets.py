@@ -111,6 +111,8 @@ def cost_ref(name: str, *, method: Method, profile: Any = None, custom: Any = No
         return custom
     if name in BY_NAME:
         return BY_NAME[name]
+    if name in method.costs:   # the method's own, before a profile's (ODiMO's parallel latency)
+        return method.costs[name]()
     if name in HARDWARE_COSTS:
         if profile is None:
             raise PlinioOnnxError(f"the {name} cost needs --hardware NAME")

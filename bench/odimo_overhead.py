@@ -1,0 +1,60 @@
+"""ODiMO search overhead: a training step of ``po.ODiMO`` (two accelerators) vs the plain model's step.
+
+    python bench/odimo_overhead.py [--batch 32] [--rounds 15] [--models resnet8 mobilenetv2_tiny]
+
+Both sides load the same ONNX file. The plain side is ``po.to_torch(po.load(f))`` (forward,
+backward, SGD with momentum); the ODiMO side is ``po.ODiMO(f)`` with the default accelerators
+(DIANA's 8-bit digital and 2-bit analog units: per-channel softmax over the two, both
+quantizations computed every step), the same loss plus ``strength · model.cost`` (the parallel
+latency) and an Adam step on the mapping logits. Steps are timed alternately in one run
+(`_timing.paired_ratio`); the printed ratio is median(ODiMO) / median(plain).
+Target (DESIGN.md): ≤ 3.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import plinio_onnx as po  # noqa: E402
+from _timing import paired_ratio, sgd_training_step  # noqa: E402
+from mps_overhead import _mps_step  # noqa: E402  (the same search step: weights, logits, cost)
+
+MODELS = ROOT / "models"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--models", nargs="*", default=["resnet8", "mobilenetv2_tiny", "digits_cnn"])
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    for name in args.models:
+        path = MODELS / f"{name}.onnx"
+        graph = po.load(path)
+        shape = [args.batch] + [int(d) for d in graph.gs.inputs[0].shape[1:]]
+        x = torch.randn(shape)
+        plain = po.to_torch(graph)
+        with torch.no_grad():
+            classes = plain.eval()(x[:1]).shape[-1]
+        y = torch.randint(0, classes, (args.batch,))
+        model = po.ODiMO(path)
+        model.calibrate(x)
+        result = paired_ratio(_mps_step(model, x, y), sgd_training_step(plain, x, y), rounds=args.rounds)
+        print(f"{name}: ODiMO step {result['candidate_ms']:.2f} ms, plain step {result['baseline_ms']:.2f} ms, "
+              f"ratio {result['ratio']:.2f} (target <= 3)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
