@@ -42,15 +42,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PLINIO_SCALE_CACHE", Path(tempfile.gettempdir()) / "plinio_scale"))
 
 
-def weighted_model(name: str) -> Path:
-    """``light_<name>`` of ONNX's test data with random weights, saved at opset 17 (made once)."""
-    path = cache_dir() / f"{name}.onnx"
+def weighted_model(name: str, any_batch: bool = False) -> Path:
+    """``light_<name>`` of ONNX's test data with random weights, saved at opset 17 (made once);
+    ``any_batch``: with a symbolic batch (the shipped models fix it to 1)."""
+    path = cache_dir() / f"{name}{'_batch' if any_batch else ''}.onnx"
     if not path.exists():
-        run_phase(Path(__file__), "--phase", "make", name)
+        run_phase(Path(__file__), "--phase", "make", name, str(int(any_batch)))
     return path
 
 
-def _make(name: str) -> dict:
+def _free_batch(graph) -> None:
+    """Batch axis symbolic: the input's first dimension and every constant Reshape target's
+    leading 1 (``[1, 2048]`` → ``[-1, 2048]``)."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    for tensor in graph.gs.inputs:
+        tensor.shape = ["N"] + list(tensor.shape[1:])
+    for node in graph.nodes:
+        if node.op == "Reshape" and isinstance(node.inputs[1], gs.Constant):
+            shape = np.asarray(node.inputs[1].values)
+            if shape.size and shape[0] == 1 and -1 not in shape:
+                node.inputs[1] = gs.Constant(node.inputs[1].name + "_any_batch",
+                                             np.concatenate([[-1], shape[1:]]).astype(shape.dtype))
+    for tensor in graph.gs.outputs:
+        tensor.shape = None
+
+
+def _make(name: str, any_batch: bool) -> dict:
     import numpy as np
     import onnx
 
@@ -69,8 +88,12 @@ def _make(name: str) -> dict:
             fan_in = int(np.prod(values.shape[1:]))
             tensor.values = (rng.standard_normal(values.shape, dtype=np.float32)
                              * np.float32(np.sqrt(2.0 / fan_in))).astype(values.dtype)
+    if any_batch:
+        _free_batch(graph)
+        from plinio_onnx.graph import reinfer_shapes
+        reinfer_shapes(graph, what="a symbolic batch")
     cache_dir().mkdir(parents=True, exist_ok=True)
-    graph.save(cache_dir() / f"{name}.onnx")
+    graph.save(cache_dir() / f"{name}{'_batch' if any_batch else ''}.onnx")
     return {"made": name}
 
 
@@ -137,7 +160,7 @@ def _mib(value: float) -> str:
 
 
 def _report_step(args) -> None:
-    path = weighted_model("resnet50")
+    path = weighted_model("resnet50", any_batch=True)
     r = run_phase(Path(__file__), "--phase", "step", str(path), args.device, str(args.batch),
                   str(args.rounds), str(args.steps))
     print(f"ResNet-50 224x224, batch {r['batch']}, {r['device_name']}, {r['threads']} threads:")
@@ -165,7 +188,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--phase":
         phase, rest = sys.argv[2], sys.argv[3:]
         if phase == "make":
-            result = _make(rest[0])
+            result = _make(rest[0], bool(int(rest[1])))
         elif phase == "build":
             result = _build_export(rest[0], rest[1])
         else:

@@ -31,6 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from contextlib import contextmanager
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -205,13 +207,21 @@ def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     The matrices are small; a multithreaded LAPACK on a busy machine spends seconds spinning
     (measured: 3–5 s for a 128×640 matrix under load, 15 ms on one thread)."""
     import torch
+    with _one_thread():
+        u, s, vt = torch.linalg.svd(torch.from_numpy(np.asarray(matrix, dtype=np.float64)), full_matrices=False)
+    return u.numpy(), s.numpy(), vt.numpy()
+
+
+@contextmanager
+def _one_thread():
+    """torch on one thread in the block: its LAPACK solvers spin on a busy machine."""
+    import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        u, s, vt = torch.linalg.svd(torch.from_numpy(np.asarray(matrix, dtype=np.float64)), full_matrices=False)
+        yield
     finally:
         torch.set_num_threads(threads)
-    return u.numpy(), s.numpy(), vt.numpy()
 
 
 #: Above this many entries a matrix's low-rank factors come from its Gram matrix's eigenvectors
@@ -251,10 +261,12 @@ def _by_gram(matrix: np.ndarray):
     w = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
     tall = w.shape[0] > w.shape[1]
     side = w.T if tall else w              # [small, big]
-    values, vectors = torch.linalg.eigh((side @ side.T).double())
+    gram = side @ side.T                   # BLAS: all threads
+    with _one_thread():                    # (float32: the factors only initialize a branch)
+        values, vectors = torch.linalg.eigh(gram)
     order = torch.argsort(values, descending=True)
-    sigma = values[order].clamp(min=0).sqrt()
-    vectors = vectors[:, order].float()    # the small side's singular vectors, by σ
+    sigma = values[order].double().clamp(min=0).sqrt()
+    vectors = vectors[:, order]            # the small side's singular vectors, by σ
 
     def factors(rank: int) -> tuple[np.ndarray, np.ndarray]:
         s = sigma[:rank]

@@ -129,18 +129,23 @@ def _is_float_dtype(dtype) -> bool:
         return False
 
 
+def _is_quantized_array(values) -> bool:
+    """int8/uint8 weights held as an array (never shape-like; INT4 ones are held packed)."""
+    return isinstance(values, np.ndarray) and values.dtype in (np.int8, np.uint8)
+
+
 def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
     """``graph`` exported without its weight data, so checks cost what the graph's size costs.
 
-    Large floating initializers are exported as graph inputs of the same type and shape: shape
-    inference reads only their shapes (shape-like constants, which it reads by value, stay)."""
+    Large floating (and int8/uint8) initializers are exported as graph inputs of the same type and
+    shape: shape inference reads only their shapes (shape-like constants, which it reads by value, stay)."""
     big: list[tuple[gs.Node, int, gs.Constant]] = []
     stand_ins: dict[str, gs.Variable] = {}
     for node in graph.nodes:
         for i, tensor in enumerate(node.inputs):
             # shape/dtype, not values: reading values would unpack lazily held (e.g. int4) data
             if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > 16 and \
-                    _is_float_dtype(tensor.dtype):
+                    (_is_float_dtype(tensor.dtype) or _is_quantized_array(tensor._values)):
                 stand_in = stand_ins.setdefault(tensor.name, gs.Variable(
                     tensor.name, dtype=tensor.dtype, shape=list(tensor.shape)))
                 big.append((node, i, tensor))
