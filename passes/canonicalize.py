@@ -63,9 +63,23 @@ def _constant_nodes_to_initializers(g: gs.Graph) -> None:
         node.outputs.clear()
 
 
+def _foldable(g: gs.Graph) -> bool:
+    """Whether folding could change ``g``: a node reads only constants (or nothing), or reads a
+    shape. Without one, folding is skipped: it copies the whole model, weights included, to
+    evaluate nothing."""
+    for node in g.nodes:
+        if (node.domain or "") == PLINIO_DOMAIN:
+            continue
+        if node.op in ("Shape", "Size") or all(isinstance(t, gs.Constant) or not t.name for t in node.inputs):
+            return True
+    return False
+
+
 def _fold_constants(g: gs.Graph) -> None:
     # onnx-graphsurgeon evaluates all-constant subgraphs with ONNX Runtime; shape subgraphs of
     # statically known dimensions fold too. Its logging is noisy on partial failures.
+    if not _foldable(g):
+        return
     import onnxruntime
     onnxruntime.set_default_logger_severity(3)
     logger = logging.getLogger("onnx_graphsurgeon")

@@ -6,7 +6,7 @@ node, or the single-entry, single-exit subgraph between two tensors, is a region
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
@@ -27,6 +27,8 @@ class Region:
     nodes: list[gs.Node]        # the original nodes
     layer: gs.Node | None = None  # set for a Conv/Gemm/MatMul layer region
     bias_add: gs.Node | None = None  # MatMul's bias Add
+    #: what the alternatives' makers compute once and share (e.g. a weight's decomposition)
+    decompositions: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def is_layer(node: gs.Node) -> bool:

@@ -9,6 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .atomic import atomic_path
+from .serialize import structure, tensor_proto, write_model
 
 #: IR version written on every save: ONNX Runtime 1.19 reads IR <= 10.
 IR_VERSION = 10
@@ -45,11 +46,16 @@ class Graph:
     def initializers(self) -> dict[str, gs.Constant]:
         return {name: t for name, t in self.gs.tensors().items() if isinstance(t, gs.Constant)}
 
-    def copy(self) -> "Graph":
+    def copy(self, *, weights: bool = False) -> "Graph":
         """A copy that passes can edit without touching this graph: new nodes, tensors and
         attribute dicts; weight arrays are shared, so passes assign new arrays, never write
-        into ``tensor.values`` in place."""
+        into ``tensor.values`` in place. ``weights``: copy the arrays too (a graph whose
+        weights may then be trained in place, e.g. by ``to_torch(share_weights=True)``)."""
         copied = self.gs.copy()
+        if weights:
+            for tensor in copied.tensors().values():
+                if isinstance(tensor, gs.Constant) and isinstance(tensor._values, np.ndarray):
+                    tensor.values = tensor.values.copy()
         # (read through __dict__: onnx-graphsurgeon resolves unknown attributes as graph helpers)
         copied.sub_byte_types = dict(self.gs.__dict__.get("sub_byte_types", {}))
         return Graph(copied, source=self.source, metadata=self.metadata)
@@ -60,24 +66,42 @@ class Graph:
 
     # -- serialization ------------------------------------------------------------------------
     def to_onnx(self, *, check: bool = True) -> onnx.ModelProto:
-        """Export to a ``ModelProto`` with IR version 10 and, optionally, run the checker."""
+        """Export to a ``ModelProto`` with IR version 10 and, optionally, run the checker (on the
+        graph without its weight data: `check_graph`)."""
+        model, constants = self._structure()
+        for constant in constants:  # one at a time: the weights are copied once
+            model.graph.initializer.append(tensor_proto(constant))
+        if check:
+            check_graph(self.gs)
+        return model
+
+    def _structure(self) -> "tuple[onnx.ModelProto, list[gs.Constant]]":
+        """The model without its initializers, and the constants that are (`serialize.structure`)."""
         self.gs.cleanup(remove_unused_graph_inputs=False).toposort()
-        model = gs.export_onnx(self.gs, do_type_check=False)
+        model, constants = structure(self.gs)
         model.ir_version = IR_VERSION
         if self.metadata:
             del model.metadata_props[:]
             for key, value in self.metadata.items():
                 model.metadata_props.add(key=key, value=value)
-        if check and _weight_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model)
-        return model
+        return model, constants
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the model atomically (temp file + rename); external data above 2 GB.
+        """Write the model atomically (temp file + rename), checked (`check_graph`); external data
+        above 2 GB. The weights are written from their arrays (`serialize.write_model`): saving
+        holds no second copy of them.
 
         Refuses to overwrite the file the graph was loaded from.
         """
-        return save_model(self.to_onnx(), path, source=self.source)
+        model, constants = self._structure()
+        if sum(np.asarray(c._values).nbytes if isinstance(c._values, np.ndarray) else c._values.nbytes
+               for c in constants) >= EXTERNAL_DATA_THRESHOLD:
+            return save_model(self.to_onnx(), path, source=self.source)
+        check_graph(self.gs)
+        path = _writable(path, self.source)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            write_model(model, constants, handle)
+        return path
 
 
 def _weight_bytes(model: onnx.ModelProto) -> int:
@@ -105,18 +129,23 @@ def _is_float_dtype(dtype) -> bool:
         return False
 
 
+def _is_quantized_array(values) -> bool:
+    """int8/uint8 weights held as an array (never shape-like; INT4 ones are held packed)."""
+    return isinstance(values, np.ndarray) and values.dtype in (np.int8, np.uint8)
+
+
 def _skeleton(graph: gs.Graph) -> onnx.ModelProto:
     """``graph`` exported without its weight data, so checks cost what the graph's size costs.
 
-    Large floating initializers are exported as graph inputs of the same type and shape: shape
-    inference reads only their shapes (shape-like constants, which it reads by value, stay)."""
+    Large floating (and int8/uint8) initializers are exported as graph inputs of the same type and
+    shape: shape inference reads only their shapes (shape-like constants, which it reads by value, stay)."""
     big: list[tuple[gs.Node, int, gs.Constant]] = []
     stand_ins: dict[str, gs.Variable] = {}
     for node in graph.nodes:
         for i, tensor in enumerate(node.inputs):
             # shape/dtype, not values: reading values would unpack lazily held (e.g. int4) data
             if isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape)) > 16 and \
-                    _is_float_dtype(tensor.dtype):
+                    (_is_float_dtype(tensor.dtype) or _is_quantized_array(tensor._values)):
                 stand_in = stand_ins.setdefault(tensor.name, gs.Variable(
                     tensor.name, dtype=tensor.dtype, shape=list(tensor.shape)))
                 big.append((node, i, tensor))
@@ -185,13 +214,7 @@ def reinfer_shapes(graph: Graph, *, what: str, check: bool = True, forget: bool 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | None = None) -> Path:
     """Atomically write ``model`` to ``path`` with IR 10, never over ``source``."""
-    from .errors import PlinioOnnxError
-
-    path = Path(path)
-    if source is not None and Path(source).exists() and path.exists() \
-            and os.path.samefile(path, source):
-        raise PlinioOnnxError("refusing to overwrite the input model; choose another output path",
-                              file=str(path))
+    path = _writable(path, source)
     model.ir_version = IR_VERSION
     large = _weight_bytes(model) >= EXTERNAL_DATA_THRESHOLD
     with atomic_path(path) as tmp:
@@ -209,6 +232,18 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
                 onnx.save_model(saved, tmp)
         else:
             onnx.save_model(model, tmp)
+    return path
+
+
+def _writable(path: str | os.PathLike, source: str | None) -> Path:
+    """``path``, unless it is the file ``source`` (the input model), which is never overwritten."""
+    from .errors import PlinioOnnxError
+
+    path = Path(path)
+    if source is not None and Path(source).exists() and path.exists() \
+            and os.path.samefile(path, source):
+        raise PlinioOnnxError("refusing to overwrite the input model; choose another output path",
+                              file=str(path))
     return path
 
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
@@ -70,6 +71,8 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
     except Exception as err:  # e.g. raw data shorter than its dims
         raise ModelLoadError(f"cannot read the model ({_one_line(err)})", file=source) from None
     graph.sub_byte_types = sub_byte_types(proto)
+    # (a container of the parsed model would keep all of the model, weights included, alive)
+    graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains or ()]
     try:
         infer_shapes(graph, check=False)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as err:
@@ -79,7 +82,32 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
     if canonicalize:
         from plinio_onnx.passes.canonicalize import canonicalize as _canonicalize
         result = _canonicalize(result, tied=tied)
+    _materialize(result.gs)
     return result
+
+
+def _materialize(graph: gs.Graph) -> None:
+    """Detach every initializer from the parsed model, so the model (which lazily read constants
+    reference, keeping all of it alive) is freed once loading returns and a loaded graph holds
+    its weights once: values numpy holds are read into arrays; the others (INT4, bfloat16,
+    float8: read lazily so they export as they came) keep a copy of their own tensor."""
+    lazy_type = gs.ir.tensor.LazyValues
+    for tensor in graph.tensors().values():
+        if not isinstance(tensor, gs.Constant) or not isinstance(tensor._values, lazy_type):
+            continue
+        proto = tensor._values.tensor
+        if proto.data_type in _NUMPY_TYPES:
+            tensor.values = np.asarray(tensor.values)
+        else:
+            own = onnx.TensorProto()
+            own.CopyFrom(proto)
+            tensor._values = lazy_type(own)
+
+
+#: ONNX tensor types numpy holds exactly (the others stay lazily read).
+_NUMPY_TYPES = frozenset(getattr(onnx.TensorProto, name) for name in (
+    "FLOAT", "DOUBLE", "FLOAT16", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64",
+    "UINT64", "BOOL"))
 
 
 def _read(path: Path) -> onnx.ModelProto:

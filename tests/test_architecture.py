@@ -181,7 +181,7 @@ def test_the_flow_reads_no_private_member_of_a_model():
 # What each package may import (docs/architecture.md); the command-line modules may import anything.
 _ALLOWED = {
     "errors": set(), "atomic": set(), "runtime": {"errors"},
-    "graph": {"errors", "atomic"},
+    "graph": {"errors", "atomic", "serialize"}, "serialize": set(),
     "analysis": {"graph"},
     "records": {"analysis", "errors"},
     "cost": {"graph", "records", "errors"},

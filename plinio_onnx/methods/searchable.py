@@ -18,7 +18,7 @@ from ..errors import PlinioOnnxError
 from ..finalize import finalize
 from ..graph import Graph
 from ..load import load
-from ..sync import sync
+from ..sync import sync, unshare
 from ..to_torch import to_torch
 from .search_hooks import SearchHooks
 from ..to_torch.builder import ModulePass
@@ -27,7 +27,9 @@ CostFn = Callable[[LayerSpec], object]
 
 
 def as_graph(model: "str | os.PathLike | onnx.ModelProto | Graph") -> Graph:
-    return model.copy() if isinstance(model, Graph) else load(model)
+    """The graph of ``model``, owned by the searchable model: a `Graph` is copied with its
+    weights (the model trains them in place: `to_torch`'s ``share_weights``)."""
+    return model.copy(weights=True) if isinstance(model, Graph) else load(model)
 
 
 def as_cost(cost: "CostFn | str", named: "Mapping[str, CostFn] | None" = None) -> CostFn:
@@ -70,7 +72,8 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
     def __init__(self, graph: Graph, cost: "CostFn | str | Mapping[str, CostFn | str]") -> None:
         super().__init__()
         self.graph = graph
-        self.module = to_torch(graph, passes=self.module_passes)
+        # the module trains the graph's own arrays: the weights are held once
+        self.module = to_torch(graph, passes=self.module_passes, share_weights=True)
         #: The named costs (``cost={"params": ..., "latency": ...}``; one cost: named after itself).
         self.costs = named_costs(cost)
         #: The primary cost model: the first named cost, what `.cost` computes.
@@ -147,7 +150,7 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
     def export(self, path: "str | os.PathLike | None" = None, **options) -> Graph:
         """Finalize the current architecture into a deployable graph; save it when ``path`` is
         given. ``options`` go to the finalizers (e.g. ``format="qdq"``)."""
-        deployable = finalize(self.searchable_graph(), **options)
+        deployable = unshare(finalize(self.searchable_graph(), **options), self.module)
         if path is not None:
             deployable.save(path)
         return deployable

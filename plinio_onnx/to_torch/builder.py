@@ -7,6 +7,7 @@ is how `sync` writes trained values into the graph.
 """
 from __future__ import annotations
 
+import bisect
 import re
 from typing import Callable, Sequence
 
@@ -91,9 +92,34 @@ def _is_trainable(values: np.ndarray) -> bool:
     return np.issubdtype(values.dtype, np.floating) and values.size > 1
 
 
+class _SharedMemory:
+    """Byte ranges of the arrays a module already holds without copying: a second tensor over
+    the same memory (initializers tied by value share one array) must get its own copy."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def claim(self, values: np.ndarray) -> bool:
+        """Whether ``values`` may be held as it is (writable, C-contiguous and aligned, its
+        memory not claimed before); claims it when so."""
+        flags = values.flags
+        if not (flags.writeable and flags.c_contiguous and flags.aligned) or values.size == 0:
+            return False
+        low = values.ctypes.data
+        high = low + values.nbytes
+        at = bisect.bisect_right(self._starts, low)
+        if (at > 0 and self._ends[at - 1] > low) or (at < len(self._starts) and self._starts[at] < high):
+            return False
+        self._starts.insert(at, low)
+        self._ends.insert(at, high)
+        return True
+
+
 class _Builder:
-    def __init__(self, graph: Graph) -> None:
+    def __init__(self, graph: Graph, share_weights: bool = False) -> None:
         self.graph = graph
+        self._shared = _SharedMemory() if share_weights else None
         self.fx = fx.Graph()
         self.root = torch.nn.Module()
         self.env: dict[str, fx.Node] = {}
@@ -129,9 +155,11 @@ class _Builder:
         if tensor.name in self.env:
             return self.env[tensor.name]
         if isinstance(tensor, gs.Constant):
-            values = np.array(tensor.values)  # own copy: the graph keeps its values
+            values = np.asarray(tensor.values)
+            if self._shared is None or not self._shared.claim(values):
+                values = np.array(values, order="C")  # own copy: the graph keeps its values
             if values.dtype == np.float64 or values.dtype.kind in "fiub":
-                data = torch.from_numpy(np.ascontiguousarray(values))
+                data = torch.from_numpy(values)
             else:
                 raise Unsupported(f"initializer {tensor.name!r} has unsupported dtype {values.dtype}")
             name = self._unique(tensor.name)
@@ -211,16 +239,20 @@ def _domain_version(g: gs.Graph, domain: str) -> int:
 ModulePass = Callable[[OnnxModule], None]
 
 
-def to_torch(graph: Graph, passes: Sequence[ModulePass] = ()) -> OnnxModule:
+def to_torch(graph: Graph, passes: Sequence[ModulePass] = (), *, share_weights: bool = False) -> OnnxModule:
     """Generate the torch module computing ``graph``; see the module docstring for parameters.
     ``passes`` then rewrite it, in order (none by default: the module has one call per node; a
     searchable model requests the rewrites it trains with).
+
+    ``share_weights``: the module's tensors are the graph's arrays themselves where they can be
+    (no copy: what a big model needs), so training writes into the graph's initializers;
+    otherwise (default) the module holds copies and the graph keeps its values.
 
     Raises `UnsupportedOpError` listing every node the loader cannot express, before anything runs.
     """
     if not isinstance(graph, Graph):
         graph = load(graph)
-    module = _Builder(graph).build()
+    module = _Builder(graph, share_weights).build()
     for rewrite in passes:
         rewrite(module)
     return module
