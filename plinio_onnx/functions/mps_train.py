@@ -40,6 +40,16 @@ def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(-1, 1)
 
 
+def _clamp_rows(values: torch.Tensor, lows: Sequence[int], highs: Sequence[int]) -> torch.Tensor:
+    """Clamp row p of ``values`` to [lows[p], highs[p]] in place (a clamp with tensor bounds is
+    several times slower than clamps with scalar ones)."""
+    if len(set(lows)) == 1 and len(set(highs)) == 1:
+        return values.clamp_(lows[0], highs[0])
+    for row, lo, hi in zip(values, lows, highs):
+        row.clamp_(lo, hi)
+    return values
+
+
 class MixedActQuant(torch.autograd.Function):
     """y = Σ_p θ_p·s_p·clamp(round(x·(1/s_p)), lo_p, hi_p) with PACT gradients (see the module
     docstring); ``exact``: x/s_p instead of x·(1/s_p), the eval-time ops bit for bit."""
@@ -52,11 +62,7 @@ class MixedActQuant(torch.autograd.Function):
             q = torch.div(flat, _column(plan.scales, x))
         else:  # x·(1/s) rounds like x/s except on exact ties, and multiplies faster
             q = torch.mul(flat, _column([1.0 / s for s in plan.scales], x))
-        q.round_()
-        if len(plan.scales) == 1:
-            q.clamp_(plan.lows[0], plan.highs[0])
-        else:
-            q = torch.clamp(q, _column(plan.lows, x), _column(plan.highs, x), out=q)
+        _clamp_rows(q.round_(), plan.lows, plan.highs)
         coefficients = torch.tensor([w * s for w, s in zip(plan.weights, plan.scales)], dtype=x.dtype)
         y = torch.mv(q.t(), coefficients) if len(plan.scales) > 1 else q.reshape(-1).mul_(coefficients)
         ctx.save_for_backward(x, q, theta, clip)
@@ -79,19 +85,18 @@ class MixedActQuant(torch.autograd.Function):
             outside_total = torch.dot(flat_grad, sign)
         else:       # Σ_{x≥c} g = Σ_{x>0} g − Σ_{0<x<c} g
             positive = hardtanh_backward(grad, x, 0.0, float("inf")).sum()
-        clip_grads = []
-        for p, (weight, c) in enumerate(zip(plan.weights, plan.clips)):
-            inside = hardtanh_backward(grad, x, -c if signed else 0.0, c)
-            if signed:
-                clip_grads.append(weight * (outside_total - torch.dot(inside.reshape(-1), sign)))
-            else:
-                clip_grads.append(weight * (positive - inside.sum()))
-            if ctx.needs_input_grad[0]:
-                if grad_x is None:
-                    grad_x = inside.mul_(weight) if weight != 1.0 else inside
-                else:
-                    grad_x.add_(inside, alpha=weight)
-        grad_clip = torch.stack(clip_grads).to(clip.dtype) if ctx.needs_input_grad[2] else None
+        # One row per precision: g where x lies inside its clip range (0 elsewhere).
+        inside = grad.new_empty((len(plan.clips),) + tuple(grad.shape))
+        for row, c in zip(inside, plan.clips):
+            hardtanh_backward(grad, x, -c if signed else 0.0, c, grad_input=row)
+        rows = inside.reshape(len(plan.clips), -1)
+        weights = torch.tensor(plan.weights, dtype=grad.dtype, device=grad.device)
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mv(rows.t(), weights).reshape(x.shape)
+        grad_clip = None
+        if ctx.needs_input_grad[2]:
+            clipped = outside_total - torch.mv(rows, sign) if signed else positive - rows.sum(1)
+            grad_clip = clipped.mul_(weights).to(clip.dtype)
         return grad_x, grad_theta, grad_clip, None, None, None
 
 
@@ -118,9 +123,9 @@ class MixedWeightQuant(torch.autograd.Function):
         levels = torch.tensor([float(max(2 ** b - 1, 1)) for b in bits], dtype=w.dtype).reshape(stacked)
         scales = torch.div(m.mul(2.0).unsqueeze(0), levels)         # [P, *m.shape], as eval's s
         values = torch.div(w.unsqueeze(0), scales).round_()
-        lows = torch.tensor([-(2 ** (b - 1)) if b else 0 for b in bits], dtype=w.dtype).reshape(stacked)
-        highs = torch.tensor([2 ** (b - 1) - 1 if b else 0 for b in bits], dtype=w.dtype).reshape(stacked)
-        torch.clamp(values, lows, highs, out=values).mul_(scales)    # Q_p·s_p
+        lows = [-(2 ** (b - 1)) if b else 0 for b in bits]
+        highs = [2 ** (b - 1) - 1 if b else 0 for b in bits]
+        _clamp_rows(values, lows, highs).mul_(scales)                # Q_p·s_p
         if 0 in bits:
             scales[[p for p, b in enumerate(bits) if b == 0]] = 0.0
         theta_b = _theta_like(theta.detach(), plan.axis, rank)     # [P, 1…] or [P, …C…]
