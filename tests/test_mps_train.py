@@ -1,4 +1,4 @@
-"""The fused training-mode mixtures (`plinio_onnx.functions.mps_train`) against plain autograd
+"""The fused training-mode mixtures (`plinio_onnx.functions.mps_train`, `mps._MixedActQuant`) against plain autograd
 references written precision by precision: values and the gradients of weights, inputs, clips and
 the logits α behind θ = softmax(α), in float64."""
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_fused_activation_mixture_matches_the_reference(signed, bits):
     x = (torch.randn(4, 8, 5, 5, dtype=torch.float64) * 3).requires_grad_()
     alpha = torch.randn(len(bits), dtype=torch.float64, requires_grad=True)
     clip = torch.tensor([2.0, 4.0, 1.0][:len(bits)], dtype=torch.float64, requires_grad=True)
-    y = fn._MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, bits, signed)
+    y = fn._MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, bits, signed, fn._Scratch())
     reference = _act_reference(x, torch.softmax(alpha, 0), clip, bits, signed)
     torch.testing.assert_close(y, reference, **TIGHT)
     grad = torch.randn_like(y)

@@ -1,43 +1,20 @@
-"""MPS's training-mode mixtures Σ_p θ_p·Q_p as custom autograd functions over all precisions at once.
+"""MPS's training-mode weight mixture Σ_p θ_p·Q_p(W) as one custom autograd function over all precisions.
 
-A quantizer in training computes every candidate precision (`plinio_onnx.functions.mps`). Written
-as one chain of small ops per precision, a step of a small model spends most of its time in op
-dispatch and autograd bookkeeping. Here each mixture is one `torch.autograd.Function`: the P
-precisions are one [P, …] tensor (one multiply, one round, one clamp for all of them), the mixture
-is one weighted sum, and the backward is written by hand in a few passes:
-
-* `MixedActQuant` (PACT activations): forward saves the integers Q [P, N] and x; backward gives
-  ∂/∂θ_p = s_p·⟨g, Q_p⟩ (one matrix-vector product), ∂/∂x = g·Σ_p θ_p·1[x inside p's range],
-  ∂/∂c_p = θ_p·Σ_{x clipped at c_p} g (signed: ± at ∓c_p).
-* `MixedWeightQuant` (min-max weights): forward saves Q_p·s_p [P, …]; backward gives ∂/∂W = g
-  (straight-through; Σθ = 1), ∂/∂θ_p = ⟨g, Q_p·s_p⟩ per channel (or per layer), and the scale
-  output's ∂/∂θ_p = s_p.
-
-Values are those of the per-precision reference ops (same scales, same rounding half to even, same
-clamps); only the order of the final float sums may differ (a few ulps). The reference
-implementations in plain autograd ops live in tests/test_mps_train.py.
+Written as a chain of small ops per precision, a weight quantizer's step on a small model spends
+most of its time in op dispatch and autograd bookkeeping. `MixedWeightQuant` stacks the P
+precisions into one [P, …] tensor (one divide, one round, a clamp per precision, one weighted
+sum) and writes the backward by hand: it saves Q_p·s_p [P, …] and gives ∂/∂W = g
+(straight-through; Σθ = 1), ∂/∂θ_p = ⟨g, Q_p·s_p⟩ per channel (or per layer), and through the
+scale output ∂/∂θ_p = s_p. Values are those of the per-precision ops (same scales, rounding half
+to even, same clamps). (Activation mixtures stay `plinio_onnx.functions.mps._MixedActQuant`:
+its per-precision loop over reused buffers is faster on large activations than a [P, N] stack.)
+The plain-autograd reference lives in tests/test_mps_train.py.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
 import torch
-
-
-class ActPlan(NamedTuple):
-    """The numbers of an activation mixture, per precision, as Python floats (taken from the
-    detached θ and clips each call): θ_p, the clip c_p (≥ the minimum clip), the integer bounds and
-    the scale s_p (float32-rounded, as the exported scale)."""
-    weights: tuple[float, ...]
-    clips: tuple[float, ...]
-    lows: tuple[int, ...]
-    highs: tuple[int, ...]
-    scales: tuple[float, ...]
-
-
-def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """[P, 1] tensor of ``values`` in ``like``'s dtype (rounded like a Python scalar operand)."""
-    return torch.tensor(values, dtype=like.dtype, device=like.device).reshape(-1, 1)
 
 
 def _clamp_rows(values: torch.Tensor, lows: Sequence[int], highs: Sequence[int]) -> torch.Tensor:
@@ -48,56 +25,6 @@ def _clamp_rows(values: torch.Tensor, lows: Sequence[int], highs: Sequence[int])
     for row, lo, hi in zip(values, lows, highs):
         row.clamp_(lo, hi)
     return values
-
-
-class MixedActQuant(torch.autograd.Function):
-    """y = Σ_p θ_p·s_p·clamp(round(x·(1/s_p)), lo_p, hi_p) with PACT gradients (see the module
-    docstring); ``exact``: x/s_p instead of x·(1/s_p), the eval-time ops bit for bit."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan,
-                signed: bool, exact: bool = False) -> torch.Tensor:
-        flat = x.reshape(1, -1)
-        if exact:
-            q = torch.div(flat, _column(plan.scales, x))
-        else:  # x·(1/s) rounds like x/s except on exact ties, and multiplies faster
-            q = torch.mul(flat, _column([1.0 / s for s in plan.scales], x))
-        _clamp_rows(q.round_(), plan.lows, plan.highs)
-        coefficients = torch.tensor([w * s for w, s in zip(plan.weights, plan.scales)], dtype=x.dtype)
-        y = torch.mv(q.t(), coefficients) if len(plan.scales) > 1 else q.reshape(-1).mul_(coefficients)
-        ctx.save_for_backward(x, q, theta, clip)
-        ctx.plan, ctx.signed = plan, signed
-        return y.reshape(x.shape)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, q, theta, clip = ctx.saved_tensors
-        plan, signed = ctx.plan, ctx.signed
-        grad = grad.contiguous()
-        flat_grad = grad.reshape(-1)
-        grad_theta = grad_x = None
-        if ctx.needs_input_grad[1]:
-            scales = torch.tensor(plan.scales, dtype=theta.dtype, device=theta.device)
-            grad_theta = torch.mv(q, flat_grad).to(theta.dtype).mul_(scales)
-        hardtanh_backward = torch.ops.aten.hardtanh_backward
-        if signed:  # Σ_{x≥c} g − Σ_{x≤−c} g = Σ g·sign(x) − Σ_{|x|<c} g·sign(x)
-            sign = torch.sign(x).reshape(-1)
-            outside_total = torch.dot(flat_grad, sign)
-        else:       # Σ_{x≥c} g = Σ_{x>0} g − Σ_{0<x<c} g
-            positive = hardtanh_backward(grad, x, 0.0, float("inf")).sum()
-        # One row per precision: g where x lies inside its clip range (0 elsewhere).
-        inside = grad.new_empty((len(plan.clips),) + tuple(grad.shape))
-        for row, c in zip(inside, plan.clips):
-            hardtanh_backward(grad, x, -c if signed else 0.0, c, grad_input=row)
-        rows = inside.reshape(len(plan.clips), -1)
-        weights = torch.tensor(plan.weights, dtype=grad.dtype, device=grad.device)
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.mv(rows.t(), weights).reshape(x.shape)
-        grad_clip = None
-        if ctx.needs_input_grad[2]:
-            clipped = outside_total - torch.mv(rows, sign) if signed else positive - rows.sum(1)
-            grad_clip = clipped.mul_(weights).to(clip.dtype)
-        return grad_x, grad_theta, grad_clip, None, None, None
 
 
 class WeightPlan(NamedTuple):
