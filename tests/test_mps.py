@@ -669,8 +669,8 @@ def test_zero_bit_channels_are_sliced_out(name):
         stored = json.loads(exported.metadata[BITS_METADATA_KEY])["layers"]
         nodes = {n.name: n for n in exported.nodes}
         for layer, info in model._layers.items():  # every layer keeps what it did not lose
-            weight = weight_source(nodes[layer].inputs[1])
-            assert np.shape(weight.values)[info.axis] == info.channels - len(stored[layer]["removed_channels"])
+            kept = _stored_weight_shape(nodes[layer].inputs[1])[info.axis]
+            assert kept == info.channels - len(stored[layer]["removed_channels"])
         for group in model.info.groups:
             removed = set(stored[group.producers[0].node]["removed_channels"])
             zero = [chosen[p.node] == 0 for p in group.producers]
@@ -684,9 +684,26 @@ def test_zero_bit_channels_are_sliced_out(name):
                 assert removed == set(wanted[:group.size - 1].tolist())
                 for consumer in group.consumers:
                     width = original[consumer.node].inputs[1].shape[consumer.axis]
-                    got_width = np.shape(weight_source(nodes[consumer.node].inputs[1]).values)[consumer.axis]
+                    got_width = _stored_weight_shape(nodes[consumer.node].inputs[1])[consumer.axis]
                     assert got_width == width - len(removed) * consumer.inner
     assert sum(len(e["removed_channels"]) for e in stored.values()) > 0
+
+
+def _stored_weight_shape(tensor) -> list[int]:
+    """The shape of the weight a layer reads: stored (QDQ, QONNX one precision) or, for a QONNX
+    mixed layer, its precision groups joined by a Concat (and a Gather back into channel order)."""
+    source = weight_source(tensor)
+    if isinstance(source, gs.Constant):
+        return list(np.shape(source.values))
+    producer = source.inputs[0]
+    if producer.op == "Gather":
+        shape = _stored_weight_shape(producer.inputs[0])
+        shape[int(producer.attrs.get("axis", 0))] = len(producer.inputs[1].values)
+        return shape
+    assert producer.op == "Concat", producer.op
+    parts = [_stored_weight_shape(part) for part in producer.inputs]
+    axis = int(producer.attrs["axis"])
+    return parts[0][:axis] + [sum(p[axis] for p in parts)] + parts[0][axis + 1:]
 
 
 def _hand_graph(nodes, inits, x_shape, y_shape) -> po.Graph:

@@ -40,6 +40,7 @@ from ..graph import PLINIO_DOMAIN
 from ..to_torch.context import NodeContext
 from ..to_torch.registry import Unsupported, register
 from . import make_function
+from .mps_train import MixedWeightQuant, WeightPlan
 from .relaxation import FIXED, SAMPLINGS, SOFTMAX, choice_weights, is_sampling, sampling_mode
 
 ACT_QUANT = "MPSActQuant"
@@ -382,31 +383,16 @@ class WeightQuantizer(torch.nn.Module):
     def __init__(self, bits: tuple[int, ...], axis: int, reduce_axes: list[int], sampling: str) -> None:
         super().__init__()
         self.bits, self.axis, self.reduce_axes, self.sampling = tuple(bits), axis, list(reduce_axes), sampling
+        self._plan = WeightPlan(self.bits, axis, tuple(self.reduce_axes))
 
     def forward(self, weight, alpha, temperature):
-        table = torch.tensor(self.bits, dtype=weight.dtype, device=weight.device)
-        rank = weight.dim()
         if not self.training or self.sampling == FIXED:
+            table, rank = torch.tensor(self.bits, dtype=weight.dtype, device=weight.device), weight.dim()
             bits = broadcast_bits(table[alpha.argmax(0)], rank, self.axis)
             y, s = weight_fake_quant(weight, bits, self.reduce_axes)
             return y, s.reshape(-1)
         theta = choice_weights(alpha, temperature, self.sampling, True)  # [P] or [P, C]
-        # Training: Σ_p θ_p·q_p·s_p from one shared max, a few small ops per precision.
-        w = weight.detach()
-        m = w.abs().amax(dim=self.reduce_axes, keepdim=True).clamp_min(1e-30)
-        value, scale = None, None
-        for p, b in enumerate(self.bits):
-            tp = broadcast_bits(theta[p], rank, self.axis)
-            if b == 0:
-                sp = torch.zeros_like(m)
-                term = torch.zeros_like(w)
-            else:
-                sp = (m * 2.0) / float(2 ** b - 1)  # as eval: max|W|/s is a tie (2^b − 1)/2
-                term = torch.round(w / sp).clamp_(-(2 ** (b - 1)), 2 ** (b - 1) - 1).mul_(sp) * tp
-            value = term if value is None else value + term
-            sp = sp.reshape(-1) * theta[p]
-            scale = sp if scale is None else scale + sp
-        return value + (weight - w), scale   # straight-through into W (Σθ = 1)
+        return MixedWeightQuant.apply(weight, theta, self._plan)
 
 
 # -- handlers ---------------------------------------------------------------------------------
