@@ -314,3 +314,24 @@ def test_mps_report_numbers_equal_hand_computation_from_the_exported_file(mixed)
     assert size["after"] == total_bytes <= size["target"] and size["met"]
     md = out.with_suffix(".report.md").read_text()
     assert "## Bit-widths" in md and "of uniform int8" in md
+
+
+def test_latency_target_in_seconds_is_refused_below_reach_and_says_so():
+    """A measured latency is ~1e-5 s: the reach check is relative (a target 2% under the least
+    reachable latency is refused, not passed by an absolute epsilon) and the message shows the
+    seconds and percentages (not "0"), and names --channel-multiple."""
+    from plinio_onnx.optimize.methods import get_method
+    from plinio_onnx.optimize.targets import budgets
+
+    def seconds(spec):   # 5 µs a layer + 1 ns a weight: a measured table's shape
+        return 5e-6 + 1e-9 * spec.in_channels * spec.out_channels * spec.kernel_size
+
+    graph, method = po.load(MODEL), get_method("pit").with_channel_multiple(16)
+    reachable = budgets({"latency": "90%"}, graph, method, {"latency": seconds})[0]
+    assert reachable.base < 1e-3 and 0 < reachable.min_reachable < 0.9 * reachable.base
+    below = reachable.min_reachable * 0.98
+    with pytest.raises(po.PlinioOnnxError) as err:
+        budgets({"latency": below}, graph, method, {"latency": seconds})
+    message = str(err.value)
+    assert f"{below:.4g}" in message and f"{reachable.min_reachable:.4g}" in message
+    assert f"{below / reachable.base:.0%} of the input's" in message and "--channel-multiple (now 16)" in message

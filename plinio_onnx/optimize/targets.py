@@ -197,7 +197,17 @@ def _min_reachable(found: list[Budget], graph: Graph, method: Method) -> None:
         return
     for budget in found:
         budget.min_reachable = first if budget is found[0] else float(model.cost_of(budget.ref).detach())
-        if budget.value < budget.min_reachable - 1e-6:
-            raise PlinioOnnxError(f"target {budget.kind} {budget.value:,.0f} is below the smallest architecture "
-                                  f"{method.name} can reach ({budget.min_reachable:,.0f} {budget.unit}: one channel "
-                                  "per searched layer, the lowest precisions, unsearched layers whole)")
+        # relative tolerance: a latency in seconds is ~1e-5, below any absolute epsilon
+        if budget.value < budget.min_reachable * (1 - 1e-9) - 1e-12:
+            multiple = int(method.options.get("channel_multiple", 1) or 1)
+            hint = (f"; a smaller --channel-multiple (now {multiple}) reaches further" if multiple > 1 else "")
+            raise PlinioOnnxError(f"target {budget.kind} {_amount(budget.value)} {budget.unit} "
+                                  f"({budget.value / budget.base:.0%} of the input's) is below the smallest "
+                                  f"architecture {method.name} can reach ({_amount(budget.min_reachable)} "
+                                  f"{budget.unit}, {budget.min_reachable / budget.base:.0%}: one channel block "
+                                  f"per searched layer, the lowest precisions, unsearched layers whole{hint})")
+
+
+def _amount(value: float) -> str:
+    """A cost for a message: whole counts with thousands separators, others (seconds) to 4 digits."""
+    return f"{value:,.0f}" if abs(value) >= 1000 or float(value).is_integer() else f"{value:.4g}"
