@@ -87,7 +87,7 @@ from .config import OptimizeConfig, Recipe
 from .data import Problem, split_ort_scores
 from .distributed import Distributed, start
 from .lock import RunLock
-from .measure import measure_latency
+from .measure import latency_target_notes, measure_latency
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
 from .plots import PLOTS, write_plots
@@ -319,6 +319,7 @@ def _measures_and_plots(report: Report, config: OptimizeConfig, model_path: Path
         sample = (problem.test or problem.val).head(8)[0]   # a few samples; the first feeds each model
         report.measured_latency = measure_latency(model_path, output, problem.input_names,
                                                   [t.cpu().numpy() for t in sample])
+        report.notes += latency_target_notes(report.constraints, report.measured_latency, config.hardware)
     report.files.update(write_plots(report, output.with_suffix("")))
 
 
