@@ -163,3 +163,20 @@ def test_no_measure_skips_the_timing(tmp_path, monkeypatch, capsys):
                  "--warmup-epochs", "0", "--finetune-epochs", "0", "--threads", "1", "--quiet"]) == 0
     assert json.loads(out.with_name("m.report.json").read_text())["measured_latency"] is None
     assert "Measured latency" not in out.with_name("m.report.md").read_text()
+
+
+def test_a_latency_target_met_in_prediction_but_not_measured_is_noted():
+    """MobileNetV2-style at --target-latency 60%: predicted 57.8 %, measured 67.4 % of the
+    input's latency — the report says so; within the slack, or with nothing measured, it does not."""
+    from plinio_onnx.optimize.measure import latency_target_notes
+
+    constraint = {"kind": "latency", "given": "60%", "before": 2.0e-4, "target": 1.2e-4, "after": 1.156e-4}
+    measured = {"ort-cpu": {"input_ms": 0.190, "output_ms": 0.128, "speedup": 0.190 / 0.128}}
+    (note,) = latency_target_notes([constraint], measured, "ort-cpu")
+    assert "60.0% of the input" in note and "prediction (57.8%)" in note and "measured 67.4%" in note
+    assert "0.128 vs 0.190 ms" in note
+    close = {"ort-cpu": {"input_ms": 0.190, "output_ms": 0.123, "speedup": 0.190 / 0.123}}   # 64.7 %: in the slack
+    assert latency_target_notes([constraint], close, "ort-cpu") == []
+    assert latency_target_notes([constraint], measured, "gap8") == []      # an analytical profile: not timed
+    assert latency_target_notes([{**constraint, "kind": "params"}], measured, "ort-cpu") == []
+    assert latency_target_notes([constraint], {"ort-cpu": {"error": "x"}}, "ort-cpu") == []

@@ -314,3 +314,47 @@ def test_mps_report_numbers_equal_hand_computation_from_the_exported_file(mixed)
     assert size["after"] == total_bytes <= size["target"] and size["met"]
     md = out.with_suffix(".report.md").read_text()
     assert "## Bit-widths" in md and "of uniform int8" in md
+
+
+def test_latency_target_in_seconds_is_refused_below_reach_and_says_so():
+    """A measured latency is ~1e-5 s: the reach check is relative (a target 2% under the least
+    reachable latency is refused, not passed by an absolute epsilon) and the message shows the
+    seconds and percentages (not "0"), and names --channel-multiple."""
+    from plinio_onnx.optimize.methods import get_method
+    from plinio_onnx.optimize.targets import budgets
+
+    def seconds(spec):   # 5 µs a layer + 1 ns a weight: a measured table's shape
+        return 5e-6 + 1e-9 * spec.in_channels * spec.out_channels * spec.kernel_size
+
+    graph, method = po.load(MODEL), get_method("pit").with_channel_multiple(16)
+    reachable = budgets({"latency": "90%"}, graph, method, {"latency": seconds})[0]
+    assert reachable.base < 1e-3 and 0 < reachable.min_reachable < 0.9 * reachable.base
+    below = reachable.min_reachable * 0.98
+    with pytest.raises(po.PlinioOnnxError) as err:
+        budgets({"latency": below}, graph, method, {"latency": seconds})
+    message = str(err.value)
+    assert f"{below:.4g}" in message and f"{reachable.min_reachable:.4g}" in message
+    assert f"{below / reachable.base:.0%} of the input's" in message and "--channel-multiple (now 16)" in message
+
+
+def test_a_latency_in_seconds_meets_its_target_only_below_it_and_is_printed():
+    """Targets are met up to float rounding, relatively: with an absolute 1e-6 a 20 µs latency
+    1 % (0.2 µs) over a 12 µs target passed as met, and the search stopped early. Reports and
+    messages print such costs to 4 digits, not as "0"."""
+    from plinio_onnx.optimize.report import constraints_table
+    from plinio_onnx.optimize.targets import format_cost, within_target
+
+    target = 0.6 * 20e-6
+    control = TargetControl(Recipe(), {"latency": target}, {"latency": "latency"}, _Scripted(),
+                            {"step": 0, "lam": 1.0, "lambdas": {"latency": 1.0}, "initial_costs": {"latency": 20e-6}},
+                            10)
+    assert control.met({"latency": target}) and control.met({"latency": target * (1 + 1e-12)})
+    assert not control.met({"latency": target * 1.01}) and not within_target(target * 1.01, target)
+    assert within_target(12_000, 12_000) and not within_target(12_001, 12_000)
+    assert format_cost(1.2e-5) == "1.2e-05" and format_cost(12_000.0) == "12,000" and format_cost(8) == "8"
+    from rich.console import Console
+    console = Console(record=True, width=120)
+    console.print(constraints_table([{"kind": "latency", "unit": "s", "before": 20e-6, "after": 1.214e-5,
+                                      "target": target, "given": "60%", "met": False}], "constraint"))
+    text = console.export_text()
+    assert "2e-05" in text and "1.214e-05 (60.7%)" in text and "1.2e-05 (60%)" in text and "no" in text

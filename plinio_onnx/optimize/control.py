@@ -16,6 +16,7 @@ import torch
 from ..cost import WorstRatio
 from ..regularizers import DUCCIO, AdaptiveTarget
 from .config import Recipe
+from .targets import within_target
 
 __all__ = ["TargetControl", "make_control", "upgrade_state"]
 
@@ -57,7 +58,7 @@ class _Control:
 
     def met(self, costs: Mapping[str, float]) -> bool:
         """Whether every cost is within its target."""
-        return all(costs[kind] <= target + 1e-6 for kind, target in self.targets.items())
+        return all(within_target(costs[kind], target) for kind, target in self.targets.items())
 
     def _one_or_worst(self, bounds: Mapping[str, float]) -> tuple[Any, float]:
         """(cost, bound) for a search hook that drives one cost to a bound: the cost itself with

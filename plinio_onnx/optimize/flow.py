@@ -87,7 +87,7 @@ from .config import OptimizeConfig, Recipe
 from .data import Problem, split_ort_scores
 from .distributed import Distributed, start
 from .lock import RunLock
-from .measure import measure_latency
+from .measure import latency_target_notes, measure_latency
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
 from .plots import PLOTS, write_plots
@@ -96,7 +96,8 @@ from .bits_report import quantization_report
 from .report import Report, layer_rows
 from .search_phase import search
 from .sources import DataSources, load_problem
-from .targets import COST_OF_TARGET, Budget, budgets, cost_ref, exported_cost, graph_cost, method_for_targets
+from .targets import (COST_OF_TARGET, Budget, budgets, cost_ref, exported_cost, format_cost, graph_cost,
+                      method_for_targets, within_target)
 from .training import Run, choose_threads, evaluate
 
 __all__ = ["baseline", "export_searchable", "optimize"]
@@ -303,9 +304,9 @@ def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base
 def _save_output(final: Graph, model_path: Path, output: Path, base: _Base, search_info: dict) -> None:
     for budget in base.budgets:
         final_cost = exported_cost(final, budget.ref, search_info.get("costs", {}).get(budget.kind, 0.0))
-        if final_cost > budget.value + 1e-6:
-            raise PlinioOnnxError(f"internal error: the exported model's {budget.kind} ({final_cost:,.0f}) "
-                                  f"exceeds the target ({budget.value:,.0f}); nothing was written")
+        if not within_target(final_cost, budget.value):
+            raise PlinioOnnxError(f"internal error: the exported model's {budget.kind} ({format_cost(final_cost)}) "
+                                  f"exceeds the target ({format_cost(budget.value)}); nothing was written")
     final.source = str(model_path)   # save() then refuses to overwrite the input model
     final.save(output)
 
@@ -318,6 +319,7 @@ def _measures_and_plots(report: Report, config: OptimizeConfig, model_path: Path
         sample = (problem.test or problem.val).head(8)[0]   # a few samples; the first feeds each model
         report.measured_latency = measure_latency(model_path, output, problem.input_names,
                                                   [t.cpu().numpy() for t in sample])
+        report.notes += latency_target_notes(report.constraints, report.measured_latency, config.hardware)
     report.files.update(write_plots(report, output.with_suffix("")))
 
 
@@ -346,7 +348,7 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
     for budget in base.budgets:
         after = exported_cost(final, budget.ref, search_info.get("costs", {}).get(budget.kind, 0.0))
         constraints.append({**budget.to_json(), "target": budget.value, "before": budget.base, "after": after,
-                            "met": after <= budget.value + 1e-6})
+                            "met": within_target(after, budget.value)})
     return Report(
         model=model, output=output, method=method.name, task=problem.task.kind, metric=problem.task.metric,
         cost=config.cost_name, target=target, strength=search_info.get("strength"),

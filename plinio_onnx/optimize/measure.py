@@ -18,7 +18,7 @@ import onnx
 from ..errors import PlinioOnnxError
 from ..runtime import RUNNERS, alternate_seconds, latency_clock, openvino_available
 
-__all__ = ["latency_lines", "latency_markdown", "measure_latency", "not_faster", "runtimes"]
+__all__ = ["latency_lines", "latency_markdown", "latency_target_notes", "measure_latency", "not_faster", "runtimes"]
 
 
 def runtimes() -> list[str]:
@@ -71,6 +71,28 @@ def _feeds(model: onnx.ModelProto, input_names: list[str], samples: list[np.ndar
 def not_faster(measured: dict | None) -> list[str]:
     """The runtimes in which the output is not faster than the input."""
     return [runtime for runtime, row in (measured or {}).items() if "speedup" in row and row["speedup"] <= 1.0]
+
+
+def latency_target_notes(constraints: list[dict], measured: dict | None, hardware: str | None,
+                         slack: float = 0.05) -> list[str]:
+    """Notes for a latency target on a measured profile (``hardware`` one of the runtimes
+    ``measured`` holds) met in prediction while the measured output/input ratio is over the
+    target's share of the input by more than ``slack`` (of the input's latency): the profile
+    predicted the export's latency low, and the user should know."""
+    row = (measured or {}).get(hardware or "")
+    if not row or "error" in row or not row.get("input_ms"):
+        return []
+    notes = []
+    for c in constraints:
+        if c["kind"] != "latency" or not c.get("before"):
+            continue
+        wanted, predicted = c["target"] / c["before"], c["after"] / c["before"]
+        ratio = row["output_ms"] / row["input_ms"]
+        if ratio > wanted + slack:
+            notes.append(f"the latency target ({c['given']}: {wanted:.1%} of the input) is met by the {hardware} "
+                         f"profile's prediction ({predicted:.1%}), but the output measured {ratio:.1%} of the "
+                         f"input's latency in {hardware} ({row['output_ms']:.3f} vs {row['input_ms']:.3f} ms)")
+    return notes
 
 
 def latency_markdown(measured: dict | None) -> list[str]:

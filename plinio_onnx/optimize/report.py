@@ -15,6 +15,7 @@ from .bits_report import quantization_markdown, quantization_table, summary_line
 from .checkpoint import dumps
 from .measure import latency_lines, latency_markdown
 from .plots import plot_links
+from .targets import format_cost
 
 __all__ = ["Report", "layer_rows", "percent"]
 
@@ -74,9 +75,9 @@ class Report:
         lines = [f"# plinio-onnx optimize: {Path(self.model).name} → {Path(self.output).name}", "",
                  f"- method: {self.method}, cost: {self.cost}"
                  + (f", channel multiple: {self.channel_multiple}" if self.channel_multiple else "")
-                 + (f", target: {self.target['kind']} ≤ {self.target['value']:,.0f} ({self.target['given']})"
+                 + (f", target: {self.target['kind']} ≤ {format_cost(self.target['value'])} ({self.target['given']})"
                     if self.target and len(self.constraints) <= 1 else "")
-                 + (", targets: " + ", ".join(f"{c['kind']} ≤ {c['target']:,.0f} ({c['given']})"
+                 + (", targets: " + ", ".join(f"{c['kind']} ≤ {format_cost(c['target'])} ({c['given']})"
                                               for c in self.constraints) if len(self.constraints) > 1 else "")
                  + (f", strength: {self.strength:.3g}" if self.strength is not None else ""),
                  f"- task: {self.task} (metric: {self.metric}); splits: train {self.splits['train']}, "
@@ -94,8 +95,8 @@ class Report:
         if self.constraints:
             lines += ["", f"## Targets ({self.regularizer} regularizer)", "",
                       "| cost | before | after | target | given | met |", "|---|---:|---:|---:|---|---|"]
-            lines += [f"| {c['kind']} ({c['unit']}) | {c['before']:,.0f} | {c['after']:,.0f} "
-                      f"({percent(c['after'], c['before'])}) | {c['target']:,.0f} | {c['given']} | "
+            lines += [f"| {c['kind']} ({c['unit']}) | {format_cost(c['before'])} | {format_cost(c['after'])} "
+                      f"({percent(c['after'], c['before'])}) | {format_cost(c['target'])} | {c['given']} | "
                       f"{'yes' if c['met'] else '**no**'} |" for c in self.constraints]
         if self.quantization:
             lines += [""] + quantization_markdown(self.quantization)
@@ -165,8 +166,8 @@ def constraints_table(constraints: list[dict], regularizer: str | None):
     for col in ("cost", "before", "after", "target", "met"):
         table.add_column(col, justify="left" if col in ("cost", "met") else "right")
     for c in constraints:
-        table.add_row(f"{c['kind']} ({c['unit']})", f"{c['before']:,.0f}",
-                      f"{c['after']:,.0f} ({percent(c['after'], c['before'])})", f"{c['target']:,.0f} ({c['given']})",
+        table.add_row(f"{c['kind']} ({c['unit']})", f"{format_cost(c['before'])}",
+                      f"{format_cost(c['after'])} ({percent(c['after'], c['before'])})", f"{format_cost(c['target'])} ({c['given']})",
                       "yes" if c["met"] else "[red]no[/red]")
     return table
 

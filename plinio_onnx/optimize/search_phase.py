@@ -21,6 +21,7 @@ from .checkpoint import load_optimizer, optimizer_arrays, parameter_names
 from .control import make_control, upgrade_state
 from .methods import Method, tag_method
 from .report import percent
+from .targets import format_cost
 from .training import Run, adam, to_device
 
 __all__ = ["search"]
@@ -205,10 +206,10 @@ class _SearchPhase:
         self.rec.update(state=state, current_file=self.current_file, optim_file=optim_file,
                         seconds=self.elapsed + time.perf_counter() - self.t0)
         run.ckpt.commit("search", self.rec)
-        extra = f"  {c:,.0f} ({percent(c, self.base_cost)})"
+        extra = f"  {format_cost(c)} ({percent(c, self.base_cost)})"
         if control is not None:
-            extra += f" → {control.aim():,.0f}  λ {state['lam']:.3g}"
-            extra += "".join(f"  {kind} {costs[kind]:,.0f} → {control.aim(kind):,.0f}" for kind in list(costs)[1:])
+            extra += f" → {format_cost(control.aim())}  λ {state['lam']:.3g}"
+            extra += "".join(f"  {kind} {format_cost(costs[kind])} → {format_cost(control.aim(kind))}" for kind in list(costs)[1:])
         run.bar.epoch(epoch, run.info(scores, extra))
         run.epoch_done("search", epoch, {"val": scores, "cost": c})
 
@@ -221,7 +222,7 @@ class _SearchPhase:
             return False
         if self.target is not None:
             if not self.control.enforce():
-                wanted = ", ".join(f"{kind} {value:,.0f}" for kind, value in self.targets.items())
+                wanted = ", ".join(f"{kind} {format_cost(value)}" for kind, value in self.targets.items())
                 raise PlinioOnnxError(f"the search could not reach the target ({wanted}); "
                                       "try a larger target or more --epochs")
             rec["best_file"] = ckpt.save_graph(self._searchable(), "search-best-fallback.onnx")

@@ -33,8 +33,8 @@ from ..graph import Graph
 from .methods import Method
 
 __all__ = ["Budget", "COST_OF_TARGET", "HARDWARE_COSTS", "MEMORY_COST", "QUANTIZING", "REGULARIZERS",
-           "TARGET_KINDS", "budgets", "cost_ref", "exported_cost", "method_for_targets", "method_target_kinds",
-           "parse_amount", "resolve_target"]
+           "TARGET_KINDS", "budgets", "cost_ref", "exported_cost", "format_cost", "method_for_targets",
+           "method_target_kinds", "parse_amount", "resolve_target", "within_target"]
 
 TARGET_KINDS = ("params", "macs", "size", "latency", "memory")
 #: The cost model (a name) each target kind constrains.
@@ -199,7 +199,23 @@ def _min_reachable(found: list[Budget], graph: Graph, method: Method) -> None:
         return
     for budget in found:
         budget.min_reachable = first if budget is found[0] else float(model.cost_of(budget.ref).detach())
-        if budget.value < budget.min_reachable - 1e-6:
-            raise PlinioOnnxError(f"target {budget.kind} {budget.value:,.0f} is below the smallest architecture "
-                                  f"{method.name} can reach ({budget.min_reachable:,.0f} {budget.unit}: one channel "
-                                  "per searched layer, the lowest precisions, unsearched layers whole)")
+        if not within_target(budget.min_reachable, budget.value):
+            multiple = int(method.options.get("channel_multiple", 1) or 1)
+            hint = (f"; a smaller --channel-multiple (now {multiple}) reaches further" if multiple > 1 else "")
+            raise PlinioOnnxError(f"target {budget.kind} {format_cost(budget.value)} {budget.unit} "
+                                  f"({budget.value / budget.base:.0%} of the input's) is below the smallest "
+                                  f"architecture {method.name} can reach ({format_cost(budget.min_reachable)} "
+                                  f"{budget.unit}, {budget.min_reachable / budget.base:.0%}: one channel block "
+                                  f"per searched layer, the lowest precisions, unsearched layers whole{hint})")
+
+
+def format_cost(value: float) -> str:
+    """A cost for a message or a report: counts with thousands separators, small non-integer
+    costs (a latency in seconds, ~1e-5) to 4 significant digits rather than "0"."""
+    return f"{value:,.0f}" if abs(value) >= 1000 or float(value).is_integer() else f"{value:.4g}"
+
+
+def within_target(cost: float, target: float) -> bool:
+    """Whether ``cost`` meets the (positive) ``target``, up to float rounding — a relative
+    tolerance: an absolute one (1e-6) would be 5 % of a 20 µs latency target."""
+    return float(cost) <= float(target) * (1 + 1e-9)
