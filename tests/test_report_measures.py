@@ -180,3 +180,19 @@ def test_a_latency_target_met_in_prediction_but_not_measured_is_noted():
     assert latency_target_notes([constraint], measured, "gap8") == []      # an analytical profile: not timed
     assert latency_target_notes([{**constraint, "kind": "params"}], measured, "ort-cpu") == []
     assert latency_target_notes([constraint], {"ort-cpu": {"error": "x"}}, "ort-cpu") == []
+
+
+def test_a_runtime_timed_in_its_own_process_reports_like_one_timed_here(tmp_path, monkeypatch):
+    """OpenVINO is timed in a child process (loaded here it corrupts later forks); the child's
+    answer has the same form, and a child that fails is one error in the report, not a crash."""
+    big, small = tmp_path / "big.onnx", tmp_path / "small.onnx"
+    _conv_model(big, 64)
+    _conv_model(small, 8)
+    samples = [np.random.default_rng(0).standard_normal((5, 3, 8, 8)).astype(np.float32)]
+    monkeypatch.setattr(measure, "ISOLATED", ("ort-cpu",))
+    row = measure.measure_latency(big, small, ["x"], samples, budget_s=0.2)["ort-cpu"]
+    assert set(row) == {"input_ms", "output_ms", "speedup", "threads"}
+    assert row["input_ms"] > 0 and row["speedup"] == pytest.approx(row["input_ms"] / row["output_ms"])
+
+    broken = measure.measure_latency(big, tmp_path / "missing.onnx", ["x"], samples, budget_s=0.2)["ort-cpu"]
+    assert set(broken) == {"error"} and "ort-cpu" in broken["error"]

@@ -9,7 +9,11 @@ ratio land in the report, with a warning when the output is not faster.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,20 +38,66 @@ def measure_latency(input_model: "str | os.PathLike", output_model: "str | os.Pa
     timed alternately; a runtime that cannot run a model gets ``{"error": message}`` instead
     (the run's output is written already: a measure never fails it)."""
     models = {"input": Path(input_model), "output": Path(output_model)}
-    protos = {key: onnx.load(str(path)) for key, path in models.items()}
     out = {}
     for runtime in runtimes():
         try:
-            runners = {key: RUNNERS[runtime](protos[key], _feeds(protos[key], input_names, samples), threads=threads,
-                                             source=str(models[key])) for key in models}
-            seconds = alternate_seconds(runners, rounds=rounds, budget_s=budget_s,
-                                        clock=latency_clock(runtime, threads))
+            time_pair = _time_isolated if runtime in ISOLATED else _time_pair
+            out[runtime] = time_pair(runtime, models, input_names, samples, threads, budget_s, rounds)
         except PlinioOnnxError as err:
             out[runtime] = {"error": str(err)}
-            continue
-        out[runtime] = {"input_ms": 1e3 * seconds["input"], "output_ms": 1e3 * seconds["output"],
-                        "speedup": seconds["input"] / max(seconds["output"], 1e-12), "threads": threads}
     return out
+
+
+#: Runtimes timed in a process of their own: OpenVINO's threads and allocator, once loaded, make
+#: the caller's later forks (a DataLoader's workers) read corrupted memory or crash.
+ISOLATED = ("openvino-cpu",)
+
+
+def _time_pair(runtime: str, models: dict[str, Path], input_names: list[str], samples: list[np.ndarray],
+               threads: int, budget_s: float, rounds: int) -> dict:
+    """The input and output model of ``models`` timed alternately in ``runtime``, in this process."""
+    protos = {key: onnx.load(str(path)) for key, path in models.items()}
+    runners = {key: RUNNERS[runtime](protos[key], _feeds(protos[key], input_names, samples), threads=threads,
+                                     source=str(models[key])) for key in models}
+    seconds = alternate_seconds(runners, rounds=rounds, budget_s=budget_s, clock=latency_clock(runtime, threads))
+    return {"input_ms": 1e3 * seconds["input"], "output_ms": 1e3 * seconds["output"],
+            "speedup": seconds["input"] / max(seconds["output"], 1e-12), "threads": threads}
+
+
+def _time_isolated(runtime: str, models: dict[str, Path], input_names: list[str], samples: list[np.ndarray],
+                   threads: int, budget_s: float, rounds: int) -> dict:
+    """`_time_pair` in a fresh Python process (``python -m plinio_onnx.optimize.measure``)."""
+    with tempfile.TemporaryDirectory(prefix="plinio-measure-") as folder:
+        arrays = Path(folder) / "samples.npz"
+        np.savez(arrays, *samples)
+        job = {"runtime": runtime, "models": {k: str(v) for k, v in models.items()}, "input_names": input_names,
+               "samples": str(arrays), "threads": threads, "budget_s": budget_s, "rounds": rounds}
+        try:
+            done = subprocess.run([sys.executable, "-m", "plinio_onnx.optimize.measure", json.dumps(job)],
+                                  capture_output=True, text=True, timeout=300 + 10 * budget_s)
+        except subprocess.TimeoutExpired:
+            raise PlinioOnnxError(f"timing in {runtime} did not finish within its time limit") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise PlinioOnnxError(f"timing in {runtime} failed in its own process (exit {done.returncode}): {last}")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise PlinioOnnxError(result["error"])
+    return result
+
+
+def _main(job_text: str) -> None:
+    """The child side of `_time_isolated`: one JSON job in, one JSON line out."""
+    job = json.loads(job_text)
+    with np.load(job["samples"]) as data:
+        samples = [data[f"arr_{i}"] for i in range(len(data.files))]
+    try:
+        result = _time_pair(job["runtime"], {k: Path(v) for k, v in job["models"].items()}, job["input_names"],
+                            samples, job["threads"], job["budget_s"], job["rounds"])
+    except PlinioOnnxError as err:
+        result = {"error": str(err)}
+    print(json.dumps(result), flush=True)
 
 
 def _feeds(model: onnx.ModelProto, input_names: list[str], samples: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -122,3 +172,7 @@ def latency_lines(measured: dict | None) -> list[str]:
             lines.append(f"[yellow]warning: the output is not faster than the input in {runtime} "
                          f"({row['output_ms']:.3f} vs {row['input_ms']:.3f} ms)[/yellow]")
     return lines
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
