@@ -295,3 +295,7 @@ def test_optimize_method_odimo_on_digits(tmp_path):
     assert set(latency) == {"mapping", "all_digital", "all_analog"}
     assert report["after"]["test"]["accuracy"] > 0.8
     assert [row["out_after"] for row in report["layers"]] == [row["out_before"] for row in report["layers"]]
+    markdown = out.with_suffix(".report.md").read_text()
+    assert "## Accelerator mapping" in markdown and "| layer | digital | analog |" in markdown
+    for layer, counts in report["architecture"]["mapping"].items():
+        assert f"| {layer} | {counts.get('digital', 0)} | {counts.get('analog', 0)} |" in markdown

@@ -17,7 +17,7 @@ from .measure import latency_lines, latency_markdown
 from .plots import plot_links
 from .targets import format_cost
 
-__all__ = ["Report", "layer_rows", "percent"]
+__all__ = ["Report", "layer_rows", "mapping_markdown", "percent"]
 
 
 @dataclass
@@ -100,6 +100,7 @@ class Report:
                       f"{'yes' if c['met'] else '**no**'} |" for c in self.constraints]
         if self.quantization:
             lines += [""] + quantization_markdown(self.quantization)
+        lines += mapping_markdown(self.architecture)
         lines += ["", "| layer | op | in | out | kernel | params | MACs |", "|---|---|---:|---:|---:|---:|---:|"]
         for row in self.layers:
             lines.append(f"| {row['name']} | {row['op']} | {row['in_after']}/{row['in_before']} | "
@@ -170,6 +171,22 @@ def constraints_table(constraints: list[dict], regularizer: str | None):
                       f"{format_cost(c['after'])} ({percent(c['after'], c['before'])})", f"{format_cost(c['target'])} ({c['given']})",
                       "yes" if c["met"] else "[red]no[/red]")
     return table
+
+
+def mapping_markdown(architecture: dict) -> list[str]:
+    """An accelerator mapping's section (ODiMO: output channels per unit and layer, and the
+    modelled latency of the mapping against every unit alone); none for other methods."""
+    mapping, latency = architecture.get("mapping"), architecture.get("latency")
+    if not isinstance(mapping, dict) or not isinstance(latency, dict) or not mapping:
+        return []
+    units = list(architecture.get("accelerators") or next(iter(mapping.values())))
+    lines = ["", "## Accelerator mapping", "", "| layer | " + " | ".join(units) + " |",
+             "|---|" + "---:|" * len(units)]
+    lines += [f"| {layer} | " + " | ".join(str(counts.get(unit, 0)) for unit in units) + " |"
+              for layer, counts in mapping.items()]
+    alone = ", ".join(f"all on {key[4:]} {format_cost(value)}" for key, value in latency.items() if key != "mapping")
+    lines += ["", f"modelled latency of the mapping {format_cost(latency['mapping'])} ({alone})"]
+    return lines
 
 
 def percent(a: float, b: float) -> str:
