@@ -51,12 +51,14 @@ def ort_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[str, np
 
 
 def openvino_available() -> bool:
-    """Whether the ``openvino`` package can be imported."""
+    """Whether the ``openvino`` package is installed — found, not imported: loaded into a process,
+    OpenVINO corrupts that process's later forks (a DataLoader's workers)."""
+    import importlib.util
     try:
-        import openvino
-    except ImportError:
+        spec = importlib.util.find_spec("openvino")
+    except (ImportError, ValueError):
         return False
-    return hasattr(openvino, "Core")   # not a folder of that name on the path
+    return spec is not None and spec.origin is not None   # a package, not a folder of that name
 
 
 def openvino_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[str, np.ndarray], *,
