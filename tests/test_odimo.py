@@ -17,6 +17,7 @@ from plinio_onnx.errors import PassError, PlinioOnnxError
 from plinio_onnx.functions import mps as fn
 from plinio_onnx.graph import PLINIO_DOMAIN
 from plinio_onnx.passes.odimo_split import MAPPING_KEY
+from plinio_onnx.optimize.targets import format_cost
 from plinio_onnx.passes.quantize import BITS_METADATA_KEY
 
 from _util import MODELS, ZOO_NAMES, random_architecture, run_ort, run_torch
@@ -280,11 +281,12 @@ def test_diana_units_alone_are_plinios_uniform_cases():
 
 
 # -- the command line -------------------------------------------------------------------------
-def test_optimize_method_odimo_on_digits(tmp_path):
+def test_optimize_method_odimo_on_digits(tmp_path, capsys):
     out = tmp_path / "odimo.onnx"
     assert main(["optimize", str(MODELS / "digits_cnn.onnx"), "--method", "odimo", "--data",
                  str(MODELS / "digits.npz"), "-o", str(out), "--warmup-epochs", "2", "--epochs", "3",
-                 "--threads", "1", "--quiet"]) == 0
+                 "--threads", "1"]) == 0
+    console = capsys.readouterr().out
     exported = po.load(out)
     mapping = json.loads(exported.metadata[MAPPING_KEY])
     assert set(mapping["nodes"].values()) <= {"digital", "analog"}
@@ -299,3 +301,13 @@ def test_optimize_method_odimo_on_digits(tmp_path):
     assert "## Accelerator mapping" in markdown and "| layer | digital | analog |" in markdown
     for layer, counts in report["architecture"]["mapping"].items():
         assert f"| {layer} | {counts.get('digital', 0)} | {counts.get('analog', 0)} |" in markdown
+    # The console summary: the same mapping (channels per unit and layer) and the three latencies.
+    assert "accelerator mapping" in console
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:4]]
+            for line in console.splitlines() if line.count("│") == 4}
+    for layer, counts in report["architecture"]["mapping"].items():
+        assert rows[layer] == [str(counts.get("digital", 0)), str(counts.get("analog", 0))]
+    mapping = report["architecture"]["mapping"]
+    assert rows["total"] == [str(sum(c.get(unit, 0) for c in mapping.values())) for unit in ("digital", "analog")]
+    assert (f"modelled latency of the mapping {format_cost(latency['mapping'])} (all on digital "
+            f"{format_cost(latency['all_digital'])}, all on analog {format_cost(latency['all_analog'])})") in console
