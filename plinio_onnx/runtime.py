@@ -50,6 +50,12 @@ def ort_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[str, np
     return lambda: session.run(None, feeds)
 
 
+#: Runtimes timed only in a process of their own (`plinio_onnx.hardware.isolated`, and the
+#: report's measures): OpenVINO's threads and allocator, once loaded, make the caller's later
+#: forks (a DataLoader's workers) read corrupted memory or crash.
+ISOLATED_RUNTIMES = ("openvino-cpu",)
+
+
 def openvino_available() -> bool:
     """Whether the ``openvino`` package is installed — found, not imported: loaded into a process,
     OpenVINO corrupts that process's later forks (a DataLoader's workers)."""

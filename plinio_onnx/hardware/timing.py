@@ -124,15 +124,20 @@ class Timer:
 
     @staticmethod
     def runtime_version(runtime: str) -> str:
-        from ..runtime import OPENVINO_MISSING
+        from importlib.metadata import PackageNotFoundError, version
+
+        from ..runtime import OPENVINO_MISSING, openvino_available
         if runtime_name(runtime) == "ort-cpu":
             import onnxruntime
             return onnxruntime.__version__
+        # The installed distribution's version, read without importing OpenVINO: a cached table is
+        # checked in processes that must never load it (`plinio_onnx.hardware.isolated`).
+        if not openvino_available():
+            raise PlinioOnnxError(OPENVINO_MISSING)
         try:
-            import openvino
-        except ImportError:
+            return version("openvino")
+        except PackageNotFoundError:
             raise PlinioOnnxError(OPENVINO_MISSING) from None
-        return str(getattr(openvino, "__version__", None) or openvino.get_version())
 
     def time(self, model: "onnx.ModelProto | Path", feeds: dict | None = None) -> float:
         """Median seconds of one run of ``model`` (on random inputs of its shapes by default)."""
