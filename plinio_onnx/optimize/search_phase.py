@@ -205,7 +205,7 @@ class _SearchPhase:
         optim_file = run.ckpt.save_arrays(arrays, f"search-e{epoch:04d}.optim.npz")
         self.rec.update(state=state, current_file=self.current_file, optim_file=optim_file,
                         seconds=self.elapsed + time.perf_counter() - self.t0)
-        run.ckpt.commit("search", self.rec)
+        run.commit("search", self.rec)
         extra = f"  {format_cost(c)} ({percent(c, self.base_cost)})"
         if control is not None:
             extra += f" → {format_cost(control.aim())}  λ {state['lam']:.3g}"
@@ -253,6 +253,6 @@ class _SearchPhase:
                 "best_file": self.rec["best_file"], "architecture": model.architecture()}
         # The chosen searchable graph under a stable name: `plinio-onnx export` takes it.
         info["best_file"] = run.ckpt.save_graph(self._searchable(), "search.best.onnx")
-        run.ckpt.commit("search", {"done": True, "best_file": info["best_file"], "info": info, "budget": self.epochs})
+        run.commit("search", {"done": True, "best_file": info["best_file"], "info": info, "budget": self.epochs})
         run.bar.stop()
         return info
