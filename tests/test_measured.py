@@ -4,6 +4,8 @@ No assertion reads a timing (this machine is shared and noisy): the tests check 
 where it is kept, and how the table is read."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -105,12 +107,19 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
     v_full = sum(max(full[n] - base[n], 0) for n in layers)
     v_anchor = sum(max(eight[n] - base[n], 0) for n in layers)
     whole, anchor = table.whole_seconds, table.anchor_seconds
-    if v_full - v_anchor > 1e-3 * v_full:   # "fit": the line through (v_full, whole), (v_anchor, anchor)
-        k = (whole - anchor) / (v_full - v_anchor)
+    # the random-mask calibration models: conv1 (with dw) is the only group with a smaller grid
+    # point, so each one that prunes anything is the anchor's shape (one that keeps all is not timed)
+    assert 1 <= len(table.calibration_channels) == len(table.calibration_seconds) <= measured.CALIBRATION_POINTS
+    assert all(channels == table.anchor_channels for channels in table.calibration_channels)
+    points = [anchor, *table.calibration_seconds]
+    if v_full - v_anchor > 1e-3 * v_full:   # "fit": through (v_full, whole), least squares (1/s²) on the points
+        weights = [1 / s ** 2 for s in points]
+        k = sum(w * (v_anchor - v_full) * (s - whole) for w, s in zip(weights, points)) / \
+            sum(w * (v_anchor - v_full) ** 2 for w in weights)
         fixed = min(max(whole - k * v_full, 0.0), whole)
         k = (whole - fixed) / v_full
         expected_eight = fixed + k * v_anchor
-    else:                                   # timing noise made the anchor no smaller: "scale"
+    else:                                   # timing noise made the anchors no smaller: "scale"
         run = table.run_seconds
         expected_eight = run + (whole - run) / sum(max(full[n] - run, 0) for n in layers) * \
             sum(max(eight[n] - run, 0) for n in layers)
@@ -153,6 +162,33 @@ def test_the_fit_goes_through_the_model_and_its_anchor():
     assert table.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7)) and table.calibrated()[2] == {"a": 1.0, "b": 1.0}
     table.calibration = "add"
     assert table.calibrated()[:2] == pytest.approx((3.0, 1.0))
+
+
+def test_the_fit_takes_every_calibration_point():
+    # the same layers: variable time 8 at full size (whole 10), 4 at the anchor (a 8, b 8), 6 with
+    # a at 16 and b at 8, 2 with a and b at 8 less... (b at 8 is its smallest point: 2 − 0)
+    layers = {"a": LayerTable("Conv", [], [8, 16], [[3.0, 5.0]]), "b": LayerTable("Conv", [8], [8, 16], [[2.0, 4.0]])}
+    table = measured.LatencyTable("sha", 8, 1, "v", layers, run_seconds=1.0, whole_seconds=10.0,
+                                  anchor_seconds=5.0, anchor_channels={"a": [8, 8], "b": [8, 8]},
+                                  calibration_seconds=[8.0, 9.0],
+                                  calibration_channels=[{"a": [16, 16], "b": [16, 8]}, {"a": [12, 12], "b": [16, 16]}])
+    # points (variable, seconds): anchor (4, 5), (6, 8), (7, 9); through (8, 10), weights 1/s²:
+    # k = Σ w·(v − 8)·(s − 10) / Σ w·(v − 8)²
+    weights, dv, ds = [1 / 25, 1 / 64, 1 / 81], [-4, -2, -1], [-5, -2, -1]
+    k = sum(w * v * s for w, v, s in zip(weights, dv, ds)) / sum(w * v * v for w, v in zip(weights, dv))
+    assert [v for v, _ in [(table._variable({"a": 1.0, "b": 0.0}, c), s) for c, s in table.calibration_points()]] \
+        == [4.0, 6.0, 7.0]
+    fixed, slope, _ = table.calibrated()
+    assert (fixed, slope) == pytest.approx((10 - 8 * k, k))
+    spec = po.cost.LayerSpec
+    full_a = spec(name="a", op="Conv", kind="conv", in_channels=16, out_channels=16, kernel_size=9, groups=16,
+                  bias=False, output_positions=1, depthwise=True)
+    full_b = spec(name="b", op="Conv", kind="conv", in_channels=16, out_channels=16, kernel_size=1)
+    assert table(full_a) + table(full_b) == pytest.approx(10.0)     # exact on the profiled model
+    # points that do not spread in variable time give no slope: "scale" (the line through run_seconds)
+    full = {"a": [16, 16], "b": [16, 16]}
+    flat = dataclasses.replace(table, anchor_channels=full, calibration_channels=[full, full])
+    assert flat.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7))
 
 
 # -- the profile command and for_model --------------------------------------------------------

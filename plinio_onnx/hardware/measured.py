@@ -49,13 +49,15 @@ from ..cost import LayerSpec, layer_specs
 from ..errors import PlinioOnnxError
 from .profile import HardwareProfile
 from .rounding import clamp, interpolate
-from .timing import (RUNTIMES, Timer, anchor_model, channel_grid, check_runnable, idle_model, layer_model,
-                     random_feeds, runtime_name)
+from .timing import (RUNTIMES, Timer, anchor_model, calibration_models, channel_grid, check_runnable, idle_model,
+                     layer_model, random_feeds, runtime_name)
 
 __all__ = ["CALIBRATIONS", "RUNTIMES", "LatencyTable", "LayerTable", "cached_table", "channel_grid", "load_or_measure",
            "measure", "measured_profile", "ort_cpu_profile", "random_feeds", "table_path"]
 
-TABLE_VERSION = 3
+TABLE_VERSION = 4
+#: Random-mask models timed whole, beside the model and its anchor, to fit the calibration on.
+CALIBRATION_POINTS = 8
 CALIBRATIONS = ("fit", "scale", "add", "none")
 Progress = Callable[[int, int, str], None]  # (layers done, layers in all, the layer being timed)
 
@@ -110,6 +112,8 @@ class LatencyTable:
     whole_seconds: float | None = None  # the profiled model, whole (None: not timed)
     anchor_seconds: float | None = None     # its anchor (about half the channels), whole
     anchor_channels: dict[str, list[int]] | None = None   # the anchor's layers: name → [in, out]
+    calibration_seconds: list[float] = field(default_factory=list)   # random-mask models, whole
+    calibration_channels: list[dict[str, list[int]]] = field(default_factory=list)  # their layers
     calibration: str = "fit"            # "fit", "scale", "add" or "none" (the plain sum of the entries)
     version: int = TABLE_VERSION
 
@@ -126,7 +130,8 @@ class LatencyTable:
     def calibrated(self) -> tuple[float, float, dict[str, float]]:
         """(fixed, k, base): the model's latency is ``fixed + k · Σ (entry − base[layer])`` over
         its layers (the module docstring says which line each calibration draws)."""
-        key = (self.calibration, self.whole_seconds, self.anchor_seconds, self.run_seconds, len(self.layers))
+        key = (self.calibration, self.whole_seconds, self.anchor_seconds, self.run_seconds, len(self.layers),
+               tuple(self.calibration_seconds))
         memo = self.__dict__.get("_memo")
         if memo is None or memo[0] != key:
             memo = self.__dict__["_memo"] = (key, self._calibrate())
@@ -134,13 +139,13 @@ class LatencyTable:
 
     def _calibrate(self) -> tuple[float, float, dict[str, float]]:
         whole = float(self.whole_seconds)
-        if self.calibration == "fit" and self.anchor_seconds is not None and self.anchor_channels:
+        points = self.calibration_points()
+        if self.calibration == "fit" and points:
             base = {name: t.fixed for name, t in self.layers.items()}
-            full, anchor = self._variable(base), self._variable(base, self.anchor_channels)
-            if full - anchor > 1e-3 * full:
-                k = (whole - self.anchor_seconds) / (full - anchor)
-                fixed = min(max(whole - k * full, 0.0), whole)   # through both points, within [0, whole]
-                return fixed, (whole - fixed) / full, base
+            full = self._variable(base)
+            line = _line_through(full, whole, [(self._variable(base, channels), seconds) for channels, seconds in points])
+            if line is not None:
+                return line[0], line[1], base
         base = {name: self.run_seconds for name in self.layers}
         full = self._variable(base)
         if full <= 0:   # no layer costs more than an idle run: the whole model is fixed cost
@@ -148,6 +153,16 @@ class LatencyTable:
         if self.calibration == "add":
             return whole - full, 1.0, base
         return self.run_seconds, (whole - self.run_seconds) / full, base   # "scale" (and "fit" without anchor)
+
+    def calibration_points(self) -> list[tuple[dict[str, list[int]], float]]:
+        """The pruned models timed whole when the table was made, as (layers' [in, out] channels,
+        seconds): the anchor, then the random-mask models."""
+        points = []
+        if self.anchor_seconds is not None and self.anchor_channels:
+            points.append((self.anchor_channels, float(self.anchor_seconds)))
+        points += [(channels, float(seconds)) for channels, seconds in
+                   zip(self.calibration_channels, self.calibration_seconds)]
+        return points
 
     def _variable(self, base: dict[str, float], channels: dict[str, list[int]] | None = None) -> float:
         """Σ (entry − base) over the layers, at ``channels`` (name → [in, out]) or their own sizes."""
@@ -184,6 +199,20 @@ class LatencyTable:
         return LatencyTable(layers=layers, **data)
 
 
+def _line_through(full: float, whole: float, points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(fixed, k) of the line ``fixed + k · variable`` through (``full``, ``whole``) — the profiled
+    model, exact — whose slope fits ``points`` ((variable, seconds) of pruned models) best in
+    relative error (least squares weighted by 1 / seconds²); ``fixed`` kept within [0, whole].
+    None when the points do not spread in variable time (no slope to fit)."""
+    weights = [1.0 / max(seconds, 1e-12) ** 2 for _, seconds in points]
+    spread = sum(w * (variable - full) ** 2 for w, (variable, _) in zip(weights, points))
+    if full <= 0 or spread <= (1e-3 * full) ** 2 * sum(weights):
+        return None
+    k = sum(w * (variable - full) * (seconds - whole) for w, (variable, seconds) in zip(weights, points)) / spread
+    fixed = min(max(whole - k * full, 0.0), whole)
+    return fixed, (whole - fixed) / full
+
+
 def table_path(model: "str | os.PathLike", runtime: str = "ort-cpu") -> Path:
     """Where the table of ``model`` is cached: ``MODEL.ort-cpu.json`` (``MODEL.RUNTIME.json``) beside it."""
     model = Path(model)
@@ -191,9 +220,11 @@ def table_path(model: "str | os.PathLike", runtime: str = "ort-cpu") -> Path:
 
 
 def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_multiple: int = 8, threads: int = 1,
-            repeats: int = 20, progress: Progress | None = None) -> LatencyTable:
+            repeats: int = 20, progress: Progress | None = None,
+            calibration_points: int = CALIBRATION_POINTS) -> LatencyTable:
     """Time every layer of ``model`` (an .onnx path) on its channel grid, the runtime's fixed cost
-    of a run, and the whole model (see the module docstring)."""
+    of a run, and the whole model with its anchor and ``calibration_points`` random-mask models
+    (see the module docstring)."""
     from ..load import load
     path = Path(model)
     sha = _sha256(path)
@@ -206,9 +237,13 @@ def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_mul
         raise PlinioOnnxError("no layer to time (no Conv, Gemm or MatMul with a constant weight)", file=str(path))
     timer = Timer(runtime, int(threads), repeats, str(path))
     table = LatencyTable(sha, int(channel_multiple), int(threads), timer.version, runtime=runtime)
-    anchor = anchor_model(graph, channel_multiple)
+    others = {"anchor": anchor_model(graph, channel_multiple)}
+    others.update({f"random{i}": model for i, model in enumerate(calibration_models(graph, channel_multiple,
+                                                                                   calibration_points))})
+    others = {key: model for key, model in others.items() if model is not None}
     # first: a model the runtime cannot run fails now
-    table.whole_seconds, table.anchor_seconds = timer.whole(path, anchor)
+    whole = timer.whole(path, others)
+    table.whole_seconds, table.anchor_seconds = whole.get("whole"), whole.get("anchor")
     idle = timer.time(idle_model())
     for done, spec in enumerate(specs):
         if progress is not None:
@@ -222,9 +257,15 @@ def measure(model: "str | os.PathLike", *, runtime: str = "ort-cpu", channel_mul
     # Nothing runs faster than the idle model: an entry below it means a busy moment inflated it.
     idle = min(idle, timer.time(idle_model()))
     table.run_seconds = min([idle] + [s for layer in table.layers.values() for row in layer.seconds for s in row])
-    if anchor is not None and table.anchor_seconds is not None:
-        table.anchor_channels = {s.name: [int(s.in_channels), int(s.out_channels)] for s in layer_specs(anchor)
-                                 if s.name in table.layers}
+    for key, model in others.items():
+        if key not in whole:
+            continue
+        channels = {s.name: [int(s.in_channels), int(s.out_channels)] for s in layer_specs(model) if s.name in table.layers}
+        if key == "anchor":
+            table.anchor_channels = channels
+        else:
+            table.calibration_channels.append(channels)
+            table.calibration_seconds.append(whole[key])
     if progress is not None:
         progress(len(specs), len(specs), "")
     return table
