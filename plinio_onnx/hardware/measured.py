@@ -7,10 +7,11 @@ every Conv (2-D or 1-D; depthwise along its channels; other grouped convs at the
 only) and every linear layer (Gemm, MatMul with a constant weight) of a model is rebuilt as a
 one-node model with the layer's attributes and input size, and timed at input × output channel
 counts on the grid of ``channel_multiple`` (its multiples below the layer's size, and the size
-itself): one thread, default optimization, a layer's grid points alternately with the whole
-model as a reference (medians of ``repeats`` rounds of ~1 ms blocks; every entry scaled by the
-reference's drift from its own time, so layers timed minutes apart on a busy machine stay
-comparable). The
+itself): one thread, default optimization, a layer's grid points alternately with the whole model as a
+reference (the 20th percentile of ``repeats`` rounds of ~1 ms blocks, `timing.TIMING_QUANTILE`:
+on a shared machine the samples are bimodal and their median jumps between the modes; every
+entry scaled by the reference's drift from its own time, so layers timed minutes apart on a busy
+machine stay comparable). The
 latency of a layer at effective counts (c_in, c_out) is the bilinear interpolation of its table
 (constant beyond the grid), so it is exact at every grid point and differentiable in between;
 the model's latency is the sum over layers, calibrated on the whole model (below). The table is
@@ -24,15 +25,21 @@ reorder the input and output of a lone conv; in a chain only the ends), the kern
 And the whole model runs ops no table holds (pooling, residual adds, activations it does not
 fuse). So a layer's entries less its *fixed* part — its time at zero channels, extrapolated
 from its two smallest grid points — are its *variable* time, and the model's latency is
-modelled as ``fixed + k · Σ variable``: a line through two whole-model measurements taken,
-alternately, when the table is made — the model itself (``whole_seconds``) and its *anchor*, the
-model with every prunable channel group cut to about half on the grid (``anchor_seconds``; PIT
-masks set, finalized). A layer costs ``fixed / n + k · variable`` over the table's ``n`` layers,
-so the sum is exact on both models (``"fit"``). Without an anchor (nothing prunable, symbolic
-sizes) it is ``"scale"``: the variable time is the entry less ``run_seconds`` (a run of a
-one-node model that does next to nothing), fixed = ``run_seconds`` and k so the model's sum is
-exact; ``"add"`` (k = 1, the rest a constant) and ``"none"`` (the plain sum of the entries) are
-there for comparison. `bench/latency_prediction.py` measures how well each predicts pruned
+modelled as ``fixed + k · Σ variable``: a line through the model itself, timed whole when the
+table is made (``whole_seconds``), whose slope is fitted (least squares in relative error) on
+pruned copies timed alternately with it: its *anchor*, every prunable channel group cut to about
+half on the grid (``anchor_seconds``), and ``CALIBRATION_POINTS`` models whose groups keep
+random counts on the grid, as a search leaves them (``calibration_seconds``; their masks come
+from a seed stream of their own, `timing.CALIBRATION_SEED`, so a benchmark's random variants are
+not calibration points). Measured on the zoo, the error of the sum is mostly this line: the
+single-layer timings add up to 1.3–2× the whole model (each pays a run and the NCHWc reorders
+around it), and the share that is fixed differs per model (3 % of DS-CNN, 90 % of the
+transformer); one more anchor than the model fits the line worse than eight random ones. A
+layer costs ``fixed / n + k · variable`` over the table's ``n`` layers, so the sum is exact on
+the profiled model (``"fit"``). Without an anchor (nothing prunable, symbolic sizes) it is
+``"scale"``: the variable time is the entry less ``run_seconds`` (a run of a one-node model that
+does next to nothing), fixed = ``run_seconds`` and k so the model's sum is exact; ``"add"``
+(k = 1, the rest a constant) and ``"none"`` (the plain sum of the entries) are there for comparison. `bench/latency_prediction.py` measures how well each predicts pruned
 variants of the zoo.
 """
 from __future__ import annotations
