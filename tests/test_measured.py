@@ -313,3 +313,26 @@ def test_the_default_channel_multiple_is_the_cpus_nchwc_block(tmp_path, monkeypa
     monkeypatch.setattr(model_profile, "nchwc_block", lambda: 16)
     profile = po.hardware.for_model("ort-cpu", path)
     assert profile.channel_multiple == 16 and profile.latency.channel_multiple == 8   # the finer cached grid serves
+
+
+def test_calibration_models_keep_random_grid_counts_reproducibly():
+    from pathlib import Path
+    graph = po.load(Path(__file__).resolve().parent.parent / "models" / "dscnn.onnx")
+    full = {s.name: (s.in_channels, s.out_channels) for s in po.cost.layer_specs(graph)}
+    first = [[(s.name, s.in_channels, s.out_channels) for s in po.cost.layer_specs(m)]
+             for m in timing.calibration_models(graph, 16, 3)]
+    again = [[(s.name, s.in_channels, s.out_channels) for s in po.cost.layer_specs(m)]
+             for m in timing.calibration_models(graph, 16, 3)]
+    assert len(first) == 3 and first == again                      # the same seed stream every time
+    assert len({tuple(shape) for shape in first}) == 3               # three different draws
+    for shape in first:
+        assert [name for name, _, _ in shape] == list(full)         # every layer kept, none removed
+        for name, c_in, c_out in shape:
+            assert c_out == full[name][1] or c_out % 16 == 0         # on the grid of 16, or whole
+        assert any(c_out < full[name][1] for name, _, c_out in shape)   # each one prunes something
+    # the anchor: every group at the grid point nearest half its size
+    anchor = {s.name: (s.op, s.out_channels) for s in po.cost.layer_specs(timing.anchor_model(graph, 16))}
+    assert {name: out for name, (op, out) in anchor.items() if op == "Conv"} == \
+        {name: min(timing.channel_grid(out, 16), key=lambda c: abs(c - out / 2))
+         for name, (_, out) in full.items() if anchor[name][0] == "Conv"}
+    assert [out for op, out in anchor.values() if op != "Conv"] == [full[n][1] for n in anchor if anchor[n][0] != "Conv"]
