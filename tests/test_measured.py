@@ -116,7 +116,7 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
         weights = [1 / s ** 2 for s in points]
         k = sum(w * (v_anchor - v_full) * (s - whole) for w, s in zip(weights, points)) / \
             sum(w * (v_anchor - v_full) ** 2 for w in weights)
-        fixed = min(max(whole - k * v_full, 0.0), whole)
+        fixed = min(max(whole - k * v_full, -whole / 2), whole)
         k = (whole - fixed) / v_full
         expected_eight = fixed + k * v_anchor
     else:                                   # timing noise made the anchors no smaller: "scale"
@@ -156,8 +156,10 @@ def test_the_fit_goes_through_the_model_and_its_anchor():
     b12 = spec(name="b", op="Conv", kind="conv", in_channels=8, out_channels=12, kernel_size=1)
     assert table(a8) == pytest.approx(2.0 / 2 + 1.0 * (3.0 - 1.0))
     assert table(b12) == pytest.approx(2.0 / 2 + 1.0 * (3.0 - 0.0))          # 3.0: halfway between 2 and 4
-    table.anchor_seconds = 2.0                 # a line that would start below 0: through (8, 10) and 0
-    assert table.calibrated()[:2] == pytest.approx((0.0, 10.0 / 8))
+    table.anchor_seconds = 4.0                 # a line that starts below 0: through (8, 10) and (4, 4)
+    assert table.calibrated()[:2] == pytest.approx((-2.0, 12.0 / 8))
+    table.anchor_seconds = 2.0                 # one that would start below −whole/2: through (8, 10) and −5
+    assert table.calibrated()[:2] == pytest.approx((-5.0, 15.0 / 8))
     table.anchor_seconds = None                # no anchor: "scale" on entries less run_seconds (nets 4 and 3)
     assert table.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7)) and table.calibrated()[2] == {"a": 1.0, "b": 1.0}
     table.calibration = "add"

@@ -211,14 +211,17 @@ class LatencyTable:
 def _line_through(full: float, whole: float, points: list[tuple[float, float]]) -> tuple[float, float] | None:
     """(fixed, k) of the line ``fixed + k · variable`` through (``full``, ``whole``) — the profiled
     model, exact — whose slope fits ``points`` ((variable, seconds) of pruned models) best in
-    relative error (least squares weighted by 1 / seconds²); ``fixed`` kept within [0, whole].
-    None when the points do not spread in variable time (no slope to fit)."""
+    relative error (least squares weighted by 1 / seconds²); ``fixed`` kept within
+    [−whole / 2, whole]. It may be negative: the table's variable time (its entries less their
+    extrapolation to zero channels) can shrink faster than the whole model does, and the line is
+    fitted where a search goes — between the model and its pruned copies. None when the points
+    do not spread in variable time (no slope to fit)."""
     weights = [1.0 / max(seconds, 1e-12) ** 2 for _, seconds in points]
     spread = sum(w * (variable - full) ** 2 for w, (variable, _) in zip(weights, points))
     if full <= 0 or spread <= (1e-3 * full) ** 2 * sum(weights):
         return None
     k = sum(w * (variable - full) * (seconds - whole) for w, (variable, seconds) in zip(weights, points)) / spread
-    fixed = min(max(whole - k * full, 0.0), whole)
+    fixed = min(max(whole - k * full, -whole / 2), whole)
     return fixed, (whole - fixed) / full
 
 
