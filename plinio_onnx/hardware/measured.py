@@ -30,9 +30,9 @@ pruned copies timed alternately with it: its *anchor*, every prunable channel gr
 half on the grid (``anchor_seconds``), and ``CALIBRATION_POINTS`` models whose groups keep
 random counts on the grid, as a search leaves them (``calibration_seconds``; their masks come
 from a seed stream of their own, `timing.CALIBRATION_SEED`, so a benchmark's random variants are
-not calibration points). On the zoo the single-layer timings add up to 1.0–2.3× the whole
-model, and the fixed share of a model runs from ~0 (DS-CNN, DenseNet) to ~50 % (digits CNN,
-the tiny transformer), so both are fitted per model; random masks, uneven like a search's,
+not calibration points). On the zoo the single-layer timings add up to 1.0–2.5× the whole
+model, and the fixed share of a model runs from −6 to 16 % (DS-CNN, DenseNet) to 40–80 % (digits
+CNN, ResNet-8, TCN, the tiny transformer), so both are fitted per model; random masks, uneven like a search's,
 pin the slope better than uniform cuts (the zoo's 90 random variants, timed in one run with
 the calibration models: 96 % within ±10 % on the anchor and 8 random masks, 94 % on the
 half-size anchor alone). A layer
