@@ -112,14 +112,14 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
     assert 1 <= len(table.calibration_channels) == len(table.calibration_seconds) <= measured.CALIBRATION_POINTS
     assert all(channels == table.anchor_channels for channels in table.calibration_channels)
     points = [anchor, *table.calibration_seconds]
-    if v_full - v_anchor > 1e-3 * v_full:   # "fit": through (v_full, whole), least squares (1/s²) on the points
-        weights = [1 / s ** 2 for s in points]
-        k = sum(w * (v_anchor - v_full) * (s - whole) for w, s in zip(weights, points)) / \
-            sum(w * (v_anchor - v_full) ** 2 for w in weights)
-        fixed = min(max(whole - k * v_full, -whole / 2), whole)
+    weights = [1 / s ** 2 for s in points]
+    k = sum(w * (v_anchor - v_full) * (s - whole) for w, s in zip(weights, points)) / \
+        sum(w * (v_anchor - v_full) ** 2 for w in weights) if v_anchor != v_full else 0.0
+    if abs(v_full - v_anchor) > 1e-3 * v_full and k > 0:   # "fit": through (v_full, whole), least squares
+        fixed = min(max(whole - k * v_full, -whole / 2), whole)                            # (1/s²) on the points
         k = (whole - fixed) / v_full
         expected_eight = fixed + k * v_anchor
-    else:                                   # timing noise made the anchors no smaller: "scale"
+    else:                                   # timing noise made the copies no faster: "scale"
         run = table.run_seconds
         expected_eight = run + (whole - run) / sum(max(full[n] - run, 0) for n in layers) * \
             sum(max(eight[n] - run, 0) for n in layers)
@@ -160,6 +160,8 @@ def test_the_fit_goes_through_the_model_and_its_anchor():
     assert table.calibrated()[:2] == pytest.approx((-2.0, 12.0 / 8))
     table.anchor_seconds = 2.0                 # one that would start below −whole/2: through (8, 10) and −5
     assert table.calibrated()[:2] == pytest.approx((-5.0, 15.0 / 8))
+    table.anchor_seconds = 11.0                # the smaller anchor timed slower than the model: no slope, "scale"
+    assert table.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7))
     table.anchor_seconds = None                # no anchor: "scale" on entries less run_seconds (nets 4 and 3)
     assert table.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7)) and table.calibrated()[2] == {"a": 1.0, "b": 1.0}
     table.calibration = "add"

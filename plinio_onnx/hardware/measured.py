@@ -215,12 +215,14 @@ def _line_through(full: float, whole: float, points: list[tuple[float, float]]) 
     [−whole / 2, whole]. It may be negative: the table's variable time (its entries less their
     extrapolation to zero channels) can shrink faster than the whole model does, and the line is
     fitted where a search goes — between the model and its pruned copies. None when the points
-    do not spread in variable time (no slope to fit)."""
+    do not spread in variable time or do not rise with it (no slope to fit)."""
     weights = [1.0 / max(seconds, 1e-12) ** 2 for _, seconds in points]
     spread = sum(w * (variable - full) ** 2 for w, (variable, _) in zip(weights, points))
     if full <= 0 or spread <= (1e-3 * full) ** 2 * sum(weights):
         return None
     k = sum(w * (variable - full) * (seconds - whole) for w, (variable, seconds) in zip(weights, points)) / spread
+    if k <= 0:   # pruned copies no faster than the model: timing noise, no slope to fit
+        return None
     fixed = min(max(whole - k * full, -whole / 2), whole)
     return fixed, (whole - fixed) / full
 
