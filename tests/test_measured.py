@@ -340,3 +340,38 @@ def test_calibration_models_keep_random_grid_counts_reproducibly():
         {name: min(timing.channel_grid(out, 16), key=lambda c: abs(c - out / 2))
          for name, (_, out) in full.items() if anchor[name][0] == "Conv"}
     assert [out for op, out in anchor.values() if op != "Conv"] == [full[n][1] for n in anchor if anchor[n][0] != "Conv"]
+
+
+def test_fit_reads_each_layer_smoothed_by_least_squares():
+    # an exact set-up + reorders + arithmetic table is its own fit
+    grid = [8, 16, 24]
+    exact = [[1.0 + 0.1 * i + 0.2 * o + 0.01 * i * o for o in grid] for i in grid]
+    layer = LayerTable("Conv", grid, grid, exact)
+    assert layer.smoothed().seconds == [pytest.approx(row) for row in exact]
+    # one entry timed in a busy moment: every entry becomes the least-squares fit (normal equations)
+    noisy = [row[:] for row in exact]
+    noisy[1][2] += 0.9
+    terms = np.array([[1, i, o, i * o] for i in grid for o in grid], float)
+    values = np.array([s for row in noisy for s in row])
+    coef = np.linalg.solve(terms.T @ terms, terms.T @ values)
+    smoothed = LayerTable("Conv", grid, grid, noisy).smoothed()
+    assert [s for row in smoothed.seconds for s in row] == pytest.approx(list(terms @ coef))
+    assert exact[1][2] < smoothed.seconds[1][2] < noisy[1][2]         # the busy entry pulled back, not all the way
+    # depthwise: a + b·c through (8, 1), (16, 2), (24, 4): b = 24/128, a = 7/3 − 16·b
+    depthwise = LayerTable("Conv", [], grid, [[1.0, 2.0, 4.0]]).smoothed()
+    b = 24 / 128
+    assert depthwise.seconds[0] == pytest.approx([7 / 3 + (c - 16) * b for c in grid])
+    # too few points to fit: as timed
+    few = LayerTable("Conv", [8], [8, 16], [[2.0, 5.0]])
+    assert few.smoothed().seconds == [[2.0, 5.0]] and LayerTable("Conv", [], [8, 16], [[1.0, 3.0]]).smoothed().seconds == [[1.0, 3.0]]
+    # "fit" reads the smoothed tables; "none" the entries as timed
+    table = measured.LatencyTable("sha", 8, 1, "v", {"dw": LayerTable("Conv", [], grid, [[1.0, 2.0, 4.0]])},
+                                  run_seconds=0.5, whole_seconds=4.0)
+    spec = po.cost.LayerSpec(name="dw", op="Conv", kind="conv", in_channels=16, out_channels=16, kernel_size=9,
+                             groups=16, depthwise=True)
+    assert table.entries()["dw"].seconds == depthwise.seconds
+    # no anchor: "scale" inside "fit" — run + k·(smoothed − run), k so the full size is the whole model
+    k = (4.0 - 0.5) / (depthwise.seconds[0][2] - 0.5)
+    assert table(spec) == pytest.approx(0.5 + k * (depthwise.seconds[0][1] - 0.5))
+    assert dataclasses.replace(table, calibration="none")(spec) == 2.0
+    assert dataclasses.replace(table, smooth=False)(spec) == pytest.approx(0.5 + (3.5 / 3.5) * (2.0 - 0.5))
