@@ -1,4 +1,4 @@
-"""The fused training-mode mixtures (`plinio_onnx.functions.mps_train`, `mps._MixedActQuant`) against plain autograd
+"""The fused training-mode mixtures (`plinio_onnx.functions.mps_train`) against plain autograd
 references written precision by precision: values and the gradients of weights, inputs, clips and
 the logits α behind θ = softmax(α), in float64."""
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from plinio_onnx.functions import mps as fn
-from plinio_onnx.functions.mps_train import MixedWeightQuant, WeightPlan
+from plinio_onnx.functions import mps_train
+from plinio_onnx.functions.mps_train import MixedActQuant, MixedWeightQuant, Scratch, WeightPlan
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 
@@ -73,15 +74,27 @@ def _act_reference(x, theta, clip, bits, signed):
     return y
 
 
+def _hard(theta):
+    """One-hot(argmax θ) forward with θ's gradient (hard sampling): zero weights in the forward."""
+    one_hot = torch.zeros_like(theta)
+    one_hot[theta.argmax()] = 1.0
+    return one_hot + (theta - theta.detach())
+
+
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", [(2, 4, 8), (8,)])
-def test_fused_activation_mixture_matches_the_reference(signed, bits):
+@pytest.mark.parametrize("chunk_bytes", [None, 512])    # 512: 64 elements a chunk, the last one 32
+@pytest.mark.parametrize("hard", [False, True])
+def test_fused_activation_mixture_matches_the_reference(signed, bits, chunk_bytes, hard, monkeypatch):
+    if chunk_bytes:
+        monkeypatch.setattr(mps_train, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(1)
     x = (torch.randn(4, 8, 5, 5, dtype=torch.float64) * 3).requires_grad_()
     alpha = torch.randn(len(bits), dtype=torch.float64, requires_grad=True)
     clip = torch.tensor([2.0, 4.0, 1.0][:len(bits)], dtype=torch.float64, requires_grad=True)
-    y = fn._MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, bits, signed, fn._Scratch())
-    reference = _act_reference(x, torch.softmax(alpha, 0), clip, bits, signed)
+    weights = (lambda: _hard(torch.softmax(alpha, 0))) if hard else (lambda: torch.softmax(alpha, 0))
+    y = MixedActQuant.apply(x, weights(), clip, fn.act_plan(bits, signed), Scratch())
+    reference = _act_reference(x, weights(), clip, bits, signed)
     torch.testing.assert_close(y, reference, **TIGHT)
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, alpha, clip], grad)
@@ -89,6 +102,23 @@ def test_fused_activation_mixture_matches_the_reference(signed, bits):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TIGHT)
     assert got[2].abs().sum() > 0 and got[0].abs().sum() > 0
+    assert len(bits) == 1 or got[1].abs().sum() > 0
+
+
+def test_activation_mixture_leaves_out_the_gradients_nobody_asked_for():
+    """Only θ needs a gradient (x and c frozen), or only x: the others come back as None."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    theta = torch.softmax(torch.randn(3, dtype=torch.float64), 0).requires_grad_()
+    clip = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    y = MixedActQuant.apply(x, theta, clip, fn.act_plan((2, 4, 8), False), Scratch())
+    (got,) = torch.autograd.grad(y.sum(), [theta])
+    torch.testing.assert_close(got, torch.autograd.grad(_act_reference(x, theta, clip, (2, 4, 8), False).sum(),
+                                                        [theta])[0], **TIGHT)
+    x.requires_grad_()
+    y = MixedActQuant.apply(x, theta.detach(), clip, fn.act_plan((2, 4, 8), False), Scratch())
+    (got,) = torch.autograd.grad(y.sum(), [x])
+    torch.testing.assert_close(got, torch.autograd.grad(_act_reference(x, theta.detach(), clip, (2, 4, 8), False).sum(),
+                                                        [x])[0], **TIGHT)
 
 
 def test_fused_mixtures_compute_the_eval_network_when_one_precision_wins():

@@ -1,19 +1,25 @@
-"""MPS's training-mode weight mixture Σ_p θ_p·Q_p(W) as one custom autograd function over all precisions.
+"""MPS's training-mode mixtures Σ_p θ_p·Q_p as custom autograd functions over all precisions.
 
-Written as a chain of small ops per precision, a weight quantizer's step on a small model spends
-most of its time in op dispatch and autograd bookkeeping. `MixedWeightQuant` stacks the P
-precisions into one [P, …] tensor (one divide, one round, a clamp per precision, one weighted
-sum) and writes the backward by hand: it saves Q_p·s_p [P, …] and gives ∂/∂W = g
-(straight-through; Σθ = 1), ∂/∂θ_p = ⟨g, Q_p·s_p⟩ per channel (or per layer), and through the
-scale output ∂/∂θ_p = s_p. Values are those of the per-precision ops (same scales, rounding half
-to even, same clamps). (Activation mixtures stay `plinio_onnx.functions.mps._MixedActQuant`:
-its per-precision loop over reused buffers is faster on large activations than a [P, N] stack.)
-The plain-autograd reference lives in tests/test_mps_train.py.
+Written as a chain of small ops per precision, a quantizer's step spends most of its time in op
+dispatch, autograd bookkeeping and memory traffic.
+
+* Weights (`MixedWeightQuant`): the P precisions stacked into one [P, …] tensor (one divide, one
+  round, a clamp per precision, one weighted sum), backward by hand: it saves Q_p·s_p [P, …] and
+  gives ∂/∂W = g (straight-through; Σθ = 1), ∂/∂θ_p = ⟨g, Q_p·s_p⟩ per channel (or per layer),
+  and through the scale output ∂/∂θ_p = s_p.
+* Activations (`MixedActQuant`, PACT): large tensors, so the work goes chunk by chunk (each chunk
+  stays in the core's cache while every precision is computed on it, forward and backward) over
+  reused buffers, and only x is saved (the values are recomputed in the backward, not stored
+  once per precision).
+
+Values are those of the per-precision ops (same scales, rounding half to even, same clamps).
+The plain-autograd references live in tests/test_mps_train.py.
 """
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 
@@ -90,3 +96,145 @@ def _theta_like(theta: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
     if theta.dim() == 2:
         shape[axis + 1] = -1
     return theta.reshape(shape)
+
+
+# -- activations --------------------------------------------------------------------------------
+#: Bytes of one chunk of an activation mixture on the CPU: a chunk and the two or three buffers
+#: its ops write fit in a core's L2 (a whole 8 MiB activation would go through the shared L3 or
+#: memory once per op, about 35 times a step).
+CHUNK_BYTES = 2 ** 21
+
+
+class Scratch:
+    """Reusable work buffers (one set per quantizer): freshly allocated large tensors cost page
+    faults on every step, reused ones do not."""
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+
+    def get(self, numel: int, like: torch.Tensor, slot: int) -> torch.Tensor:
+        """A flat buffer of ``numel`` elements with ``like``'s dtype and device."""
+        key = (slot, numel, like.dtype, like.device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            if len(self._buffers) > 8:  # sizes changed (another batch size): start over
+                self._buffers.clear()
+            buffer = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer
+
+
+class ActPlan(NamedTuple):
+    """The fixed numbers of an activation mixture: the integer range (qmin, qmax) of each
+    precision, whether the quantizer is signed (clip range [−c, c], else [0, c]), the smallest
+    clip, and ``exact``: divide by s as eval does (else multiply by 1/s, which rounds the same
+    except on exact ties and is faster)."""
+    ranges: tuple[tuple[int, int], ...]
+    signed: bool
+    min_clip: float
+    exact: bool = False
+
+
+def _precisions(theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan) -> list[tuple[float, float, int, int, float]]:
+    """Per precision (θ, c, qmin, qmax, s) as Python numbers; c = max(c, min_clip) and
+    s = c / qmax in float32, as `plinio_onnx.functions.mps.act_scale` and the export compute them."""
+    rows = []
+    for weight, c, (lo, hi) in zip(theta.detach().tolist(), clip.detach().tolist(), plan.ranges):
+        c = float(max(np.float32(c), np.float32(plan.min_clip)))
+        rows.append((weight, c, lo, hi, float(np.float32(c) / np.float32(hi))))
+    return rows
+
+
+def _chunks(*tensors: torch.Tensor):
+    """Aligned flat slices of equally sized contiguous tensors, `CHUNK_BYTES` each on the CPU
+    (one slice elsewhere: a GPU gains nothing from it and would launch more kernels)."""
+    flats = [t.reshape(-1) for t in tensors]
+    total = flats[0].numel()
+    step = max(1, CHUNK_BYTES // flats[0].element_size()) if flats[0].device.type == "cpu" else total
+    for start in range(0, total, max(step, 1)):
+        yield [f[start:start + step] for f in flats]
+
+
+def _integers(x: torch.Tensor, scale: float, lo: int, hi: int, exact: bool, out: torch.Tensor) -> torch.Tensor:
+    """clamp(round(x/s), qmin, qmax) into ``out``."""
+    if exact:
+        torch.div(x, scale, out=out)
+    else:
+        torch.mul(x, 1.0 / scale, out=out)
+    return out.round_().clamp_(lo, hi)
+
+
+class MixedActQuant(torch.autograd.Function):
+    """y = Σ_p θ_p·Q_p(x)·s_p with PACT gradients (see the module docstring); it saves only x.
+
+    Backward: ∂y/∂θ_p = Q_p(x)·s_p (recomputed); ∂y/∂x = Σ_p θ_p·1[x strictly inside p's clip
+    range]; ∂y/∂c_p = θ_p·Σ g where x ≥ c_p (signed: minus Σ g where x ≤ −c_p). The inside masks
+    come from one fused ``hardtanh_backward`` per precision; the clipped sums follow from the
+    inside sums (what is neither inside nor at most 0 is at or above the clip). Sums over chunks
+    add up in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, x, theta, clip, plan: ActPlan, scratch: Scratch):
+        x = x.contiguous()
+        ctx.save_for_backward(x, theta, clip)
+        ctx.plan, ctx.scratch = plan, scratch
+        rows = _precisions(theta, clip, plan)
+        y = torch.empty_like(x)
+        for x_part, y_part in _chunks(x, y):
+            work = scratch.get(x_part.numel(), x, 0)
+            first = True
+            for weight, _, lo, hi, scale in rows:
+                if weight == 0.0:
+                    continue  # (hard sampling: only the chosen precision adds to y)
+                _integers(x_part, scale, lo, hi, plan.exact, work)
+                if first:
+                    torch.mul(work, weight * scale, out=y_part)
+                    first = False
+                else:
+                    y_part.add_(work, alpha=weight * scale)
+            if first:  # (every θ_p = 0)
+                y_part.zero_()
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, theta, clip = ctx.saved_tensors
+        plan, scratch = ctx.plan, ctx.scratch
+        rows = _precisions(theta, clip, plan)
+        need_x, need_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = torch.empty_like(x) if need_x else None
+        products = [0.0] * len(rows)   # Σ g·Q_p
+        inside_sums = [0.0] * len(rows)  # Σ g over p's clip range (signed: Σ g·sign(x) there)
+        outside = 0.0                  # unsigned: Σ_{x>0} g; signed: Σ g·sign(x)
+        grad = grad.contiguous()
+        parts = _chunks(x, grad, grad_x) if need_x else ((a, b, None) for a, b in _chunks(x, grad))
+        for x_part, g_part, gx_part in parts:
+            n = x_part.numel()
+            work, inside = scratch.get(n, x, 0), scratch.get(n, x, 1)
+            sign = torch.sign(x_part, out=scratch.get(n, x, 2)) if plan.signed else None
+            if plan.signed:
+                outside += float(torch.dot(g_part, sign))
+            else:
+                outside += float(_inside(g_part, x_part, 0.0, float("inf"), inside).sum())
+            for p, (weight, c, lo, hi, scale) in enumerate(rows):
+                if need_theta:
+                    products[p] += float(torch.dot(g_part, _integers(x_part, scale, lo, hi, plan.exact, work)))
+                _inside(g_part, x_part, -c if plan.signed else 0.0, c, inside)
+                inside_sums[p] += float(torch.dot(inside, sign) if plan.signed else inside.sum())
+                if need_x:
+                    if p == 0:
+                        torch.mul(inside, weight, out=gx_part)
+                    else:
+                        gx_part.add_(inside, alpha=weight)
+        grad_theta = _like([prod * row[4] for prod, row in zip(products, rows)], theta) if need_theta else None
+        grad_clip = _like([row[0] * (outside - s) for s, row in zip(inside_sums, rows)], clip)
+        return grad_x, grad_theta, grad_clip, None, None
+
+
+def _inside(grad: torch.Tensor, x: torch.Tensor, low: float, high: float, out: torch.Tensor) -> torch.Tensor:
+    """grad where low < x < high, else 0, into ``out`` (one fused op)."""
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, low, high, grad_input=out)
+
+
+def _like(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
