@@ -93,7 +93,7 @@ def test_fused_activation_mixture_matches_the_reference(signed, bits, chunk_byte
     alpha = torch.randn(len(bits), dtype=torch.float64, requires_grad=True)
     clip = torch.tensor([2.0, 4.0, 1.0][:len(bits)], dtype=torch.float64, requires_grad=True)
     weights = (lambda: _hard(torch.softmax(alpha, 0))) if hard else (lambda: torch.softmax(alpha, 0))
-    y = MixedActQuant.apply(x, weights(), clip, fn.act_plan(bits, signed), Scratch())
+    y, _ = MixedActQuant.apply(x, weights(), clip, fn.act_plan(bits, signed), Scratch())
     reference = _act_reference(x, weights(), clip, bits, signed)
     torch.testing.assert_close(y, reference, **TIGHT)
     grad = torch.randn_like(y)
@@ -110,15 +110,41 @@ def test_activation_mixture_leaves_out_the_gradients_nobody_asked_for():
     x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     theta = torch.softmax(torch.randn(3, dtype=torch.float64), 0).requires_grad_()
     clip = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
-    y = MixedActQuant.apply(x, theta, clip, fn.act_plan((2, 4, 8), False), Scratch())
+    y, _ = MixedActQuant.apply(x, theta, clip, fn.act_plan((2, 4, 8), False), Scratch())
     (got,) = torch.autograd.grad(y.sum(), [theta])
     torch.testing.assert_close(got, torch.autograd.grad(_act_reference(x, theta, clip, (2, 4, 8), False).sum(),
                                                         [theta])[0], **TIGHT)
     x.requires_grad_()
-    y = MixedActQuant.apply(x, theta.detach(), clip, fn.act_plan((2, 4, 8), False), Scratch())
+    y, _ = MixedActQuant.apply(x, theta.detach(), clip, fn.act_plan((2, 4, 8), False), Scratch())
     (got,) = torch.autograd.grad(y.sum(), [x])
     torch.testing.assert_close(got, torch.autograd.grad(_act_reference(x, theta.detach(), clip, (2, 4, 8), False).sum(),
                                                         [x])[0], **TIGHT)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_mixture_scale_is_the_weighted_scale_with_its_gradients(signed):
+    """scale = Σ θ_p·act_scale(c_p) (the bias quantizer's input scale), one clip below the
+    smallest clip (no gradient there), alone and together with y's gradients."""
+    x = torch.randn(3, 4, dtype=torch.float64).requires_grad_()
+    alpha = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    clip = torch.tensor([2.0, fn.MIN_CLIP / 2, 1.5], dtype=torch.float64, requires_grad=True)
+    bits = (2, 4, 8)
+    y, scale = MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, fn.act_plan(bits, signed), Scratch())
+    want = (torch.softmax(alpha, 0) * torch.stack([fn.act_scale(clip[p], b, signed) for p, b in enumerate(bits)])).sum()
+    assert scale.shape == (1,)
+    torch.testing.assert_close(scale[0], want, **TIGHT)
+    got = torch.autograd.grad(3.0 * scale.sum(), [alpha, clip], retain_graph=True)
+    for g, w in zip(got, torch.autograd.grad(3.0 * want, [alpha, clip], retain_graph=True)):
+        torch.testing.assert_close(g, w, **TIGHT)
+    assert got[1][1] == 0
+    clip = torch.tensor([2.0, 0.5, 1.5], dtype=torch.float64, requires_grad=True)
+    y, scale = MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, fn.act_plan(bits, signed), Scratch())
+    want = (torch.softmax(alpha, 0) * torch.stack([fn.act_scale(clip[p], b, signed) for p, b in enumerate(bits)])).sum()
+    reference = _act_reference(x, torch.softmax(alpha, 0), clip, bits, signed)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad((y * grad).sum() + 3.0 * scale.sum(), [x, alpha, clip])
+    for g, w in zip(got, torch.autograd.grad((reference * grad).sum() + 3.0 * want, [x, alpha, clip])):
+        torch.testing.assert_close(g, w, **TIGHT)
 
 
 def test_fused_mixtures_compute_the_eval_network_when_one_precision_wins():

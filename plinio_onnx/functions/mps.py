@@ -287,12 +287,9 @@ class ActQuantizer(torch.nn.Module):
             if not (torch.is_grad_enabled() and (x.requires_grad or clip.requires_grad)):
                 return act_fake_quant(x, clip[p:p + 1], self.bits[p], self.signed)
             one = torch.ones(1, dtype=x.dtype, device=x.device)
-            y = MixedActQuant.apply(x, one, clip[p:p + 1], self._single[p], self._scratch)
-            return y, act_scale(clip[p:p + 1], self.bits[p], self.signed)
+            return MixedActQuant.apply(x, one, clip[p:p + 1], self._single[p], self._scratch)
         theta = choice_weights(alpha, temperature, self.sampling, True)
-        y = MixedActQuant.apply(x, theta, clip, self._mixture, self._scratch)
-        scales = torch.stack([act_scale(clip[p], b, self.signed) for p, b in enumerate(self.bits)])
-        return y, (theta * scales).sum().reshape(1)
+        return MixedActQuant.apply(x, theta, clip, self._mixture, self._scratch)
 
 
 class WeightQuantizer(torch.nn.Module):

@@ -17,6 +17,7 @@ The plain-autograd references live in tests/test_mps_train.py.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -134,14 +135,21 @@ class ActPlan(NamedTuple):
     exact: bool = False
 
 
-def _precisions(theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan) -> list[tuple[float, float, int, int, float]]:
-    """Per precision (θ, c, qmin, qmax, s) as Python numbers; c = max(c, min_clip) and
-    s = c / qmax in float32, as `plinio_onnx.functions.mps.act_scale` and the export compute them."""
-    rows = []
-    for weight, c, (lo, hi) in zip(theta.detach().tolist(), clip.detach().tolist(), plan.ranges):
-        c = float(max(np.float32(c), np.float32(plan.min_clip)))
-        rows.append((weight, c, lo, hi, float(np.float32(c) / np.float32(hi))))
-    return rows
+class _Precision(NamedTuple):
+    weight: float   # θ_p
+    clip: float     # max(c_p, min_clip)
+    low: int        # qmin
+    high: int       # qmax
+    scale: float    # s_p = clip / qmax in float32, as the export
+
+
+def _precisions(theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan) -> list[_Precision]:
+    """θ_p, c_p and s_p as Python numbers, s_p = max(c_p, min_clip) / qmax computed in float32
+    (as `plinio_onnx.functions.mps.act_scale` and the export compute it)."""
+    clips = np.maximum(np.asarray(clip.detach().tolist(), np.float32), np.float32(plan.min_clip))
+    scales = clips / np.asarray([hi for _, hi in plan.ranges], np.float32)
+    return [_Precision(w, c, lo, hi, s) for w, c, (lo, hi), s
+            in zip(theta.detach().tolist(), clips.tolist(), plan.ranges, scales.tolist())]
 
 
 def _chunks(*tensors: torch.Tensor):
@@ -164,71 +172,95 @@ def _integers(x: torch.Tensor, scale: float, lo: int, hi: int, exact: bool, out:
 
 
 class MixedActQuant(torch.autograd.Function):
-    """y = Σ_p θ_p·Q_p(x)·s_p with PACT gradients (see the module docstring); it saves only x.
+    """(y, scale) = (Σ_p θ_p·Q_p(x)·s_p, Σ_p θ_p·max(c_p, min_clip)/qmax_p) with PACT gradients
+    (see the module docstring); it saves only x. ``scale`` (for the bias quantizer) is computed
+    in ``clip``'s dtype, as `plinio_onnx.functions.mps.act_scale`.
 
     Backward: ∂y/∂θ_p = Q_p(x)·s_p (recomputed); ∂y/∂x = Σ_p θ_p·1[x strictly inside p's clip
-    range]; ∂y/∂c_p = θ_p·Σ g where x ≥ c_p (signed: minus Σ g where x ≤ −c_p). The inside masks
-    come from one fused ``hardtanh_backward`` per precision; the clipped sums follow from the
-    inside sums (what is neither inside nor at most 0 is at or above the clip). Sums over chunks
-    add up in float64.
+    range]; ∂y/∂c_p = θ_p·Σ g where x ≥ c_p (signed: minus Σ g where x ≤ −c_p): the clipped sums
+    follow from the inside sums (what is neither inside nor at most 0 is at or above the clip).
+    ∂scale/∂θ_p = max(c_p, min_clip)/qmax_p, ∂scale/∂c_p = θ_p/qmax_p where c_p ≥ min_clip.
     """
 
     @staticmethod
     def forward(ctx, x, theta, clip, plan: ActPlan, scratch: Scratch):
         x = x.contiguous()
         ctx.save_for_backward(x, theta, clip)
-        ctx.plan, ctx.scratch = plan, scratch
+        ctx.set_materialize_grads(False)
         rows = _precisions(theta, clip, plan)
+        ctx.plan, ctx.scratch, ctx.rows = plan, scratch, rows
+        highs = torch.tensor([float(row.high) for row in rows], dtype=clip.dtype, device=clip.device)
+        scale = torch.dot(theta.detach().to(clip.dtype), clip.detach().clamp_min(plan.min_clip).div_(highs))
         y = torch.empty_like(x)
         for x_part, y_part in _chunks(x, y):
-            work = scratch.get(x_part.numel(), x, 0)
-            first = True
-            for weight, _, lo, hi, scale in rows:
-                if weight == 0.0:
-                    continue  # (hard sampling: only the chosen precision adds to y)
-                _integers(x_part, scale, lo, hi, plan.exact, work)
-                if first:
-                    torch.mul(work, weight * scale, out=y_part)
-                    first = False
-                else:
-                    y_part.add_(work, alpha=weight * scale)
-            if first:  # (every θ_p = 0)
-                y_part.zero_()
-        return y
+            _mixture(x_part, rows, plan.exact, scratch.get(x_part.numel(), x, 0), y_part)
+        return y, scale.reshape(1)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, grad_scale):
         x, theta, clip = ctx.saved_tensors
-        plan, scratch = ctx.plan, ctx.scratch
-        rows = _precisions(theta, clip, plan)
+        rows = ctx.rows
         need_x, need_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = torch.empty_like(x) if need_x else None
-        products = [0.0] * len(rows)   # Σ g·Q_p
-        inside_sums = [0.0] * len(rows)  # Σ g over p's clip range (signed: Σ g·sign(x) there)
-        outside = 0.0                  # unsigned: Σ_{x>0} g; signed: Σ g·sign(x)
-        grad = grad.contiguous()
-        parts = _chunks(x, grad, grad_x) if need_x else ((a, b, None) for a, b in _chunks(x, grad))
-        for x_part, g_part, gx_part in parts:
-            n = x_part.numel()
-            work, inside = scratch.get(n, x, 0), scratch.get(n, x, 1)
-            sign = torch.sign(x_part, out=scratch.get(n, x, 2)) if plan.signed else None
-            if plan.signed:
-                outside += float(torch.dot(g_part, sign))
-            else:
-                outside += float(_inside(g_part, x_part, 0.0, float("inf"), inside).sum())
-            for p, (weight, c, lo, hi, scale) in enumerate(rows):
-                if need_theta:
-                    products[p] += float(torch.dot(g_part, _integers(x_part, scale, lo, hi, plan.exact, work)))
-                _inside(g_part, x_part, -c if plan.signed else 0.0, c, inside)
-                inside_sums[p] += float(torch.dot(inside, sign) if plan.signed else inside.sum())
-                if need_x:
-                    if p == 0:
-                        torch.mul(inside, weight, out=gx_part)
-                    else:
-                        gx_part.add_(inside, alpha=weight)
-        grad_theta = _like([prod * row[4] for prod, row in zip(products, rows)], theta) if need_theta else None
-        grad_clip = _like([row[0] * (outside - s) for s, row in zip(inside_sums, rows)], clip)
-        return grad_x, grad_theta, grad_clip, None, None
+        grad_x, products, inside_sums, outside = None, [0.0] * len(rows), [0.0] * len(rows), 0.0
+        if grad is not None:
+            grad_x, products, inside_sums, outside = _chunked_backward(
+                x, grad.contiguous(), rows, ctx.plan, ctx.scratch, need_x, need_theta)
+        theta_grads = [prod * row.scale for prod, row in zip(products, rows)]
+        clip_grads = [row.weight * (outside - s) for s, row in zip(inside_sums, rows)]
+        if grad_scale is not None:  # (c_p below min_clip: the clamp passes no gradient)
+            g = float(grad_scale.sum())
+            clip_values = clip.detach().tolist()
+            theta_grads = [t + g * max(c, ctx.plan.min_clip) / row.high
+                           for t, c, row in zip(theta_grads, clip_values, rows)]
+            clip_grads = [t + (g * row.weight / row.high if c >= ctx.plan.min_clip else 0.0)
+                          for t, c, row in zip(clip_grads, clip_values, rows)]
+        grad_theta = _like(theta_grads, theta) if need_theta else None
+        return grad_x, grad_theta, _like(clip_grads, clip), None, None
+
+
+def _mixture(x: torch.Tensor, rows: list[_Precision], exact: bool, work: torch.Tensor, y: torch.Tensor) -> None:
+    """y = Σ_p θ_p·Q_p(x)·s_p, in place; precisions with θ_p = 0 (hard sampling) are left out."""
+    first = True
+    for row in rows:
+        if row.weight == 0.0:
+            continue
+        _integers(x, row.scale, row.low, row.high, exact, work)
+        if first:
+            torch.mul(work, row.weight * row.scale, out=y)
+            first = False
+        else:
+            y.add_(work, alpha=row.weight * row.scale)
+    if first:  # (every θ_p = 0)
+        y.zero_()
+
+
+def _chunked_backward(x, grad, rows: list[_Precision], plan: ActPlan, scratch: Scratch, need_x: bool,
+                      need_theta: bool):
+    """(∂/∂x, [Σ g·Q_p], [Σ g inside p's range (signed: Σ g·sign(x))], Σ_{x>0} g (signed: Σ g·sign(x))),
+    chunk by chunk; the sums add up in float64."""
+    grad_x = torch.empty_like(x) if need_x else None
+    products, inside_sums, outside = [0.0] * len(rows), [0.0] * len(rows), 0.0
+    parts = _chunks(x, grad, grad_x) if need_x else ((a, b, None) for a, b in _chunks(x, grad))
+    for x_part, g_part, gx_part in parts:
+        n = x_part.numel()
+        work, inside = scratch.get(n, x, 0), scratch.get(n, x, 1)
+        sign = torch.sign(x_part, out=scratch.get(n, x, 2)) if plan.signed else None
+        if plan.signed:
+            outside += float(torch.dot(g_part, sign))
+        else:
+            outside += float(_inside(g_part, x_part, 0.0, float("inf"), inside).sum())
+        for p, row in enumerate(rows):
+            if need_theta:
+                products[p] += float(torch.dot(g_part, _integers(x_part, row.scale, row.low, row.high,
+                                                                 plan.exact, work)))
+            _inside(g_part, x_part, -row.clip if plan.signed else 0.0, row.clip, inside)
+            inside_sums[p] += float(torch.dot(inside, sign) if plan.signed else inside.sum())
+            if need_x:
+                if p == 0:
+                    torch.mul(inside, row.weight, out=gx_part)
+                else:
+                    gx_part.add_(inside, alpha=row.weight)
+    return grad_x, products, inside_sums, outside
 
 
 def _inside(grad: torch.Tensor, x: torch.Tensor, low: float, high: float, out: torch.Tensor) -> torch.Tensor:
