@@ -123,8 +123,8 @@ def test_activation_mixture_leaves_out_the_gradients_nobody_asked_for():
 
 @pytest.mark.parametrize("signed", [False, True])
 def test_activation_mixture_scale_is_the_weighted_scale_with_its_gradients(signed):
-    """scale = Σ θ_p·act_scale(c_p) (the bias quantizer's input scale), one clip below the
-    smallest clip (no gradient there), alone and together with y's gradients."""
+    """scale = Σ θ_p·act_scale(c_p) (the bias quantizer's input scale) and its gradients: alone,
+    with one clip below the smallest clip (no gradient there), and together with y's."""
     x = torch.randn(3, 4, dtype=torch.float64).requires_grad_()
     alpha = torch.randn(3, dtype=torch.float64, requires_grad=True)
     clip = torch.tensor([2.0, fn.MIN_CLIP / 2, 1.5], dtype=torch.float64, requires_grad=True)
@@ -159,3 +159,12 @@ def test_fused_mixtures_compute_the_eval_network_when_one_precision_wins():
     want, want_scale = fn.weight_fake_quant(weight, bits, [1, 2, 3])
     assert torch.equal(value, want)
     assert torch.equal(scale, want_scale.reshape(-1))
+
+
+def test_activation_mixture_of_an_empty_tensor():
+    x = torch.empty(0, 3, requires_grad=True)
+    theta = torch.softmax(torch.randn(3), 0).requires_grad_()
+    y, _ = MixedActQuant.apply(x, theta, torch.tensor([1.0, 2.0, 3.0]), fn.act_plan((2, 4, 8), False), Scratch())
+    assert y.shape == (0, 3)
+    grad_x, grad_theta = torch.autograd.grad(y.sum(), [x, theta])
+    assert grad_x.shape == (0, 3) and torch.equal(grad_theta, torch.zeros(3))
