@@ -168,3 +168,18 @@ def test_activation_mixture_of_an_empty_tensor():
     assert y.shape == (0, 3)
     grad_x, grad_theta = torch.autograd.grad(y.sum(), [x, theta])
     assert grad_x.shape == (0, 3) and torch.equal(grad_theta, torch.zeros(3))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_mixture_logit_gradients_at_the_clip_and_at_zero(signed):
+    """x exactly at ±c_p and at 0: ∂/∂θ still sees Q_p(x) there (qmax, qmin or 0)."""
+    clip = torch.tensor([2.0, 4.0, 1.0], dtype=torch.float64)
+    x = torch.tensor([0.0, 2.0, 4.0, 1.0, -2.0, -4.0, -1.0, 0.3, 7.0, -7.0], dtype=torch.float64)
+    alpha = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    y, _ = MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, fn.act_plan((2, 4, 8), signed), Scratch())
+    reference = _act_reference(x, torch.softmax(alpha, 0), clip, (2, 4, 8), signed)
+    torch.testing.assert_close(y, reference, **TIGHT)
+    got, = torch.autograd.grad(y, [alpha], grad)
+    want, = torch.autograd.grad(reference, [alpha], grad)
+    torch.testing.assert_close(got, want, **TIGHT)

@@ -165,13 +165,18 @@ def _chunks(*tensors: torch.Tensor):
         yield [f[start:start + step] for f in flats]
 
 
-def _integers(x: torch.Tensor, scale: float, lo: int, hi: int, exact: bool, out: torch.Tensor) -> torch.Tensor:
-    """clamp(round(x/s), qmin, qmax) into ``out``."""
+def _rounded(x: torch.Tensor, scale: float, exact: bool, out: torch.Tensor) -> torch.Tensor:
+    """round(x/s) into ``out``."""
     if exact:
         torch.div(x, scale, out=out)
     else:
         torch.mul(x, 1.0 / scale, out=out)
-    return out.round_().clamp_(lo, hi)
+    return out.round_()
+
+
+def _integers(x: torch.Tensor, scale: float, lo: int, hi: int, exact: bool, out: torch.Tensor) -> torch.Tensor:
+    """clamp(round(x/s), qmin, qmax) into ``out``."""
+    return _rounded(x, scale, exact, out).clamp_(lo, hi)
 
 
 class MixedActQuant(torch.autograd.Function):
@@ -179,7 +184,7 @@ class MixedActQuant(torch.autograd.Function):
     (see the module docstring); it saves only x. ``scale`` (for the bias quantizer) is computed
     in ``clip``'s dtype, as `plinio_onnx.functions.mps.act_scale`.
 
-    Backward: ∂y/∂θ_p = Q_p(x)·s_p (recomputed); ∂y/∂x = Σ_p θ_p·1[x strictly inside p's clip
+    Backward: ∂y/∂θ_p = Q_p(x)·s_p (recomputed inside the clip range); ∂y/∂x = Σ_p θ_p·1[x strictly inside p's clip
     range]; ∂y/∂c_p = θ_p·Σ g where x ≥ c_p (signed: minus Σ g where x ≤ −c_p): the clipped sums
     follow from the inside sums (what is neither inside nor at most 0 is at or above the clip).
     ∂scale/∂θ_p = max(c_p, min_clip)/qmax_p, ∂scale/∂c_p = θ_p/qmax_p where c_p ≥ min_clip.
@@ -253,16 +258,19 @@ def _chunked_backward(x, grad, rows: list[_Precision], plan: ActPlan, scratch: S
         else:
             outside += float(_inside(g_part, x_part, 0.0, float("inf"), inside).sum())
         for p, row in enumerate(rows):
-            if need_theta:
-                products[p] += float(torch.dot(g_part, _integers(x_part, row.scale, row.low, row.high,
-                                                                 plan.exact, work)))
             _inside(g_part, x_part, -row.clip if plan.signed else 0.0, row.clip, inside)
             inside_sums[p] += float(torch.dot(inside, sign) if plan.signed else inside.sum())
+            if need_theta:  # Σ g·Q_p inside the clip range (no clamp needed there); outside: below
+                _rounded(x_part, row.scale, plan.exact, work)
+                products[p] += float(torch.dot(inside, work))
             if need_x:
                 if p == 0:
                     torch.mul(inside, row.weight, out=gx_part)
                 else:
                     gx_part.add_(inside, alpha=row.weight)
+    # Outside the clip range Q_p is qmax_p (x ≥ c_p) or qmin_p (0, or −qmax_p when signed): the
+    # sums over there are the clipped sums the clip gradient uses.
+    products = [prod + row.high * (outside - s) for prod, s, row in zip(products, inside_sums, rows)]
     return grad_x, products, inside_sums, outside
 
 
