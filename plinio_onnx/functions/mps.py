@@ -197,7 +197,7 @@ def act_fake_quant(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool)
     return y, scale
 
 
-def act_plan(bits, signed: bool, exact: bool = False) -> ActPlan:
+def act_plan(bits: tuple[int, ...], signed: bool, exact: bool = False) -> ActPlan:
     """The numbers `MixedActQuant` needs for a mixture over ``bits``."""
     return ActPlan(tuple(act_range(b, signed) for b in bits), bool(signed), MIN_CLIP, exact)
 
