@@ -1,18 +1,20 @@
 """MPS search overhead: a training step of ``po.MPS`` (3 precisions) vs the plain model's step.
 
     python bench/mps_overhead.py [--batch 32] [--rounds 15] [--models resnet8 mobilenetv2_tiny]
+        [--threads 1 --clock cpu]   (a shared machine: CPU time of one thread)
 
 Both sides load the same ONNX file. The plain side is ``po.to_torch(po.load(f))`` (forward,
 backward, SGD with momentum); the MPS side is ``po.MPS(f, w_precisions=(2,4,8),
 a_precisions=(2,4,8))`` with per-channel weight precisions in soft sampling (every precision is
 computed every step), the same loss plus ``strength · model.cost`` and an Adam step on the
 architecture logits. Steps are timed alternately in one run (`_timing.paired_ratio`); the
-printed ratio is median(MPS) / median(plain). Target (DESIGN.md): ≤ 3.
+printed ratio is median(MPS) / median(plain). Target: ≤ 2.5 (issue 16; DESIGN.md: ≤ 3).
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ import plinio_onnx as po  # noqa: E402
 from _timing import paired_ratio, sgd_training_step  # noqa: E402
 
 MODELS = ROOT / "models"
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _mps_step(model: po.MPS, x: torch.Tensor, y: torch.Tensor):
@@ -47,12 +50,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time (on a shared machine; with --threads 1 "
+                             "it leaves out the time other processes held the core)")
     parser.add_argument("--models", nargs="*", default=["resnet8", "mobilenetv2_tiny", "digits_cnn"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.clock} clock")
     for name in args.models:
         path = MODELS / f"{name}.onnx"
         graph = po.load(path)
@@ -64,9 +70,10 @@ def main() -> None:
         y = torch.randint(0, classes, (args.batch,))
         model = po.MPS(path, w_precisions=(2, 4, 8), a_precisions=(2, 4, 8), per_channel=True)
         model.calibrate(x)
-        result = paired_ratio(_mps_step(model, x, y), sgd_training_step(plain, x, y), rounds=args.rounds)
+        result = paired_ratio(_mps_step(model, x, y), sgd_training_step(plain, x, y), rounds=args.rounds,
+                              clock=CLOCKS[args.clock])
         print(f"{name}: MPS step {result['candidate_ms']:.2f} ms, plain step {result['baseline_ms']:.2f} ms, "
-              f"ratio {result['ratio']:.2f} (target <= 3)", flush=True)
+              f"ratio {result['ratio']:.2f} (target <= 2.5)", flush=True)
 
 
 if __name__ == "__main__":

@@ -338,7 +338,7 @@ def test_mixed_activation_gradients_are_pact():
         x = (torch.randn(4, 8, 5, 5) * 3).requires_grad_()
         theta = torch.softmax(torch.randn(3), 0).requires_grad_()
         clip = torch.tensor([2.0, 4.0, 1.0], requires_grad=True)
-        y = fn._MixedActQuant.apply(x, theta, clip, (2, 4, 8), signed, fn._Scratch())
+        y, _ = fn.MixedActQuant.apply(x, theta, clip, fn.act_plan((2, 4, 8), signed), fn.Scratch())
         grad = torch.randn_like(y)
         got = torch.autograd.grad(y, [x, theta, clip], grad)
         want = torch.autograd.grad(reference(x, theta, clip, (2, 4, 8), signed), [x, theta, clip], grad)

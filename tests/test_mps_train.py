@@ -1,4 +1,4 @@
-"""The fused training-mode mixtures (`plinio_onnx.functions.mps_train`, `mps._MixedActQuant`) against plain autograd
+"""The fused training-mode mixtures (`plinio_onnx.functions.mps_train`) against plain autograd
 references written precision by precision: values and the gradients of weights, inputs, clips and
 the logits α behind θ = softmax(α), in float64."""
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from plinio_onnx.functions import mps as fn
-from plinio_onnx.functions.mps_train import MixedWeightQuant, WeightPlan
+from plinio_onnx.functions import mps_train
+from plinio_onnx.functions.mps_train import MixedActQuant, MixedWeightQuant, Scratch, WeightPlan
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 
@@ -73,15 +74,27 @@ def _act_reference(x, theta, clip, bits, signed):
     return y
 
 
+def _hard(theta):
+    """One-hot(argmax θ) forward with θ's gradient (hard sampling): zero weights in the forward."""
+    one_hot = torch.zeros_like(theta)
+    one_hot[theta.argmax()] = 1.0
+    return one_hot + (theta - theta.detach())
+
+
 @pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", [(2, 4, 8), (8,)])
-def test_fused_activation_mixture_matches_the_reference(signed, bits):
+@pytest.mark.parametrize("chunk_bytes", [None, 512])    # 512: 64 elements a chunk, the last one 32
+@pytest.mark.parametrize("hard", [False, True])
+def test_fused_activation_mixture_matches_the_reference(signed, bits, chunk_bytes, hard, monkeypatch):
+    if chunk_bytes:
+        monkeypatch.setattr(mps_train, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(1)
     x = (torch.randn(4, 8, 5, 5, dtype=torch.float64) * 3).requires_grad_()
     alpha = torch.randn(len(bits), dtype=torch.float64, requires_grad=True)
     clip = torch.tensor([2.0, 4.0, 1.0][:len(bits)], dtype=torch.float64, requires_grad=True)
-    y = fn._MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, bits, signed, fn._Scratch())
-    reference = _act_reference(x, torch.softmax(alpha, 0), clip, bits, signed)
+    weights = (lambda: _hard(torch.softmax(alpha, 0))) if hard else (lambda: torch.softmax(alpha, 0))
+    y, _ = MixedActQuant.apply(x, weights(), clip, fn.act_plan(bits, signed), Scratch())
+    reference = _act_reference(x, weights(), clip, bits, signed)
     torch.testing.assert_close(y, reference, **TIGHT)
     grad = torch.randn_like(y)
     got = torch.autograd.grad(y, [x, alpha, clip], grad)
@@ -89,6 +102,49 @@ def test_fused_activation_mixture_matches_the_reference(signed, bits):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **TIGHT)
     assert got[2].abs().sum() > 0 and got[0].abs().sum() > 0
+    assert len(bits) == 1 or got[1].abs().sum() > 0
+
+
+def test_activation_mixture_leaves_out_the_gradients_nobody_asked_for():
+    """Only θ needs a gradient (x and c frozen), or only x: the others come back as None."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    theta = torch.softmax(torch.randn(3, dtype=torch.float64), 0).requires_grad_()
+    clip = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    y, _ = MixedActQuant.apply(x, theta, clip, fn.act_plan((2, 4, 8), False), Scratch())
+    (got,) = torch.autograd.grad(y.sum(), [theta])
+    torch.testing.assert_close(got, torch.autograd.grad(_act_reference(x, theta, clip, (2, 4, 8), False).sum(),
+                                                        [theta])[0], **TIGHT)
+    x.requires_grad_()
+    y, _ = MixedActQuant.apply(x, theta.detach(), clip, fn.act_plan((2, 4, 8), False), Scratch())
+    (got,) = torch.autograd.grad(y.sum(), [x])
+    torch.testing.assert_close(got, torch.autograd.grad(_act_reference(x, theta.detach(), clip, (2, 4, 8), False).sum(),
+                                                        [x])[0], **TIGHT)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_mixture_scale_is_the_weighted_scale_with_its_gradients(signed):
+    """scale = Σ θ_p·act_scale(c_p) (the bias quantizer's input scale) and its gradients: alone,
+    with one clip below the smallest clip (no gradient there), and together with y's."""
+    x = torch.randn(3, 4, dtype=torch.float64).requires_grad_()
+    alpha = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    clip = torch.tensor([2.0, fn.MIN_CLIP / 2, 1.5], dtype=torch.float64, requires_grad=True)
+    bits = (2, 4, 8)
+    y, scale = MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, fn.act_plan(bits, signed), Scratch())
+    want = (torch.softmax(alpha, 0) * torch.stack([fn.act_scale(clip[p], b, signed) for p, b in enumerate(bits)])).sum()
+    assert scale.shape == (1,)
+    torch.testing.assert_close(scale[0], want, **TIGHT)
+    got = torch.autograd.grad(3.0 * scale.sum(), [alpha, clip], retain_graph=True)
+    for g, w in zip(got, torch.autograd.grad(3.0 * want, [alpha, clip], retain_graph=True)):
+        torch.testing.assert_close(g, w, **TIGHT)
+    assert got[1][1] == 0
+    clip = torch.tensor([2.0, 0.5, 1.5], dtype=torch.float64, requires_grad=True)
+    y, scale = MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, fn.act_plan(bits, signed), Scratch())
+    want = (torch.softmax(alpha, 0) * torch.stack([fn.act_scale(clip[p], b, signed) for p, b in enumerate(bits)])).sum()
+    reference = _act_reference(x, torch.softmax(alpha, 0), clip, bits, signed)
+    grad = torch.randn_like(y)
+    got = torch.autograd.grad((y * grad).sum() + 3.0 * scale.sum(), [x, alpha, clip])
+    for g, w in zip(got, torch.autograd.grad((reference * grad).sum() + 3.0 * want, [x, alpha, clip])):
+        torch.testing.assert_close(g, w, **TIGHT)
 
 
 def test_fused_mixtures_compute_the_eval_network_when_one_precision_wins():
@@ -103,3 +159,27 @@ def test_fused_mixtures_compute_the_eval_network_when_one_precision_wins():
     want, want_scale = fn.weight_fake_quant(weight, bits, [1, 2, 3])
     assert torch.equal(value, want)
     assert torch.equal(scale, want_scale.reshape(-1))
+
+
+def test_activation_mixture_of_an_empty_tensor():
+    x = torch.empty(0, 3, requires_grad=True)
+    theta = torch.softmax(torch.randn(3), 0).requires_grad_()
+    y, _ = MixedActQuant.apply(x, theta, torch.tensor([1.0, 2.0, 3.0]), fn.act_plan((2, 4, 8), False), Scratch())
+    assert y.shape == (0, 3)
+    grad_x, grad_theta = torch.autograd.grad(y.sum(), [x, theta])
+    assert grad_x.shape == (0, 3) and torch.equal(grad_theta, torch.zeros(3))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_activation_mixture_logit_gradients_at_the_clip_and_at_zero(signed):
+    """x exactly at ±c_p and at 0: ∂/∂θ still sees Q_p(x) there (qmax, qmin or 0)."""
+    clip = torch.tensor([2.0, 4.0, 1.0], dtype=torch.float64)
+    x = torch.tensor([0.0, 2.0, 4.0, 1.0, -2.0, -4.0, -1.0, 0.3, 7.0, -7.0], dtype=torch.float64)
+    alpha = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    y, _ = MixedActQuant.apply(x, torch.softmax(alpha, 0), clip, fn.act_plan((2, 4, 8), signed), Scratch())
+    reference = _act_reference(x, torch.softmax(alpha, 0), clip, (2, 4, 8), signed)
+    torch.testing.assert_close(y, reference, **TIGHT)
+    got, = torch.autograd.grad(y, [alpha], grad)
+    want, = torch.autograd.grad(reference, [alpha], grad)
+    torch.testing.assert_close(got, want, **TIGHT)

@@ -40,7 +40,7 @@ from ..graph import PLINIO_DOMAIN
 from ..to_torch.context import NodeContext
 from ..to_torch.registry import Unsupported, register
 from . import make_function
-from .mps_train import MixedWeightQuant, WeightPlan
+from .mps_train import ActPlan, MixedActQuant, MixedWeightQuant, Scratch, WeightPlan
 from .relaxation import FIXED, SAMPLINGS, SOFTMAX, choice_weights, is_sampling, sampling_mode
 
 ACT_QUANT = "MPSActQuant"
@@ -197,6 +197,11 @@ def act_fake_quant(x: torch.Tensor, clip: torch.Tensor, bits: int, signed: bool)
     return y, scale
 
 
+def act_plan(bits: tuple[int, ...], signed: bool, exact: bool = False) -> ActPlan:
+    """The numbers `MixedActQuant` needs for a mixture over ``bits``."""
+    return ActPlan(tuple(act_range(b, signed) for b in bits), bool(signed), MIN_CLIP, exact)
+
+
 def weight_levels(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(2^b − 1 (≥ 1), qmin, qmax) as float tensors for a (broadcast) bit tensor."""
     levels = torch.pow(2.0, bits) - 1.0
@@ -257,95 +262,6 @@ def broadcast_bits(values: torch.Tensor, rank: int, axis: int) -> torch.Tensor:
 
 
 # -- torch modules ----------------------------------------------------------------------------
-class _Scratch:
-    """Reusable work buffers (one per quantizer): freshly allocated large tensors cost page
-    faults on every step, reused ones do not."""
-
-    def __init__(self) -> None:
-        self._buffers: dict = {}
-
-    def get(self, like: torch.Tensor, slot: int) -> torch.Tensor:
-        key = (slot, like.shape, like.dtype, like.device)
-        buffer = self._buffers.get(key)
-        if buffer is None:
-            if len(self._buffers) > 8:  # shapes changed (another batch size): start over
-                self._buffers.clear()
-            buffer = self._buffers[key] = torch.empty_like(like, memory_format=torch.contiguous_format)
-        return buffer
-
-
-class _MixedActQuant(torch.autograd.Function):
-    """y = Σ_p θ_p·Q_p(x) with PACT gradients, in few passes over x (it saves only x).
-
-    Backward: ∂y/∂θ_p = Q_p(x) (recomputed); ∂y/∂x = Σ_p θ_p·1[x inside p's clip range];
-    ∂y/∂c_p = θ_p where x ≥ c_p (signed: −θ_p where x ≤ −c_p). The inside masks come from one
-    fused ``hardtanh_backward`` per precision; the clipped sums follow from the inside sums
-    (everything not inside and not below 0 is above the clip). Training only: x·(1/s) rounds
-    like x/s except on exact ties, and multiplies faster (eval uses the exact division).
-    """
-
-    @staticmethod
-    def _plan(theta, clip, bits, signed) -> list[tuple[float, float, int, int, float]]:
-        """Per precision: (θ, clip, qmin, qmax, scale) as Python numbers (scale as `act_scale`)."""
-        plan = []
-        for weight, c, b in zip(theta.detach().tolist(), clip.detach().tolist(), bits):
-            lo, hi = act_range(b, signed)
-            c = float(np.maximum(np.float32(c), np.float32(MIN_CLIP)))
-            plan.append((weight, c, lo, hi, float(np.float32(c) / np.float32(hi))))
-        return plan
-
-    @staticmethod
-    def forward(ctx, x, theta, clip, bits, signed, scratch, exact=False):
-        x = x.contiguous()
-        ctx.save_for_backward(x, theta, clip)
-        ctx.bits, ctx.signed, ctx.scratch = bits, signed, scratch
-        y = torch.empty_like(x)
-        work = scratch.get(x, 0)
-        for p, (weight, _, lo, hi, scale) in enumerate(_MixedActQuant._plan(theta, clip, bits, signed)):
-            if exact:  # the ops of `act_fake_quant`, bit for bit
-                torch.div(x, scale, out=work).round_().clamp_(lo, hi)
-            else:
-                torch.mul(x, 1.0 / scale, out=work).round_().clamp_(lo, hi)
-            if p == 0:
-                torch.mul(work, weight * scale if weight != 1.0 else scale, out=y)
-            else:
-                y.add_(work, alpha=weight * scale)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, theta, clip = ctx.saved_tensors
-        bits, signed, scratch = ctx.bits, ctx.signed, ctx.scratch
-        grad = grad.contiguous()
-        flat_grad = grad.reshape(-1)
-        work, inside = scratch.get(x, 0), scratch.get(x, 1)
-        grad_theta = torch.zeros_like(theta)
-        grad_clip = torch.empty_like(clip)
-        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        hardtanh_backward = torch.ops.aten.hardtanh_backward.grad_input
-        if signed:
-            torch.sign(x, out=work)
-            sign = work.reshape(-1).clone()
-            outside_total = torch.dot(flat_grad, sign)           # Σ g·sign(x)
-        else:                                                    # Σ_{x>0} g
-            positive = hardtanh_backward(grad, x, 0.0, float("inf"), grad_input=inside).sum()
-        for p, (weight, c, lo, hi, scale) in enumerate(_MixedActQuant._plan(theta, clip, bits, signed)):
-            if ctx.needs_input_grad[1]:
-                torch.mul(x, 1.0 / scale, out=work).round_().clamp_(lo, hi)
-                grad_theta[p] = torch.dot(flat_grad, work.reshape(-1)) * scale
-            hardtanh_backward(grad, x, -c if signed else 0.0, c, grad_input=inside)
-            if signed:  # Σ_{x≥c} g − Σ_{x≤−c} g = Σ g·sign(x) − Σ_{|x|<c} g·sign(x)
-                grad_clip[p] = weight * (outside_total - torch.dot(inside.reshape(-1), sign))
-            else:       # Σ_{x≥c} g = Σ_{x>0} g − Σ_{0<x<c} g
-                grad_clip[p] = weight * (positive - inside.sum())
-            if grad_x is not None:
-                if p == 0:
-                    torch.mul(inside, weight, out=grad_x)
-                else:
-                    grad_x.add_(inside, alpha=weight)
-        return grad_x, grad_theta, grad_clip, None, None, None, None
-
-
 class ActQuantizer(torch.nn.Module):
     """Torch side of ``MPSActQuant`` (see the module docstring). ``calibrating``: pass x through
     unchanged and record its range (used by `plinio_onnx.methods.mps.MPS.calibrate`)."""
@@ -356,7 +272,9 @@ class ActQuantizer(torch.nn.Module):
         self.calibrating = False
         self.observed: list[torch.Tensor] = []
         self.clip_id: int | None = None   # id() of the clip parameter seen while calibrating
-        self._scratch = _Scratch()
+        self._scratch = Scratch()
+        self._mixture = act_plan(self.bits, self.signed)
+        self._single = [act_plan((b,), self.signed, exact=True) for b in self.bits]  # eval's ops
 
     def forward(self, x, alpha, clip, temperature):
         if self.calibrating:
@@ -369,12 +287,9 @@ class ActQuantizer(torch.nn.Module):
             if not (torch.is_grad_enabled() and (x.requires_grad or clip.requires_grad)):
                 return act_fake_quant(x, clip[p:p + 1], self.bits[p], self.signed)
             one = torch.ones(1, dtype=x.dtype, device=x.device)
-            y = _MixedActQuant.apply(x, one, clip[p:p + 1], (self.bits[p],), self.signed, self._scratch, True)
-            return y, act_scale(clip[p:p + 1], self.bits[p], self.signed)
+            return MixedActQuant.apply(x, one, clip[p:p + 1], self._single[p], self._scratch)
         theta = choice_weights(alpha, temperature, self.sampling, True)
-        y = _MixedActQuant.apply(x, theta, clip, self.bits, self.signed, self._scratch)
-        scales = torch.stack([act_scale(clip[p], b, self.signed) for p, b in enumerate(self.bits)])
-        return y, (theta * scales).sum().reshape(1)
+        return MixedActQuant.apply(x, theta, clip, self._mixture, self._scratch)
 
 
 class WeightQuantizer(torch.nn.Module):

@@ -1,19 +1,26 @@
-"""MPS's training-mode weight mixture Σ_p θ_p·Q_p(W) as one custom autograd function over all precisions.
+"""MPS's training-mode mixtures Σ_p θ_p·Q_p as custom autograd functions over all precisions.
 
-Written as a chain of small ops per precision, a weight quantizer's step on a small model spends
-most of its time in op dispatch and autograd bookkeeping. `MixedWeightQuant` stacks the P
-precisions into one [P, …] tensor (one divide, one round, a clamp per precision, one weighted
-sum) and writes the backward by hand: it saves Q_p·s_p [P, …] and gives ∂/∂W = g
-(straight-through; Σθ = 1), ∂/∂θ_p = ⟨g, Q_p·s_p⟩ per channel (or per layer), and through the
-scale output ∂/∂θ_p = s_p. Values are those of the per-precision ops (same scales, rounding half
-to even, same clamps). (Activation mixtures stay `plinio_onnx.functions.mps._MixedActQuant`:
-its per-precision loop over reused buffers is faster on large activations than a [P, N] stack.)
-The plain-autograd reference lives in tests/test_mps_train.py.
+Written as a chain of small ops per precision, a quantizer's step spends most of its time in op
+dispatch, autograd bookkeeping and memory traffic.
+
+* Weights (`MixedWeightQuant`): the P precisions stacked into one [P, …] tensor (one divide, one
+  round, a clamp per precision, one weighted sum), backward by hand: it saves Q_p·s_p [P, …] and
+  gives ∂/∂W = g (straight-through; Σθ = 1), ∂/∂θ_p = ⟨g, Q_p·s_p⟩ per channel (or per layer),
+  and through the scale output ∂/∂θ_p = s_p.
+* Activations (`MixedActQuant`, PACT): large tensors, so the work goes chunk by chunk (each chunk
+  stays in the core's cache while every precision is computed on it, forward and backward) over
+  reused buffers, and only x is saved (the values are recomputed in the backward, not stored
+  once per precision).
+
+Values are those of the per-precision ops (same scales, rounding half to even, same clamps).
+The plain-autograd references live in tests/test_mps_train.py.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 
@@ -90,3 +97,187 @@ def _theta_like(theta: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
     if theta.dim() == 2:
         shape[axis + 1] = -1
     return theta.reshape(shape)
+
+
+# -- activations --------------------------------------------------------------------------------
+#: Bytes of one chunk of an activation mixture on the CPU. Each op of the mixture reads its chunk
+#: again (about 35 ops a step): a chunk and its work buffers stay in cache where a whole 8 MiB
+#: activation goes to memory every time. Measured (2-core EPYC, 1 MiB L2 a core, shared L3, a
+#: MobileNetV2-style step): 2 MiB chunks beat whole tensors by ~25%; from 512 KiB down, op
+#: dispatch costs more than the cache saves.
+CHUNK_BYTES = 2 ** 21
+
+
+class Scratch:
+    """Reusable work buffers (one set per quantizer): freshly allocated large tensors cost page
+    faults on every step, reused ones do not."""
+
+    def __init__(self) -> None:
+        self._buffers: dict = {}
+
+    def get(self, numel: int, like: torch.Tensor, slot: int) -> torch.Tensor:
+        """A flat buffer of ``numel`` elements with ``like``'s dtype and device."""
+        key = (slot, numel, like.dtype, like.device)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            if len(self._buffers) > 8:  # sizes changed (another batch size): start over
+                self._buffers.clear()
+            buffer = self._buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer
+
+
+class ActPlan(NamedTuple):
+    """The fixed numbers of an activation mixture: the integer range (qmin, qmax) of each
+    precision, whether the quantizer is signed (clip range [−c, c], else [0, c]), the smallest
+    clip, and ``exact``: divide by s as eval does (else multiply by 1/s, which rounds the same
+    except on exact ties and is faster)."""
+    ranges: tuple[tuple[int, int], ...]
+    signed: bool
+    min_clip: float
+    exact: bool = False
+
+
+class _Precision(NamedTuple):
+    weight: float   # θ_p
+    clip: float     # max(c_p, min_clip)
+    low: int        # qmin
+    high: int       # qmax
+    scale: float    # s_p = clip / qmax in float32, as the export
+
+
+def _precisions(theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan) -> list[_Precision]:
+    """θ_p, c_p and s_p as Python numbers, s_p = max(c_p, min_clip) / qmax computed in float32
+    (as `plinio_onnx.functions.mps.act_scale` and the export compute it)."""
+    clips = np.maximum(np.asarray(clip.detach().tolist(), np.float32), np.float32(plan.min_clip))
+    scales = clips / np.asarray([hi for _, hi in plan.ranges], np.float32)
+    return [_Precision(w, c, lo, hi, s) for w, c, (lo, hi), s
+            in zip(theta.detach().tolist(), clips.tolist(), plan.ranges, scales.tolist())]
+
+
+def _chunks(*tensors: torch.Tensor):
+    """Aligned flat slices of equally sized contiguous tensors, `CHUNK_BYTES` each on the CPU
+    (one slice elsewhere: a GPU gains nothing from it and would launch more kernels)."""
+    flats = [t.reshape(-1) for t in tensors]
+    total = flats[0].numel()
+    step = CHUNK_BYTES // flats[0].element_size() if flats[0].device.type == "cpu" else total
+    step = max(step, 1)
+    for start in range(0, max(total, 1), step):  # (an empty tensor: one empty slice)
+        yield [f[start:start + step] for f in flats]
+
+
+def _rounded(x: torch.Tensor, scale: float, exact: bool, out: torch.Tensor) -> torch.Tensor:
+    """round(x/s) into ``out``."""
+    if exact:
+        torch.div(x, scale, out=out)
+    else:
+        torch.mul(x, 1.0 / scale, out=out)
+    return out.round_()
+
+
+def _integers(x: torch.Tensor, scale: float, lo: int, hi: int, exact: bool, out: torch.Tensor) -> torch.Tensor:
+    """clamp(round(x/s), qmin, qmax) into ``out``."""
+    return _rounded(x, scale, exact, out).clamp_(lo, hi)
+
+
+class MixedActQuant(torch.autograd.Function):
+    """(y, scale) = (Σ_p θ_p·Q_p(x)·s_p, Σ_p θ_p·max(c_p, min_clip)/qmax_p) with PACT gradients
+    (see the module docstring); it saves only x. ``scale`` (for the bias quantizer) is computed
+    in ``clip``'s dtype, as `plinio_onnx.functions.mps.act_scale`.
+
+    Backward: ∂y/∂θ_p = Q_p(x)·s_p (recomputed inside the clip range); ∂y/∂x = Σ_p θ_p·1[x strictly inside p's clip
+    range]; ∂y/∂c_p = θ_p·Σ g where x ≥ c_p (signed: minus Σ g where x ≤ −c_p): the clipped sums
+    follow from the inside sums (what is neither inside nor at most 0 is at or above the clip).
+    ∂scale/∂θ_p = max(c_p, min_clip)/qmax_p, ∂scale/∂c_p = θ_p/qmax_p where c_p ≥ min_clip.
+    """
+
+    @staticmethod
+    def forward(ctx, x, theta, clip, plan: ActPlan, scratch: Scratch):
+        x = x.contiguous()
+        ctx.save_for_backward(x, theta, clip)
+        ctx.set_materialize_grads(False)
+        rows = _precisions(theta, clip, plan)
+        ctx.plan, ctx.scratch, ctx.rows = plan, scratch, rows
+        highs = torch.tensor([float(row.high) for row in rows], dtype=clip.dtype, device=clip.device)
+        scale = torch.dot(theta.detach().to(clip.dtype), clip.detach().clamp_min(plan.min_clip).div_(highs))
+        y = torch.empty_like(x)
+        for x_part, y_part in _chunks(x, y):
+            _mixture(x_part, rows, plan.exact, scratch.get(x_part.numel(), x, 0), y_part)
+        return y, scale.reshape(1)
+
+    @staticmethod
+    def backward(ctx, grad, grad_scale):
+        x, theta, clip = ctx.saved_tensors
+        rows = ctx.rows
+        need_x, need_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, products, inside_sums, outside = None, [0.0] * len(rows), [0.0] * len(rows), 0.0
+        if grad is not None:
+            grad_x, products, inside_sums, outside = _chunked_backward(
+                x, grad.contiguous(), rows, ctx.plan, ctx.scratch, need_x, need_theta)
+        theta_grads = [prod * row.scale for prod, row in zip(products, rows)]
+        clip_grads = [row.weight * (outside - s) for s, row in zip(inside_sums, rows)]
+        if grad_scale is not None:  # (c_p below min_clip: the clamp passes no gradient)
+            g = float(grad_scale.sum())
+            clip_values = clip.detach().tolist()
+            theta_grads = [t + g * max(c, ctx.plan.min_clip) / row.high
+                           for t, c, row in zip(theta_grads, clip_values, rows)]
+            clip_grads = [t + (g * row.weight / row.high if c >= ctx.plan.min_clip else 0.0)
+                          for t, c, row in zip(clip_grads, clip_values, rows)]
+        grad_theta = _like(theta_grads, theta) if need_theta else None
+        return grad_x, grad_theta, _like(clip_grads, clip), None, None
+
+
+def _mixture(x: torch.Tensor, rows: list[_Precision], exact: bool, work: torch.Tensor, y: torch.Tensor) -> None:
+    """y = Σ_p θ_p·Q_p(x)·s_p, in place; precisions with θ_p = 0 (hard sampling) are left out."""
+    first = True
+    for row in rows:
+        if row.weight == 0.0:
+            continue
+        _integers(x, row.scale, row.low, row.high, exact, work)
+        if first:
+            torch.mul(work, row.weight * row.scale, out=y)
+            first = False
+        else:
+            y.add_(work, alpha=row.weight * row.scale)
+    if first:  # (every θ_p = 0)
+        y.zero_()
+
+
+def _chunked_backward(x, grad, rows: list[_Precision], plan: ActPlan, scratch: Scratch, need_x: bool,
+                      need_theta: bool):
+    """(∂/∂x, [Σ g·Q_p], [Σ g inside p's range (signed: Σ g·sign(x))], Σ_{x>0} g (signed: Σ g·sign(x))),
+    chunk by chunk; the sums add up in float64."""
+    grad_x = torch.empty_like(x) if need_x else None
+    products, inside_sums, outside = [0.0] * len(rows), [0.0] * len(rows), 0.0
+    parts = _chunks(x, grad, grad_x) if need_x else ((a, b, None) for a, b in _chunks(x, grad))
+    for x_part, g_part, gx_part in parts:
+        n = x_part.numel()
+        work, inside = scratch.get(n, x, 0), scratch.get(n, x, 1)
+        sign = torch.sign(x_part, out=scratch.get(n, x, 2)) if plan.signed else None
+        if plan.signed:
+            outside += float(torch.dot(g_part, sign))
+        else:
+            outside += float(_inside(g_part, x_part, 0.0, float("inf"), inside).sum())
+        for p, row in enumerate(rows):
+            _inside(g_part, x_part, -row.clip if plan.signed else 0.0, row.clip, inside)
+            inside_sums[p] += float(torch.dot(inside, sign) if plan.signed else inside.sum())
+            if need_theta:  # Σ g·Q_p inside the clip range (no clamp needed there); outside: below
+                _rounded(x_part, row.scale, plan.exact, work)
+                products[p] += float(torch.dot(inside, work))
+            if need_x:
+                if p == 0:
+                    torch.mul(inside, row.weight, out=gx_part)
+                else:
+                    gx_part.add_(inside, alpha=row.weight)
+    # Outside the clip range Q_p is qmax_p (x ≥ c_p) or qmin_p (0, or −qmax_p when signed): the
+    # sums over there are the clipped sums the clip gradient uses.
+    products = [prod + row.high * (outside - s) for prod, s, row in zip(products, inside_sums, rows)]
+    return grad_x, products, inside_sums, outside
+
+
+def _inside(grad: torch.Tensor, x: torch.Tensor, low: float, high: float, out: torch.Tensor) -> torch.Tensor:
+    """grad where low < x < high, else 0, into ``out`` (one fused op)."""
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, x, low, high, grad_input=out)
+
+
+def _like(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
