@@ -17,7 +17,6 @@ The plain-autograd references live in tests/test_mps_train.py.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
