@@ -124,15 +124,19 @@ class Timer:
 
     @staticmethod
     def runtime_version(runtime: str) -> str:
-        from ..runtime import OPENVINO_MISSING
+        from importlib import metadata
+
+        from ..runtime import OPENVINO_MISSING, openvino_available
         if runtime_name(runtime) == "ort-cpu":
             import onnxruntime
             return onnxruntime.__version__
-        try:
+        if not openvino_available():
+            raise PlinioOnnxError(OPENVINO_MISSING)
+        try:   # read, not imported: loaded into a process, OpenVINO corrupts its later forks
+            return metadata.version("openvino")
+        except metadata.PackageNotFoundError:   # installed without a distribution's metadata
             import openvino
-        except ImportError:
-            raise PlinioOnnxError(OPENVINO_MISSING) from None
-        return str(getattr(openvino, "__version__", None) or openvino.get_version())
+            return str(getattr(openvino, "__version__", None) or openvino.get_version())
 
     def time(self, model: "onnx.ModelProto | Path", feeds: dict | None = None) -> float:
         """Median seconds of one run of ``model`` (on random inputs of its shapes by default)."""
