@@ -78,7 +78,7 @@ from ..cost import total as cost_total
 from ..atomic import check_writable, remove_stale_temporaries
 from ..errors import OutputError, PlinioOnnxError
 from ..graph import Graph
-from ..hardware import for_model
+from ..hardware import for_model, is_measured
 from ..load import load
 from ..sync import sync
 from ..to_torch import to_torch
@@ -87,6 +87,7 @@ from .config import OptimizeConfig, Recipe
 from .data import Problem, split_ort_scores
 from .distributed import Distributed, start
 from .lock import RunLock
+from .latency_loop import LatencyCheck, round_notes, runtime_measure
 from .measure import latency_target_notes, measure_latency
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
@@ -171,7 +172,8 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
         run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback,
                   dist=dist, amp=config.amp)
         try:
-            warmed, searched, final, phases = _phases(run, method, problem.base, config, base)
+            check = _latency_check(config, base, problem, model_path)
+            warmed, searched, final, phases = _phases(run, method, problem.base, config, base, check)
         finally:
             bar.stop()
         _dump_state(dist, searched, final)
@@ -287,12 +289,27 @@ def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem,
     return ckpt, bar
 
 
-def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base: _Base):
-    """Warm-up, search, export and fine-tune: (the warmed-up graph, the chosen searchable model,
-    the final graph, phase summaries)."""
+def _latency_check(config: OptimizeConfig, base: _Base, problem: Problem, model_path: Path) -> LatencyCheck | None:
+    """The measure-and-tighten loop of a latency target on a measured profile
+    (`plinio_onnx.optimize.latency_loop`), timing candidates on a validation sample; None
+    without one, with ``measure_latency`` off or ``latency_rounds`` 0."""
+    budget = next((b for b in base.budgets if b.kind == "latency"), None)
+    if budget is None or not config.measure_latency or not config.latency_rounds or not is_measured(config.hardware):
+        return None
+    sample = [t.cpu().numpy() for t in problem.val.head(8)[0]]
+    measure = runtime_measure(model_path, config.hardware, problem.input_names, sample)
+    epochs = max(1, -(-config.recipe_with_overrides.search_epochs // 2))
+    return LatencyCheck("latency", budget.value / budget.base, budget.base, budget.min_reachable, measure,
+                        rounds=config.latency_rounds, round_epochs=epochs)
+
+
+def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base: _Base,
+            check: LatencyCheck | None = None):
+    """Warm-up, search (measured against a latency target with ``check``), export and fine-tune:
+    (the warmed-up graph, the chosen searchable model, the final graph, phase summaries)."""
     warmed, warm_info = train_plain(run, "warmup", graph, run.recipe.warmup_epochs)
     searched, search_info = search(run, method, warmed, base.cost_ref, config.strength, base.targets or None,
-                                   base.cost, refs=base.refs, regularizer=config.regularizer_name)
+                                   base.cost, refs=base.refs, regularizer=config.regularizer_name, check=check)
     exported = searched.export(int4=config.int4)
     if method.finetune_export:
         final, fine_info = train_plain(run, "finetune", exported, run.recipe.finetune_epochs)
@@ -358,7 +375,9 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
                "test": after_test},
         layers=layer_rows(problem.base, final), architecture=search_info.pop("architecture", {}),
         phases=phases, seed=config.seed, resumed=ckpt.resumed, seconds=time.perf_counter() - started, files=files,
-        notes=[note for note in (problem.data_note, problem.shapes_note) if note],
+        notes=[note for note in (problem.data_note, problem.shapes_note) if note]
+        + round_notes(search_info.get("latency_rounds", []), config.hardware or "",
+                      next((b.unit for b in base.budgets if b.kind == "latency"), "")),
         channel_multiple=method.options.get("channel_multiple"), constraints=constraints,
         regularizer=config.regularizer_name, quantization=quantization_report(problem.base, final))
 

@@ -1,0 +1,129 @@
+"""A latency target on a measured profile, closed by measurement (`optimize.latency_loop`): the
+search's choice is timed in the runtime and, when it misses the target there, the search goes on
+against a tighter predicted target.
+
+No assertion reads a timing: the table is made by a fake timer (deterministic entries) and the
+runtime's verdicts are scripted, so the tests check the loop's arithmetic and the flow around it."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import plinio_onnx as po
+from plinio_onnx.hardware import measured
+from plinio_onnx.optimize import flow
+from plinio_onnx.optimize.config import OptimizeConfig
+from plinio_onnx.optimize.latency_loop import LatencyCheck, round_notes
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "digits_cnn.onnx"
+DATA = ROOT / "models" / "digits.npz"
+
+
+def _check(**options) -> LatencyCheck:
+    return LatencyCheck("latency", 0.6, 100.0, options.pop("min_reachable", 40.0),
+                        lambda graph: pytest.fail("not measured here"), **options)
+
+
+def test_the_verdicts_of_a_measured_round():
+    check = _check(rounds=2, slack=0.02)
+    met = check.judge(0, 60.0, 57.8, {"input_ms": 0.2, "output_ms": 0.123})   # 61.5 %: within the slack
+    assert met.verdict == "met" and met.next_target is None and met.ratio == pytest.approx(0.615)
+    # 67.5 % measured for a choice predicted at 57.8 %: the next target is 60 % · 57.8 / 0.675
+    missed = check.judge(0, 60.0, 57.8, {"input_ms": 0.2, "output_ms": 0.135})
+    assert missed.verdict == "tightened" and missed.next_target == pytest.approx(0.6 * 57.8 / 0.675)
+    assert missed.to_json()["ratio"] == pytest.approx(0.675)
+    assert check.judge(2, 51.4, 50.0, {"input_ms": 0.2, "output_ms": 0.135}).verdict == "last round"
+    # a tighter target at or below the least reachable architecture stops the loop
+    assert _check(min_reachable=52.0).judge(0, 60.0, 57.8, {"input_ms": 0.2, "output_ms": 0.135}).verdict == "floor"
+    failed = check.judge(0, 60.0, 57.8, {"error": "cannot load"})
+    assert failed.verdict == "not measured" and failed.error == "cannot load" and failed.ratio is None
+    notes = round_notes([r.to_json() for r in (missed, met, failed)], "ort-cpu", "s")
+    assert "measured 67.5% in ort-cpu (wanted ≤ 60.0%)" in notes[0] and "predicted 51.4%" in notes[0]
+    assert notes[1].endswith("kept") and "not measured in ort-cpu (cannot load)" in notes[2]
+
+
+def test_latency_rounds_is_a_validated_option():
+    assert OptimizeConfig(output="o.onnx").latency_rounds == 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(po.PlinioOnnxError, match="--latency-rounds"):
+            OptimizeConfig(output="o.onnx", latency_rounds=bad)
+
+
+class _FakeTimer:
+    """Times nothing: a layer at (c_in, c_out) costs 1 µs + c_in·c_out/256 µs, a whole model 100
+    µs, its anchor 60 µs, an idle run 1 µs."""
+
+    version = "fake"
+
+    def __init__(self, *args) -> None:
+        pass
+
+    @staticmethod
+    def runtime_version(runtime: str) -> str:
+        return "fake"
+
+    def time(self, model, feeds=None) -> float:
+        return 1e-6
+
+    def times(self, models: dict) -> dict:
+        return {(c_in, c_out): 1e-6 * (1 + c_in * c_out / 256) for c_in, c_out in models}
+
+    def whole(self, path, anchor=None):
+        return 1e-4, 6e-5
+
+
+def test_a_choice_measured_over_the_target_is_searched_on_against_a_tighter_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(measured, "Timer", _FakeTimer)
+    model = Path(shutil.copy(MODEL, tmp_path / "digits.onnx"))
+    verdicts = iter([0.95, 0.80])   # the runtime's output/input ratio of the first and second choice
+    measured_graphs = []
+
+    def fake_runtime_measure(input_model, runtime, names, samples):
+        assert Path(input_model) == model and runtime == "ort-cpu" and names == ["input"]
+
+        def measure(graph):
+            measured_graphs.append(graph)
+            return {"input_ms": 1.0, "output_ms": next(verdicts)}
+        return measure
+    monkeypatch.setattr(flow, "runtime_measure", fake_runtime_measure)
+    monkeypatch.setattr(flow, "measure_latency", lambda *a, **k: {})   # the report's own timing
+    out = tmp_path / "small.onnx"
+    report = po.optimize(model, DATA, output=out, method="pit", hardware="ort-cpu", target_latency="80%",
+                         channel_multiple=8, latency_rounds=1, epochs=2, warmup_epochs=0, finetune_epochs=0,
+                         threads=1, quiet=True)
+    search = report.phases["search"]
+    first, second = search["latency_rounds"]
+    table = measured.cached_table(model, channel_multiple=8)
+    base = table.predict(po.load(model))
+    assert first["target"] == pytest.approx(0.8 * base) and first["wanted"] == pytest.approx(0.8)
+    assert first["verdict"] == "tightened" and second["verdict"] == "met" and second["round"] == 1
+    assert first["next_target"] == pytest.approx(0.8 * first["predicted"] / 0.95)
+    assert second["target"] == first["next_target"] and search["targets"]["latency"] == first["next_target"]
+    # each measured candidate is the architecture judged: its predicted latency is the round's
+    assert [table.predict(g) for g in measured_graphs] == pytest.approx([first["predicted"], second["predicted"]])
+    # the round searched one more epoch (half the budget) and the output meets the tighter target
+    assert [h["epoch"] for h in search["history"]] == [1, 2, 3]
+    (constraint,) = report.constraints
+    assert constraint["after"] <= first["next_target"] * (1 + 1e-9) and constraint["target"] == pytest.approx(0.8 * base)
+    assert table.predict(po.load(out)) == pytest.approx(constraint["after"])
+    notes = json.loads(out.with_name("small.report.json").read_text())["notes"]
+    assert any("latency round 0" in n and "measured 95.0%" in n for n in notes)
+    assert any("latency round 1" in n and n.endswith("kept") for n in notes)
+
+
+def test_no_loop_without_a_measured_profile_or_with_no_rounds(tmp_path, monkeypatch):
+    monkeypatch.setattr(measured, "Timer", _FakeTimer)
+    model = Path(shutil.copy(MODEL, tmp_path / "digits.onnx"))
+    monkeypatch.setattr(flow, "runtime_measure", lambda *a: pytest.fail("measured without a loop"))
+    monkeypatch.setattr(flow, "measure_latency", lambda *a, **k: {})
+    report = po.optimize(model, DATA, output=tmp_path / "a.onnx", hardware="ort-cpu", target_latency="80%",
+                         channel_multiple=8, latency_rounds=0, epochs=1, warmup_epochs=0, finetune_epochs=0,
+                         threads=1, quiet=True)
+    assert report.phases["search"]["latency_rounds"] == []
+    report = po.optimize(model, DATA, output=tmp_path / "b.onnx", hardware="simd-mcu", target_latency="80%",
+                         epochs=1, warmup_epochs=0, finetune_epochs=0, threads=1, quiet=True)
+    assert report.phases["search"]["latency_rounds"] == []
