@@ -127,3 +127,65 @@ def test_no_loop_without_a_measured_profile_or_with_no_rounds(tmp_path, monkeypa
     report = po.optimize(model, DATA, output=tmp_path / "b.onnx", hardware="simd-mcu", target_latency="80%",
                          epochs=1, warmup_epochs=0, finetune_epochs=0, threads=1, quiet=True)
     assert report.phases["search"]["latency_rounds"] == []
+
+
+# -- the channel multiple of a latency target ---------------------------------------------------
+def test_the_multiples_tried_and_the_block_penalty_of_a_table():
+    from plinio_onnx.hardware.measured import LatencyTable, LayerTable
+    from plinio_onnx.optimize.latency_multiple import block_penalty, finer_multiples
+
+    assert finer_multiples(16) == [16, 8, 4, 2, 1] and finer_multiples(12) == [12, 6, 3, 1]
+    assert finer_multiples(1) == [1]
+    # conv: 8 → 16 out of 24; every off-block entry against the aligned one above it (16 or the
+    # layer's size, 24): (8,8)/(16,16), (8,16)/(16,16), (8,24)/(16,24), (16,8)/(16,16), (24,8)/(24,16)
+    conv = LayerTable("Conv", [8, 16, 24], [8, 16, 24], [[1.0, 1.1, 2.0], [1.0, 1.0, 1.6], [1.5, 1.2, 2.4]])
+    depthwise = LayerTable("Conv", [], [8, 16], [[0.9, 0.5]])     # 8 channels: 80 % over 16
+    table = LatencyTable("sha", 8, 1, "v", layers={"conv": conv})
+    assert block_penalty(table, 16) == pytest.approx(max(1.0 / 1.0, 1.1 / 1.0, 2.0 / 1.6, 1.5 / 1.2) - 1)
+    table.layers["dw"] = depthwise
+    assert block_penalty(table, 16) == pytest.approx(0.9 / 0.5 - 1)
+    assert block_penalty(table, 8) == 0.0   # every entry on the block
+
+
+class _CliffTimer(_FakeTimer):
+    """As `_FakeTimer`, but an output channel count off the block of 16 costs twice as much."""
+
+    def times(self, models: dict) -> dict:
+        return {key: value * (2.0 if key[1] % 16 else 1.0) for key, value in super().times(models).items()}
+
+
+def _base_costs(tmp_path, monkeypatch, timer, **options):
+    """`optimize`'s input costs and method for digits on a fake-timed ort-cpu table (the CPU's
+    block: 16)."""
+    from plinio_onnx.hardware import model_profile
+    from plinio_onnx.optimize.targets import method_for_targets
+    monkeypatch.setattr(measured, "Timer", timer)
+    monkeypatch.setattr(model_profile, "nchwc_block", lambda *a: 16)
+    model = Path(shutil.copy(MODEL, tmp_path / "digits.onnx"))
+    config = OptimizeConfig(output=tmp_path / "o.onnx", hardware="ort-cpu", progress=False, **options)
+    return flow._base_costs(po.load(model), config, method_for_targets(config.search_method, config.targets), model)
+
+
+def test_a_latency_target_out_of_reach_on_the_cpus_block_searches_finer_blocks(tmp_path, monkeypatch):
+    # reachable on blocks of 16 (least 53 % of the input's predicted latency): searched on them
+    base, method, note = _base_costs(tmp_path, monkeypatch, _FakeTimer, target_latency="60%")
+    assert method.options["channel_multiple"] == 16 and note is None
+    least16 = base.min_cost / base.cost
+    # 50 %: blocks of 16 and 8 leave no room (least above 95 % of the target), 4 does
+    base, method, note = _base_costs(tmp_path, monkeypatch, _FakeTimer, target_latency="50%")
+    table = measured.cached_table(tmp_path / "digits.onnx", channel_multiple=4)
+    assert method.options["channel_multiple"] == 4 and table.channel_multiple == 4
+    assert base.min_cost <= 0.95 * base.target < least16 * base.cost
+    assert f"16: {least16:.0%}" in note and "not this CPU's block of 16" in note
+    assert "blocks of 4 reach" in note and "no off-block channel count costs more than 0%" in note
+    # nothing tried reaches 45 %: one error naming each block's least reachable share
+    with pytest.raises(po.PlinioOnnxError, match=r"every channel block tried .*16: \d+%, 8: \d+%, 4: \d+%, 2: \d+%, 1: \d+%\)$"):
+        _base_costs(tmp_path, monkeypatch, _FakeTimer, target_latency="45%")
+    # a given multiple is searched as given: the usual refusal
+    with pytest.raises(po.PlinioOnnxError, match=r"smallest architecture pit can reach .*now 16"):
+        _base_costs(tmp_path, monkeypatch, _FakeTimer, target_latency="50%", channel_multiple=16)
+
+
+def test_no_finer_block_where_the_table_shows_the_blocked_kernels_cliff(tmp_path, monkeypatch):
+    with pytest.raises(po.PlinioOnnxError, match=r"no finer block was searched: on blocks of 8 .* up to [1-9]\d+%"):
+        _base_costs(tmp_path, monkeypatch, _CliffTimer, target_latency="50%")

@@ -88,6 +88,7 @@ from .data import Problem, split_ort_scores
 from .distributed import Distributed, start
 from .lock import RunLock
 from .latency_loop import LatencyCheck, round_notes, runtime_measure
+from .latency_multiple import choose_multiple
 from .measure import latency_target_notes, measure_latency
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
@@ -155,7 +156,7 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
     torch.manual_seed(config.seed)
     recipe = config.recipe_with_overrides
     problem = load_problem(model_path, data, config.labels, config.seed, recipe.test_fraction, recipe.val_fraction)
-    base = _base_costs(problem.base, config, method, model_path)
+    base, method, multiple_note = _base_costs(problem.base, config, method, model_path)
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world) or 1)
     torch.set_num_threads(choose_threads(config.threads, base.macs, recipe.batch_size, local_processes))
     if recipe.warmup_epochs is None:
@@ -182,6 +183,7 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
         def write() -> Report:
             _save_output(final, model_path, output, base, phases["search"])
             report = _report(config, method, model_path, problem, base, warmed, final, phases, ckpt, started)
+            report.notes += [multiple_note] if multiple_note else []
             report.world_size, report.devices, report.amp = dist.world, devices, config.amp
             _measures_and_plots(report, config, model_path, output, problem)
             report.write(report_json, report_md)
@@ -236,33 +238,44 @@ def _check_output(model_path: Path, output: Path, config: OptimizeConfig) -> Non
                               f"{'-o' if what == 'output' else '--checkpoint-dir'}", file=str(place)) from None
 
 
-def _base_costs(graph: Graph, config: OptimizeConfig, method: Method, model_path: Path) -> _Base:
-    """The input model's costs and the absolute targets; an impossible target fails here."""
+def _base_costs(graph: Graph, config: OptimizeConfig, method: Method,
+                model_path: Path) -> tuple[_Base, Method, str | None]:
+    """The input model's costs and the absolute targets (an impossible target fails here), the
+    method (its channel multiple chosen for a latency target on a measured profile, when none
+    was given: `plinio_onnx.optimize.latency_multiple`) and the report's note on that choice."""
     params, macs = cost_total(graph, params_cost), cost_total(graph, macs_cost)
     profile = _hardware_profile(config, model_path) if config.hardware else None
+    note = None
+    if config.channel_multiple is None and "latency" in config.targets and is_measured(config.hardware) \
+            and method.searches_channels:
+        choice = choose_multiple(graph, method, config.targets, profile,
+                                 lambda multiple: _hardware_profile(config, model_path, multiple))
+        method, profile, note = choice.method, choice.profile, choice.note
     refs = {kind: cost_ref(COST_OF_TARGET[kind], method=method, profile=profile) for kind in config.targets}
     found = budgets(config.targets, graph, method, refs, profile)
     if found:
         first = found[0]
-        return _Base(params, macs, first.base, first.value, first.min_reachable, first.ref, found, refs)
+        return _Base(params, macs, first.base, first.value, first.min_reachable, first.ref, found, refs), method, note
     primary = cost_ref(config.cost_name, method=method, profile=profile, custom=config.cost)
-    return _Base(params, macs, graph_cost(graph, primary), None, None, primary)
+    return _Base(params, macs, graph_cost(graph, primary), None, None, primary), method, note
 
 
-def _hardware_profile(config: OptimizeConfig, model_path: Path):
-    """``--hardware``'s profile for this model; a measured one times the model's layers now when
-    no table is cached beside it (with a progress bar)."""
+def _hardware_profile(config: OptimizeConfig, model_path: Path, multiple: int | None = None):
+    """``--hardware``'s profile for this model (on blocks of ``multiple``, default the config's);
+    a measured one times the model's layers now when no table as fine is cached beside it (with
+    a progress bar)."""
     bar = Progress(config.progress and not config.quiet)
 
     def progress(done: int, total: int, layer: str) -> None:
         if done == 0:
-            bar.note(f"timing {model_path.name}'s layers in {config.hardware} (once: the table is cached "
+            bar.note(f"timing {model_path.name}'s layers in {config.hardware} on blocks of "
+                     f"{multiple or config.resolved_channel_multiple} channels (once: the table is cached "
                      "beside the model)")
             bar.start("profile", total)
         bar.epoch(done, layer)
 
     try:
-        return for_model(config.hardware, model_path, channel_multiple=config.resolved_channel_multiple,
+        return for_model(config.hardware, model_path, channel_multiple=multiple or config.resolved_channel_multiple,
                          progress=progress)
     finally:
         bar.stop()
