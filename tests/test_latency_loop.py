@@ -189,3 +189,36 @@ def test_a_latency_target_out_of_reach_on_the_cpus_block_searches_finer_blocks(t
 def test_no_finer_block_where_the_table_shows_the_blocked_kernels_cliff(tmp_path, monkeypatch):
     with pytest.raises(po.PlinioOnnxError, match=r"no finer block was searched: on blocks of 8 .* up to [1-9]\d+%"):
         _base_costs(tmp_path, monkeypatch, _CliffTimer, target_latency="50%")
+
+
+def test_a_run_interrupted_in_a_latency_round_resumes_in_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(measured, "Timer", _FakeTimer)
+    model = Path(shutil.copy(MODEL, tmp_path / "digits.onnx"))
+    verdicts = iter([0.95, 0.80])
+    calls = []
+
+    def fake_runtime_measure(*args):
+        def measure(graph):
+            calls.append(graph)
+            return {"input_ms": 1.0, "output_ms": next(verdicts)}
+        return measure
+    monkeypatch.setattr(flow, "runtime_measure", fake_runtime_measure)
+    monkeypatch.setattr(flow, "measure_latency", lambda *a, **k: {})
+    options = dict(output=tmp_path / "r.onnx", hardware="ort-cpu", target_latency="80%", channel_multiple=8,
+                   epochs=4, warmup_epochs=0, finetune_epochs=0, threads=1, quiet=True)
+
+    def interrupt(phase, epoch, info):
+        if phase == "search" and epoch == 5:    # the first epoch of the round (epochs 5 and 6)
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        po.optimize(model, DATA, callback=interrupt, **options)
+    state = json.loads((tmp_path / "r.ckpt" / "state.json").read_text())["phases"]["search"]["state"]
+    assert state["epoch"] == 5 and len(calls) == 1
+    assert state["latency_round"]["start"] == 4 and state["latency_round"]["epochs"] == 2
+    resumed = []
+    report = po.optimize(model, DATA, callback=lambda p, e, i: resumed.append((p, e)), **options)
+    assert resumed == [("search", 6)] and len(calls) == 2 and report.resumed
+    search = report.phases["search"]
+    assert [r["verdict"] for r in search["latency_rounds"]] == ["tightened", "met"]
+    assert [h["epoch"] for h in search["history"]] == [1, 2, 3, 4, 5, 6]
+    assert search["targets"]["latency"] == search["latency_rounds"][0]["next_target"]
