@@ -155,16 +155,17 @@ class _CliffTimer(_FakeTimer):
         return {key: value * (2.0 if key[1] % 16 else 1.0) for key, value in super().times(models).items()}
 
 
-def _base_costs(tmp_path, monkeypatch, timer, **options):
+def _base_costs(tmp_path, monkeypatch, timer, measure=None, **options):
     """`optimize`'s input costs and method for digits on a fake-timed ort-cpu table (the CPU's
-    block: 16)."""
+    block: 16), exports timed by ``measure``."""
     from plinio_onnx.hardware import model_profile
     from plinio_onnx.optimize.targets import method_for_targets
     monkeypatch.setattr(measured, "Timer", timer)
     monkeypatch.setattr(model_profile, "nchwc_block", lambda *a: 16)
     model = Path(shutil.copy(MODEL, tmp_path / "digits.onnx"))
     config = OptimizeConfig(output=tmp_path / "o.onnx", hardware="ort-cpu", progress=False, **options)
-    return flow._base_costs(po.load(model), config, method_for_targets(config.search_method, config.targets), model)
+    return flow._base_costs(po.load(model), config, method_for_targets(config.search_method, config.targets), model,
+                            measure)
 
 
 def test_a_latency_target_out_of_reach_on_the_cpus_block_searches_finer_blocks(tmp_path, monkeypatch):
@@ -223,3 +224,23 @@ def test_a_run_interrupted_in_a_latency_round_resumes_in_it(tmp_path, monkeypatc
     assert [r["verdict"] for r in search["latency_rounds"]] == ["tightened", "met"]
     assert [h["epoch"] for h in search["history"]] == [1, 2, 3, 4, 5, 6]
     assert search["targets"]["latency"] == search["latency_rounds"][0]["next_target"]
+
+
+def test_blocks_whose_least_architecture_misses_the_target_measured_are_passed_over(tmp_path, monkeypatch):
+    """On blocks of 16 the table predicts room under 60 %; the runtime says the least
+    architecture on blocks of 16 or 8 runs at 70 % of the input, on blocks of 4 at 45 %."""
+    from plinio_onnx.cost import layer_specs
+    timed = []
+
+    def measure(graph):
+        first = layer_specs(graph)[0].out_channels     # the least architecture keeps one block
+        timed.append(first)
+        return {"input_ms": 1.0, "output_ms": 0.70 if first >= 8 else 0.45}
+    base, method, note = _base_costs(tmp_path, monkeypatch, _FakeTimer, measure, target_latency="60%")
+    assert method.options["channel_multiple"] == 4 and timed == [16, 8, 4]
+    assert base.min_cost <= 0.95 * base.target
+    assert "16: 5" in note and "% predicted, 70% measured" in note and "(45% measured)" in note
+    # nothing reaches it measured: the coarsest block that reaches it in prediction
+    base, method, note = _base_costs(tmp_path, monkeypatch, _FakeTimer, lambda graph: {"input_ms": 1.0, "output_ms": 0.9},
+                                     target_latency="60%")
+    assert method.options["channel_multiple"] == 16 and note is None

@@ -156,7 +156,9 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
     torch.manual_seed(config.seed)
     recipe = config.recipe_with_overrides
     problem = load_problem(model_path, data, config.labels, config.seed, recipe.test_fraction, recipe.val_fraction)
-    base, method, multiple_note = _base_costs(problem.base, config, method, model_path)
+    measure = _runtime_measure(config, problem, model_path)
+    base, method, multiple_note = _base_costs(problem.base, config, method, model_path,
+                                              measure and _on_main_measure(dist, measure))
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world) or 1)
     torch.set_num_threads(choose_threads(config.threads, base.macs, recipe.batch_size, local_processes))
     if recipe.warmup_epochs is None:
@@ -173,7 +175,7 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
         run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback,
                   dist=dist, amp=config.amp)
         try:
-            check = _latency_check(config, base, problem, model_path)
+            check = _latency_check(config, base, measure)
             warmed, searched, final, phases = _phases(run, method, problem.base, config, base, check)
         finally:
             bar.stop()
@@ -238,18 +240,19 @@ def _check_output(model_path: Path, output: Path, config: OptimizeConfig) -> Non
                               f"{'-o' if what == 'output' else '--checkpoint-dir'}", file=str(place)) from None
 
 
-def _base_costs(graph: Graph, config: OptimizeConfig, method: Method,
-                model_path: Path) -> tuple[_Base, Method, str | None]:
+def _base_costs(graph: Graph, config: OptimizeConfig, method: Method, model_path: Path,
+                measure=None) -> tuple[_Base, Method, str | None]:
     """The input model's costs and the absolute targets (an impossible target fails here), the
     method (its channel multiple chosen for a latency target on a measured profile, when none
-    was given: `plinio_onnx.optimize.latency_multiple`) and the report's note on that choice."""
+    was given: `plinio_onnx.optimize.latency_multiple`, with ``measure`` timing exports in the
+    runtime) and the report's note on that choice."""
     params, macs = cost_total(graph, params_cost), cost_total(graph, macs_cost)
     profile = _hardware_profile(config, model_path) if config.hardware else None
     note = None
     if config.channel_multiple is None and "latency" in config.targets and is_measured(config.hardware) \
             and method.searches_channels:
         choice = choose_multiple(graph, method, config.targets, profile,
-                                 lambda multiple: _hardware_profile(config, model_path, multiple))
+                                 lambda multiple: _hardware_profile(config, model_path, multiple), measure)
         method, profile, note = choice.method, choice.profile, choice.note
     refs = {kind: cost_ref(COST_OF_TARGET[kind], method=method, profile=profile) for kind in config.targets}
     found = budgets(config.targets, graph, method, refs, profile)
@@ -302,15 +305,27 @@ def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem,
     return ckpt, bar
 
 
-def _latency_check(config: OptimizeConfig, base: _Base, problem: Problem, model_path: Path) -> LatencyCheck | None:
-    """The measure-and-tighten loop of a latency target on a measured profile
-    (`plinio_onnx.optimize.latency_loop`), timing candidates on a validation sample; None
-    without one, with ``measure_latency`` off or ``latency_rounds`` 0."""
-    budget = next((b for b in base.budgets if b.kind == "latency"), None)
-    if budget is None or not config.measure_latency or not config.latency_rounds or not is_measured(config.hardware):
+def _runtime_measure(config: OptimizeConfig, problem: Problem, model_path: Path):
+    """A latency target's `plinio_onnx.optimize.latency_loop.Measure` (an export timed against
+    the input on a validation sample in the measured profile's runtime); None without a latency
+    target on a measured profile, or with ``measure_latency`` off."""
+    if "latency" not in config.targets or not config.measure_latency or not is_measured(config.hardware):
         return None
     sample = [t.cpu().numpy() for t in problem.val.head(8)[0]]
-    measure = runtime_measure(model_path, config.hardware, problem.input_names, sample)
+    return runtime_measure(model_path, config.hardware, problem.input_names, sample)
+
+
+def _on_main_measure(dist: Distributed, measure):
+    """``measure`` run on rank 0, its result on every rank (every rank calls it, in step)."""
+    return lambda graph: dist.broadcast(measure(graph) if dist.is_main else None)
+
+
+def _latency_check(config: OptimizeConfig, base: _Base, measure) -> LatencyCheck | None:
+    """The measure-and-tighten loop of a latency target on a measured profile
+    (`plinio_onnx.optimize.latency_loop`); None without a ``measure`` or with ``latency_rounds`` 0."""
+    budget = next((b for b in base.budgets if b.kind == "latency"), None)
+    if budget is None or measure is None or not config.latency_rounds:
+        return None
     epochs = max(1, -(-config.recipe_with_overrides.search_epochs // 2))
     return LatencyCheck("latency", budget.value / budget.base, budget.base, budget.min_reachable, measure,
                         rounds=config.latency_rounds, round_epochs=epochs)

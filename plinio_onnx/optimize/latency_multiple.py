@@ -4,10 +4,14 @@ A measured CPU profile searches channels in blocks of this CPU's NCHWc block (16
 by default: off-block counts drop ONNX Runtime out of its blocked kernels, so a model pruned on
 finer blocks can run slower than its input. But a small model — a few µs a layer, most of its
 latency the fixed cost of a run and of each op — may not reach a latency target on blocks of 16
-at all: one block per layer is already most of the layer. Rather than refuse, the run tries the
-finer blocks that divide the CPU's (8, 4, 2, 1), measuring each one's table, and searches on the
-coarsest whose least reachable architecture leaves room under the target (at most `ROOM` of it;
-failing that, the coarsest that reaches it at all) — but only while the table itself shows that
+at all: one block per layer is already most of the layer. And a single-layer table cannot see
+what an off-block layer costs the whole model in ONNX Runtime (its NCHWc chain broken: reorders
+around it), so its prediction of a small model's least architecture can be low by 10 points or
+more. Rather than refuse, the run tries the finer blocks that divide the CPU's (8, 4, 2, 1),
+measuring each one's table, and searches on the coarsest whose least reachable architecture
+leaves room under the target in prediction (at most `ROOM` of it) and — with a ``measure`` (the
+run's latency measure on) — reaches it when exported and timed against the input in the runtime;
+failing that, the coarsest that reaches it in both, then in prediction — but only while the table itself shows that
 the block matters little for this model: its off-block entries (a channel count off the block)
 cost, in the median, at most `BLOCK_PENALTY` more than the block-aligned counts above them
 (`block_penalty`; the median, so that one entry timed in a busy moment does not decide). Where
@@ -79,6 +83,7 @@ class MultipleChoice:
     profile: Any
     wanted: float
     least: dict[int, float] = field(default_factory=dict)
+    measured: dict[int, float] = field(default_factory=dict)
     penalty: float | None = None
     fixed_share: float | None = None
 
@@ -87,12 +92,15 @@ class MultipleChoice:
         """The report's note on the choice (None: the CPU's block, as without a latency target)."""
         if self.multiple == self.block:
             return None
-        tried = ", ".join(f"{m}: {share:.0%}" for m, share in self.least.items() if m > self.multiple)
+        tried = ", ".join(f"{m}: {share:.0%}" + (f" predicted, {self.measured[m]:.0%} measured" if m in self.measured
+                                                 else "") for m, share in self.least.items() if m > self.multiple)
+        reach = f"{self.least[self.multiple]:.0%}" + (f" ({self.measured[self.multiple]:.0%} measured)"
+                                                      if self.multiple in self.measured else "")
         fixed = f"; {self.fixed_share:.0%} of its predicted latency is fixed cost" if self.fixed_share is not None else ""
         return (f"channels searched in blocks of {self.multiple}, not this CPU's block of {self.block}: the "
-                f"least reachable latency on coarser blocks ({tried} of the input's predicted) leaves no room "
-                f"under the {self.wanted:.0%} target, blocks of {self.multiple} reach "
-                f"{self.least[self.multiple]:.0%}, and the {self.profile.name} table shows the block matters "
+                f"least reachable latency on coarser blocks ({tried}, of the input's) leaves no room "
+                f"under the {self.wanted:.0%} target in prediction or misses it measured, blocks of {self.multiple} reach {reach}, and the "
+                f"{self.profile.name} table shows the block matters "
                 f"little for this model (its off-block channel counts cost {max(self.penalty, 0.0):.0%} more than the "
                 f"block-aligned counts above them, in the median{fixed})")
 
@@ -111,15 +119,29 @@ def _fixed_share(table: Any) -> float | None:
     return calibrated()[0] / table.whole_seconds
 
 
+def _measured_least(graph: Graph, method: Method, ref: Any, measure: Callable[[Graph], dict]) -> float | None:
+    """The measured output/input latency ratio of the least reachable architecture's export."""
+    model = method.build(graph, "params")
+    model.eval()
+    model.min_cost(ref)
+    row = measure(model.export())
+    if "error" in row or not row.get("input_ms"):
+        return None
+    return row["output_ms"] / row["input_ms"]
+
+
 def choose_multiple(graph: Graph, method: Method, targets: dict, profile: Any,
-                    profile_of: Callable[[int], Any]) -> MultipleChoice:
+                    profile_of: Callable[[int], Any], measure: Callable[[Graph], dict] | None = None
+                    ) -> MultipleChoice:
     """The multiple a latency target on the measured ``profile`` (at the CPU's block, its
     ``channel_multiple``) searches on (see the module docstring); ``profile_of(m)``: the
-    profile on blocks of ``m`` (its table measured now when none as fine is cached). Targets no
-    multiple tried reaches fail here, naming what each reached."""
+    profile on blocks of ``m`` (its table measured now when none as fine is cached);
+    ``measure``: times an export against the input in the runtime (a
+    `plinio_onnx.optimize.latency_loop.Measure`). Targets no multiple tried reaches (in
+    prediction) fail here, naming what each reached."""
     block = int(profile.channel_multiple)
     choice = MultipleChoice(block, block, method, profile, 0.0)
-    reaching, cliff = None, None
+    reaching, predicted_only, cliff = None, None, None
     for multiple in finer_multiples(block):
         here = profile if multiple == block else profile_of(multiple)
         candidate = method.with_channel_multiple(multiple)
@@ -132,15 +154,23 @@ def choose_multiple(graph: Graph, method: Method, targets: dict, profile: Any,
         if penalty is not None and penalty > BLOCK_PENALTY:
             cliff = (multiple, penalty)   # the blocked kernels' cliff shows in this model's table
             break
-        found = MultipleChoice(multiple, block, candidate, here, choice.wanted, choice.least, penalty,
-                               _fixed_share(here.latency))
-        if reachable and latency.min_reachable <= ROOM * latency.value:
+        found = MultipleChoice(multiple, block, candidate, here, choice.wanted, choice.least, choice.measured,
+                               penalty, _fixed_share(here.latency))
+        if not reachable:
+            continue
+        predicted_only = predicted_only or found
+        if measure is not None:
+            ratio = _measured_least(graph, candidate, latency.ref, measure)
+            if ratio is not None:
+                choice.measured[multiple] = ratio
+                if ratio > choice.wanted:
+                    continue   # the runtime does not reach the target on these blocks, even at the least
+        if latency.min_reachable <= ROOM * latency.value:
             return found
-        if reachable and reaching is None:
-            reaching = found
-    if reaching is None and len(choice.least) > 1:
+        reaching = reaching or found
+    if reaching is None and predicted_only is None and len(choice.least) > 1:
         raise _unreachable(choice, cliff)
-    return reaching or choice
+    return reaching or predicted_only or choice
 
 
 def _unreachable(choice: MultipleChoice, cliff: tuple[int, float] | None) -> PlinioOnnxError:
