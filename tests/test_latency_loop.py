@@ -244,3 +244,28 @@ def test_blocks_whose_least_architecture_misses_the_target_measured_are_passed_o
     base, method, note = _base_costs(tmp_path, monkeypatch, _FakeTimer, lambda graph: {"input_ms": 1.0, "output_ms": 0.9},
                                      target_latency="60%")
     assert method.options["channel_multiple"] == 16 and note is None
+
+
+def test_the_search_reads_the_tables_monotone_envelope(tmp_path, monkeypatch):
+    from plinio_onnx.hardware.measured import LatencyTable, LayerTable
+    from plinio_onnx.optimize.monotone import monotone_envelope, monotone_table
+
+    # each entry: the least at as many or more input and output channels
+    assert monotone_envelope([[3, 2, 4], [5, 1, 6]]) == [[1, 1, 4], [1, 1, 6]]
+    assert monotone_envelope([[7.3, 5.6]]) == [[5.6, 5.6]]            # a depthwise row
+    ordered = [[1.0, 2.0], [3.0, 4.0]]
+    assert monotone_envelope(ordered) == ordered
+    table = LatencyTable("sha", 8, 1, "v", whole_seconds=10.0, calibration="none",
+                         layers={"conv": LayerTable("Conv", [8, 16], [8, 16], [[3.0, 2.0], [5.0, 4.0]])})
+    view = monotone_table(table)
+    assert view.layers["conv"].seconds == [[2.0, 2.0], [4.0, 4.0]] and table.layers["conv"].seconds[0][0] == 3.0
+    # optimize's measured profile is the envelope of the cached table
+    monkeypatch.setattr(measured, "Timer", _FakeTimer)
+    model = Path(shutil.copy(MODEL, tmp_path / "digits.onnx"))
+    config = OptimizeConfig(output=tmp_path / "o.onnx", hardware="ort-cpu", channel_multiple=8, progress=False)
+    profile = flow._hardware_profile(config, model)
+    cached = measured.cached_table(model, channel_multiple=8)
+    assert profile.latency is not cached
+    assert {n: t.seconds for n, t in profile.latency.layers.items()} == \
+        {n: monotone_envelope(t.seconds) for n, t in cached.layers.items()}
+    assert profile.latency.predict(po.load(model)) == pytest.approx(cached.predict(po.load(model)))

@@ -62,6 +62,7 @@ checkpoint, the output and the report (the other ranks return the same `Report`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -89,6 +90,7 @@ from .distributed import Distributed, start
 from .lock import RunLock
 from .latency_loop import LatencyCheck, round_notes, runtime_measure
 from .latency_multiple import choose_multiple
+from .monotone import monotone_table
 from .measure import latency_target_notes, measure_latency
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
@@ -266,7 +268,8 @@ def _base_costs(graph: Graph, config: OptimizeConfig, method: Method, model_path
 def _hardware_profile(config: OptimizeConfig, model_path: Path, multiple: int | None = None):
     """``--hardware``'s profile for this model (on blocks of ``multiple``, default the config's);
     a measured one times the model's layers now when no table as fine is cached beside it (with
-    a progress bar)."""
+    a progress bar), and its latency is the table's monotone envelope
+    (`plinio_onnx.optimize.monotone`)."""
     bar = Progress(config.progress and not config.quiet)
 
     def progress(done: int, total: int, layer: str) -> None:
@@ -278,10 +281,13 @@ def _hardware_profile(config: OptimizeConfig, model_path: Path, multiple: int | 
         bar.epoch(done, layer)
 
     try:
-        return for_model(config.hardware, model_path, channel_multiple=multiple or config.resolved_channel_multiple,
-                         progress=progress)
+        profile = for_model(config.hardware, model_path, channel_multiple=multiple or config.resolved_channel_multiple,
+                            progress=progress)
     finally:
         bar.stop()
+    if is_measured(config.hardware):   # the search reads the table's monotone envelope (noise-robust)
+        profile = dataclasses.replace(profile, latency=monotone_table(profile.latency))
+    return profile
 
 
 def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem, recipe: Recipe,
