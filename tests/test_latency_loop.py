@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -262,8 +263,10 @@ def test_the_search_reads_the_tables_monotone_envelope(tmp_path, monkeypatch):
     # optimize's measured profile is the envelope of the cached table
     monkeypatch.setattr(measured, "Timer", _FakeTimer)
     model = Path(shutil.copy(MODEL, tmp_path / "digits.onnx"))
-    config = OptimizeConfig(output=tmp_path / "o.onnx", hardware="ort-cpu", channel_multiple=8, progress=False)
-    profile = flow._hardware_profile(config, model)
+    config = OptimizeConfig(output=tmp_path / "o.onnx", hardware="ort-cpu", channel_multiple=8, target_latency="80%",
+                            progress=False)
+    base = flow._base_costs(po.load(model), config, config.search_method, model)[0]
+    profile = SimpleNamespace(latency=getattr(base.cost_ref, "model", base.cost_ref))   # the table under AtPrecision
     cached = measured.cached_table(model, channel_multiple=8)
     assert profile.latency is not cached
     assert {n: t.seconds for n, t in profile.latency.layers.items()} == \

@@ -256,6 +256,10 @@ def _base_costs(graph: Graph, config: OptimizeConfig, method: Method, model_path
         choice = choose_multiple(graph, method, config.targets, profile,
                                  lambda multiple: _hardware_profile(config, model_path, multiple), measure)
         method, profile, note = choice.method, choice.profile, choice.note
+    if is_measured(config.hardware):
+        # The search reads the table's monotone envelope (noise-robust); the block was chosen on
+        # the table as measured (its off-block entries are what `block_penalty` judges).
+        profile = dataclasses.replace(profile, latency=monotone_table(profile.latency))
     refs = {kind: cost_ref(COST_OF_TARGET[kind], method=method, profile=profile) for kind in config.targets}
     found = budgets(config.targets, graph, method, refs, profile)
     if found:
@@ -268,8 +272,7 @@ def _base_costs(graph: Graph, config: OptimizeConfig, method: Method, model_path
 def _hardware_profile(config: OptimizeConfig, model_path: Path, multiple: int | None = None):
     """``--hardware``'s profile for this model (on blocks of ``multiple``, default the config's);
     a measured one times the model's layers now when no table as fine is cached beside it (with
-    a progress bar), and its latency is the table's monotone envelope
-    (`plinio_onnx.optimize.monotone`)."""
+    a progress bar)."""
     bar = Progress(config.progress and not config.quiet)
 
     def progress(done: int, total: int, layer: str) -> None:
@@ -281,13 +284,10 @@ def _hardware_profile(config: OptimizeConfig, model_path: Path, multiple: int | 
         bar.epoch(done, layer)
 
     try:
-        profile = for_model(config.hardware, model_path, channel_multiple=multiple or config.resolved_channel_multiple,
-                            progress=progress)
+        return for_model(config.hardware, model_path, channel_multiple=multiple or config.resolved_channel_multiple,
+                         progress=progress)
     finally:
         bar.stop()
-    if is_measured(config.hardware):   # the search reads the table's monotone envelope (noise-robust)
-        profile = dataclasses.replace(profile, latency=monotone_table(profile.latency))
-    return profile
 
 
 def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem, recipe: Recipe,
