@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from .errors import PlinioOnnxError
 

@@ -50,6 +50,12 @@ def ort_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[str, np
     return lambda: session.run(None, feeds)
 
 
+#: Runtimes timed only in a process of their own (`plinio_onnx.hardware.isolated`, and the
+#: report's measures): OpenVINO's threads and allocator, once loaded, make the caller's later
+#: forks (a DataLoader's workers) read corrupted memory or crash.
+ISOLATED_RUNTIMES = ("openvino-cpu",)
+
+
 def openvino_available() -> bool:
     """Whether the ``openvino`` package is installed — found, not imported: loaded into a process,
     OpenVINO corrupts that process's later forks (a DataLoader's workers)."""
@@ -99,10 +105,11 @@ def latency_clock(runtime: str, threads: int) -> Clock:
 
 
 def median_seconds(run: Runner, *, repeats: int = 20, warmup: int = 3, block_s: float = 0.0,
-                   clock: Clock = time.perf_counter) -> float:
+                   clock: Clock = time.perf_counter, quantile: float = 50.0) -> float:
     """The median time (on ``clock``, see `latency_clock`) of one call of ``run``: ``repeats``
     samples after ``warmup`` calls; with ``block_s``, each sample is the mean of as many calls as
-    last about that long (a microsecond kernel is then not timed against the clock's resolution)."""
+    last about that long (a microsecond kernel is then not timed against the clock's resolution).
+    ``quantile`` (percent) takes another percentile of the samples than the median."""
     start = clock()
     for _ in range(max(int(warmup), 1)):
         run()
@@ -114,15 +121,15 @@ def median_seconds(run: Runner, *, repeats: int = 20, warmup: int = 3, block_s: 
         for _ in range(steps):
             run()
         times.append((clock() - start) / steps)
-    return float(np.median(times))
+    return float(np.percentile(times, quantile))
 
 
 def alternate_seconds(runners: dict, *, rounds: int = 15, budget_s: float = 3.0, warmup: int = 3,
-                      clock: Clock = time.perf_counter, block_s: float = 0.005) -> dict:
+                      clock: Clock = time.perf_counter, block_s: float = 0.005, quantile: float = 50.0) -> dict:
     """The median seconds of one call of each runner, timed alternately (A B A B …, the order
     reversed every round) so a shared machine's noise falls on all of them alike. Each round runs
     every runner for ~``block_s`` (at least once); ``budget_s`` caps the total (at least 3 rounds).
-    ``clock``: see `latency_clock`."""
+    ``clock``: see `latency_clock`; ``quantile`` (percent): another percentile than the median."""
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -138,4 +145,4 @@ def alternate_seconds(runners: dict, *, rounds: int = 15, budget_s: float = 3.0,
             for _ in range(steps):
                 run()
             times[name].append((clock() - start) / steps)
-    return {name: float(np.median(values)) for name, values in times.items()}
+    return {name: float(np.percentile(values, quantile)) for name, values in times.items()}

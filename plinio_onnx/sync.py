@@ -4,7 +4,6 @@ from __future__ import annotations
 import bisect
 
 import numpy as np
-import onnx_graphsurgeon as gs
 import torch
 
 from .errors import PlinioOnnxError

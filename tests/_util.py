@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,3 +51,12 @@ def random_architecture(model, seed: int, logits: tuple[str, ...], masks: tuple[
                 param.copy_(torch.from_numpy(rng.standard_normal(param.shape).astype(np.float32)))
             elif name.endswith(masks):
                 param.copy_(torch.from_numpy(np.where(rng.random(param.shape) < below, 0.2, 1.0).astype(np.float32)))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module's tests (modules that train: `pytestmark = usefixtures(...)`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

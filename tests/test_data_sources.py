@@ -18,20 +18,15 @@ from plinio_onnx.optimize.data import ort_outputs, prepare
 from plinio_onnx.optimize.shards import ShardSet, open_shards
 from plinio_onnx.optimize.sources import DataSources, load_problem
 
-from _util import MODELS
+from _util import MODELS, one_torch_thread  # noqa: F401  (the fixture, found by name)
+
+# torch on one thread for the whole module (the fixture is module-scoped)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL = MODELS / "digits_cnn.onnx"
 DATA = MODELS / "digits.npz"
 FAST = dict(target_params="50%", warmup_epochs=1, epochs=2, finetune_epochs=1, threads=1, quiet=True,
             checkpoint_dir=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import onnx
@@ -21,7 +22,7 @@ from plinio_onnx.optimize.checkpoint import Checkpoint
 from plinio_onnx.optimize.data import TensorSplit, index_batches, prepare
 from plinio_onnx.optimize.progress import Progress
 from plinio_onnx.optimize.training import Run
-from plinio_onnx.optimize.distributed import DUMP_ENV, resolve_device
+from plinio_onnx.optimize.distributed import DUMP_ENV, Distributed, resolve_device
 
 from _util import MODELS, ROOT
 
@@ -115,6 +116,50 @@ def test_the_same_checkpoint_exports_the_same_bytes(runs, tmp_path):
     export_searchable(best, first)
     export_searchable(best, second)
     assert first.read_bytes() == second.read_bytes()
+
+
+def test_a_gloo_collective_returns_once_the_backend_has_let_go_of_its_tensors(monkeypatch):
+    """gloo wakes the caller before its worker thread drops the collective's tensors; a rank that
+    exits right after its last collective must not leave that release to interpreter exit (the
+    process aborts there). Here the "worker" holds the tensor in an autograd graph (a C++
+    reference) for 50 ms after the operation returns."""
+    monkeypatch.setattr(Distributed, "backend", property(lambda self: "gloo"))
+
+    def operation(tensor):
+        holder = [(torch.ones(3, requires_grad=True) * tensor).sum()]
+        threading.Timer(0.05, holder.clear).start()
+
+    tensor = torch.zeros(3)
+    Distributed(world=2)._collective(operation, tensor)
+    assert tensor._use_count() == 1
+
+
+def test_a_resumed_run_goes_on_from_the_checkpointed_loss_scale(tmp_path, monkeypatch):
+    """float16 AMP (CUDA) adapts its loss scale step by step; an interrupted and resumed run ends
+    with the scale an uninterrupted one has. A CPU GradScaler that grows every 3 steps stands in
+    for CUDA's (the flow is the same)."""
+    scalers, real = [], torch.amp.GradScaler
+
+    def cpu_scaler(device, enabled=True):
+        scalers.append(real("cpu", init_scale=2.0 ** 4, growth_interval=3))
+        return scalers[-1]
+
+    monkeypatch.setattr(torch.amp, "GradScaler", cpu_scaler)
+    kwargs = dict(target_params="50%", warmup_epochs=1, epochs=3, finetune_epochs=1, threads=1, quiet=True,
+                  measure_latency=False)
+
+    def interrupt(phase, epoch, info):
+        if phase == "search" and epoch == 1:
+            raise KeyboardInterrupt
+
+    po.optimize(MODEL, DATA, output=tmp_path / "straight.onnx", checkpoint_dir=False, **kwargs)
+    straight = scalers[-1].state_dict()
+    with pytest.raises(KeyboardInterrupt):
+        po.optimize(MODEL, DATA, output=tmp_path / "r.onnx", callback=interrupt, **kwargs)
+    saved = json.loads((tmp_path / "r.ckpt" / "state.json").read_text())["scaler"]
+    assert saved["scale"] > 2.0 ** 4   # it grew during the warm-up and the first search epoch
+    po.optimize(MODEL, DATA, output=tmp_path / "r.onnx", **kwargs)
+    assert scalers[-1].state_dict() == straight
 
 
 def test_auto_picks_the_cpu_without_cuda():

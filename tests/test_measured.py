@@ -4,6 +4,8 @@ No assertion reads a timing (this machine is shared and noisy): the tests check 
 where it is kept, and how the table is read."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -105,12 +107,19 @@ def test_ort_cpu_profile_drives_pit(tmp_path):
     v_full = sum(max(full[n] - base[n], 0) for n in layers)
     v_anchor = sum(max(eight[n] - base[n], 0) for n in layers)
     whole, anchor = table.whole_seconds, table.anchor_seconds
-    if v_full - v_anchor > 1e-3 * v_full:   # "fit": the line through (v_full, whole), (v_anchor, anchor)
-        k = (whole - anchor) / (v_full - v_anchor)
-        fixed = min(max(whole - k * v_full, 0.0), whole)
+    # the random-mask calibration models: conv1 (with dw) is the only group with a smaller grid
+    # point, so each one that prunes anything is the anchor's shape (one that keeps all is not timed)
+    assert 1 <= len(table.calibration_channels) == len(table.calibration_seconds) <= measured.CALIBRATION_POINTS
+    assert all(channels == table.anchor_channels for channels in table.calibration_channels)
+    points = [anchor, *table.calibration_seconds]
+    weights = [1 / s ** 2 for s in points]
+    k = sum(w * (v_anchor - v_full) * (s - whole) for w, s in zip(weights, points)) / \
+        sum(w * (v_anchor - v_full) ** 2 for w in weights) if v_anchor != v_full else 0.0
+    if abs(v_full - v_anchor) > 1e-3 * v_full and k > 0:   # "fit": through (v_full, whole), least squares
+        fixed = min(max(whole - k * v_full, -whole / 2), whole)                            # (1/s²) on the points
         k = (whole - fixed) / v_full
         expected_eight = fixed + k * v_anchor
-    else:                                   # timing noise made the anchor no smaller: "scale"
+    else:                                   # timing noise made the copies no faster: "scale"
         run = table.run_seconds
         expected_eight = run + (whole - run) / sum(max(full[n] - run, 0) for n in layers) * \
             sum(max(eight[n] - run, 0) for n in layers)
@@ -147,12 +156,43 @@ def test_the_fit_goes_through_the_model_and_its_anchor():
     b12 = spec(name="b", op="Conv", kind="conv", in_channels=8, out_channels=12, kernel_size=1)
     assert table(a8) == pytest.approx(2.0 / 2 + 1.0 * (3.0 - 1.0))
     assert table(b12) == pytest.approx(2.0 / 2 + 1.0 * (3.0 - 0.0))          # 3.0: halfway between 2 and 4
-    table.anchor_seconds = 2.0                 # a line that would start below 0: through (8, 10) and 0
-    assert table.calibrated()[:2] == pytest.approx((0.0, 10.0 / 8))
+    table.anchor_seconds = 4.0                 # a line that starts below 0: through (8, 10) and (4, 4)
+    assert table.calibrated()[:2] == pytest.approx((-2.0, 12.0 / 8))
+    table.anchor_seconds = 2.0                 # one that would start below −whole/2: through (8, 10) and −5
+    assert table.calibrated()[:2] == pytest.approx((-5.0, 15.0 / 8))
+    table.anchor_seconds = 11.0                # the smaller anchor timed slower than the model: no slope, "scale"
+    assert table.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7))
     table.anchor_seconds = None                # no anchor: "scale" on entries less run_seconds (nets 4 and 3)
     assert table.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7)) and table.calibrated()[2] == {"a": 1.0, "b": 1.0}
     table.calibration = "add"
     assert table.calibrated()[:2] == pytest.approx((3.0, 1.0))
+
+
+def test_the_fit_takes_every_calibration_point():
+    # the same layers: variable time 8 at full size (whole 10), 4 at the anchor (a 8, b 8), 6 with
+    # a at 16 and b at 8, 2 with a and b at 8 less... (b at 8 is its smallest point: 2 − 0)
+    layers = {"a": LayerTable("Conv", [], [8, 16], [[3.0, 5.0]]), "b": LayerTable("Conv", [8], [8, 16], [[2.0, 4.0]])}
+    table = measured.LatencyTable("sha", 8, 1, "v", layers, run_seconds=1.0, whole_seconds=10.0,
+                                  anchor_seconds=5.0, anchor_channels={"a": [8, 8], "b": [8, 8]},
+                                  calibration_seconds=[8.0, 9.0],
+                                  calibration_channels=[{"a": [16, 16], "b": [16, 8]}, {"a": [12, 12], "b": [16, 16]}])
+    # points (variable, seconds): anchor (4, 5), (6, 8), (7, 9); through (8, 10), weights 1/s²:
+    # k = Σ w·(v − 8)·(s − 10) / Σ w·(v − 8)²
+    weights, dv, ds = [1 / 25, 1 / 64, 1 / 81], [-4, -2, -1], [-5, -2, -1]
+    k = sum(w * v * s for w, v, s in zip(weights, dv, ds)) / sum(w * v * v for w, v in zip(weights, dv))
+    assert [v for v, _ in [(table._variable({"a": 1.0, "b": 0.0}, c), s) for c, s in table.calibration_points()]] \
+        == [4.0, 6.0, 7.0]
+    fixed, slope, _ = table.calibrated()
+    assert (fixed, slope) == pytest.approx((10 - 8 * k, k))
+    spec = po.cost.LayerSpec
+    full_a = spec(name="a", op="Conv", kind="conv", in_channels=16, out_channels=16, kernel_size=9, groups=16,
+                  bias=False, output_positions=1, depthwise=True)
+    full_b = spec(name="b", op="Conv", kind="conv", in_channels=16, out_channels=16, kernel_size=1)
+    assert table(full_a) + table(full_b) == pytest.approx(10.0)     # exact on the profiled model
+    # points that do not spread in variable time give no slope: "scale" (the line through run_seconds)
+    full = {"a": [16, 16], "b": [16, 16]}
+    flat = dataclasses.replace(table, anchor_channels=full, calibration_channels=[full, full])
+    assert flat.calibrated()[:2] == pytest.approx((1.0, 9.0 / 7))
 
 
 # -- the profile command and for_model --------------------------------------------------------
@@ -277,3 +317,61 @@ def test_the_default_channel_multiple_is_the_cpus_nchwc_block(tmp_path, monkeypa
     monkeypatch.setattr(model_profile, "nchwc_block", lambda: 16)
     profile = po.hardware.for_model("ort-cpu", path)
     assert profile.channel_multiple == 16 and profile.latency.channel_multiple == 8   # the finer cached grid serves
+
+
+def test_calibration_models_keep_random_grid_counts_reproducibly():
+    from pathlib import Path
+    graph = po.load(Path(__file__).resolve().parent.parent / "models" / "dscnn.onnx")
+    full = {s.name: (s.in_channels, s.out_channels) for s in po.cost.layer_specs(graph)}
+    first = [[(s.name, s.in_channels, s.out_channels) for s in po.cost.layer_specs(m)]
+             for m in timing.calibration_models(graph, 16, 3)]
+    again = [[(s.name, s.in_channels, s.out_channels) for s in po.cost.layer_specs(m)]
+             for m in timing.calibration_models(graph, 16, 3)]
+    assert len(first) == 3 and first == again                      # the same seed stream every time
+    assert len({tuple(shape) for shape in first}) == 3               # three different draws
+    for shape in first:
+        assert [name for name, _, _ in shape] == list(full)         # every layer kept, none removed
+        for name, c_in, c_out in shape:
+            assert c_out == full[name][1] or c_out % 16 == 0         # on the grid of 16, or whole
+        assert any(c_out < full[name][1] for name, _, c_out in shape)   # each one prunes something
+    # the anchor: every group at the grid point nearest half its size
+    anchor = {s.name: (s.op, s.out_channels) for s in po.cost.layer_specs(timing.anchor_model(graph, 16))}
+    assert {name: out for name, (op, out) in anchor.items() if op == "Conv"} == \
+        {name: min(timing.channel_grid(out, 16), key=lambda c: abs(c - out / 2))
+         for name, (_, out) in full.items() if anchor[name][0] == "Conv"}
+    assert [out for op, out in anchor.values() if op != "Conv"] == [full[n][1] for n in anchor if anchor[n][0] != "Conv"]
+
+
+def test_fit_reads_each_layer_smoothed_by_least_squares():
+    # an exact set-up + reorders + arithmetic table is its own fit
+    grid = [8, 16, 24]
+    exact = [[1.0 + 0.1 * i + 0.2 * o + 0.01 * i * o for o in grid] for i in grid]
+    layer = LayerTable("Conv", grid, grid, exact)
+    assert layer.smoothed().seconds == [pytest.approx(row) for row in exact]
+    # one entry timed in a busy moment: every entry becomes the least-squares fit (normal equations)
+    noisy = [row[:] for row in exact]
+    noisy[1][2] += 0.9
+    terms = np.array([[1, i, o, i * o] for i in grid for o in grid], float)
+    values = np.array([s for row in noisy for s in row])
+    coef = np.linalg.solve(terms.T @ terms, terms.T @ values)
+    smoothed = LayerTable("Conv", grid, grid, noisy).smoothed()
+    assert [s for row in smoothed.seconds for s in row] == pytest.approx(list(terms @ coef))
+    assert exact[1][2] < smoothed.seconds[1][2] < noisy[1][2]         # the busy entry pulled back, not all the way
+    # depthwise: a + b·c through (8, 1), (16, 2), (24, 4): b = 24/128, a = 7/3 − 16·b
+    depthwise = LayerTable("Conv", [], grid, [[1.0, 2.0, 4.0]]).smoothed()
+    b = 24 / 128
+    assert depthwise.seconds[0] == pytest.approx([7 / 3 + (c - 16) * b for c in grid])
+    # too few points to fit: as timed
+    few = LayerTable("Conv", [8], [8, 16], [[2.0, 5.0]])
+    assert few.smoothed().seconds == [[2.0, 5.0]] and LayerTable("Conv", [], [8, 16], [[1.0, 3.0]]).smoothed().seconds == [[1.0, 3.0]]
+    # "fit" reads the smoothed tables; "none" the entries as timed
+    table = measured.LatencyTable("sha", 8, 1, "v", {"dw": LayerTable("Conv", [], grid, [[1.0, 2.0, 4.0]])},
+                                  run_seconds=0.5, whole_seconds=4.0)
+    spec = po.cost.LayerSpec(name="dw", op="Conv", kind="conv", in_channels=16, out_channels=16, kernel_size=9,
+                             groups=16, depthwise=True)
+    assert table.entries()["dw"].seconds == depthwise.seconds
+    # no anchor: "scale" inside "fit" — run + k·(smoothed − run), k so the full size is the whole model
+    k = (4.0 - 0.5) / (depthwise.seconds[0][2] - 0.5)
+    assert table(spec) == pytest.approx(0.5 + k * (depthwise.seconds[0][1] - 0.5))
+    assert dataclasses.replace(table, calibration="none")(spec) == 2.0
+    assert dataclasses.replace(table, smooth=False)(spec) == pytest.approx(0.5 + (3.5 / 3.5) * (2.0 - 0.5))

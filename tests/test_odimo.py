@@ -17,6 +17,7 @@ from plinio_onnx.errors import PassError, PlinioOnnxError
 from plinio_onnx.functions import mps as fn
 from plinio_onnx.graph import PLINIO_DOMAIN
 from plinio_onnx.passes.odimo_split import MAPPING_KEY
+from plinio_onnx.optimize.targets import format_cost
 from plinio_onnx.passes.quantize import BITS_METADATA_KEY
 
 from _util import MODELS, ZOO_NAMES, random_architecture, run_ort, run_torch
@@ -280,11 +281,12 @@ def test_diana_units_alone_are_plinios_uniform_cases():
 
 
 # -- the command line -------------------------------------------------------------------------
-def test_optimize_method_odimo_on_digits(tmp_path):
+def test_optimize_method_odimo_on_digits(tmp_path, capsys):
     out = tmp_path / "odimo.onnx"
     assert main(["optimize", str(MODELS / "digits_cnn.onnx"), "--method", "odimo", "--data",
                  str(MODELS / "digits.npz"), "-o", str(out), "--warmup-epochs", "2", "--epochs", "3",
-                 "--threads", "1", "--quiet"]) == 0
+                 "--threads", "1"]) == 0
+    console = capsys.readouterr().out
     exported = po.load(out)
     mapping = json.loads(exported.metadata[MAPPING_KEY])
     assert set(mapping["nodes"].values()) <= {"digital", "analog"}
@@ -299,3 +301,82 @@ def test_optimize_method_odimo_on_digits(tmp_path):
     assert "## Accelerator mapping" in markdown and "| layer | digital | analog |" in markdown
     for layer, counts in report["architecture"]["mapping"].items():
         assert f"| {layer} | {counts.get('digital', 0)} | {counts.get('analog', 0)} |" in markdown
+    # The console summary: the same mapping (channels per unit and layer) and the three latencies.
+    assert "accelerator mapping" in console
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:4]]
+            for line in console.splitlines() if line.count("│") == 4}
+    for layer, counts in report["architecture"]["mapping"].items():
+        assert rows[layer] == [str(counts.get("digital", 0)), str(counts.get("analog", 0))]
+    mapping = report["architecture"]["mapping"]
+    assert rows["total"] == [str(sum(c.get(unit, 0) for c in mapping.values())) for unit in ("digital", "analog")]
+    assert (f"modelled latency of the mapping {format_cost(latency['mapping'])} (all on digital "
+            f"{format_cost(latency['all_digital'])}, all on analog {format_cost(latency['all_analog'])})") in console
+
+
+# -- latency targets ------------------------------------------------------------------------------
+def test_fastest_mapping_and_target_fallback_by_hand():
+    # conv (16→8, 3x3, 8x8): all digital 1152 + 8·24 = 1344 beats the analog unit's 1443.2
+    # (any channel on it costs its whole weight load); head (8→4, 1x1): 160 digital, 209.6 analog.
+    conv_d, conv_a = _digital(8, 16, 3, 8, 8), _analog(8, 16, 3, 4, 64)
+    head_d, head_a = _digital(4, 8, 1, 8, 8), _analog(4, 8, 1, 8, 64)
+    assert (conv_d, conv_a, head_d, head_a) == pytest.approx((1344, 1443.2, 160, 209.6))
+    latency = po.odimo.ParallelLatency()
+    assert po.ODiMO(_hand_graph()).min_cost(latency) == pytest.approx(conv_d + head_d)
+
+    model = po.ODiMO(_hand_graph())
+    _choose(model, "conv", ["analog"] * 3 + ["digital"] * 5)
+    _choose(model, "head", ["analog"] * 4)
+    model.eval()
+    start = max(conv_a, _digital(5, 16, 3, 8, 8)) + head_a
+    assert float(model.cost) == pytest.approx(start)
+    # The layer with most to gain (conv: 99.2 cycles, head: 49.6) moves first, and alone suffices.
+    assert model.enforce_target(latency, conv_d + head_a + 1)
+    assert model.mapping() == {"conv": {"digital": 8, "analog": 0}, "head": {"digital": 0, "analog": 4}}
+    assert not model.enforce_target(latency, conv_d + head_d - 1)   # below the fastest mapping
+    assert model.enforce_target(latency, conv_d + head_d)
+    assert float(model.cost) == pytest.approx(conv_d + head_d)
+
+
+def test_exported_latency_joins_the_split_layers():
+    graph = _hand_graph()
+    model = po.ODiMO(graph)
+    _choose(model, "conv", ["analog", "digital", "analog", "digital", "digital", "analog", "digital", "digital"])
+    _choose(model, "head", ["digital"] * 4)
+    model.eval()
+    latency = po.odimo.ParallelLatency()
+    exported = model.export()
+    assert {n.name for n in exported.nodes} >= {"conv/odimo/digital", "conv/odimo/analog", "head"}
+    specs = {spec.name: spec for spec in po.odimo.mapped_specs(exported)}
+    assert specs["conv"].out_channels == 8 and specs["conv"].extra["odimo_channels"] == {"digital": 5, "analog": 3}
+    assert latency.of_graph(exported) == pytest.approx(float(model.cost), rel=1e-12)
+    assert latency.of_graph(_hand_graph()) == pytest.approx(model.single_accelerator_latency("digital"))
+
+
+def test_odimo_latency_target_options(tmp_path, capsys):
+    base = ["optimize", str(MODELS / "digits_cnn.onnx"), "--method", "odimo", "--data", str(MODELS / "digits.npz"),
+            "-o", str(tmp_path / "o.onnx"), "--threads", "1", "--quiet"]
+    assert main(base + ["--target-latency", "85%", "--hardware", "diana"]) != 0
+    assert "--hardware does not apply to --method odimo" in capsys.readouterr().err
+    assert main(base + ["--target-params", "50%"]) != 0
+    assert "--target-params does not apply to --method odimo" in capsys.readouterr().err
+    # 80% of all-digital (7,521 cycles) is below the fastest mapping (6,221: 83%).
+    assert main(base + ["--target-latency", "80%"]) != 0
+    err = capsys.readouterr().err
+    assert "below the smallest architecture odimo can reach (6,221 cycles, 83%" in err and "fastest split" in err
+
+
+def test_optimize_odimo_with_a_latency_target(tmp_path):
+    out = tmp_path / "odimo.onnx"
+    report = po.optimize(MODELS / "digits_cnn.onnx", MODELS / "digits.npz", output=out, method="odimo",
+                         target_latency="85%", warmup_epochs=1, epochs=2, threads=1, quiet=True,
+                         measure_latency=False).to_json()
+    latency = report["architecture"]["latency"]
+    (constraint,) = report["constraints"]
+    assert constraint["kind"] == "latency" and constraint["unit"] == "cycles" and constraint["met"]
+    assert constraint["before"] == pytest.approx(latency["all_digital"])   # the input: all on the first unit
+    assert constraint["target"] == pytest.approx(0.85 * latency["all_digital"])
+    # The exported file's latency (split layers joined) is the searched mapping's.
+    assert constraint["after"] == pytest.approx(latency["mapping"], rel=1e-9)
+    assert constraint["after"] == pytest.approx(po.odimo.ParallelLatency().of_graph(po.load(out)), rel=1e-12)
+    assert latency["mapping"] <= constraint["target"] < min(latency["all_digital"], latency["all_analog"])
+    assert any(counts["digital"] and counts["analog"] for counts in report["architecture"]["mapping"].values())

@@ -9,14 +9,16 @@ import sys
 import numpy as np
 import onnx
 import pytest
-import torch
 
 import plinio_onnx as po
 from plinio_onnx.cli import main
 from plinio_onnx.optimize import optimize, parse_amount
 from plinio_onnx.optimize.data import split_indices
 
-from _util import MODELS, run_ort
+from _util import MODELS, one_torch_thread, run_ort  # noqa: F401  (the fixture, found by name)
+
+# torch on one thread for the whole module (the fixture is module-scoped)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL = MODELS / "digits_cnn.onnx"
 DATA = MODELS / "digits.npz"
@@ -26,14 +28,6 @@ FAST = ["--warmup-epochs", "3", "--epochs", "6", "--finetune-epochs", "2", "--th
 
 def _sha(path) -> str:
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

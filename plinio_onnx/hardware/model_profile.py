@@ -3,7 +3,8 @@
 An analytical profile (``gap8``, ``ne16``, ``diana``, ``mpic``, ``simd-mcu``, ``FILE.py:NAME``)
 is the same for every model; a measured one (``ort-cpu``, ``openvino-cpu``) is the model's own
 latency table (`plinio_onnx.hardware.measured`), read from its cache beside the model or
-measured on the spot.
+measured on the spot — OpenVINO's in a process of its own (`plinio_onnx.hardware.isolated`), so
+the caller (`optimize`, which trains next with forked data loaders) never loads it.
 """
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import dataclasses
 import os
 
 from ..errors import PlinioOnnxError
-from .measured import RUNTIMES, Progress, measured_profile
+from ..runtime import ISOLATED_RUNTIMES
+from .isolated import measure_in_child
+from .measured import RUNTIMES, Progress, cached_table, measured_profile
 from .profile import HardwareProfile
 from .registry import get
 
@@ -20,6 +23,8 @@ __all__ = ["DEFAULT_MEASURED_MULTIPLE", "channel_multiple_of", "for_model", "is_
 #: The channel multiple a measured CPU profile searches on where the CPU is not known: ONNX
 #: Runtime's blocked (NCHWc) convolution kernels work on blocks of 8 channels with AVX2.
 DEFAULT_MEASURED_MULTIPLE = 8
+#: Timing rounds of a table measured for a search (`plinio_onnx.hardware.measured.measure`'s).
+MEASURE_REPEATS = 20
 
 
 def nchwc_block(cpuinfo: "str | os.PathLike" = "/proc/cpuinfo") -> int:
@@ -60,8 +65,26 @@ def for_model(name: "str | HardwareProfile", model_path: "str | os.PathLike", *,
         raise PlinioOnnxError(f"channel multiple must be at least 1, not {channel_multiple}")
     if is_measured(name):
         multiple = nchwc_block() if channel_multiple is None else int(channel_multiple)
-        return measured_profile(model_path, name, channel_multiple=multiple, threads=threads, progress=progress)
+        if name in ISOLATED_RUNTIMES:
+            _measure_isolated(name, model_path, multiple, threads, progress)
+        return measured_profile(model_path, name, channel_multiple=multiple, threads=threads,
+                                repeats=MEASURE_REPEATS, progress=progress)
     profile = get(name)
     if channel_multiple is not None and int(channel_multiple) != profile.channel_multiple:
         profile = dataclasses.replace(profile, channel_multiple=int(channel_multiple))
     return profile
+
+
+def _measure_isolated(runtime: str, model_path: "str | os.PathLike", multiple: int, threads: int,
+                      progress: Progress | None) -> None:
+    """The table of ``runtime`` cached beside the model — timed in a child process when it is not
+    — so that `measured_profile` only reads it and never loads the runtime here."""
+    def cached():
+        return cached_table(model_path, runtime=runtime, channel_multiple=multiple, threads=threads)
+    if cached() is not None:
+        return
+    measure_in_child(model_path, runtime=runtime, channel_multiple=multiple, threads=threads,
+                     repeats=MEASURE_REPEATS, progress=progress)
+    if cached() is None:
+        raise PlinioOnnxError(f"the {runtime} table measured in its own process does not describe the model "
+                              "(was the model changed meanwhile?)", file=str(model_path))

@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from ..cost import LayerSpec
 from ..errors import PlinioOnnxError

@@ -4,6 +4,7 @@ does next to nothing, random inputs, and the `Timer` (ONNX Runtime or OpenVINO).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -12,10 +13,15 @@ from onnx import TensorProto, helper
 from ..cost import LayerSpec
 from ..errors import PlinioOnnxError
 
-__all__ = ["RUNTIMES", "Timer", "anchor_model", "channel_grid", "check_runnable", "idle_model", "layer_model",
-           "random_feeds", "runtime_name"]
+__all__ = ["CALIBRATION_SEED", "RUNTIMES", "TIMING_QUANTILE", "Timer", "anchor_model", "calibration_models",
+           "channel_grid", "check_runnable", "idle_model", "layer_model", "pruned_model", "random_feeds", "runtime_name"]
 
 RUNTIMES = ("ort-cpu", "openvino-cpu")
+#: The percentile of a model's timing samples taken as its latency. On a shared machine the
+#: samples are bimodal (runs left alone, runs whose caches others' processes flushed) and the
+#: median jumps between the modes from one timing to the next; the 20th percentile is the
+#: undisturbed time, stable, and on an idle machine about the median.
+TIMING_QUANTILE = 20.0
 
 
 def channel_grid(size: int, multiple: int) -> list[int]:
@@ -59,8 +65,32 @@ def layer_model(node, spec: LayerSpec, c_in: int, c_out: int) -> onnx.ModelProto
 
 def anchor_model(graph, multiple: int):
     """The model with every prunable channel group cut to the count on the grid of ``multiple``
-    nearest to half its size (PIT masks set, then finalized): the second point of the
-    calibration. None when nothing can be pruned."""
+    nearest to half its size (PIT masks set, then finalized): a point of the calibration. None
+    when nothing can be pruned."""
+    return pruned_model(graph, lambda size: min(channel_grid(size, multiple), key=lambda c: abs(c - size / 2)))
+
+
+#: Seed material of the calibration's random masks: a stream of its own, so the variants a
+#: benchmark draws (``numpy.random.default_rng(0, 1, …)``) are never calibration points.
+CALIBRATION_SEED = 0x5EED_CA1B
+
+
+def calibration_models(graph, multiple: int, count: int) -> list:
+    """``count`` pruned copies of the model, each channel group keeping a random count on the grid
+    of ``multiple`` (as a search on channel blocks leaves them; `CALIBRATION_SEED`): the points the
+    calibration's line is fitted on, beside the model and its anchor. Empty when nothing can be pruned."""
+    models = []
+    for index in range(count):
+        rng = np.random.default_rng([CALIBRATION_SEED, index])
+        model = pruned_model(graph, lambda size: int(rng.choice(channel_grid(size, multiple))))
+        if model is not None:
+            models.append(model)
+    return models
+
+
+def pruned_model(graph, keep: "Callable[[int], int]"):
+    """The model with every prunable channel group of size n keeping ``keep(n)`` channels (PIT
+    masks set, then finalized); None when nothing can be pruned or nothing was."""
     from ..finalize import finalize
     from ..passes import pit
     try:
@@ -71,10 +101,10 @@ def anchor_model(graph, multiple: int):
     for name, tensor in searchable.initializers().items():
         if name.endswith(".pit_alpha"):
             alpha = np.array(tensor.values, dtype=np.float32)
-            keep = min(channel_grid(alpha.size, multiple), key=lambda c: abs(c - alpha.size / 2))
-            alpha[:alpha.size - keep] = 0.0
+            kept = keep(alpha.size)
+            alpha[:alpha.size - kept] = 0.0
             tensor.values = alpha
-            changed = changed or keep < alpha.size
+            changed = changed or kept < alpha.size
     try:
         return finalize(searchable) if changed else None
     except PlinioOnnxError:
@@ -112,8 +142,8 @@ def runtime_name(name: str) -> str:
 
 
 class Timer:
-    """Times models in one runtime (``RUNTIMES``): medians of ``repeats`` samples of ~1 ms each,
-    on the calling thread's CPU time for ONNX Runtime on one thread (`latency_clock`)."""
+    """Times models in one runtime (``RUNTIMES``): the `TIMING_QUANTILE` of ``repeats`` samples
+    of ~1 ms each, on the calling thread's CPU time for ONNX Runtime on one thread (`latency_clock`)."""
 
     def __init__(self, runtime: str, threads: int, repeats: int, source: str) -> None:
         from ..runtime import RUNNERS, latency_clock
@@ -124,26 +154,31 @@ class Timer:
 
     @staticmethod
     def runtime_version(runtime: str) -> str:
-        from ..runtime import OPENVINO_MISSING
+        from importlib.metadata import PackageNotFoundError, version
+
+        from ..runtime import OPENVINO_MISSING, openvino_available
         if runtime_name(runtime) == "ort-cpu":
             import onnxruntime
             return onnxruntime.__version__
+        # The installed distribution's version, read without importing OpenVINO: a cached table is
+        # checked in processes that must never load it (`plinio_onnx.hardware.isolated`).
+        if not openvino_available():
+            raise PlinioOnnxError(OPENVINO_MISSING)
         try:
-            import openvino
-        except ImportError:
+            return version("openvino")
+        except PackageNotFoundError:
             raise PlinioOnnxError(OPENVINO_MISSING) from None
-        return str(getattr(openvino, "__version__", None) or openvino.get_version())
 
     def time(self, model: "onnx.ModelProto | Path", feeds: dict | None = None) -> float:
-        """Median seconds of one run of ``model`` (on random inputs of its shapes by default)."""
+        """Seconds of one run of ``model`` (on random inputs of its shapes by default)."""
         from ..runtime import median_seconds
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
         feeds = feeds if feeds is not None else random_feeds(proto)
         run = self.runner(proto, feeds, threads=self.threads, source=self.source)
-        return median_seconds(run, repeats=self.repeats, block_s=0.001, clock=self.clock)
+        return median_seconds(run, repeats=self.repeats, block_s=0.001, clock=self.clock, quantile=TIMING_QUANTILE)
 
     def times(self, models: dict) -> dict:
-        """Median seconds of each of ``models`` (one-input models on random inputs), timed
+        """Seconds of each of ``models`` (one-input models on random inputs), timed
         alternately with the whole model as a reference, and scaled by how far the reference
         is off its own time: entries timed at different moments of a busy machine stay comparable."""
         from ..runtime import alternate_seconds
@@ -152,27 +187,28 @@ class Timer:
         if self.reference is not None:
             runners["reference"] = self.reference[0]
         seconds = alternate_seconds(runners, rounds=self.repeats, budget_s=1e9, clock=self.clock,
-                                    block_s=0.001)
+                                    block_s=0.001, quantile=TIMING_QUANTILE)
         drift = self.reference[1] / seconds.pop("reference") if self.reference is not None else 1.0
         return {key: value * drift for key, value in seconds.items()}
 
-    def whole(self, path: Path, anchor=None) -> tuple[float | None, float | None]:
-        """Median seconds of the whole model and of ``anchor`` (a `Graph`, or None), timed
-        alternately, the whole model then the reference of `times`; (None, None) when the
-        model's input sizes are not all known."""
+    def whole(self, path: Path, others: "dict | None" = None) -> dict:
+        """Seconds of the whole model (``"whole"``) and of each of ``others`` (name → `Graph`
+        with the model's inputs), timed alternately over a few seconds (at least ``2 · repeats``
+        rounds); then the whole model is the reference of `times`. {} when the model's input
+        sizes are not all known."""
         from ..runtime import alternate_seconds
         models = {"whole": onnx.load(str(path))}
-        if anchor is not None:
-            models["anchor"] = anchor.to_onnx(check=False)
+        models.update({key: graph.to_onnx(check=False) for key, graph in (others or {}).items()})
         try:
             feeds = random_feeds(models["whole"])
         except PlinioOnnxError:
-            return None, None
+            return {}
         runners = {key: self.runner(proto, feeds, threads=self.threads, source=self.source)
                    for key, proto in models.items()}
-        seconds = alternate_seconds(runners, rounds=max(self.repeats, 3), budget_s=4.0, clock=self.clock)
+        seconds = alternate_seconds(runners, rounds=max(2 * self.repeats, 3), budget_s=2.0 + 0.5 * len(runners),
+                                    clock=self.clock, quantile=TIMING_QUANTILE)
         self.reference = (runners["whole"], seconds["whole"])
-        return seconds["whole"], seconds.get("anchor")
+        return seconds
 
 
 def random_feeds(model: onnx.ModelProto, *, batch: int = 1) -> dict[str, np.ndarray]:

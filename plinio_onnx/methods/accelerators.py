@@ -15,21 +15,29 @@ in-memory-computing array (searched as 2-bit, as PLiNIO does; its 7-bit inputs a
 `ParallelLatency` is ODiMO's layer cost: the accelerators run their channels in parallel, so a
 layer takes the **maximum** of their latencies (``reduction="max"``, exact, its gradient goes to
 the slowest unit; ``"softmax"`` is PLiNIO's smooth form softmax(c)·c), plus an optional
-data-movement term.
+data-movement term. ``ParallelLatency.of_graph`` is the same cost read off a whole graph: an
+exported one, whose split layers (``<layer>/odimo/<unit>``, `plinio_onnx.passes.odimo_split`)
+it joins again through the ``odimo.mapping`` metadata, or a float one (each layer whole on the
+first unit) — what a latency target of `optimize` is judged on.
 """
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..cost import LayerSpec
+from ..cost.bits import quantized_specs
 from ..errors import PlinioOnnxError
+from ..graph import Graph
 from ..hardware.diana import diana_analog_latency, diana_digital_latency
+from ..passes.odimo_split import MAPPING_KEY
 
-__all__ = ["ANALOG", "Accelerator", "CHANNELS_KEY", "DEFAULT_ACCELERATORS", "DIGITAL", "ParallelLatency"]
+__all__ = ["ANALOG", "Accelerator", "CHANNELS_KEY", "DEFAULT_ACCELERATORS", "DIGITAL", "ParallelLatency",
+           "mapped_specs"]
 
 #: `LayerSpec.extra` key of an ODiMO layer's channel counts: {accelerator name: count}.
 CHANNELS_KEY = "odimo_channels"
@@ -66,6 +74,8 @@ class ParallelLatency:
     accelerators: tuple[Accelerator, ...] = DEFAULT_ACCELERATORS
     reduction: str = "max"
     data_movement: Callable[[LayerSpec, Mapping[str, Any]], Any] | None = None
+    #: The accelerators' latency unit (DIANA's models: clock cycles), for reports and targets.
+    unit: str = "cycles"
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
@@ -96,6 +106,11 @@ class ParallelLatency:
             value = value + self.data_movement(spec, counts)
         return value
 
+    def of_graph(self, graph: Graph) -> float:
+        """The latency of a (float or exported) ``graph``: its layers as `mapped_specs` gives them,
+        each split layer again one layer whose units run in parallel."""
+        return float(sum(float(self(spec)) for spec in mapped_specs(graph)))
+
     def _whole(self, spec: LayerSpec) -> Accelerator:
         matching = [a for a in self.accelerators if spec.weight_bits is not None
                     and not isinstance(spec.weight_bits, torch.Tensor) and a.weight_bits == spec.weight_bits]
@@ -109,3 +124,30 @@ class ParallelLatency:
         if self.reduction == "max":
             return stacked.amax()
         return torch.dot(torch.softmax(stacked, 0), stacked)
+
+
+def mapped_specs(graph: Graph) -> list[LayerSpec]:
+    """The layers of ``graph`` (`plinio_onnx.cost.bits.quantized_specs`) with every layer that
+    the ODiMO export split (``odimo.mapping``'s ``layers``) joined again: one spec under the
+    layer's name, its sub-layers' output channels together and the channels of each unit in
+    ``extra[CHANNELS_KEY]`` — what the searchable model's cost saw. A graph without the
+    metadata: its layers as they are."""
+    specs = quantized_specs(graph)
+    layers = json.loads(graph.metadata.get(MAPPING_KEY, "{}")).get("layers", {})
+    part_of = {part: (layer, entry["accelerator"]) for layer, parts in layers.items() if len(parts) > 1
+               for part, entry in parts.items()}
+    joined: dict[str, LayerSpec] = {}
+    out: list[LayerSpec] = []
+    for spec in specs:
+        if spec.name not in part_of:
+            out.append(spec)
+            continue
+        layer, unit = part_of[spec.name]
+        first = joined.get(layer)
+        if first is None:
+            joined[layer] = spec.with_(name=layer, extra={**spec.extra, CHANNELS_KEY: {unit: spec.out_channels}})
+            out.append(joined[layer])
+        else:
+            first.extra[CHANNELS_KEY][unit] = spec.out_channels
+            first.out_channels = first.out_channels + spec.out_channels
+    return out

@@ -32,12 +32,13 @@ from plinio_onnx.records import MPSRecord, ODiMORecord
 from ..cost import LayerSpec
 from ..errors import PlinioOnnxError
 from ..graph import Graph
-from .accelerators import ANALOG, CHANNELS_KEY, DEFAULT_ACCELERATORS, DIGITAL, Accelerator, ParallelLatency
+from .accelerators import (ANALOG, CHANNELS_KEY, DEFAULT_ACCELERATORS, DIGITAL, Accelerator, ParallelLatency,
+                           mapped_specs)
 from .mps import MPS
 from .searchable import CostFn, as_graph
 
 #: ``po.odimo`` is this module: `ODiMO` and the accelerators it maps onto.
-__all__ = ["ANALOG", "Accelerator", "DEFAULT_ACCELERATORS", "DIGITAL", "ODiMO", "ParallelLatency"]
+__all__ = ["ANALOG", "Accelerator", "DEFAULT_ACCELERATORS", "DIGITAL", "ODiMO", "ParallelLatency", "mapped_specs"]
 
 
 class ODiMO(MPS):
@@ -180,10 +181,99 @@ class ODiMO(MPS):
 
     # -- search hooks -------------------------------------------------------------------------
     default_cost = "latency"
+    cheapest_architecture = "every layer at its fastest split between the accelerators"
+
+    def min_cost(self, cost) -> float | None:
+        """The least parallel latency a mapping reaches: every layer at its fastest split (layers
+        are independent, so this is exact; enumerated for layers with two units, None when a
+        per-channel layer has more). Edits the mapping: call it on a throw-away model."""
+        if not isinstance(cost, ParallelLatency):
+            return super().min_cost(cost)
+        best = {spec.name: self._fastest_counts(cost, spec) for spec in self.specs if spec.name in self._mapped}
+        if any(counts is None for counts in best.values()):
+            return None
+        for node, counts in best.items():
+            self._assign(node, counts)
+        return self._discrete_cost(cost)
+
+    def enforce_target(self, cost, target: float) -> bool:
+        """Fallback for a search that ended above a latency ``target``: move layers to their
+        fastest split (`min_cost`'s), the layer with most latency to gain first, and in each the
+        channels whose logits choose their unit by the smallest margin, until the discrete
+        latency is ≤ ``target``. Other costs: MPS's fallback."""
+        if not isinstance(cost, ParallelLatency):
+            return super().enforce_target(cost, target)
+        gains = []
+        with torch.no_grad():
+            mapping = self.mapping()
+            for spec in self.specs:
+                counts = mapping.get(spec.name)
+                fastest = self._fastest_counts(cost, spec, near=counts) if counts else None
+                if fastest is not None:
+                    gain = _layer_latency(cost, spec, counts) - _layer_latency(cost, spec, fastest)
+                    gains.append((gain, spec.name, fastest))
+        for gain, node, fastest in sorted(gains, key=lambda g: -g[0]):
+            if self._discrete_cost(cost) <= target:
+                return True
+            if gain > 0:
+                self._assign(node, fastest)
+        return self._discrete_cost(cost) <= target
+
+    def _discrete_cost(self, cost) -> float:
+        was_training = self.training
+        self.eval()   # the argmax mapping: what the export writes
+        try:
+            with torch.no_grad():
+                return float(self.cost_of(cost))
+        finally:
+            self.train(was_training)
+
+    def _fastest_counts(self, cost: ParallelLatency, spec: LayerSpec,
+                        near: Mapping[str, int] | None = None) -> dict[str, int] | None:
+        """The channels per unit of layer ``spec`` with the least latency under ``cost`` (ties:
+        the split nearest ``near``); None for a per-channel layer on more than two units."""
+        mapped, channels = self._mapped[spec.name], int(spec.out_channels)
+        units = list(mapped.accelerators)
+        if not mapped.per_channel or len(units) == 1:
+            candidates = [{unit: channels if unit == chosen else 0 for unit in units} for chosen in units]
+        elif len(units) == 2:
+            candidates = [{units[0]: n, units[1]: channels - n} for n in range(channels + 1)]
+        else:
+            return None
+        near = near or {}
+        return min(candidates, key=lambda c: (_layer_latency(cost, spec, c),
+                                              sum(abs(c[u] - near.get(u, 0)) for u in units)))
+
+    @torch.no_grad()
+    def _assign(self, node: str, counts: Mapping[str, int]) -> None:
+        """Set layer ``node``'s logits so that its argmax mapping has ``counts`` channels per unit:
+        the channels that change unit are those whose logits prefer their unit least."""
+        mapped, layer = self._mapped[node], self._layers[node]
+        alpha = self.tensor(layer.alpha)
+        if not mapped.per_channel:
+            chosen = max(counts, key=lambda unit: counts[unit])
+            alpha.view(-1)[mapped.accelerators.index(chosen)] = alpha.max() + 1e-3
+            return
+        logits = alpha.view(len(mapped.accelerators), -1)
+        choice = logits.argmax(0).cpu().numpy()
+        for source, unit in enumerate(mapped.accelerators):
+            surplus = int((choice == source).sum()) - int(counts.get(unit, 0))
+            if surplus <= 0:
+                continue
+            other = 1 - source   # two units (see `_fastest_counts`)
+            margin = (logits[source] - logits[other]).cpu().numpy()
+            movers = [c for c in np.argsort(margin, kind="stable") if choice[c] == source][:surplus]
+            for c in movers:
+                logits[other, c] = logits[source, c] + 1e-3
 
     @classmethod
     def search_metadata_keys(cls, **options) -> tuple[str, ...]:
         return (MPSRecord.KEY, ODiMORecord.KEY)
+
+
+def _layer_latency(cost: ParallelLatency, spec: LayerSpec, counts: Mapping[str, int]) -> float:
+    """``cost`` of layer ``spec`` with ``counts`` output channels on each unit."""
+    return float(cost(spec.with_(extra={**spec.extra, CHANNELS_KEY: dict(counts)})))
 
 
 def _with_latency(cost, latency: ParallelLatency):

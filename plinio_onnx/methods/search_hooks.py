@@ -28,6 +28,9 @@ class SearchHooks:
     #: Whether the exported graph is fine-tuned as a plain float model afterwards (not for
     #: quantized models, whose weights train during the search with straight-through rounding).
     finetune_export: ClassVar[bool] = True
+    #: What `min_cost`'s architecture is, for the error of a target below it.
+    cheapest_architecture: ClassVar[str] = ("one channel block per searched layer, the lowest precisions, "
+                                            "unsearched layers whole")
 
     @classmethod
     def search_metadata_keys(cls, **options: Any) -> tuple[str, ...]:

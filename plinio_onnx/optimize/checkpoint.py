@@ -186,6 +186,8 @@ def check_state(state: dict, path: Path) -> None:
     phases = state.get("phases")
     if not isinstance(phases, dict):
         fail("'phases'", phases, "an object")
+    if not isinstance(state.get("scaler", {}), dict):
+        fail("'scaler'", state["scaler"], "an object")
     for phase, record in phases.items():
         if phase not in PHASES or not isinstance(record, dict):
             fail(f"phase {phase!r}", record, f"an object named one of {', '.join(PHASES)}")

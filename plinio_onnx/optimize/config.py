@@ -243,8 +243,11 @@ class OptimizeConfig:
                                       + (f" (it searches nothing that moves it; targets: "
                                          f"{', '.join('--target-' + k for k in allowed)})" if allowed else
                                          "; use --strength (or the default)"))
-        needs_hardware = "latency" in targets or (self.cost_name in HARDWARE_COSTS
-                                                   and self.cost_name not in method.costs)
+        if self.hardware and "latency" in method.costs:
+            raise PlinioOnnxError(f"--hardware does not apply to --method {method.name}: its latency is the "
+                                  "model of the accelerators it maps onto (DIANA's digital and analog units)")
+        needs_hardware = any(kind in targets or self.cost_name == kind
+                             for kind in HARDWARE_COSTS if kind not in method.costs)
         if needs_hardware and not self.hardware:
             raise PlinioOnnxError("--target-latency and --cost latency|energy need --hardware NAME "
                                   "(a hardware profile: gap8, ne16, diana, mpic, simd-mcu, ...)")

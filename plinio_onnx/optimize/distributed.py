@@ -20,7 +20,9 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import pickle
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -101,24 +103,34 @@ class Distributed:
         if not self.enabled:
             return values
         tensor = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
-        dist.all_reduce(tensor)
+        self._collective(dist.all_reduce, tensor)
         return tensor.cpu().tolist()
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
         if not self.enabled:
             return [value]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, value)
-        return out
+        payload = self._bytes(value)
+        sizes = [torch.zeros(1, dtype=torch.int64, device=payload.device) for _ in range(self.world)]
+        self._collective(dist.all_gather, sizes, torch.tensor([payload.numel()], device=payload.device))
+        longest = max(int(size) for size in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=payload.device)
+        padded[:payload.numel()] = payload
+        parts = [torch.empty(longest, dtype=torch.uint8, device=payload.device) for _ in range(self.world)]
+        self._collective(dist.all_gather, parts, padded)
+        return [pickle.loads(part[:int(size)].cpu().numpy().tobytes()) for part, size in zip(parts, sizes)]
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's ``value`` (a picklable object) on every rank."""
         if not self.enabled:
             return value
-        box = [value if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, device=self._comm_device())
-        return box[0]
+        payload = self._bytes(value if self.is_main else None)
+        size = torch.tensor([payload.numel()], device=payload.device)
+        self._collective(dist.broadcast, size, src=0)
+        if not self.is_main:
+            payload = torch.empty(int(size), dtype=torch.uint8, device=payload.device)
+        self._collective(dist.broadcast, payload, src=0)
+        return pickle.loads(payload.cpu().numpy().tobytes())
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Rank 0's buffers (batch-norm statistics) on every rank, after each training epoch:
@@ -126,7 +138,31 @@ class Distributed:
         does not read them), so validation, checkpoints and the next phase start identical."""
         if self.enabled:
             for buffer in module.buffers():
-                dist.broadcast(buffer.data, src=0)
+                self._collective(dist.broadcast, buffer.data, src=0)
+
+    def _bytes(self, value: Any) -> torch.Tensor:
+        data = pickle.dumps(value)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._comm_device())
+
+    def _collective(self, operation, *args, **kwargs) -> None:
+        """``operation(*args, **kwargs)`` on the group, returning once the backend has let go of
+        its tensors (gloo).
+
+        gloo wakes the caller when a collective is done, but its worker thread drops the work (and
+        with it the tensors) a moment later. A tensor whose Python object is gone by then is
+        released by that thread, which must take the GIL to do it; if the interpreter is already
+        finalizing (a rank's last collective, then exit), the thread is ended inside a destructor
+        and the process aborts ("terminate called without an active exception"). Waiting for the
+        release here keeps it on this side of our own references (microseconds)."""
+        tensors = [t for arg in args for t in (arg if isinstance(arg, list) else [arg])
+                   if isinstance(t, torch.Tensor)]
+        held = [t._use_count() for t in tensors]
+        operation(*args, **kwargs)
+        if self.backend != "gloo":
+            return
+        deadline = time.monotonic() + 10.0
+        while any(t._use_count() > n for t, n in zip(tensors, held)) and time.monotonic() < deadline:
+            time.sleep(1e-4)
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         """``module`` under `DistributedDataParallel` (as it is in a run of its own).

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 
 from ..errors import PlinioOnnxError
-from ..runtime import RUNNERS, alternate_seconds, latency_clock, openvino_available
+from ..runtime import ISOLATED_RUNTIMES, RUNNERS, alternate_seconds, latency_clock, openvino_available
 
 __all__ = ["latency_lines", "latency_markdown", "latency_target_notes", "measure_latency", "not_faster", "runtimes"]
 
@@ -49,9 +49,8 @@ def measure_latency(input_model: "str | os.PathLike", output_model: "str | os.Pa
     return out
 
 
-#: Runtimes timed in a process of their own: OpenVINO's threads and allocator, once loaded, make
-#: the caller's later forks (a DataLoader's workers) read corrupted memory or crash.
-ISOLATED = ("openvino-cpu",)
+#: Runtimes timed in a process of their own (`plinio_onnx.runtime.ISOLATED_RUNTIMES`).
+ISOLATED = ISOLATED_RUNTIMES
 
 
 def _time_pair(runtime: str, models: dict[str, Path], input_names: list[str], samples: list[np.ndarray],

@@ -81,7 +81,7 @@ class _PlainPhase:
                 "initial_val_metric": self.initial[metric], "stopped": stopped if self.epochs else "skipped",
                 "seconds": self.elapsed + time.perf_counter() - self.t0}
         result_file = run.ckpt.save_graph(self.graph, f"{self.phase}.result.onnx")
-        run.ckpt.commit(self.phase, {"done": True, "result_file": result_file, "info": info, "budget": self.epochs})
+        run.commit(self.phase, {"done": True, "result_file": result_file, "info": info, "budget": self.epochs})
         run.bar.stop()
         return self.graph, info
 
@@ -101,6 +101,6 @@ class _PlainPhase:
         self.rec.update(epoch=epoch, best_epoch=self.best_epoch, best_loss=self.best_loss,
                         best_scores=self.best_scores, current_file=current_file, optim_file=optim_file,
                         seconds=self.elapsed + time.perf_counter() - self.t0)
-        run.ckpt.commit(phase, self.rec)
+        run.commit(phase, self.rec)
         run.bar.epoch(epoch, run.info(scores))
         run.epoch_done(phase, epoch, {"val": scores})

@@ -17,7 +17,7 @@ from .measure import latency_lines, latency_markdown
 from .plots import plot_links
 from .targets import format_cost
 
-__all__ = ["Report", "layer_rows", "mapping_markdown", "percent"]
+__all__ = ["Report", "layer_rows", "mapping_latency_line", "mapping_markdown", "mapping_table", "percent"]
 
 
 @dataclass
@@ -143,6 +143,10 @@ class Report:
         if self.quantization:
             console.print(quantization_table(self.quantization))
             console.print(summary_line(self.quantization), highlight=False)
+        mapping = mapping_table(self.architecture)
+        if mapping is not None:
+            console.print(mapping)
+            console.print(mapping_latency_line(self.architecture), highlight=False)
         if self.constraints:
             console.print(constraints_table(self.constraints, self.regularizer))
         console.print(self.headline(), highlight=False)
@@ -173,20 +177,56 @@ def constraints_table(constraints: list[dict], regularizer: str | None):
     return table
 
 
+def _mapping_of(architecture: dict) -> tuple[dict, dict, list[str]] | None:
+    """(mapping, latencies, unit names) of an accelerator mapping (ODiMO); None for other methods."""
+    mapping, latency = architecture.get("mapping"), architecture.get("latency")
+    if not isinstance(mapping, dict) or not isinstance(latency, dict) or not mapping:
+        return None
+    return mapping, latency, list(architecture.get("accelerators") or next(iter(mapping.values())))
+
+
+def mapping_latency_line(architecture: dict) -> str | None:
+    """The modelled latency of an accelerator mapping against every unit alone, in one line;
+    None for a method that maps nothing."""
+    found = _mapping_of(architecture)
+    if found is None:
+        return None
+    latency = found[1]
+    alone = ", ".join(f"all on {key[4:]} {format_cost(value)}" for key, value in latency.items() if key != "mapping")
+    return f"modelled latency of the mapping {format_cost(latency['mapping'])} ({alone})"
+
+
 def mapping_markdown(architecture: dict) -> list[str]:
     """An accelerator mapping's section (ODiMO: output channels per unit and layer, and the
     modelled latency of the mapping against every unit alone); none for other methods."""
-    mapping, latency = architecture.get("mapping"), architecture.get("latency")
-    if not isinstance(mapping, dict) or not isinstance(latency, dict) or not mapping:
+    found = _mapping_of(architecture)
+    if found is None:
         return []
-    units = list(architecture.get("accelerators") or next(iter(mapping.values())))
+    mapping, _, units = found
     lines = ["", "## Accelerator mapping", "", "| layer | " + " | ".join(units) + " |",
              "|---|" + "---:|" * len(units)]
     lines += [f"| {layer} | " + " | ".join(str(counts.get(unit, 0)) for unit in units) + " |"
               for layer, counts in mapping.items()]
-    alone = ", ".join(f"all on {key[4:]} {format_cost(value)}" for key, value in latency.items() if key != "mapping")
-    lines += ["", f"modelled latency of the mapping {format_cost(latency['mapping'])} ({alone})"]
-    return lines
+    return lines + ["", mapping_latency_line(architecture)]
+
+
+def mapping_table(architecture: dict):
+    """The accelerator mapping for the console (rich): output channels per unit and layer, and
+    per unit over all layers; None for a method that maps nothing."""
+    from rich.table import Table
+
+    found = _mapping_of(architecture)
+    if found is None:
+        return None
+    mapping, _, units = found
+    table = Table(title="accelerator mapping (channels)")
+    for col in ("layer", *units):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for layer, counts in mapping.items():
+        table.add_row(layer, *[str(counts.get(unit, 0)) for unit in units])
+    total = {unit: sum(int(counts.get(unit, 0)) for counts in mapping.values()) for unit in units}
+    table.add_row("total", *[str(total[unit]) for unit in units], style="bold")
+    return table
 
 
 def percent(a: float, b: float) -> str:

@@ -263,7 +263,7 @@ class _SearchPhase:
         optim_file = self.run.ckpt.save_arrays(arrays, name)
         self.rec.update(state=self.state, current_file=self.current_file, optim_file=optim_file,
                         seconds=self.elapsed + time.perf_counter() - self.t0)
-        self.run.ckpt.commit("search", self.rec)
+        self.run.commit("search", self.rec)
 
     def _choose(self, epoch: int) -> bool:
         """The chosen architecture: the best qualifying epoch, else (with a target) the last one
@@ -306,6 +306,6 @@ class _SearchPhase:
                 "latency_rounds": state.get("latency_rounds", []), "targets": dict(self.targets or {})}
         # The chosen searchable graph under a stable name: `plinio-onnx export` takes it.
         info["best_file"] = run.ckpt.save_graph(self._searchable(), "search.best.onnx")
-        run.ckpt.commit("search", {"done": True, "best_file": info["best_file"], "info": info, "budget": self.budget})
+        run.commit("search", {"done": True, "best_file": info["best_file"], "info": info, "budget": self.budget})
         run.bar.stop()
         return info

@@ -9,6 +9,8 @@ kind          cost model                              a percentage is of        
 ``size``      `plinio_onnx.cost.size` (bytes)         the float32 model's bytes;       all but qat
                                                       ``"25%int8"``: of uniform int8
 ``latency``   the ``--hardware`` profile's latency    the input model on that profile  all but qat
+              (odimo: its accelerators' parallel      (odimo: all on its first unit)
+              latency; no ``--hardware``)
 ``memory``    `plinio_onnx.cost.PeakMemory` (bytes)   the input model's peak           pit, mps,
                                                                                        pit+mps
 ============  ======================================  ===============================  ==========
@@ -78,6 +80,10 @@ def method_target_kinds(method: Method) -> tuple[str, ...]:
     (size, latency, memory) for mixed precision alone, none for uniform int8 QAT."""
     if method.name == "qat":
         return ()
+    if method.name == "odimo":
+        # ODiMO moves channels between accelerators: it moves its own parallel latency (on the
+        # accelerators' models, never --hardware's); parameters and MACs stay.
+        return ("latency",)
     if method.name == "mps":
         return _BIT_LEVEL
     if method.name.startswith("supernet"):
@@ -127,6 +133,8 @@ def graph_cost(graph: Graph, ref: Any) -> float:
     latency or a byte count need not be an integer); the peak memory of the whole graph."""
     if isinstance(ref, PeakMemory):
         return float(peak_memory(graph, bits=ref.bits))
+    if hasattr(ref, "of_graph"):   # a cost that reads the graph whole (ODiMO's split layers joined)
+        return float(ref.of_graph(graph))
     return float(sum(float(ref(spec)) for spec in bit_costs.quantized_specs(graph)))
 
 
@@ -187,7 +195,8 @@ def budgets(targets: dict, graph: Graph, method: Method, refs: dict, profile: An
         int8 = None
         if kind == "size":
             int8 = float(sum(float(bit_costs.size(spec.with_(weight_bits=8))) for spec in layer_specs(graph)))
-        unit = UNITS.get(kind) or (getattr(profile, "latency_unit", "") if profile is not None else "")
+        unit = (UNITS.get(kind) or getattr(ref, "unit", "")
+                or (getattr(profile, "latency_unit", "") if profile is not None else ""))
         out.append(Budget(kind, ref, str(given), resolve_target(kind, given, base, int8), base, unit=unit))
     _min_reachable(out, graph, method)
     if refuse:
@@ -217,8 +226,8 @@ def _refuse_unreachable(found: list[Budget], method: Method) -> None:
             raise PlinioOnnxError(f"target {budget.kind} {format_cost(budget.value)} {budget.unit} "
                                   f"({budget.value / budget.base:.0%} of the input's) is below the smallest "
                                   f"architecture {method.name} can reach ({format_cost(budget.min_reachable)} "
-                                  f"{budget.unit}, {budget.min_reachable / budget.base:.0%}: one channel block "
-                                  f"per searched layer, the lowest precisions, unsearched layers whole{hint})")
+                                  f"{budget.unit}, {budget.min_reachable / budget.base:.0%}: "
+                                  f"{method.model_class.cheapest_architecture}{hint})")
 
 
 def format_cost(value: float) -> str:

@@ -188,10 +188,30 @@ class Run:
         return self._objective[1]
 
     def scaler(self) -> torch.amp.GradScaler:
-        """The run's gradient scaler: active with ``amp`` on CUDA (float16), a pass-through otherwise."""
+        """The run's gradient scaler: active with ``amp`` on CUDA (float16), a pass-through
+        otherwise. A resumed run goes on from the checkpointed loss scale (`commit`) instead of
+        searching for it again from the initial one."""
         if self._scaler is None:
             self._scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
+            if self.ckpt.state.get("scaler"):
+                self._scaler.load_state_dict(self.ckpt.state["scaler"])
         return self._scaler
+
+    def commit(self, phase: str, record: dict) -> None:
+        """Checkpoint ``phase``'s ``record``, and the gradient scaler's state with it."""
+        self.ckpt.state["scaler"] = self.scaler().state_dict()
+        self.ckpt.commit(phase, record)
+
+    def scaler_state(self) -> dict:
+        """The gradient scaler's state for a phase's checkpoint record (its loss scale and growth
+        tracker, plain numbers; empty while the scaler is a pass-through)."""
+        return self.scaler().state_dict()
+
+    def restore_scaler(self, state: dict | None) -> None:
+        """Go on from a checkpointed `scaler_state`: a resumed float16 run keeps the loss scale it
+        had learned instead of searching for it again from the initial one."""
+        if state:
+            self.scaler().load_state_dict(state)
 
     def train_epoch(self, phase: str, model, optimizers, epoch: int, epochs: int,
                     regularizer: Callable[[], torch.Tensor] | None = None,

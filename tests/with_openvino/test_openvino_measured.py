@@ -30,6 +30,24 @@ def test_openvino_profile_is_cached_beside_the_model(tmp_path, capsys):
     assert profile.name == "openvino-cpu" and profile.latency.runtime == "openvino-cpu"
     assert profile.latency.predict(po.load(path)) == pytest.approx(profile.latency.whole_seconds)
     assert not (tmp_path / "tiny.ort-cpu.json").exists()
+    assert "openvino" not in sys.modules   # the cache is checked without loading OpenVINO
+
+
+def test_openvino_profile_is_measured_out_of_process(tmp_path):
+    # What `optimize --hardware openvino-cpu` calls before it trains: the table is timed in a
+    # child process, so OpenVINO never enters this one (its later forks stay sound).
+    path = tmp_path / "tiny.onnx"
+    _tiny(path)
+    seen = []
+    profile = po.hardware.for_model("openvino-cpu", path, channel_multiple=8, progress=lambda *a: seen.append(a))
+    assert "openvino" not in sys.modules
+    assert seen[0] == (0, 4, "conv1") and seen[-1] == (4, 4, "")
+    assert profile.source == str(tmp_path / "tiny.openvino-cpu.json") and (tmp_path / "tiny.openvino-cpu.json").exists()
+    assert profile.latency.runtime == "openvino-cpu" and set(profile.latency.layers) == {"conv1", "dw", "conv2", "fc"}
+    assert profile.latency.predict(po.load(path)) == pytest.approx(profile.latency.whole_seconds)
+    again = po.hardware.for_model("openvino-cpu", path, channel_multiple=8, progress=lambda *a: seen.append(a))
+    assert len(seen) == 5 and set(again.latency.layers) == set(profile.latency.layers)   # cached: not timed again
+    assert "openvino" not in sys.modules
 
 
 def test_the_report_measures_in_openvino_too(tmp_path):
