@@ -15,7 +15,7 @@ import pytest
 
 import plinio_onnx as po
 from plinio_onnx.hardware import measured
-from plinio_onnx.optimize import flow
+from plinio_onnx.optimize import flow, latency_loop
 from plinio_onnx.optimize.config import OptimizeConfig
 from plinio_onnx.optimize.latency_loop import LatencyCheck, round_notes
 
@@ -94,7 +94,7 @@ def test_a_choice_measured_over_the_target_is_searched_on_against_a_tighter_one(
             measured_graphs.append(graph)
             return {"input_ms": 1.0, "output_ms": next(verdicts)}
         return measure
-    monkeypatch.setattr(flow, "runtime_measure", fake_runtime_measure)
+    monkeypatch.setattr(latency_loop, "runtime_measure", fake_runtime_measure)
     monkeypatch.setattr(flow, "measure_latency", lambda *a, **k: {})   # the report's own timing
     out = tmp_path / "small.onnx"
     report = po.optimize(model, DATA, output=out, method="pit", hardware="ort-cpu", target_latency="80%",
@@ -123,7 +123,7 @@ def test_a_choice_measured_over_the_target_is_searched_on_against_a_tighter_one(
 def test_no_loop_without_a_measured_profile_or_with_no_rounds(tmp_path, monkeypatch):
     monkeypatch.setattr(measured, "Timer", _FakeTimer)
     model = Path(shutil.copy(MODEL, tmp_path / "digits.onnx"))
-    monkeypatch.setattr(flow, "runtime_measure", lambda *a: lambda graph: pytest.fail("measured without a loop"))
+    monkeypatch.setattr(latency_loop, "runtime_measure", lambda *a: lambda graph: pytest.fail("measured without a loop"))
     monkeypatch.setattr(flow, "measure_latency", lambda *a, **k: {})
     report = po.optimize(model, DATA, output=tmp_path / "a.onnx", hardware="ort-cpu", target_latency="80%",
                          channel_multiple=8, latency_rounds=0, epochs=1, warmup_epochs=0, finetune_epochs=0,
@@ -209,7 +209,7 @@ def test_a_run_interrupted_in_a_latency_round_resumes_in_it(tmp_path, monkeypatc
             calls.append(graph)
             return {"input_ms": 1.0, "output_ms": next(verdicts)}
         return measure
-    monkeypatch.setattr(flow, "runtime_measure", fake_runtime_measure)
+    monkeypatch.setattr(latency_loop, "runtime_measure", fake_runtime_measure)
     monkeypatch.setattr(flow, "measure_latency", lambda *a, **k: {})
     options = dict(output=tmp_path / "r.onnx", hardware="ort-cpu", target_latency="80%", channel_multiple=8,
                    epochs=4, warmup_epochs=0, finetune_epochs=0, threads=1, quiet=True)

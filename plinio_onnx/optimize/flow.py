@@ -88,7 +88,7 @@ from .config import OptimizeConfig, Recipe
 from .data import Problem, split_ort_scores
 from .distributed import Distributed, start
 from .lock import RunLock
-from .latency_loop import LatencyCheck, round_notes, runtime_measure
+from .latency_loop import LatencyCheck, latency_check, measure_for, on_main, round_notes
 from .latency_multiple import choose_multiple
 from .monotone import monotone_table
 from .measure import latency_target_notes, measure_latency
@@ -158,9 +158,9 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
     torch.manual_seed(config.seed)
     recipe = config.recipe_with_overrides
     problem = load_problem(model_path, data, config.labels, config.seed, recipe.test_fraction, recipe.val_fraction)
-    measure = _runtime_measure(config, problem, model_path)
+    measure = measure_for(config, problem, model_path)
     base, method, multiple_note = _base_costs(problem.base, config, method, model_path,
-                                              measure and _on_main_measure(dist, measure))
+                                              measure and on_main(dist, measure))
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world) or 1)
     torch.set_num_threads(choose_threads(config.threads, base.macs, recipe.batch_size, local_processes))
     if recipe.warmup_epochs is None:
@@ -177,7 +177,7 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
         run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback,
                   dist=dist, amp=config.amp)
         try:
-            check = _latency_check(config, base, measure)
+            check = latency_check(config, base.budgets, measure)
             warmed, searched, final, phases = _phases(run, method, problem.base, config, base, check)
         finally:
             bar.stop()
@@ -309,32 +309,6 @@ def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem,
     elif ckpt.resumed:
         bar.note(f"resuming from {folder}")
     return ckpt, bar
-
-
-def _runtime_measure(config: OptimizeConfig, problem: Problem, model_path: Path):
-    """A latency target's `plinio_onnx.optimize.latency_loop.Measure` (an export timed against
-    the input on a validation sample in the measured profile's runtime); None without a latency
-    target on a measured profile, or with ``measure_latency`` off."""
-    if "latency" not in config.targets or not config.measure_latency or not is_measured(config.hardware):
-        return None
-    sample = [t.cpu().numpy() for t in problem.val.head(8)[0]]
-    return runtime_measure(model_path, config.hardware, problem.input_names, sample)
-
-
-def _on_main_measure(dist: Distributed, measure):
-    """``measure`` run on rank 0, its result on every rank (every rank calls it, in step)."""
-    return lambda graph: dist.broadcast(measure(graph) if dist.is_main else None)
-
-
-def _latency_check(config: OptimizeConfig, base: _Base, measure) -> LatencyCheck | None:
-    """The measure-and-tighten loop of a latency target on a measured profile
-    (`plinio_onnx.optimize.latency_loop`); None without a ``measure`` or with ``latency_rounds`` 0."""
-    budget = next((b for b in base.budgets if b.kind == "latency"), None)
-    if budget is None or measure is None or not config.latency_rounds:
-        return None
-    epochs = max(1, -(-config.recipe_with_overrides.search_epochs // 2))
-    return LatencyCheck("latency", budget.value / budget.base, budget.base, budget.min_reachable, measure,
-                        rounds=config.latency_rounds, round_epochs=epochs)
 
 
 def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base: _Base,

@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..graph import Graph
+from ..hardware import is_measured
 from .targets import format_cost
 
-__all__ = ["LatencyCheck", "LatencyRound", "round_notes", "runtime_measure"]
+__all__ = ["LatencyCheck", "LatencyRound", "latency_check", "measure_for", "on_main", "round_notes",
+           "runtime_measure"]
 
 #: A measure of an exported candidate: ``{"input_ms", "output_ms"}``, or ``{"error": message}``.
 Measure = Callable[[Graph], dict]
@@ -116,6 +118,35 @@ def runtime_measure(input_model: "str | Path", runtime: str, input_names: list[s
             graph.save(candidate)
             return measure_latency(input_model, candidate, input_names, samples, only=[runtime])[runtime]
     return measure
+
+
+def measure_for(config, problem, model_path: "str | Path") -> Measure | None:
+    """A latency target's `Measure` for an `optimize` run (``config``: its `OptimizeConfig`,
+    ``problem``: its data): an export timed against the input on a validation sample in the
+    measured profile's runtime; None without a latency target on a measured profile, or with
+    ``measure_latency`` off."""
+    if "latency" not in config.targets or not config.measure_latency or not is_measured(config.hardware):
+        return None
+    sample = [t.cpu().numpy() for t in problem.val.head(8)[0]]
+    return runtime_measure(model_path, config.hardware, problem.input_names, sample)
+
+
+def on_main(dist, measure: Measure) -> Measure:
+    """``measure`` run on rank 0 of ``dist`` (a `plinio_onnx.optimize.distributed.Distributed`),
+    its result on every rank (every rank calls it, in step)."""
+    return lambda graph: dist.broadcast(measure(graph) if dist.is_main else None)
+
+
+def latency_check(config, budgets: list, measure: Measure | None) -> "LatencyCheck | None":
+    """The loop of a run's latency target (among ``budgets``, `plinio_onnx.optimize.targets.Budget`
+    records): rounds of half the search budget, at most ``config.latency_rounds``; None without a
+    latency target or a ``measure``, or with no rounds."""
+    budget = next((b for b in budgets if b.kind == "latency"), None)
+    if budget is None or measure is None or not config.latency_rounds:
+        return None
+    epochs = max(1, -(-config.recipe_with_overrides.search_epochs // 2))
+    return LatencyCheck("latency", budget.value / budget.base, budget.base, budget.min_reachable, measure,
+                        rounds=config.latency_rounds, round_epochs=epochs)
 
 
 def round_notes(rounds: list[dict], runtime: str, unit: str = "") -> list[str]:
