@@ -8,12 +8,15 @@ standard-normal inputs of the model's input shape (no labels: ``--labels`` is ``
 table printed comes from each run's report (``OUT.report.json``): the target and the predicted
 latency after (the table's cost model), the measured ONNX Runtime latency of input and output
 (one thread, timed alternately in one run by the report), their ratio, the params and MACs
-kept, the digits test accuracy before and after, and the wall time.
+kept, the digits test accuracy before and after, and the wall time; then each run's latency
+rounds (the search's choice measured against the input after the search, and the tightened
+predicted target searched next when it measured over the target: ``--latency-rounds``) and the
+report's note on the channel multiple when a latency target chose a block finer than the CPU's.
 
     python bench/latency_target.py [--models dscnn mobilenetv2_tiny digits_cnn] [--target 60%]
         [--epochs 20 --warmup-epochs 0 --finetune-epochs 10]
         [--digits-epochs 30 --digits-warmup-epochs 20 --digits-finetune-epochs 20]
-        [--digits-channel-multiple 4] [--keep DIR]
+        [--digits-channel-multiple 4] [--latency-rounds N] [--keep DIR]
 
 Done when (issue 17): measured ratio <= 0.65 for all three, digits losing <= 1 point. Timings on
 a shared machine are noisy: say so with the figures.
@@ -67,6 +70,8 @@ def run_one(name: str, work: Path, args) -> dict:
                "--quiet"]
     if labelled and args.digits_channel_multiple:
         command += ["--channel-multiple", str(args.digits_channel_multiple)]
+    if args.latency_rounds is not None:
+        command += ["--latency-rounds", str(args.latency_rounds)]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -83,7 +88,9 @@ def run_one(name: str, work: Path, args) -> dict:
             "params": (report["before"]["params"], report["after"]["params"]),
             "macs": (report["before"]["macs"], report["after"]["macs"]),
             "metric": report["metric"], "test_before": report["before"]["test"].get(report["metric"]),
-            "test_after": report["after"]["test"].get(report["metric"]), "wall_s": wall}
+            "test_after": report["after"]["test"].get(report["metric"]), "wall_s": wall,
+            "rounds": report["phases"]["search"].get("latency_rounds", []),
+            "multiple_note": next((n for n in report["notes"] if n.startswith("channels searched in blocks")), None)}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -98,6 +105,14 @@ def print_table(rows: list[dict]) -> None:
               f"{r['input_ms']:>9.4f}{r['output_ms']:>9.4f}{r['ratio']:>7.2f}"
               f"{r['params'][0]:>9,}→{r['params'][1]:<8,}{r['macs'][0]:>11,}→{r['macs'][1]:<10,}  {test:<30}"
               f"{r['wall_s']:>8.0f}")
+    for r in rows:
+        for step in r.get("rounds", []):
+            measured = f"measured {step['ratio']:.3f}" if step.get("ratio") is not None else step.get("error")
+            after = f" → next target {step['next_target'] / step['base']:.1%}" if step.get("next_target") else ""
+            print(f"  {r['model']} round {step['round']}: target {step['target'] / step['base']:.1%}, predicted "
+                  f"{step['predicted'] / step['base']:.1%}, {measured}: {step['verdict']}{after}")
+        if r.get("multiple_note"):
+            print(f"  {r['model']}: {r['multiple_note']}")
     ok = [r for r in rows if "error" not in r]
     print(f"\nmeasured ratio <= 0.65: {sum(r['ratio'] <= 0.65 for r in ok)}/{len(rows)}; "
           "pred: the latency table's output/input; ratio: ONNX Runtime measured (1 thread, alternately)")
@@ -116,6 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--digits-finetune-epochs", type=int, default=20)
     ap.add_argument("--digits-channel-multiple", type=int, default=0,
                     help="--channel-multiple of the digits run (0: the profile's default)")
+    ap.add_argument("--latency-rounds", type=int, default=None, help="optimize's --latency-rounds (default: its own)")
     ap.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it")
     args = ap.parse_args(argv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="latency_target_"))

@@ -5,7 +5,7 @@ names → searchable-model classes), `data` (task and splits), `sources` (the da
 .npz, `shards`/`streams` for a folder of shards, `datasets` for torch data), `checkpoint`, `progress`,
 `distributed` (device; ranks under torchrun),
 `training` (what the phases share), `plain` (warm-up, fine-tune), `control` (the cost-target
-controller), `search_phase`, `report`, and `flow` (the run itself).
+controller), `search_phase` (with `latency_loop`: a latency target measured in the runtime; `latency_multiple`: its channel block), `report`, and `flow` (the run itself).
 """
 from .config import OptimizeConfig, Recipe, parse_amount
 from .flow import baseline, export_searchable, optimize

@@ -95,6 +95,9 @@ class OptimizeConfig:
     device (or number of processes) resumes on another.
     ``measure_latency``: time the input and the output model in ONNX
     Runtime (and OpenVINO) after the run, for the report (`plinio_onnx.optimize.measure`).
+    ``latency_rounds``: with a latency target on a measured profile (and ``measure_latency``), the
+    most rounds of searching on against a tighter target while the search's choice measures over
+    the target in the runtime (`plinio_onnx.optimize.latency_loop`).
     Invalid combinations raise `PlinioOnnxError` on construction.
     """
 
@@ -172,6 +175,11 @@ class OptimizeConfig:
     measure_latency: bool = _option(True, "--no-measure", action="store_false",
                                     help="do not time the input and the output in ONNX Runtime (and OpenVINO "
                                          "when installed) for the report")
+    latency_rounds: int = _option(
+        2, "--latency-rounds", type=int, metavar="N",
+        help="with --target-latency on a measured profile (ort-cpu, openvino-cpu): measure the search's "
+             "choice in that runtime and, while it measures over the target, search on against a tighter "
+             "predicted target, at most N rounds (default 2; 0: trust the prediction)")
     progress: bool = _option(True)
     recipe: Recipe | None = _option()
     callback: "Callable[[str, int, dict], None] | None" = _option()
@@ -181,6 +189,9 @@ class OptimizeConfig:
         for key in ("search_epochs", "finetune_epochs"):
             if getattr(recipe, key) < 0:
                 raise PlinioOnnxError(f"{key.replace('_', ' ')} must not be negative")
+        if isinstance(self.latency_rounds, bool) or not isinstance(self.latency_rounds, (int, np.integer)) \
+                or self.latency_rounds < 0:
+            raise PlinioOnnxError(f"--latency-rounds must be a non-negative integer, got {self.latency_rounds!r}")
         if recipe.batch_size < 1:
             raise PlinioOnnxError("batch size must be at least 1")
         if recipe.warmup_epochs is not None and recipe.warmup_epochs < 0:

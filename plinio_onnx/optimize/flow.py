@@ -62,6 +62,7 @@ checkpoint, the output and the report (the other ranks return the same `Report`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -78,7 +79,7 @@ from ..cost import total as cost_total
 from ..atomic import check_writable, remove_stale_temporaries
 from ..errors import OutputError, PlinioOnnxError
 from ..graph import Graph
-from ..hardware import for_model
+from ..hardware import for_model, is_measured
 from ..load import load
 from ..sync import sync
 from ..to_torch import to_torch
@@ -87,6 +88,9 @@ from .config import OptimizeConfig, Recipe
 from .data import Problem, split_ort_scores
 from .distributed import Distributed, start
 from .lock import RunLock
+from .latency_loop import LatencyCheck, latency_check, measure_for, on_main, round_notes
+from .latency_multiple import choose_multiple
+from .monotone import monotone_table
 from .measure import latency_target_notes, measure_latency
 from .methods import Method, method_of_checkpoint
 from .plain import train_plain
@@ -154,7 +158,9 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
     torch.manual_seed(config.seed)
     recipe = config.recipe_with_overrides
     problem = load_problem(model_path, data, config.labels, config.seed, recipe.test_fraction, recipe.val_fraction)
-    base = _base_costs(problem.base, config, method, model_path)
+    measure = measure_for(config, problem, model_path)
+    base, method, multiple_note = _base_costs(problem.base, config, method, model_path,
+                                              measure and on_main(dist, measure))
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world) or 1)
     torch.set_num_threads(choose_threads(config.threads, base.macs, recipe.batch_size, local_processes))
     if recipe.warmup_epochs is None:
@@ -171,7 +177,8 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
         run = Run(recipe, problem.task, problem.train, problem.val, ckpt, bar, config.seed, config.callback,
                   dist=dist, amp=config.amp)
         try:
-            warmed, searched, final, phases = _phases(run, method, problem.base, config, base)
+            check = latency_check(config, base.budgets, measure)
+            warmed, searched, final, phases = _phases(run, method, problem.base, config, base, check)
         finally:
             bar.stop()
         _dump_state(dist, searched, final)
@@ -180,6 +187,7 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
         def write() -> Report:
             _save_output(final, model_path, output, base, phases["search"])
             report = _report(config, method, model_path, problem, base, warmed, final, phases, ckpt, started)
+            report.notes += [multiple_note] if multiple_note else []
             report.world_size, report.devices, report.amp = dist.world, devices, config.amp
             _measures_and_plots(report, config, model_path, output, problem)
             report.write(report_json, report_md)
@@ -234,33 +242,49 @@ def _check_output(model_path: Path, output: Path, config: OptimizeConfig) -> Non
                               f"{'-o' if what == 'output' else '--checkpoint-dir'}", file=str(place)) from None
 
 
-def _base_costs(graph: Graph, config: OptimizeConfig, method: Method, model_path: Path) -> _Base:
-    """The input model's costs and the absolute targets; an impossible target fails here."""
+def _base_costs(graph: Graph, config: OptimizeConfig, method: Method, model_path: Path,
+                measure=None) -> tuple[_Base, Method, str | None]:
+    """The input model's costs and the absolute targets (an impossible target fails here), the
+    method (its channel multiple chosen for a latency target on a measured profile, when none
+    was given: `plinio_onnx.optimize.latency_multiple`, with ``measure`` timing exports in the
+    runtime) and the report's note on that choice."""
     params, macs = cost_total(graph, params_cost), cost_total(graph, macs_cost)
     profile = _hardware_profile(config, model_path) if config.hardware else None
+    note = None
+    if config.channel_multiple is None and "latency" in config.targets and is_measured(config.hardware) \
+            and method.searches_channels:
+        choice = choose_multiple(graph, method, config.targets, profile,
+                                 lambda multiple: _hardware_profile(config, model_path, multiple), measure)
+        method, profile, note = choice.method, choice.profile, choice.note
+    if is_measured(config.hardware):
+        # The search reads the table's monotone envelope (noise-robust); the block was chosen on
+        # the table as measured (its off-block entries are what `block_penalty` judges).
+        profile = dataclasses.replace(profile, latency=monotone_table(profile.latency))
     refs = {kind: cost_ref(COST_OF_TARGET[kind], method=method, profile=profile) for kind in config.targets}
     found = budgets(config.targets, graph, method, refs, profile)
     if found:
         first = found[0]
-        return _Base(params, macs, first.base, first.value, first.min_reachable, first.ref, found, refs)
+        return _Base(params, macs, first.base, first.value, first.min_reachable, first.ref, found, refs), method, note
     primary = cost_ref(config.cost_name, method=method, profile=profile, custom=config.cost)
-    return _Base(params, macs, graph_cost(graph, primary), None, None, primary)
+    return _Base(params, macs, graph_cost(graph, primary), None, None, primary), method, note
 
 
-def _hardware_profile(config: OptimizeConfig, model_path: Path):
-    """``--hardware``'s profile for this model; a measured one times the model's layers now when
-    no table is cached beside it (with a progress bar)."""
+def _hardware_profile(config: OptimizeConfig, model_path: Path, multiple: int | None = None):
+    """``--hardware``'s profile for this model (on blocks of ``multiple``, default the config's);
+    a measured one times the model's layers now when no table as fine is cached beside it (with
+    a progress bar)."""
     bar = Progress(config.progress and not config.quiet)
 
     def progress(done: int, total: int, layer: str) -> None:
         if done == 0:
-            bar.note(f"timing {model_path.name}'s layers in {config.hardware} (once: the table is cached "
+            bar.note(f"timing {model_path.name}'s layers in {config.hardware} on blocks of "
+                     f"{multiple or config.resolved_channel_multiple} channels (once: the table is cached "
                      "beside the model)")
             bar.start("profile", total)
         bar.epoch(done, layer)
 
     try:
-        return for_model(config.hardware, model_path, channel_multiple=config.resolved_channel_multiple,
+        return for_model(config.hardware, model_path, channel_multiple=multiple or config.resolved_channel_multiple,
                          progress=progress)
     finally:
         bar.stop()
@@ -287,12 +311,13 @@ def _open_checkpoint(config: OptimizeConfig, model_path: Path, problem: Problem,
     return ckpt, bar
 
 
-def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base: _Base):
-    """Warm-up, search, export and fine-tune: (the warmed-up graph, the chosen searchable model,
-    the final graph, phase summaries)."""
+def _phases(run: Run, method: Method, graph: Graph, config: OptimizeConfig, base: _Base,
+            check: LatencyCheck | None = None):
+    """Warm-up, search (measured against a latency target with ``check``), export and fine-tune:
+    (the warmed-up graph, the chosen searchable model, the final graph, phase summaries)."""
     warmed, warm_info = train_plain(run, "warmup", graph, run.recipe.warmup_epochs)
     searched, search_info = search(run, method, warmed, base.cost_ref, config.strength, base.targets or None,
-                                   base.cost, refs=base.refs, regularizer=config.regularizer_name)
+                                   base.cost, refs=base.refs, regularizer=config.regularizer_name, check=check)
     exported = searched.export(int4=config.int4)
     if method.finetune_export:
         final, fine_info = train_plain(run, "finetune", exported, run.recipe.finetune_epochs)
@@ -358,7 +383,9 @@ def _report(config: OptimizeConfig, method: Method, model_path: Path, problem: P
                "test": after_test},
         layers=layer_rows(problem.base, final), architecture=search_info.pop("architecture", {}),
         phases=phases, seed=config.seed, resumed=ckpt.resumed, seconds=time.perf_counter() - started, files=files,
-        notes=[note for note in (problem.data_note, problem.shapes_note) if note],
+        notes=[note for note in (problem.data_note, problem.shapes_note) if note]
+        + round_notes(search_info.get("latency_rounds", []), config.hardware or "",
+                      next((b.unit for b in base.budgets if b.kind == "latency"), "")),
         channel_multiple=method.options.get("channel_multiple"), constraints=constraints,
         regularizer=config.regularizer_name, quantization=quantization_report(problem.base, final))
 

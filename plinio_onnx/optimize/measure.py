@@ -32,14 +32,15 @@ def runtimes() -> list[str]:
 
 def measure_latency(input_model: "str | os.PathLike", output_model: "str | os.PathLike",
                     input_names: list[str], samples: list[np.ndarray], *, threads: int = 1,
-                    budget_s: float = 2.0, rounds: int = 15) -> dict[str, dict]:
+                    budget_s: float = 2.0, rounds: int = 15, only: list[str] | None = None) -> dict[str, dict]:
     """``{runtime: {"input_ms", "output_ms", "speedup", "threads"}}``: each model's median latency
     on the first sample(s) of ``samples`` (one array per graph input, by ``input_names``),
     timed alternately; a runtime that cannot run a model gets ``{"error": message}`` instead
-    (the run's output is written already: a measure never fails it)."""
+    (the run's output is written already: a measure never fails it). ``only``: these runtimes
+    (default: `runtimes`)."""
     models = {"input": Path(input_model), "output": Path(output_model)}
     out = {}
-    for runtime in runtimes():
+    for runtime in (runtimes() if only is None else only):
         try:
             time_pair = _time_isolated if runtime in ISOLATED else _time_pair
             out[runtime] = time_pair(runtime, models, input_names, samples, threads, budget_s, rounds)

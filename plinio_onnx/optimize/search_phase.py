@@ -1,6 +1,8 @@
 """The search phase: the method's searchable model trained with two Adam optimizers (weights;
 architecture parameters) on ``task loss + regularizer``, checkpointed every epoch; the best
-epoch that meets the target (by validation metric) is the chosen architecture.
+epoch that meets the target (by validation metric) is the chosen architecture. With a
+`plinio_onnx.optimize.latency_loop.LatencyCheck` the choice is measured in the runtime and, when
+it misses a latency target there, the search goes on for a round against a tighter target.
 
 The regularizer is ``strength · cost`` or, with targets, the control of
 `plinio_onnx.optimize.control` over all of them (the adaptive constraint or DUCCIO); an epoch
@@ -19,6 +21,7 @@ from ..errors import PlinioOnnxError
 from ..graph import Graph
 from .checkpoint import load_optimizer, optimizer_arrays, parameter_names
 from .control import make_control, upgrade_state
+from .latency_loop import LatencyCheck
 from .methods import Method, tag_method
 from .report import percent
 from .targets import format_cost
@@ -29,20 +32,21 @@ __all__ = ["search"]
 
 def search(run: Run, method: Method, warmed: Graph, cost_fn, strength: float | None,
            target: "float | dict[str, float] | None", base_cost: float, *, refs: "dict | None" = None,
-           regularizer: str = "constraint"):
+           regularizer: str = "constraint", check: "LatencyCheck | None" = None):
     """Search ``method`` on the warmed-up graph; returns the chosen searchable model and the
     phase's summary (a finished phase is read back from the checkpoint).
 
     ``cost_fn``: the primary cost (the first target's, or the one ``strength`` weighs);
     ``target``: the absolute targets by kind (one number: a target on ``cost_fn``), each kind's
-    cost model in ``refs``; ``regularizer``: "constraint" or "duccio" with targets."""
+    cost model in ``refs``; ``regularizer``: "constraint" or "duccio" with targets; ``check``:
+    the measure-and-tighten loop of a latency target (`plinio_onnx.optimize.latency_loop`)."""
     rec = run.ckpt.phase("search")
     if isinstance(target, (int, float)):
         target, refs = {"cost": float(target)}, {"cost": cost_fn}
     if rec.get("done"):
         return method.build(run.ckpt.load_graph(rec["best_file"]), _build_cost(cost_fn)), rec["info"]
     model, info = _SearchPhase(run, method, warmed, cost_fn, strength, target or None, base_cost, rec,
-                               refs or {}, regularizer).search()
+                               refs or {}, regularizer, check).search()
     # Export reads float32 values on the CPU, whatever device searched: the same bytes.
     return model.cpu(), info
 
@@ -67,12 +71,12 @@ class _SearchPhase:
 
     def __init__(self, run: Run, method: Method, warmed: Graph, cost_fn, strength: float | None,
                  targets: "dict[str, float] | None", base_cost: float, rec: dict, refs: dict,
-                 regularizer: str) -> None:
-        self.run, self.method, self.cost_fn = run, method, cost_fn
+                 regularizer: str, check: LatencyCheck | None = None) -> None:
+        self.run, self.method, self.cost_fn, self.check = run, method, cost_fn, check
         self.targets, self.refs, self.regularizer_name = targets, refs, regularizer
         self.target = None if targets is None else next(iter(targets.values()))   # the primary one
         self.base_cost = base_cost
-        self.epochs = run.recipe.search_epochs
+        self.budget = self.epochs = run.recipe.search_epochs
         self.t0 = time.perf_counter()
         if rec:
             self.model = run.place(method.build(run.ckpt.load_graph(rec["current_file"]), _build_cost(cost_fn)))
@@ -88,6 +92,10 @@ class _SearchPhase:
             self._resume(rec)
         else:
             self._start(strength)
+        latency_round = self.state.get("latency_round")
+        if latency_round:   # resumed within a latency round: its targets and epochs
+            self.targets = dict(latency_round["targets"])
+            self.epochs = latency_round["start"] + latency_round["epochs"]
         self.current_file = self.rec.get("current_file")
         self._make_objective()
 
@@ -106,7 +114,8 @@ class _SearchPhase:
         self.state = rec["state"]
         # The schedules count optimizer steps; each completed epoch took `steps_per_epoch` of
         # them, which depends on the number of processes: a resumed run counts in its own.
-        self.state["step"] = self.state["epoch"] * self.run.steps_per_epoch()
+        start = self.state.get("latency_round", {}).get("start", 0)   # a latency round counts from its start
+        self.state["step"] = (self.state["epoch"] - start) * self.run.steps_per_epoch()
         if self.targets:
             upgrade_state(self.state, list(self.targets))
         self.elapsed = rec.get("seconds", 0.0)
@@ -142,31 +151,70 @@ class _SearchPhase:
             self.ramp_epochs = 0
             return
         r = self.run.recipe
-        steps = self.epochs * self.run.steps_per_epoch()
+        start = self.state.get("latency_round", {}).get("start", 0)
+        steps = (self.epochs - start) * self.run.steps_per_epoch()
         self.control = make_control(self.regularizer_name, r, self.targets, self.refs, self.model, self.state,
-                                    steps, self.epochs)
+                                    steps, self.epochs - start)
         # λ adapts to each step's discrete cost, read on the host: the one device→host copy of a
         # step on a GPU besides the PIT counts (identical on every rank: the parameters are).
         self.regularizer, self.after_step = self.control.regularizer, self.control.after_step
-        self.ramp_epochs = math.ceil(self.control.ramp * self.epochs)
+        self.ramp_epochs = start + math.ceil(self.control.ramp * (self.epochs - start))
         self.control.settle(self.net_opt, r.lr_net, 0.05)
         self.control.settle(self.nas_opt, self.lr_nas, 0.0)
 
     def search(self):
+        while True:
+            epoch, stopped = self._epochs()
+            fallback = self._choose(epoch)
+            if not self._another_round(epoch):
+                return self.model, self._finish(epoch, stopped, fallback)
+
+    def _epochs(self) -> tuple[int, str]:
+        """Search epochs up to ``self.epochs`` (or an early stop): the last epoch, and why it stopped."""
         state, run = self.state, self.run
         run.bar.start("search", self.epochs, state["epoch"])
         epoch = state["epoch"]
-        stopped = "budget"
         while epoch < self.epochs:
             # Early stop once a qualifying architecture exists and has not improved for a while.
             anchor = state["best_epoch"]
             if anchor is not None and epoch - max(anchor, self.ramp_epochs) >= run.recipe.search_patience:
-                stopped = "early"
-                break
+                return epoch, "early"
             epoch += 1
             self._epoch(epoch)
-        fallback = self._choose(epoch)
-        return self.model, self._finish(epoch, stopped, fallback)
+        return epoch, "budget"
+
+    def _another_round(self, epoch: int) -> bool:
+        """Measure the chosen architecture against a latency target (``check``); when it misses,
+        start a round against the tightened target from it and return True."""
+        check, state, run = self.check, self.state, self.run
+        if check is None or check.kind not in (self.targets or {}):
+            return False
+        rounds = state.setdefault("latency_rounds", [])
+        self.model.eval()
+        with torch.no_grad():
+            predicted = float(self.model.cost_of(self.refs[check.kind]))
+        # Export reads float32 values on the CPU (moved in place: the optimizers keep their parameters).
+        measured = check.measure(self.model.cpu().export()) if run.dist.is_main else None
+        self.model = run.place(self.model)
+        verdict = check.judge(len(rounds), self.targets[check.kind], predicted, run.dist.broadcast(measured))
+        rounds.append(verdict.to_json())
+        run.bar.note(f"latency round {verdict.round}: {verdict.verdict}"
+                     + (f" (measured {verdict.ratio:.1%} of the input)" if verdict.ratio is not None else ""))
+        if verdict.next_target is None:
+            return False
+        self.targets = {**self.targets, check.kind: verdict.next_target}
+        state["latency_round"] = {"start": epoch, "epochs": check.round_epochs, "targets": dict(self.targets)}
+        state.update(best=None, best_epoch=None, step=0)
+        with torch.no_grad():
+            state["initial_costs"] = {kind: float(self.model.cost_of(ref)) for kind, ref in self.refs.items()}
+        self.epochs = epoch + check.round_epochs
+        # The round starts from the chosen architecture, with fresh optimizers (checkpointed: a
+        # resumed run starts the round from the same place).
+        self._make_optimizers()
+        self._make_objective()
+        self.current_file = run.ckpt.save_graph(self._searchable(), f"search-round{verdict.round + 1}.onnx")
+        self._commit_optimizers(f"search-round{verdict.round + 1}.optim.npz")
+        return True
 
     def _judge(self, scores: dict, cost: float, costs: dict[str, float]) -> tuple[bool, list]:
         """Whether the epoch meets every target, and its rank (higher is better)."""
@@ -200,18 +248,22 @@ class _SearchPhase:
                                  **({"aim": control.aim(), "restored": state.get("restored", 0), "costs": costs,
                                      "aims": control.aims(), "lambdas": control.lambdas()}
                                     if control else {})})
-        arrays = {**{f"net.{k}": v for k, v in optimizer_arrays(self.net_opt, self.names).items()},
-                  **{f"nas.{k}": v for k, v in optimizer_arrays(self.nas_opt, self.names).items()}}
-        optim_file = run.ckpt.save_arrays(arrays, f"search-e{epoch:04d}.optim.npz")
-        self.rec.update(state=state, current_file=self.current_file, optim_file=optim_file,
-                        seconds=self.elapsed + time.perf_counter() - self.t0)
-        run.commit("search", self.rec)
+        self._commit_optimizers(f"search-e{epoch:04d}.optim.npz")
         extra = f"  {format_cost(c)} ({percent(c, self.base_cost)})"
         if control is not None:
             extra += f" → {format_cost(control.aim())}  λ {state['lam']:.3g}"
             extra += "".join(f"  {kind} {format_cost(costs[kind])} → {format_cost(control.aim(kind))}" for kind in list(costs)[1:])
         run.bar.epoch(epoch, run.info(scores, extra))
         run.epoch_done("search", epoch, {"val": scores, "cost": c})
+
+    def _commit_optimizers(self, name: str) -> None:
+        """Checkpoint both optimizers' state as ``name`` and commit the phase's record."""
+        arrays = {**{f"net.{k}": v for k, v in optimizer_arrays(self.net_opt, self.names).items()},
+                  **{f"nas.{k}": v for k, v in optimizer_arrays(self.nas_opt, self.names).items()}}
+        optim_file = self.run.ckpt.save_arrays(arrays, name)
+        self.rec.update(state=self.state, current_file=self.current_file, optim_file=optim_file,
+                        seconds=self.elapsed + time.perf_counter() - self.t0)
+        self.run.commit("search", self.rec)
 
     def _choose(self, epoch: int) -> bool:
         """The chosen architecture: the best qualifying epoch, else (with a target) the last one
@@ -250,9 +302,10 @@ class _SearchPhase:
                 "target_met_epoch": state["met_epoch"], "fallback": fallback, "stopped": stopped,
                 "initial_val_loss": state["initial"]["loss"], "initial_cost": state["initial_cost"],
                 "history": state["history"], "seconds": self.elapsed + time.perf_counter() - self.t0,
-                "best_file": self.rec["best_file"], "architecture": model.architecture()}
+                "best_file": self.rec["best_file"], "architecture": model.architecture(),
+                "latency_rounds": state.get("latency_rounds", []), "targets": dict(self.targets or {})}
         # The chosen searchable graph under a stable name: `plinio-onnx export` takes it.
         info["best_file"] = run.ckpt.save_graph(self._searchable(), "search.best.onnx")
-        run.commit("search", {"done": True, "best_file": info["best_file"], "info": info, "budget": self.epochs})
+        run.commit("search", {"done": True, "best_file": info["best_file"], "info": info, "budget": self.budget})
         run.bar.stop()
         return info

@@ -173,15 +173,21 @@ class Budget:
     min_reachable: float | None = None
     unit: str = ""
 
+    @property
+    def reachable(self) -> bool:
+        """Whether the least reachable architecture meets the target (True when unknown)."""
+        return self.min_reachable is None or within_target(self.min_reachable, self.value)
+
     def to_json(self) -> dict:
         return {"kind": self.kind, "value": self.value, "given": self.given, "base": self.base,
                 "min_reachable": self.min_reachable, "unit": self.unit}
 
 
-def budgets(targets: dict, graph: Graph, method: Method, refs: dict, profile: Any = None) -> list[Budget]:
+def budgets(targets: dict, graph: Graph, method: Method, refs: dict, profile: Any = None, *,
+            refuse: bool = True) -> list[Budget]:
     """The `Budget` of every target (``{kind: as given}``) on the input ``graph``; ``refs``: the
     cost model of every kind. A target below what ``method`` can reach fails here, before any
-    training."""
+    training (``refuse=False``: it is only known, by `Budget.reachable`)."""
     out = []
     for kind, given in targets.items():
         ref = refs[kind]
@@ -193,12 +199,13 @@ def budgets(targets: dict, graph: Graph, method: Method, refs: dict, profile: An
                 or (getattr(profile, "latency_unit", "") if profile is not None else ""))
         out.append(Budget(kind, ref, str(given), resolve_target(kind, given, base, int8), base, unit=unit))
     _min_reachable(out, graph, method)
+    if refuse:
+        _refuse_unreachable(out, method)
     return out
 
 
 def _min_reachable(found: list[Budget], graph: Graph, method: Method) -> None:
-    """Fill ``min_reachable`` (one throw-away model at the cheapest architecture) and refuse
-    targets below it."""
+    """Fill ``min_reachable`` (one throw-away model at the cheapest architecture)."""
     if not found:
         return
     model = method.build(graph, "params")
@@ -208,7 +215,12 @@ def _min_reachable(found: list[Budget], graph: Graph, method: Method) -> None:
         return
     for budget in found:
         budget.min_reachable = first if budget is found[0] else float(model.cost_of(budget.ref).detach())
-        if not within_target(budget.min_reachable, budget.value):
+
+
+def _refuse_unreachable(found: list[Budget], method: Method) -> None:
+    """A target below the least reachable architecture fails here, naming both."""
+    for budget in found:
+        if not budget.reachable:
             multiple = int(method.options.get("channel_multiple", 1) or 1)
             hint = (f"; a smaller --channel-multiple (now {multiple}) reaches further" if multiple > 1 else "")
             raise PlinioOnnxError(f"target {budget.kind} {format_cost(budget.value)} {budget.unit} "
