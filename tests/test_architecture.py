@@ -165,12 +165,19 @@ def test_optimize_package_has_small_modules_and_functions():
     assert not too_long, too_long
 
 
+# torch's own private members the flow reads, each with why there is no public way.
+_TORCH_PRIVATE = {
+    "_use_count": "a tensor's C++ reference count: gloo's release of a collective's tensors (distributed.py)",
+}
+
+
 def test_the_flow_reads_no_private_member_of_a_model():
     """The flow talks to searchable models through `SearchHooks` and their public API only."""
     found = []
     for path in sorted(OPTIMIZE.glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                    and node.attr not in _TORCH_PRIVATE:
                 owner = node.value
                 if not (isinstance(owner, ast.Name) and owner.id in ("self", "cls")):
                     found.append(f"{path.name}:{node.lineno} .{node.attr}")

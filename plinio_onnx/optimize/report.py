@@ -83,7 +83,7 @@ class Report:
                  f"- task: {self.task} (metric: {self.metric}); splits: train {self.splits['train']}, "
                  f"validation {self.splits['val']}, test {self.splits['test']} (seed {self.seed})",
                  f"- {self.headline()}",
-                 f"- test metrics measured in ONNX Runtime; 'before' is the input model after warm-up",
+                 "- test metrics measured in ONNX Runtime; 'before' is the input model after warm-up",
                  f"- wall time {self.seconds:.1f} s" + (" (resumed)" if self.resumed else ""),
                  f"- processes (world_size): {self.world_size}; devices: {', '.join(self.devices)}"
                  + ("; mixed precision (amp)" if self.amp else ""),
