@@ -101,15 +101,21 @@ def _weight_integers(w: torch.Tensor, bits: torch.Tensor, layer: QuantizedLayer
         q, s, keep = fn.weight_quant_values(w, bits, layer.reduce_axes)
         return q.to(torch.int8), s, keep
     step = max(1, _BLOCK_ENTRIES * channels // w.numel())
-    qs, ss, keeps = [], [], []
+    q = torch.empty(w.shape, dtype=torch.int8)       # made first: the blocks' temporaries reuse
+    s = keep = None                                   # one another's memory, around it
     for start in range(0, channels, step):
         size = min(step, channels - start)
-        q, s, keep = fn.weight_quant_values(w.narrow(axis, start, size),
-                                            bits.narrow(axis, start, size) if sliced else bits, layer.reduce_axes)
-        qs.append(q.to(torch.int8))
-        ss.append(s)
-        keeps.append(keep)
-    return torch.cat(qs, axis), torch.cat(ss, axis), torch.cat(keeps, axis) if sliced else keeps[0]
+        q_block, s_block, keep_block = fn.weight_quant_values(
+            w.narrow(axis, start, size), bits.narrow(axis, start, size) if sliced else bits, layer.reduce_axes)
+        if s is None:
+            s = s_block.new_empty(s_block.shape[:axis] + (channels,) + s_block.shape[axis + 1:])
+            keep = keep_block.new_empty(keep_block.shape[:axis] + (channels,) + keep_block.shape[axis + 1:]) \
+                if sliced else keep_block
+        q.narrow(axis, start, size).copy_(q_block)
+        s.narrow(axis, start, size).copy_(s_block)
+        if sliced:
+            keep.narrow(axis, start, size).copy_(keep_block)
+    return q, s, keep
 
 
 def _read_only_tensor(array) -> torch.Tensor:
