@@ -129,7 +129,8 @@ class Decomposition:
         nothing to B @ A). Row i of either factor depends on i alone: both are made once for the
         largest planned rank and sliced."""
         tall, side, _, sigma, vectors = self._state[:5]
-        if len(self._state) == 5:
+        if len(self._state) == 5 or self._state[5].shape[1] < rank:   # (an unplanned larger rank)
+            self._state = self._state[:5]
             top = max(self._planned, rank)
             s = sigma[:top]
             alive = s > s[0] * 1e-6 if top else s > 0
