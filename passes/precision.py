@@ -16,6 +16,7 @@ import torch
 from plinio_onnx.errors import PassError
 from plinio_onnx.functions import mps as fn
 from plinio_onnx.graph import Graph
+from plinio_onnx.heap import release_free_memory
 from plinio_onnx.records import ActivationQuantizer, QuantizedLayer
 
 
@@ -99,7 +100,10 @@ def _weight_integers(w: torch.Tensor, bits: torch.Tensor, layer: QuantizedLayer
         all(size == 1 for a, size in enumerate(bits.shape) if a != axis or not sliced)
     if not blockable or w.numel() <= _BLOCK_ENTRIES:
         q, s, keep = fn.weight_quant_values(w, bits, layer.reduce_axes)
-        return q.to(torch.int8), s, keep
+        q = q.to(torch.int8)
+        if w.numel() >= _BLOCK_ENTRIES // 2:
+            release_free_memory()   # the temporaries: the heap does not reuse them in place
+        return q, s, keep
     step = max(1, _BLOCK_ENTRIES * channels // w.numel())
     q = torch.empty(w.shape, dtype=torch.int8)       # made first: the blocks' temporaries reuse
     s = keep = None                                   # one another's memory, around it
@@ -115,6 +119,8 @@ def _weight_integers(w: torch.Tensor, bits: torch.Tensor, layer: QuantizedLayer
         s.narrow(axis, start, size).copy_(s_block)
         if sliced:
             keep.narrow(axis, start, size).copy_(keep_block)
+        del q_block, s_block, keep_block
+        release_free_memory()
     return q, s, keep
 
 

@@ -187,7 +187,7 @@ _ALLOWED = {
     "cost": {"graph", "records", "errors"},
     "to_torch": {"graph", "load", "functions", "errors"},
     "functions": {"to_torch", "graph", "errors"},
-    "passes": {"analysis", "cost", "functions", "graph", "records", "errors"},
+    "passes": {"analysis", "cost", "functions", "graph", "heap", "records", "errors"},
     "load": {"graph", "passes", "errors"}, "sync": {"graph", "errors"}, "finalize": {"graph", "passes", "errors"},
     "methods": {"cost", "finalize", "functions", "graph", "hardware", "heap", "load", "passes", "records", "sync",
                 "to_torch", "errors"},
