@@ -15,7 +15,9 @@ constants) given random weights and saved once at opset 17 in a cache folder
    sync, finalize, save), against the searchable model's weight bytes (SuperNet's alternatives
    included). Peak = the process's resident high-water mark above what it held after importing
    torch and plinio_onnx (the searchable model itself included while exporting); target ≤ 3×
-   the weight bytes. Every measurement runs in its own process, so peaks do not mix.
+   the weight bytes; and the CPU time of each (all threads), steadier than the wall clock on a
+   shared machine, with the build's per 100 MB of weights. Every measurement runs in its own
+   process, so peaks do not mix.
 """
 from __future__ import annotations
 
@@ -114,8 +116,8 @@ def _build_export(method: str, path: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp, measured() as export:
         model.export(Path(tmp) / "out.onnx")
     return {"method": method, "weights": weights, "source_weights": os.path.getsize(path),
-            "build_s": build["seconds"], "build_peak": build["peak"] - base,
-            "export_s": export["seconds"], "export_peak": export["peak"] - base,
+            "build_s": build["seconds"], "build_cpu_s": build["cpu_seconds"], "build_peak": build["peak"] - base,
+            "export_s": export["seconds"], "export_cpu_s": export["cpu_seconds"], "export_peak": export["peak"] - base,
             "export_added": export["added_peak"]}
 
 
@@ -179,9 +181,10 @@ def _report_memory(args) -> None:
             r = run_phase(Path(__file__), "--phase", "build", method, str(path))
             w = r["weights"]
             print(f"  {name:13s} {method:8s} file {_mib(r['source_weights'])}, weights {_mib(w)} | "
-                  f"build {r['build_s']:6.1f} s, peak {_mib(r['build_peak'])} = "
-                  f"{r['build_peak'] / w:4.2f}x | export {r['export_s']:6.1f} s, peak "
-                  f"{_mib(r['export_peak'])} = {r['export_peak'] / w:4.2f}x", flush=True)
+                  f"build {r['build_s']:6.1f} s (CPU {r['build_cpu_s']:6.1f} s, "
+                  f"{r['build_cpu_s'] / (w / 1e8):5.1f} s per 100 MB), peak {_mib(r['build_peak'])} = "
+                  f"{r['build_peak'] / w:4.2f}x | export {r['export_s']:6.1f} s (CPU {r['export_cpu_s']:6.1f} s), "
+                  f"peak {_mib(r['export_peak'])} = {r['export_peak'] / w:4.2f}x", flush=True)
 
 
 def main() -> None:

@@ -89,7 +89,7 @@ class QDQWriter:
         s = scale.reshape(-1).numpy().astype(np.float32) if per_axis else np.array(float(scale.reshape(-1)[0]), np.float32)
         attrs = {"axis": int(layer.scale_axis)} if per_axis else {}
         dq = gs.Node("DequantizeLinear", name=f"{layer.node}/weight_dequantize", attrs=attrs, outputs=[out],
-                     inputs=[gs.Constant(base, chosen.q.numpy().astype(np.int8)), gs.Constant(f"{base}/scale", s),
+                     inputs=[gs.Constant(base, chosen.q.numpy().astype(np.int8, copy=False)), gs.Constant(f"{base}/scale", s),
                              gs.Constant(f"{base}/zero_point", np.zeros(s.shape, np.int8))])
         g.nodes.append(dq)
         if small:

@@ -17,7 +17,9 @@ and writes a tensor of the layer's output shape, so a search can start from a tr
 * ``rank:R`` — Gemm/MatMul: two layers in→R→out from the truncated SVD W = U S Vᵀ (A = √S Vᵀ,
   B = U √S; at full rank exactly the original, to float rounding). Conv (group 1): a
   conv with R filters (the original kernel and attributes) and a 1×1 conv, from the SVD of
-  W reshaped [C_out, C_in·K]. R is an int, or a float fraction of min(in, out).
+  W reshaped [C_out, C_in·K]. R is an int, or a float fraction of min(in, out). One
+  decomposition per layer serves all its ranks, made for the largest when the branches are
+  written (big matrices: from the Gram matrix, `plinio_onnx.passes.low_rank`).
 * ``identity`` — skip the layer (or a region), where input and output shapes are equal.
 
 A maker ``(region, arg, explicit) -> Candidate | reason`` returns the reason as a string where
@@ -31,11 +33,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from contextlib import contextmanager
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .low_rank import decomposition, svd
 from .supernet_regions import Region
 
 __all__ = ["BUILTIN_KINDS", "MAKERS", "Candidate", "Emitter", "parse_builtin", "region_identity"]
@@ -201,85 +202,6 @@ def _resolve_rank(arg, smallest: int) -> tuple[int, bool] | str:
     return int(arg), True
 
 
-def _svd(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Thin SVD in float64 (batched over leading axes), on one thread.
-
-    The matrices are small; a multithreaded LAPACK on a busy machine spends seconds spinning
-    (measured: 3–5 s for a 128×640 matrix under load, 15 ms on one thread)."""
-    import torch
-    with _one_thread():
-        u, s, vt = torch.linalg.svd(torch.from_numpy(np.asarray(matrix, dtype=np.float64)), full_matrices=False)
-    return u.numpy(), s.numpy(), vt.numpy()
-
-
-@contextmanager
-def _one_thread():
-    """torch on one thread in the block: its LAPACK solvers spin on a busy machine."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-#: Above this many entries a matrix's low-rank factors come from its Gram matrix's eigenvectors
-#: (one matrix product of BLAS speed, an eigensolver on the smaller side) instead of a full SVD,
-#: which takes minutes for a VGG/AlexNet classifier layer (4096 × 9216).
-_GRAM_ENTRIES = 1 << 20
-
-
-def _rank_factors(matrix: np.ndarray, rank: int, memo: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """matrix [out, in] ≈ B @ A with A [rank, in], B [out, rank] (truncated SVD, √σ each side).
-
-    ``memo`` (a region's): the decomposition is made once per matrix and shared by its ranks."""
-    key = ("factors", matrix.shape)
-    if memo is not None and key in memo:
-        decomposition = memo[key]
-    else:
-        decomposition = _exact(matrix) if matrix.size <= _GRAM_ENTRIES else _by_gram(matrix)
-        if memo is not None:
-            memo[key] = decomposition
-    return decomposition(rank)
-
-
-def _exact(matrix: np.ndarray):
-    u, s, vt = _svd(matrix)
-
-    def factors(rank: int) -> tuple[np.ndarray, np.ndarray]:
-        root = np.sqrt(s[:rank])
-        return root[:, None] * vt[:rank], u[:, :rank] * root[None, :]
-    return factors
-
-
-def _by_gram(matrix: np.ndarray):
-    """The truncated SVD of a big ``matrix`` from the eigenvectors of W·Wᵀ (or Wᵀ·W, the smaller):
-    σᵢ² are its eigenvalues, and the other side's singular vectors are W's projection on them,
-    divided by σᵢ (directions of σᵢ ≈ 0 get zeros: they add nothing to B @ A)."""
-    import torch
-    w = torch.from_numpy(np.ascontiguousarray(matrix, dtype=np.float32))
-    tall = w.shape[0] > w.shape[1]
-    side = w.T if tall else w              # [small, big]
-    gram = side @ side.T                   # BLAS: all threads
-    with _one_thread():                    # (float32: the factors only initialize a branch)
-        values, vectors = torch.linalg.eigh(gram)
-    order = torch.argsort(values, descending=True)
-    sigma = values[order].double().clamp(min=0).sqrt()
-    vectors = vectors[:, order]            # the small side's singular vectors, by σ
-
-    def factors(rank: int) -> tuple[np.ndarray, np.ndarray]:
-        s = sigma[:rank]
-        alive = s > s[0] * 1e-6 if rank else s > 0
-        root = s.sqrt().float()
-        inverse = torch.where(alive, 1.0 / root.clamp(min=1e-30), torch.zeros_like(root))
-        near = vectors[:, :rank] * root[None, :]                        # [small, rank]
-        far = (vectors[:, :rank].T @ side) * inverse[:, None]           # [rank, big]
-        first, second = (near.T, far.T) if tall else (far, near)
-        return first.double().numpy(), second.double().numpy()
-    return factors
-
-
 # ----------------------------------------------------------------------------------------------
 # Makers: one per (op, kind), in the `MAKERS` table at the end
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +245,7 @@ def _conv_separable(region: Region, arg, explicit: bool) -> Candidate | str:
         return "the depthwise-separable form is not cheaper"
     # Per input channel i: W[:, i, :] (c_out × taps) ≈ σ₀ u₀ v₀ᵀ, the best rank-1 fit.
     per_channel = weight.astype(np.float64).transpose(1, 0, *range(2, weight.ndim)).reshape(c_in, c_out, taps)
-    u, s, vt = _svd(per_channel)
+    u, s, vt = svd(per_channel)
     root = np.sqrt(s[:, 0])
     depthwise = (root[:, None] * vt[:, 0, :]).reshape((c_in, 1) + weight.shape[2:]).astype(weight.dtype)
     pointwise = (u[:, :, 0] * root[:, None]).T.reshape((c_out, c_in) + (1,) * conv.spatial).astype(weight.dtype)
@@ -358,12 +280,15 @@ def _conv_rank(region: Region, arg, explicit: bool) -> Candidate | str:
     rank, given = resolved
     if not (explicit or given) and rank * (c_in * taps + c_out) >= c_out * c_in * taps:
         return f"rank {rank} is not cheaper"
-    first, second = _rank_factors(weight.reshape(c_out, c_in * taps), rank, region.decompositions)
-    first = first.reshape((rank, c_in) + weight.shape[2:]).astype(weight.dtype)
-    second = second.reshape((c_out, rank) + (1,) * conv.spatial).astype(weight.dtype)
-
+    planned = decomposition(weight.reshape(c_out, c_in * taps), rank, region.decompositions)
     attrs = conv.attrs(kernel_shape=weight.shape[2:])
-    return Candidate(f"rank{rank}", lambda e: conv.then_pointwise(e, ("reduce", first, attrs), ("expand", second)))
+
+    def emit(e: Emitter) -> gs.Tensor:
+        first, second = planned.factors(rank)
+        first = first.reshape((rank, c_in) + weight.shape[2:]).astype(weight.dtype)
+        second = second.reshape((c_out, rank) + (1,) * conv.spatial).astype(weight.dtype)
+        return conv.then_pointwise(e, ("reduce", first, attrs), ("expand", second))
+    return Candidate(f"rank{rank}", emit)
 
 
 def _linear_weight(node: gs.Node) -> np.ndarray | str:
@@ -390,9 +315,10 @@ def _linear_rank(region: Region, arg, explicit: bool) -> Candidate | str:
     rank, given = resolved
     if not (explicit or given) and rank * (n_in + n_out) >= n_in * n_out:
         return f"rank {rank} is not cheaper"
-    first, second = (f.astype(weight.dtype) for f in _rank_factors(weight, rank, region.decompositions))
+    planned = decomposition(weight, rank, region.decompositions)
 
     def emit(e: Emitter) -> gs.Tensor:
+        first, second = (f.astype(weight.dtype) for f in planned.factors(rank))
         if node.op == "Gemm":
             h = e.node("Gemm", "reduce", [region.x, e.const("reduce", first)], {"transB": 1})
             inputs = [h, e.const("expand", second)]

@@ -38,7 +38,7 @@ _CHILD = textwrap.dedent("""
         return result, kib("VmHWM") - base
 
     path, warm_up, method = sys.argv[1], sys.argv[2], sys.argv[3]
-    cls = {"pit": po.PIT, "supernet": po.SuperNet}[method]
+    cls = {"pit": po.PIT, "mps": po.MPS, "supernet": po.SuperNet}[method]
     with tempfile.TemporaryDirectory() as tmp:  # import what building and exporting use, once
         cls(warm_up).export(tmp + "/warm.onnx")
     gc.collect()
@@ -84,14 +84,14 @@ def mid_model(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("method", ["pit", "supernet"])
+@pytest.mark.parametrize("method", ["pit", "mps", "supernet"])
 def test_build_and_export_peak_within_three_times_the_weights(mid_model, method):
     done = subprocess.run([sys.executable, "-c", _CHILD, mid_model, str(MODELS / "digits_cnn.onnx"), method],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     peaks = json.loads(done.stdout.strip().splitlines()[-1])
     weights = peaks["weights"]
-    assert weights > 25e6  # SuperNet's alternatives included
+    assert weights > 25e6  # SuperNet's alternatives included; MPS's quantizer parameters too
     assert peaks["build"] <= BOUND * weights, peaks
     assert peaks["export"] <= BOUND * weights, peaks
 

@@ -648,6 +648,16 @@ def test_depthwise_conv_after_a_concat_costs_what_it_keeps():
     assert po.cost.total(exported) == params
 
 
+def test_fused_masks_index_the_rows_of_a_weight_masked_along_its_rows_only():
+    # transformer_tiny's MatMul weights [in, out] are masked along their input rows only: one
+    # factor entry and one index per row, not per weight entry (the per-node equivalence of the
+    # fused masks, gradients included, is test_fused_masks_equal_the_per_node_functions).
+    plan = po.PIT(MODELS / "transformer_tiny.onnx").module.pit_masks.plan
+    assert [s for s in plan.shapes if s[0] != 1] == [(48, 1), (96, 1), (48, 1), (96, 1)]
+    assert plan.per_row == [s[0] != 1 for s in plan.shapes]
+    assert plan.rows.shape[1] == sum(int(np.prod(s)) for s in plan.shapes) < 2000
+
+
 @pytest.mark.parametrize("name", ["digits_cnn", "tcn"])
 def test_fused_training_follows_the_per_node_functions(name):
     # Steps large enough to flip masks: the fused module (with the cost computed in its forward

@@ -17,6 +17,7 @@ from ..cost import BY_NAME, LayerSpec, ModelCost, layer_specs
 from ..errors import PlinioOnnxError
 from ..finalize import finalize
 from ..graph import Graph
+from ..heap import release_free_memory
 from ..load import load
 from ..sync import sync, unshare
 from ..to_torch import to_torch
@@ -80,6 +81,7 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
         self.cost_model = next(iter(self.costs.values()))
         self.specs = layer_specs(graph)
         self._onnx_to_attr = {onnx_name: attr for attr, onnx_name in self.module.initializer_names.items()}
+        release_free_memory()  # loading and the passes' transient copies of the weights
 
     # -- running ------------------------------------------------------------------------------
     def forward(self, *inputs: torch.Tensor):
@@ -151,6 +153,7 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
         """Finalize the current architecture into a deployable graph; save it when ``path`` is
         given. ``options`` go to the finalizers (e.g. ``format="qdq"``)."""
         deployable = unshare(finalize(self.searchable_graph(), **options), self.module)
+        release_free_memory()  # the finalizers' transient copies (e.g. quantized integers)
         if path is not None:
             deployable.save(path)
         return deployable

@@ -156,6 +156,21 @@ def _part_indices(module, part, weight_shape, mask_plan: MaskPlan, groups: dict,
     return np.where(values < channels, group_start + entry[np.minimum(values, channels - 1)], one).reshape(resolved)
 
 
+def _factor_shape(weight_shape: tuple, arrays: list[np.ndarray]) -> tuple:
+    """The shape of a weight's factor (`FactorPlan`): [1, *W.shape[1:]] where no mask lies
+    along the first axis; [W.shape[0], 1, …] where masks lie along the first axis only (a
+    MatMul's or a Gemm's [in, out] weight read by masked inputs: one factor entry, and one index,
+    per row rather than per weight entry); else W's shape."""
+    if len(weight_shape) < 2:
+        return weight_shape
+    along_first = weight_shape[0] != 1 and any(a.shape[0] != 1 for a in arrays)
+    if not along_first:
+        return (1,) + weight_shape[1:]
+    if all(d == 1 for a in arrays for d in a.shape[1:]):
+        return (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+    return weight_shape
+
+
 def _factor_plan(module, chains) -> tuple[FactorPlan, dict]:
     """The `FactorPlan` of the chains (and the groups of `_mask_plan`)."""
     mask_plan, groups, times = _mask_plan(module, chains)
@@ -164,8 +179,7 @@ def _factor_plan(module, chains) -> tuple[FactorPlan, dict]:
     for source, parts, _ in chains:
         weight_shape = tuple(_target(module, source.target).shape)
         arrays = [_part_indices(module, part, weight_shape, mask_plan, groups, times) for part in parts]
-        along_first = weight_shape[0] != 1 and any(a.shape[0] != 1 for a in arrays)
-        shape = weight_shape if along_first or len(weight_shape) < 2 else (1,) + weight_shape[1:]
+        shape = _factor_shape(weight_shape, arrays)
         shapes.append(shape)
         # Entry by entry, the masks that apply first (the 1s last: the product is the same), so
         # that the parts of different groups along one axis (a Concat's) share a row.

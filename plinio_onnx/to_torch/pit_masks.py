@@ -202,7 +202,9 @@ class FactorPlan:
     ``masks``: the `MaskPlan`; ``targets``: the module attribute of every mask parameter (in
     ``masks``' order); ``shapes``: every factor's ([1, *W.shape[1:]] when no mask lies along W's
     first axis: a product broadcasting over the first axis only, and its ∂/∂f a sum over it, are
-    several times faster than broadcasting a [1, C, 1, 1] mask); ``thresholds``: every group's."""
+    several times faster than broadcasting a [1, C, 1, 1] mask; [W.shape[0], 1, …] when masks
+    lie along the first axis only: an index per row, not per weight entry); ``thresholds``:
+    every group's."""
 
     def __init__(self, masks: MaskPlan, shapes, rows, targets, thresholds) -> None:
         self.masks, self.shapes = masks, [tuple(s) for s in shapes]
@@ -211,12 +213,15 @@ class FactorPlan:
         self.targets, self.thresholds = list(targets), thresholds
         # the factors with a leading 1 where their weight has more: ∂/∂f sums over that axis
         self.reduced = [len(shape) > 1 and shape[0] == 1 for shape in self.shapes]
+        # the factors of one entry per row: ∂/∂f sums over the other axes
+        self.per_row = [len(shape) > 1 and shape[0] != 1 and all(d == 1 for d in shape[1:]) for shape in self.shapes]
         self._constants: dict = {}
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "_constants"}
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("per_row", [False] * len(state["shapes"]))  # (pickled before per-row factors)
         self.__dict__.update(state)
         self._constants = {}
 
@@ -317,6 +322,8 @@ class _MaskFactors(torch.autograd.Function):
         for i, product in zip(present, products):
             if plan.reduced[i]:
                 torch.sum(product, 0, out=slots[i])
+            elif plan.per_row[i]:
+                torch.sum(product, tuple(range(1, product.dim())), keepdim=True, out=slots[i])
             else:
                 slots[i].copy_(product)
         if ctx.others is not None:  # ∂f/∂(each row's entries): every row scattered at once
