@@ -136,7 +136,7 @@ def _conv_transpose(node: gs.Node) -> LayerSpec | None:
 
 @layer_extractor("Gemm")
 def _gemm(node: gs.Node) -> LayerSpec | None:
-    a, b = node.inputs[0], node.inputs[1]
+    b = node.inputs[1]
     if b.shape is None:
         return None
     k, n = (int(d) for d in b.shape)
