@@ -173,7 +173,7 @@ def _unseen_variants(path: Path, table, tmp: Path, args) -> tuple[dict, int]:
         if len(variants) == args.variants:
             break
         model = po.PIT(path)
-        kept = _blocks(model, seed, args.multiple)
+        kept = random_blocks(model, seed, args.multiple)
         if kept in masks:      # the same masks as an earlier seed
             continue
         masks.add(kept)
@@ -219,7 +219,7 @@ def _share(errors: list[float]) -> float:
     return float(np.mean(np.abs(errors) <= 0.10))
 
 
-def _blocks(model, seed: int, multiple: int) -> tuple[int, ...]:
+def random_blocks(model, seed: int, multiple: int) -> tuple[int, ...]:
     """Every PIT mask keeps a random count on the grid of ``multiple`` (its last entries; the
     entries before them set below the threshold), as a search on channel blocks would; the counts."""
     from plinio_onnx.hardware.measured import channel_grid

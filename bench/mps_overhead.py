@@ -16,6 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,8 +46,10 @@ def _mps_step(model: po.MPS, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def overhead(description: str, label: str, build: Callable[[Path], torch.nn.Module], target: float) -> None:
+    """Print, per model, ``label``'s search step against the plain step (``build(path)`` makes the
+    searchable model); shared by the MPS and ODiMO benches."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
@@ -68,12 +71,17 @@ def main() -> None:
         with torch.no_grad():
             classes = plain.eval()(x[:1]).shape[-1]
         y = torch.randint(0, classes, (args.batch,))
-        model = po.MPS(path, w_precisions=(2, 4, 8), a_precisions=(2, 4, 8), per_channel=True)
+        model = build(path)
         model.calibrate(x)
         result = paired_ratio(_mps_step(model, x, y), sgd_training_step(plain, x, y), rounds=args.rounds,
                               clock=CLOCKS[args.clock])
-        print(f"{name}: MPS step {result['candidate_ms']:.2f} ms, plain step {result['baseline_ms']:.2f} ms, "
-              f"ratio {result['ratio']:.2f} (target <= 2.5)", flush=True)
+        print(f"{name}: {label} step {result['candidate_ms']:.2f} ms, plain step {result['baseline_ms']:.2f} ms, "
+              f"ratio {result['ratio']:.2f} (target <= {target:g})", flush=True)
+
+
+def main() -> None:
+    overhead(__doc__, "MPS", lambda path: po.MPS(path, w_precisions=(2, 4, 8), a_precisions=(2, 4, 8),
+                                                  per_channel=True), 2.5)
 
 
 if __name__ == "__main__":

@@ -13,54 +13,19 @@ Target (DESIGN.md): ≤ 3.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import plinio_onnx as po  # noqa: E402
-from _timing import paired_ratio, sgd_training_step  # noqa: E402
-from mps_overhead import _mps_step  # noqa: E402  (the same search step: weights, logits, cost)
-
-MODELS = ROOT / "models"
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+from mps_overhead import overhead  # noqa: E402  (the same step: weights, logits, cost; the same timing)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall time, or this process's CPU time (on a shared machine; with --threads 1 "
-                             "it leaves out the time other processes held the core)")
-    parser.add_argument("--models", nargs="*", default=["resnet8", "mobilenetv2_tiny", "digits_cnn"])
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.clock} clock")
-    for name in args.models:
-        path = MODELS / f"{name}.onnx"
-        graph = po.load(path)
-        shape = [args.batch] + [int(d) for d in graph.gs.inputs[0].shape[1:]]
-        x = torch.randn(shape)
-        plain = po.to_torch(graph)
-        with torch.no_grad():
-            classes = plain.eval()(x[:1]).shape[-1]
-        y = torch.randint(0, classes, (args.batch,))
-        model = po.ODiMO(path)
-        model.calibrate(x)
-        result = paired_ratio(_mps_step(model, x, y), sgd_training_step(plain, x, y), rounds=args.rounds,
-                              clock=CLOCKS[args.clock])
-        print(f"{name}: ODiMO step {result['candidate_ms']:.2f} ms, plain step {result['baseline_ms']:.2f} ms, "
-              f"ratio {result['ratio']:.2f} (target <= 3)", flush=True)
+    overhead(__doc__, "ODiMO", po.ODiMO, 3)
 
 
 if __name__ == "__main__":

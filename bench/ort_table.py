@@ -26,6 +26,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from latency_prediction import random_blocks  # noqa: E402  (the same random block counts)
 
 
 def main(argv=None) -> int:
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
             for seed in range(args.variants):
                 model = po.PIT(path)
                 if args.on_grid:
-                    _blocks(model, seed, args.multiple)
+                    random_blocks(model, seed, args.multiple)
                 else:
                     random_architecture(model, seed, logits=(), masks=(".pit_alpha",), below=0.4)
                 exported = Path(tmp) / f"{name}.{seed}.onnx"
@@ -69,19 +72,6 @@ def main(argv=None) -> int:
                   f"{statistics.median(sums):+.1%}, worst {max(sums, key=abs):+.1%}; per layer median "
                   f"{statistics.median(layers):+.1%}, |error| ≤ 10% for {np.mean(np.abs(layers) <= 0.1):.0%}")
     return 0
-
-
-def _blocks(model, seed: int, multiple: int) -> None:
-    """Every mask keeps a random count on the grid of ``multiple`` (its last entries: the kept-alive
-    one among them)."""
-    from plinio_onnx.hardware.measured import channel_grid
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name in model.module.initializer_names.values():
-            if name.endswith(".pit_alpha"):
-                alpha = model.tensor(name)
-                kept = int(rng.choice(channel_grid(alpha.numel(), multiple)))
-                alpha[:alpha.numel() - kept] = 0.2
 
 
 if __name__ == "__main__":

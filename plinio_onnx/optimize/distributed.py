@@ -141,6 +141,8 @@ class Distributed:
                 self._collective(dist.broadcast, buffer.data, src=0)
 
     def _bytes(self, value: Any) -> torch.Tensor:
+        # Pickled only in flight between this run's own ranks (as torch's object collectives do);
+        # nothing pickled is ever written: persisted state stays ONNX and JSON.
         data = pickle.dumps(value)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._comm_device())
 
