@@ -27,7 +27,10 @@ import numpy as np
 def run_openvino(model: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
     import openvino as ov
     core = ov.Core()   # f32: the CPU plugin would otherwise pick bf16/f16 where the CPU has them
-    compiled = core.compile_model(core.read_model(str(model)), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    read = core.read_model(str(model))
+    # static shapes: with a dynamic batch, OpenVINO 2026.4 miscomputes int8 QDQ (openvino_gap.py)
+    read.reshape({read.input(i): list(x.shape) for i, x in enumerate(inputs)})
+    compiled = core.compile_model(read, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     result = compiled(inputs)
     return [np.asarray(result[compiled.output(i)]) for i in range(len(compiled.outputs))]
 
