@@ -50,37 +50,28 @@ class NearTie:
     distance: float         # the closest one's distance from the boundary, in steps
 
 
-def _constant(proto: onnx.ModelProto, name: str) -> "np.ndarray | None":
-    for tensor in proto.graph.initializer:
-        if tensor.name == name:
-            return onnx.numpy_helper.to_array(tensor)
+def _constants(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The values of ``proto``'s initializers and Constant nodes, by name."""
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     for node in proto.graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            return onnx.numpy_helper.to_array(node.attribute[0].t)
-    return None
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return values
 
 
 def _quantizer_inputs(proto: onnx.ModelProto, feeds: dict) -> list[tuple[onnx.NodeProto, np.ndarray, list]]:
-    """Each QuantizeLinear node with the values its inputs hold on ``feeds`` (its x, scale and
-    zero point, the ones computed in the graph read from ONNX Runtime's unfused run)."""
+    """Each QuantizeLinear node with the values its inputs hold on ``feeds``: x, then scale and
+    zero point (those computed in the graph read from ONNX Runtime's unfused run)."""
     quantizers = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
-    probed = onnx.ModelProto()
-    probed.CopyFrom(proto)
-    known = {o.name for o in probed.graph.output} | set(feeds)
-    wanted = []
-    for node in quantizers:
-        for name in node.input:
-            if name and _constant(proto, name) is None and name not in known:
-                probed.graph.output.append(onnx.ValueInfoProto(name=name))
-                known.add(name)
-            if name and _constant(proto, name) is None:
-                wanted.append(name)
-    names = [o.name for o in probed.graph.output]
-    values = dict(zip(names, ort_session(probed, optimize=False).run(names, feeds))) if wanted else {}
-    values.update(feeds)
-    return [(node, values.get(node.input[0], _constant(proto, node.input[0])),
-             [values[n] if n in values else _constant(proto, n) for n in node.input[1:] if n])
-            for node in quantizers]
+    values = {**_constants(proto), **feeds}
+    computed = list(dict.fromkeys(name for node in quantizers for name in node.input if name and name not in values))
+    if computed:
+        probed = onnx.ModelProto()
+        probed.CopyFrom(proto)
+        outputs = {o.name for o in probed.graph.output}
+        probed.graph.output.extend(onnx.ValueInfoProto(name=name) for name in computed if name not in outputs)
+        values.update(zip(computed, ort_session(probed, optimize=False).run(computed, feeds)))
+    return [(node, values[node.input[0]], [values[name] for name in node.input[1:] if name]) for node in quantizers]
 
 
 def tie_distance(x: np.ndarray, scale: np.ndarray, zero_point: "np.ndarray | None", axis: int = 1) -> np.ndarray:
