@@ -15,11 +15,15 @@ COMPILERS = ("openvino", "tvm", "iree")
 
 
 @pytest.fixture(scope="session")
-def compiled(exports, tmp_path_factory) -> dict:
-    """compiler → {export path: outputs or error}: each compiler runs every case in one process,
-    the three processes side by side."""
-    cases = [exports.get(c.model, c.method, c.format, c.int4) for c in COMPILER_CASES]
-    return run_compilers(list(COMPILERS), cases, tmp_path_factory.mktemp("compiled"))
+def compiled(exports, tmp_path_factory, request) -> dict:
+    """compiler → {export path: outputs or error} for the selected tests (``-k`` narrows what is
+    compiled): each compiler runs its cases in one process, the processes side by side."""
+    selected = [item.callspec.params for item in request.session.items
+                if getattr(item, "originalname", None) == "test_compiler_matches_onnx_runtime"]
+    compilers = [c for c in COMPILERS if any(p["compiler"] == c for p in selected)]
+    cases = [c for c in COMPILER_CASES if any(p["case"] == c for p in selected)]
+    paths = [exports.get(c.model, c.method, c.format, c.int4) for c in cases]
+    return run_compilers(compilers, paths, tmp_path_factory.mktemp("compiled"))
 
 
 @pytest.mark.parametrize("case", COMPILER_CASES, ids=lambda c: c.id)
