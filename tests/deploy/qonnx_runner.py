@@ -7,9 +7,14 @@ project's environment. Only the standard library, numpy, qonnx and hls4ml are im
     python qonnx_runner.py qonnx|hls4ml MODEL.onnx INPUTS.npz OUTPUTS.npz [WORKDIR]
 
 INPUTS.npz holds one array per graph input, in the graph's order; OUTPUTS.npz receives
-``output0``, ``output1`` … in the graph's order (hls4ml: its single output). hls4ml takes the model through its documented preparation (qonnx
-cleanup → channels last → Gemm to MatMul → cleanup) and channels-last inputs.
+``output0``, ``output1`` … in the graph's order (hls4ml: its single output). hls4ml takes the
+model through its documented preparation (qonnx cleanup → channels last → Gemm to MatMul →
+cleanup) and channels-last inputs; it also writes what its converted model holds, for the tests
+to compare with the export: OUTPUTS.npz's ``layer{i}.{weight}`` arrays (each hls4ml layer's
+weights and biases, ApplyAlpha's scale and bias) and ``layers``, a JSON string (per layer: class,
+name, inputs, outputs, each weight's precision).
 """
+import json
 import sys
 
 import numpy as np
@@ -51,12 +56,27 @@ def run_hls4ml(path: str, inputs: dict, workdir: str) -> dict:
                                                         default_precision="fixed<48,24>")
     hls = hls4ml.converters.convert_from_onnx_model(model, output_dir=workdir, io_type="io_parallel",
                                                     backend="Vitis", hls_config=config)
+    layers = _layers(hls)
     hls.compile()
     (name, x), = inputs.items()
     if x.ndim > 2:   # channels first → channels last
         x = np.moveaxis(x, 1, -1)
     out = np.asarray(hls.predict(np.ascontiguousarray(x, dtype=np.float32)))
-    return {"output0": out.reshape(len(x), -1)}
+    return {"output0": out.reshape(len(x), -1), **layers}
+
+
+def _layers(hls) -> dict:
+    """The converted model's layers: ``layers`` (their descriptions, as JSON) and ``layer{i}.{w}``
+    (their weights as hls4ml holds them)."""
+    described, arrays = [], {}
+    for i, layer in enumerate(hls.get_layers()):
+        weights = {}
+        for key, weight in layer.weights.items():
+            arrays[f"layer{i}.{key}"] = np.asarray(weight.data, dtype=np.float64)
+            weights[key] = str(weight.type.precision)
+        described.append({"class": type(layer).__name__, "name": layer.name, "inputs": list(layer.inputs),
+                          "outputs": list(layer.outputs), "weights": weights})
+    return {"layers": np.array(json.dumps(described)), **arrays}
 
 
 def main(argv: list[str]) -> int:

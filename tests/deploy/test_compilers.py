@@ -8,30 +8,29 @@ import numpy as np
 import pytest
 
 from accepts import COMPILER_REFUSALS
-from exports import COMPILER_CASES, output_step, relative_error, run_compiler
+from exports import COMPILER_CASES, output_step, relative_error, run_compilers
 from plinio_onnx.runtime import ort_session
 
 COMPILERS = ("openvino", "tvm", "iree")
 
 
 @pytest.fixture(scope="session")
-def compiled(exports, tmp_path_factory):
-    """compiler → {export path: outputs or error}: each compiler runs every case in one process."""
-    done: dict[str, dict] = {}
-
-    def results(compiler: str) -> dict:
-        if compiler not in done:
-            cases = [exports.get(c.model, c.method, c.format, c.int4) for c in COMPILER_CASES]
-            done[compiler] = run_compiler(compiler, cases, tmp_path_factory.mktemp(compiler))
-        return done[compiler]
-    return results
+def compiled(exports, tmp_path_factory, request) -> dict:
+    """compiler → {export path: outputs or error} for the selected tests (``-k`` narrows what is
+    compiled): each compiler runs its cases in one process, the processes side by side."""
+    selected = [item.callspec.params for item in request.session.items
+                if getattr(item, "originalname", None) == "test_compiler_matches_onnx_runtime"]
+    compilers = [c for c in COMPILERS if any(p["compiler"] == c for p in selected)]
+    cases = [c for c in COMPILER_CASES if any(p["case"] == c for p in selected)]
+    paths = [exports.get(c.model, c.method, c.format, c.int4) for c in cases]
+    return run_compilers(compilers, paths, tmp_path_factory.mktemp("compiled"))
 
 
 @pytest.mark.parametrize("case", COMPILER_CASES, ids=lambda c: c.id)
 @pytest.mark.parametrize("compiler", COMPILERS)
 def test_compiler_matches_onnx_runtime(compiler, case, exports, compiled):
     export = exports.get(case.model, case.method, case.format, case.int4)
-    got = compiled(compiler)[export.path]
+    got = compiled[compiler][export.path]
     refusal = COMPILER_REFUSALS.get((compiler, case.id))
     if refusal is not None:
         assert isinstance(got, str) and refusal in got, f"{compiler} now takes {case.id}: update README and accepts.py"

@@ -10,13 +10,17 @@ result. The per-channel mixed-precision export (one Quant per precision group) r
 executor; hls4ml refuses it (documented, asserted)."""
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 import plinio_onnx as po
 from exports import LOGITS, MASKS, MODELS, random_architecture
@@ -78,14 +82,28 @@ def digits_exports(trained_digits, tmp_path_factory) -> dict:
     return out
 
 
-def _run(mode: str, path: Path, inputs: Path, folder: Path) -> "np.ndarray | str":
+def _run(mode: str, path: Path, inputs: Path, folder: Path) -> "dict | str":
+    """What `qonnx_runner.py` saved (``output0`` …), or its error output."""
     result = folder / f"{path.stem}.{mode}.npz"
     done = subprocess.run([str(qonnx_python()), str(RUNNER), mode, str(path), str(inputs), str(result),
                            str(folder / f"{path.stem}.hls")], capture_output=True, text=True, timeout=900)
     if done.returncode:
         return done.stderr
     with np.load(result) as saved:
-        return saved["output0"]
+        return {key: saved[key] for key in saved.files}
+
+
+@pytest.fixture(scope="module")
+def hls4ml_results(digits_exports) -> "callable":
+    """variant → hls4ml's run of its QONNX export (`_run`), each run once per module."""
+    done: dict = {}
+
+    def result(variant: str):
+        if variant not in done:
+            done[variant] = _run("hls4ml", digits_exports[variant][0], digits_exports["inputs"],
+                                 digits_exports["folder"])
+        return done[variant]
+    return result
 
 
 def _step(reference: np.ndarray) -> float:
@@ -97,21 +115,90 @@ def test_qonnx_executor_matches_onnx_runtime(variant, digits_exports):
     path, reference = digits_exports[variant]
     got = _run("qonnx", path, digits_exports["inputs"], digits_exports["folder"])
     assert not isinstance(got, str), got
+    got = got["output0"]
     assert float(np.max(np.abs(got - reference))) <= _step(reference)
     assert np.mean(got.argmax(1) == DIGITS["y"][TEST]) > 0.8   # the trained network, quantized
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="hls4ml's C simulation needs g++")
 @pytest.mark.parametrize("variant", ["qat8", "mps48"])
-def test_hls4ml_c_simulation_agrees_with_onnx_runtime(variant, digits_exports):
-    path, reference = digits_exports[variant]
-    got = _run("hls4ml", path, digits_exports["inputs"], digits_exports["folder"])
+def test_hls4ml_c_simulation_agrees_with_onnx_runtime(variant, digits_exports, hls4ml_results):
+    _, reference = digits_exports[variant]
+    got = hls4ml_results(variant)
     assert not isinstance(got, str), got
+    got = got["output0"]
     assert got.shape == reference.shape
     assert np.mean(got.argmax(1) == reference.argmax(1)) >= 0.99
 
 
-def test_hls4ml_refuses_per_channel_precision_groups(digits_exports):
-    path, _ = digits_exports["mps48_per_channel"]
-    got = _run("hls4ml", path, digits_exports["inputs"], digits_exports["folder"])
+def test_hls4ml_refuses_per_channel_precision_groups(digits_exports, hls4ml_results):
+    got = hls4ml_results("mps48_per_channel")
     assert isinstance(got, str) and HLS4ML_REFUSAL in got, "hls4ml now takes it: update README"
+
+
+def _written_layers(path: Path) -> list[dict]:
+    """Each Conv/Gemm of a QONNX export, in graph order, as the file writes it: weights in
+    hls4ml's layout (Conv: kh, kw, in, out; Dense: in, out), per-output-channel weight scales,
+    bit-width, the input quantizer's scale and the bias."""
+    model = onnx.load(str(path))
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    producer = {out: node for node in model.graph.node for out in node.output}
+    layers = []
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        weight_quant, input_quant = producer[node.input[1]], producer[node.input[0]]
+        assert weight_quant.op_type == input_quant.op_type == "Quant", node.name
+        weight = values[weight_quant.input[0]]
+        transposed = any(a.name == "transB" and a.i for a in node.attribute)
+        weight = weight.transpose(2, 3, 1, 0) if node.op_type == "Conv" else (weight.T if transposed else weight)
+        channels = weight.shape[-1]
+        layers.append({"name": node.name, "weight": weight, "bias": values[node.input[2]],
+                       "weight_scale": np.broadcast_to(values[weight_quant.input[1]].reshape(-1), (channels,)),
+                       "bits": int(values[weight_quant.input[3]]), "input_scale": float(values[input_quant.input[1]])})
+    return layers
+
+
+def _hls4ml_layers(saved: dict) -> list[dict]:
+    """Each Conv/Dense layer of hls4ml's model with the ApplyAlpha layers before (input scale)
+    and after it (rescaling): arrays as `qonnx_runner.py` saved them."""
+    described = json.loads(str(saved["layers"]))
+    by_output = {out: i for i, layer in enumerate(described) for out in layer["outputs"]}
+    layers = []
+    for i, layer in enumerate(described):
+        if not layer["class"].endswith(("Conv2D", "Dense")):
+            continue
+        before = by_output[layer["inputs"][0]]
+        after = next(j for j, other in enumerate(described) if other["inputs"][:1] == layer["outputs"][:1])
+        assert described[before]["class"].endswith("ApplyAlpha") and described[after]["class"].endswith("ApplyAlpha")
+        layers.append({"name": layer["name"], "precision": layer["weights"]["weight"],
+                       **{f"{key}": saved[f"layer{i}.{key}"] for key in ("weight", "bias")},
+                       "input_scale": saved[f"layer{before}.scale"], "input_offset": saved[f"layer{before}.bias"],
+                       "rescale": saved[f"layer{after}.scale"], "rebias": saved[f"layer{after}.bias"]})
+    return layers
+
+
+@pytest.mark.parametrize("variant", ["qat8", "mps48"])
+def test_hls4ml_holds_the_weights_scales_and_biases_the_export_wrote(variant, digits_exports, hls4ml_results):
+    saved = hls4ml_results(variant)
+    assert not isinstance(saved, str), saved
+    written, held = _written_layers(digits_exports[variant][0]), _hls4ml_layers(saved)
+    assert [w["name"] for w in written] and len(written) == len(held), ([w["name"] for w in written],
+                                                                        [h["name"] for h in held])
+    for w, h in zip(written, held):
+        channels = w["weight"].shape[-1]
+        width = int(re.match(r"fixed<(\d+),", h["precision"]).group(1))
+        assert width == w["bits"], (w["name"], h["precision"], w["bits"])
+        assert np.array_equal(h["weight"], np.round(h["weight"])), w["name"]   # integer codes
+        np.testing.assert_allclose(h["weight"] * w["weight_scale"], w["weight"], rtol=1e-6,
+                                   atol=1e-7 * np.abs(w["weight"]).max(), err_msg=w["name"])
+        np.testing.assert_allclose(h["input_scale"], 1 / w["input_scale"], rtol=1e-6, err_msg=w["name"])
+        assert not np.any(h["input_offset"]), w["name"]
+        rescale, rebias = h["rescale"].reshape(-1, channels), h["rebias"].reshape(-1, channels)
+        np.testing.assert_allclose(rescale, np.broadcast_to(w["input_scale"] * w["weight_scale"], rescale.shape),
+                                   rtol=1e-6, err_msg=w["name"])
+        # hls4ml keeps the bias in the layer and folds the rescaling into ApplyAlpha's bias:
+        # y = rescale·(Σ codes + bias) + rebias, so the bias it computes is rescale·bias + rebias
+        bias = rescale * np.broadcast_to(h["bias"], (channels,)) + rebias
+        np.testing.assert_allclose(bias, np.broadcast_to(w["bias"], bias.shape), rtol=1e-5,
+                                   atol=1e-6 * np.abs(w["bias"]).max(), err_msg=w["name"])
