@@ -124,3 +124,19 @@ def test_searchable_model_trains_the_graph_arrays_and_leaves_the_callers_alone(m
     assert np.array_equal(held, before + 1.0)  # the searchable graph is the module's
     synced = model.searchable_graph()
     assert np.array_equal(np.asarray(synced.initializers()["fc.w"].values), before + 1.0)
+
+
+def test_the_heap_is_trimmed_without_searching_for_the_c_library(monkeypatch):
+    """Quantizing exports give the heap back once per large layer: each call is a function call,
+    not a search for the C library (``ctypes.util.find_library`` runs ``ldconfig``)."""
+    import subprocess as sp
+
+    from plinio_onnx import heap
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a subprocess was started")
+
+    heap._malloc_trim.cache_clear()
+    monkeypatch.setattr(sp.Popen, "__init__", refuse)
+    trimmed = [heap.release_free_memory() for _ in range(3)]
+    assert trimmed == [sys.platform.startswith("linux")] * 3
