@@ -52,11 +52,11 @@ def parse_without_weights(path: Path) -> "onnx.ModelProto | None":
     or holds no such initializer (parse it whole: its errors are protobuf's)."""
     if sys.byteorder != "little":   # raw_data is little-endian: arrays would need swapping
         return None
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        try:
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             parts, left = _model_parts(data, path.name)
-        except _Unfollowed:
-            return None
+    except (_Unfollowed, OSError, ValueError):  # (ValueError: a file mmap cannot map, e.g. empty)
+        return None
     if not left:
         return None
     proto = onnx.ModelProto()
