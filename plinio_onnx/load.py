@@ -98,8 +98,8 @@ def _detach_weights(graph: gs.Graph, base_dir: Path | None, source: str) -> None
     others (INT4, bfloat16, float8: read lazily so they export as they came) keep a copy of
     their own tensor."""
     lazy_type = gs.ir.tensor.LazyValues
-    for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant) or not isinstance(tensor._values, lazy_type):
+    for tensor in _constants(graph):
+        if not isinstance(tensor._values, lazy_type):
             continue
         proto = tensor._values.tensor
         if is_direct(proto):
@@ -117,6 +117,21 @@ def _detach_weights(graph: gs.Graph, base_dir: Path | None, source: str) -> None
             own = onnx.TensorProto()
             own.CopyFrom(proto)
             tensor._values = lazy_type(own)
+
+
+def _constants(graph: gs.Graph) -> list[gs.Constant]:
+    """The constants of ``graph`` and of its nodes' subgraphs (which may read the graph's)."""
+    found, graphs = {}, [graph]
+    while graphs:
+        current = graphs.pop()
+        for tensor in current.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                found[id(tensor)] = tensor
+        for node in current.nodes:
+            for value in node.attrs.values():
+                graphs.extend(v for v in (value if isinstance(value, list) else [value])
+                              if isinstance(v, gs.Graph))
+    return list(found.values())
 
 
 def _read(path: Path) -> onnx.ModelProto:

@@ -159,3 +159,23 @@ def test_files_without_large_initializers_parse_whole(tmp_path):
     got = _arrays(po.load(tmp_path / "small.onnx"))
     for name, values in _expected(model).items():
         np.testing.assert_array_equal(got[name], values)
+
+
+def test_an_initializer_read_only_inside_a_subgraph_is_read_from_the_file(tmp_path):
+    """An If branch reads the main graph's weight (outer scope): it is read into its array too."""
+    w = np.arange(512, dtype=np.float32).reshape(2, 256)
+    then = helper.make_graph([helper.make_node("Add", ["x", "w"], ["t"], name="add")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2, 256])])
+    other = helper.make_graph([helper.make_node("Sub", ["x", "w"], ["e"], name="sub")], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2, 256])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], name="if", then_branch=then, else_branch=other)], "g",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 256])], [numpy_helper.from_array(w, "w")])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "if.onnx")
+    loaded = po.load(tmp_path / "if.onnx")
+    branch = loaded.nodes[0].attrs["then_branch"]
+    held = next(t for t in branch.nodes[0].inputs if t.name == "w")
+    assert isinstance(held._values, np.ndarray)
+    np.testing.assert_array_equal(held._values, w)
