@@ -21,6 +21,7 @@ import numpy as np
 
 from plinio_onnx.errors import PassError
 from plinio_onnx.graph import Graph
+from plinio_onnx.heap import release_free_memory
 from plinio_onnx.records import BitWidths, LayerBits, MPSRecord, PITRecord, SuperNetRecord
 
 from .infra import ConsumingPass
@@ -75,7 +76,12 @@ def _chosen(graph: Graph, info: MPSRecord) -> tuple:
     g = graph.gs.toposort()
     nodes = {n.name: n for n in g.nodes}
     acts = {act.tensor: choose_activation(nodes[act.node], act) for act in info.activations}
-    layers = {layer.node: choose_layer(graph, nodes, layer, acts[layer.activation]) for layer in info.layers}
+    layers = {}
+    for layer in info.layers:
+        layers[layer.node] = choose_layer(graph, nodes, layer, acts[layer.activation])
+        # a layer's float temporaries, freed, are rarely the size the next layer asks for: the
+        # heap would grow by most of them over a model of many small layers (DenseNet-121)
+        release_free_memory()
     return g, nodes, acts, layers
 
 

@@ -11,7 +11,7 @@ does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import sys
 
 __all__ = ["release_free_memory"]
@@ -19,14 +19,24 @@ __all__ = ["release_free_memory"]
 
 def release_free_memory() -> bool:
     """Return the C heap's free pages to the operating system (glibc); True where it could."""
-    if not sys.platform.startswith("linux"):
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):   # not glibc (musl has no malloc_trim)
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
     trim(0)
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim`` from the C library the process already runs (looked up once:
+    ``ctypes.util.find_library`` would run ``ldconfig`` in a subprocess at every call, and
+    quantizing exports call this once per large layer); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):   # not glibc (musl has no malloc_trim)
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim

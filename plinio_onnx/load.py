@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from onnx import external_data_helper, version_converter
 
 from .errors import ModelLoadError, UnsafeExternalDataError
+from .file_weights import NUMPY_TYPES, as_graph_inputs, is_direct, parse_without_weights, read_array
 from .graph import Graph, infer_shapes, sub_byte_types
 
 #: Models older than this opset are converted up to it, so handlers see modern op forms.
@@ -64,12 +65,15 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
     if input_shapes:
         _fix_input_shapes(proto, input_shapes, source)
     _check(proto, source)
+    if _rewritten(proto):  # ONNX's rewriters read and write the weights in the model
+        _load_direct_data(proto, base_dir, source)
     proto = _inline_functions(proto, source)
     proto = _convert_opset(proto, source)
     try:
         graph = gs.import_onnx(proto)
     except Exception as err:  # e.g. raw data shorter than its dims
         raise ModelLoadError(f"cannot read the model ({_one_line(err)})", file=source) from None
+    _detach_weights(graph, base_dir, source)
     graph.sub_byte_types = sub_byte_types(proto)
     # (a container of the parsed model would keep all of the model, weights included, alive)
     graph.import_domains = [onnx.helper.make_opsetid(d.domain, d.version) for d in graph.import_domains or ()]
@@ -82,32 +86,52 @@ def load(model: "str | os.PathLike | onnx.ModelProto | Graph", *, canonicalize: 
     if canonicalize:
         from plinio_onnx.passes.canonicalize import canonicalize as _canonicalize
         result = _canonicalize(result, tied=tied)
-    _materialize(result.gs)
+    _detach_weights(result.gs, base_dir, source)  # Constant nodes' values, now initializers
     return result
 
 
-def _materialize(graph: gs.Graph) -> None:
+def _detach_weights(graph: gs.Graph, base_dir: Path | None, source: str) -> None:
     """Detach every initializer from the parsed model, so the model (which lazily read constants
     reference, keeping all of it alive) is freed once loading returns and a loaded graph holds
-    its weights once: values numpy holds are read into arrays; the others (INT4, bfloat16,
-    float8: read lazily so they export as they came) keep a copy of their own tensor."""
+    its weights once: those the model left in a file (`file_weights`) are read straight from it
+    into their arrays, the other values numpy holds are read into arrays from the model; the
+    others (INT4, bfloat16, float8: read lazily so they export as they came) keep a copy of
+    their own tensor."""
     lazy_type = gs.ir.tensor.LazyValues
-    for tensor in graph.tensors().values():
-        if not isinstance(tensor, gs.Constant) or not isinstance(tensor._values, lazy_type):
+    for tensor in _constants(graph):
+        if not isinstance(tensor._values, lazy_type):
             continue
         proto = tensor._values.tensor
-        if proto.data_type in _NUMPY_TYPES:
-            tensor.values = np.asarray(tensor.values)
+        if is_direct(proto):
+            try:
+                tensor.values = read_array(proto, base_dir)
+            except (OSError, ValueError) as err:
+                raise ModelLoadError(f"cannot read external data ({_one_line(err)})", file=source) from None
+            tensor.data_location = None  # (exported inline, as if it had been)
+        elif proto.data_type in NUMPY_TYPES:
+            try:
+                tensor.values = np.asarray(tensor.values)
+            except ValueError as err:  # raw data that does not fit the dims
+                raise ModelLoadError(f"initializer {tensor.name!r}: {_one_line(err)}", file=source) from None
         else:
             own = onnx.TensorProto()
             own.CopyFrom(proto)
             tensor._values = lazy_type(own)
 
 
-#: ONNX tensor types numpy holds exactly (the others stay lazily read).
-_NUMPY_TYPES = frozenset(getattr(onnx.TensorProto, name) for name in (
-    "FLOAT", "DOUBLE", "FLOAT16", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64",
-    "UINT64", "BOOL"))
+def _constants(graph: gs.Graph) -> list[gs.Constant]:
+    """The constants of ``graph`` and of its nodes' subgraphs (which may read the graph's)."""
+    found, graphs = {}, [graph]
+    while graphs:
+        current = graphs.pop()
+        for tensor in current.tensors().values():
+            if isinstance(tensor, gs.Constant):
+                found[id(tensor)] = tensor
+        for node in current.nodes:
+            for value in node.attrs.values():
+                graphs.extend(v for v in (value if isinstance(value, list) else [value])
+                              if isinstance(v, gs.Graph))
+    return list(found.values())
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -115,23 +139,31 @@ def _read(path: Path) -> onnx.ModelProto:
         raise ModelLoadError("no such file", file=str(path))
     if not path.is_file():
         raise ModelLoadError("not a file", file=str(path))
-    data = path.read_bytes()
-    if not data:
+    if not path.stat().st_size:
         raise ModelLoadError("the file is empty, not an ONNX model", file=str(path))
-    proto = onnx.ModelProto()
-    try:
-        proto.ParseFromString(data)
-    except (DecodeError, RuntimeError, ValueError) as err:
-        raise ModelLoadError(f"not an ONNX model or truncated ({_one_line(err)})", file=str(path)) from None
+    proto = parse_without_weights(path) or _parse_whole(path)
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.graph.node:
         raise ModelLoadError("not an ONNX model (no IR version or no graph); is the file truncated?",
                              file=str(path))
     return proto
 
 
+def _parse_whole(path: Path) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(path.read_bytes())
+    except (DecodeError, RuntimeError, ValueError) as err:
+        raise ModelLoadError(f"not an ONNX model or truncated ({_one_line(err)})", file=str(path)) from None
+    return proto
+
+
 def _load_external_data(proto: onnx.ModelProto, base_dir: Path | None, source: str) -> None:
-    tensors = [t for t in external_data_helper._get_all_tensors(proto)
-               if external_data_helper.uses_external_data(t)]
+    """Check that every tensor's external data lies in the model's folder, and read it into the
+    model — but the main graph's initializers numpy holds, read straight into their arrays
+    after import (`_detach_weights`)."""
+    every = list(external_data_helper._get_all_tensors(proto))
+    main = len(proto.graph.initializer)  # (listed first)
+    tensors = [t for t in every if external_data_helper.uses_external_data(t)]
     if not tensors:
         return
     if base_dir is None:
@@ -147,10 +179,32 @@ def _load_external_data(proto: onnx.ModelProto, base_dir: Path | None, source: s
         if not target.is_file():
             raise ModelLoadError(f"initializer {tensor.name!r}: external data file "
                                  f"{info.location!r} is missing", file=source)
+    _load_into_model([t for i, t in enumerate(every) if external_data_helper.uses_external_data(t)
+                      and not (i < main and is_direct(t))], base_dir, source)
+
+
+def _load_into_model(tensors, base_dir: Path, source: str) -> None:
+    """Read ``tensors``' external data into the model (their raw_data)."""
     try:
-        external_data_helper.load_external_data_for_model(proto, str(base_dir))
+        for tensor in tensors:
+            external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
     except Exception as err:  # corrupt offsets/lengths
         raise ModelLoadError(f"cannot read external data ({_one_line(err)})", file=source) from None
+
+
+def _load_direct_data(proto: onnx.ModelProto, base_dir: Path | None, source: str) -> None:
+    """Read the data `file_weights` left in files into the model itself."""
+    _load_into_model([t for t in proto.graph.initializer if is_direct(t)], base_dir, source)
+
+
+def _rewritten(proto: onnx.ModelProto) -> bool:
+    """Whether loading hands the model to ONNX's rewriters (`_inline_functions`,
+    `_convert_opset`), which need the weights inside it."""
+    from .graph import PLINIO_DOMAIN
+    return any(f.domain != PLINIO_DOMAIN for f in proto.functions) or \
+        _default_opset(proto) < WORKING_OPSET
 
 
 #: Above this many bytes of initializers the full checker is skipped (it serializes the whole
@@ -161,8 +215,8 @@ FULL_CHECK_BYTES = 64 * 1024**2
 def _check(proto: onnx.ModelProto, source: str) -> None:
     if sum(len(t.raw_data) for t in proto.graph.initializer) >= FULL_CHECK_BYTES:
         return
-    try:
-        onnx.checker.check_model(proto)
+    try:  # initializers still in their files are checked as inputs of their type and shape
+        onnx.checker.check_model(as_graph_inputs(proto))
     except onnx.checker.ValidationError as err:
         raise _located(err, source, "the model fails the ONNX checker") from None
 

@@ -658,12 +658,22 @@ def test_fused_masks_index_the_rows_of_a_weight_masked_along_its_rows_only():
     assert plan.rows.shape[1] == sum(int(np.prod(s)) for s in plan.shapes) < 2000
 
 
-@pytest.mark.parametrize("name", ["digits_cnn", "tcn"])
+def test_fused_masks_of_a_grouped_conv_index_channel_pairs_not_taps():
+    # G (8→6, 3x3, group 2) is masked along its rows (the input channel each row reads in its
+    # group) and its columns together: one factor entry and one index per (output, input)
+    # channel pair, broadcast over the 3x3 taps (the per-node equivalence, gradients included,
+    # is test_fused_training_follows_the_per_node_functions[grouped]).
+    plan = po.PIT(po.load(_grouped_model(shuffle=False))).module.pit_masks.plan
+    assert sorted(plan.shapes) == [(1, 6, 1, 1), (6, 4, 1, 1)]
+    assert plan.rows.shape[1] == 6 + 6 * 4
+
+
+@pytest.mark.parametrize("name", ["digits_cnn", "tcn", "grouped"])
 def test_fused_training_follows_the_per_node_functions(name):
     # Steps large enough to flip masks: the fused module (with the cost computed in its forward
     # from the second step on, and everything that depends on the masks reused while they do not
     # flip) and the per-node one train alike.
-    graph = po.load(MODELS / f"{name}.onnx")
+    graph = po.load(_grouped_model(shuffle=True) if name == "grouped" else MODELS / f"{name}.onnx")
     fused, reference = po.PIT(graph), _unfused_twin(graph)
     _random_nas(fused, seed=7)
     _copy_values(fused, reference)

@@ -152,11 +152,12 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
     def export(self, path: "str | os.PathLike | None" = None, **options) -> Graph:
         """Finalize the current architecture into a deployable graph; save it when ``path`` is
         given. ``options`` go to the finalizers (e.g. ``format="qdq"``)."""
-        deployable = unshare(finalize(self.searchable_graph(), **options), self.module)
+        deployable = finalize(self.searchable_graph(), **options)
         release_free_memory()  # the finalizers' transient copies (e.g. quantized integers)
-        if path is not None:
+        if path is not None:  # written from the arrays it still shares with the module
             deployable.save(path)
-        return deployable
+            release_free_memory()
+        return unshare(deployable, self.module)  # (copies, once the transients are gone)
 
 
 # -- compiled costs ---------------------------------------------------------------------------

@@ -158,17 +158,16 @@ def _part_indices(module, part, weight_shape, mask_plan: MaskPlan, groups: dict,
 
 def _factor_shape(weight_shape: tuple, arrays: list[np.ndarray]) -> tuple:
     """The shape of a weight's factor (`FactorPlan`): [1, *W.shape[1:]] where no mask lies
-    along the first axis; [W.shape[0], 1, …] where masks lie along the first axis only (a
-    MatMul's or a Gemm's [in, out] weight read by masked inputs: one factor entry, and one index,
-    per row rather than per weight entry); else W's shape."""
+    along the first axis; else the shape the masks' index arrays broadcast to — [W.shape[0], 1,
+    …] where masks lie along the first axis only (a MatMul's or a Gemm's [in, out] weight read
+    by masked inputs: one factor entry, and one index, per row rather than per weight entry),
+    [O, I/g, 1, 1] for a grouped Conv (one per output and input channel pair, not per tap)."""
     if len(weight_shape) < 2:
         return weight_shape
     along_first = weight_shape[0] != 1 and any(a.shape[0] != 1 for a in arrays)
     if not along_first:
         return (1,) + weight_shape[1:]
-    if all(d == 1 for a in arrays for d in a.shape[1:]):
-        return (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
-    return weight_shape
+    return tuple(int(d) for d in np.broadcast_shapes(*(a.shape for a in arrays)))
 
 
 def _factor_plan(module, chains) -> tuple[FactorPlan, dict]:

@@ -203,7 +203,9 @@ class FactorPlan:
     ``masks``' order); ``shapes``: every factor's ([1, *W.shape[1:]] when no mask lies along W's
     first axis: a product broadcasting over the first axis only, and its ∂/∂f a sum over it, are
     several times faster than broadcasting a [1, C, 1, 1] mask; [W.shape[0], 1, …] when masks
-    lie along the first axis only: an index per row, not per weight entry); ``thresholds``:
+    lie along the first axis only: an index per row, not per weight entry; else the shape the
+    masks broadcast to, e.g. a grouped Conv's [O, I/g, 1, 1]: one index per channel pair, not
+    per tap); ``thresholds``:
     every group's."""
 
     def __init__(self, masks: MaskPlan, shapes, rows, targets, thresholds) -> None:
@@ -224,6 +226,10 @@ class FactorPlan:
         state.setdefault("per_row", [False] * len(state["shapes"]))  # (pickled before per-row factors)
         self.__dict__.update(state)
         self._constants = {}
+
+    def broadcast_axes(self, i: int, weight_shape) -> tuple[int, ...]:
+        """The axes along which factor ``i`` broadcasts over its weight (∂/∂f sums over them)."""
+        return tuple(d for d, (f, w) in enumerate(zip(self.shapes[i], weight_shape)) if f == 1 and w != 1)
 
     def factor_grad_buffer(self, like: torch.Tensor) -> tuple:
         """A vector for ∂/∂(every factor, concatenated) like ``like``, and a view per factor of
@@ -324,6 +330,8 @@ class _MaskFactors(torch.autograd.Function):
                 torch.sum(product, 0, out=slots[i])
             elif plan.per_row[i]:
                 torch.sum(product, tuple(range(1, product.dim())), keepdim=True, out=slots[i])
+            elif plan.shapes[i] != product.shape:  # (a grouped Conv's: over the taps)
+                torch.sum(product, plan.broadcast_axes(i, product.shape), keepdim=True, out=slots[i])
             else:
                 slots[i].copy_(product)
         if ctx.others is not None:  # ∂f/∂(each row's entries): every row scattered at once
