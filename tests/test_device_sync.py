@@ -1,0 +1,165 @@
+"""No host round trips in a training step on a device.
+
+On a GPU every value read back to Python (``float(t)``, ``.item()``, ``.tolist()``, numpy, a
+tensor in an ``if``) waits for the device's queue to drain. The code paths a device takes are
+chosen by `plinio_onnx.host.runs_on_host`; these tests replace it to take them on the CPU and
+run a whole training step (forward, cost, backward, optimizer step) under `no_host_reads`,
+which fails on every host read made by plinio-onnx's code.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import plinio_onnx as po
+from plinio_onnx import host
+from plinio_onnx.data import random_inputs
+
+from _util import MODELS, random_architecture
+
+PACKAGE = Path(po.__file__).resolve().parent
+TORCH = Path(torch.__file__).resolve().parent
+#: torch's optimizers keep their step counts in host tensors (capturable=False) and read them
+#: there: no device round trip.
+HOST_SIDE = (TORCH / "optim",)
+
+#: The reads patched on `torch.Tensor` (a tensor's value back in Python) and in `torch`.
+TENSOR_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "__array__")
+TORCH_READS = ("equal",)
+
+
+class HostReadError(AssertionError):
+    """A training step read a tensor's value back to the host."""
+
+
+def _reader() -> Path | None:
+    """The file of the code that asked for a read: the innermost frame outside torch (None when
+    torch's own host-side code asked, or no plinio-onnx code did)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if any(path.is_relative_to(allowed) for allowed in HOST_SIDE):
+            return None
+        if not path.is_relative_to(TORCH):
+            return path if path.is_relative_to(PACKAGE) else None
+        frame = frame.f_back
+    return None
+
+
+def _guarded(name: str, original):
+    def guard(*args, **kwargs):
+        reader = _reader()
+        if reader is not None:
+            frame = sys._getframe(1)
+            while Path(frame.f_code.co_filename) != reader:
+                frame = frame.f_back
+            raise HostReadError(f"host read {name} in {reader.relative_to(PACKAGE.parent)}:{frame.f_lineno} "
+                                f"({frame.f_code.co_name}) during a training step on a device")
+        return original(*args, **kwargs)
+    return guard
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail (`HostReadError`, naming file, line and function) on every read of a tensor's value
+    back to Python made by plinio-onnx's code inside the block."""
+    saved = [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in TENSOR_READS]
+    saved += [(torch, name, getattr(torch, name)) for name in TORCH_READS]
+    try:
+        for owner, name, original in saved:
+            label = f"Tensor.{name}" if owner is torch.Tensor else f"torch.{name}"
+            setattr(owner, name, _guarded(label, original))
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+@pytest.fixture
+def device_paths(monkeypatch):
+    """The device forms of the code, on the CPU."""
+    monkeypatch.setattr(host, "runs_on_host", lambda tensor: False)
+
+
+def test_the_guard_names_a_read_in_the_package():
+    from plinio_onnx.functions.relaxation import Temperature
+    temperature = Temperature(lambda name: torch.ones(1), ["t"])
+    with no_host_reads(), pytest.raises(HostReadError, match=r"Tensor.__float__ in plinio_onnx/functions/relaxation.py"):
+        temperature.value
+    with no_host_reads():
+        assert float(torch.ones(())) == 1.0   # (the test's own reads pass)
+    assert temperature.value == 1.0           # (and every read after the block)
+
+
+# -- a training step of every method ---------------------------------------------------------------
+METHODS = {  # id: (class, model, options, random logits, random masks)
+    "pit": (po.PIT, "digits_cnn", {}, (), (".pit_alpha",)),
+    "pit-tcn": (po.PIT, "tcn", {}, (), (".pit_alpha", ".pit_beta", ".pit_gamma")),
+    "mps": (po.MPS, "digits_cnn", {"per_channel": False}, (".mps_w_alpha", ".mps_a_alpha"), ()),
+    "mps-per-channel": (po.MPS, "digits_cnn", {"zero_bit": True}, (".mps_w_alpha", ".mps_a_alpha"), ()),
+    "pit+mps": (po.MPS, "digits_cnn", {"pit": True}, (".mps_w_alpha", ".mps_a_alpha"), (".pit_alpha",)),
+    "supernet": (po.SuperNet, "digits_cnn", {}, (".supernet_logits",), ()),
+    "supernet+pit": (po.SuperNet, "digits_cnn", {"pit": True}, (".supernet_logits",), (".pit_alpha",)),
+    "odimo": (po.ODiMO, "digits_cnn", {}, (".mps_w_alpha",), ()),
+}
+
+
+def _model(method: str):
+    cls, name, options, logits, masks = METHODS[method]
+    torch.manual_seed(0)
+    model = cls(str(MODELS / f"{name}.onnx"), **options)
+    random_architecture(model, 0, logits, masks, below=0.3)
+    return model
+
+
+def _inputs(method: str, batch: int = 4) -> list[torch.Tensor]:
+    feeds = random_inputs(po.load(MODELS / f"{METHODS[method][1]}.onnx"), batch=batch, seed=0)
+    return [torch.from_numpy(v) for v in feeds.values()]
+
+
+def _steps(model, inputs, steps: int = 2) -> list[torch.Tensor]:
+    """``steps`` training steps (weights and architecture parameters, loss + 1e-6·cost); the
+    losses, as tensors."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        out = model(*inputs)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        loss = out.float().square().mean() + 1e-6 * model.cost
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_training_step_reads_nothing_back_on_a_device(method, device_paths):
+    model = _model(method)
+    inputs = _inputs(method)
+    with no_host_reads():
+        losses = _steps(model, inputs)
+    assert all(torch.isfinite(loss) for loss in losses)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_device_paths_train_as_the_host_paths(method, monkeypatch):
+    """The same steps from the same start: the same losses and parameters (within float rounding:
+    the device forms sum in another order) and the same architecture."""
+    host_model, device_model = _model(method), _model(method)
+    inputs = _inputs(method)
+    host_losses = _steps(host_model, inputs, steps=3)
+    monkeypatch.setattr(host, "runs_on_host", lambda tensor: False)
+    device_losses = _steps(device_model, inputs, steps=3)
+    monkeypatch.undo()
+    for a, b in zip(host_losses, device_losses):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for (name, a), (_, b) in zip(host_model.named_parameters(), device_model.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    assert device_model.architecture() == host_model.architecture()
+    torch.testing.assert_close(device_model.cost, host_model.cost)
