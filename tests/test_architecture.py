@@ -199,7 +199,7 @@ _ALLOWED = {
     "methods": {"cost", "finalize", "functions", "graph", "hardware", "heap", "host", "load", "passes", "records",
                 "sync", "to_torch", "errors"},
     "regularizers": {"errors", "host"},
-    "hardware": {"analysis", "cost", "load", "runtime", "errors", "passes", "finalize"},
+    "hardware": {"analysis", "cost", "host", "load", "runtime", "errors", "passes", "finalize"},
     "optimize": {"atomic", "cost", "data", "errors", "finite", "graph", "hardware", "load", "methods", "regularizers",
                  "runtime", "sync",
                  "to_torch", "analysis", "finalize", "functions", "host", "passes", "records"},

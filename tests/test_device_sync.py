@@ -27,9 +27,12 @@ TORCH = Path(torch.__file__).resolve().parent
 #: there: no device round trip.
 HOST_SIDE = (TORCH / "optim",)
 
-#: The reads patched on `torch.Tensor` (a tensor's value back in Python) and in `torch`.
+#: The reads patched on `torch.Tensor` (a tensor's value back in Python) and in `torch`; and the
+#: constructors from host data, a copy to the device that waits for it on CUDA (constants are
+#: made once per device: the guarded steps follow a first, unguarded one).
 TENSOR_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy", "__array__")
 TORCH_READS = ("equal",)
+HOST_DATA = ("tensor", "as_tensor", "from_numpy")
 
 
 class HostReadError(AssertionError):
@@ -57,7 +60,8 @@ def _guarded(name: str, original):
             frame = sys._getframe(1)
             while Path(frame.f_code.co_filename) != reader:
                 frame = frame.f_back
-            raise HostReadError(f"host read {name} in {reader.relative_to(PACKAGE.parent)}:{frame.f_lineno} "
+            what = "host data copied to the device by" if name.split(".")[-1] in HOST_DATA else "host read"
+            raise HostReadError(f"{what} {name} in {reader.relative_to(PACKAGE.parent)}:{frame.f_lineno} "
                                 f"({frame.f_code.co_name}) during a training step on a device")
         return original(*args, **kwargs)
     return guard
@@ -68,7 +72,7 @@ def no_host_reads():
     """Fail (`HostReadError`, naming file, line and function) on every read of a tensor's value
     back to Python made by plinio-onnx's code inside the block."""
     saved = [(torch.Tensor, name, getattr(torch.Tensor, name)) for name in TENSOR_READS]
-    saved += [(torch, name, getattr(torch, name)) for name in TORCH_READS]
+    saved += [(torch, name, getattr(torch, name)) for name in TORCH_READS + HOST_DATA]
     try:
         for owner, name, original in saved:
             label = f"Tensor.{name}" if owner is torch.Tensor else f"torch.{name}"
@@ -121,29 +125,33 @@ def _inputs(method: str, batch: int = 4) -> list[torch.Tensor]:
     return [torch.from_numpy(v) for v in feeds.values()]
 
 
-def _steps(model, inputs, steps: int = 2) -> list[torch.Tensor]:
-    """``steps`` training steps (weights and architecture parameters, loss + 1e-6·cost); the
-    losses, as tensors."""
+def _steps(model, inputs, steps: int = 2, guard=contextlib.nullcontext) -> list[torch.Tensor]:
+    """``steps`` training steps (weights and architecture parameters, loss + 1e-6·cost), all but
+    the first under ``guard()``; the losses, as tensors."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []
-    for _ in range(steps):
-        out = model(*inputs)
-        out = out if isinstance(out, torch.Tensor) else out[0]
-        loss = out.float().square().mean() + 1e-6 * model.cost
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.detach())
+    for step in range(steps):
+        with guard() if step else contextlib.nullcontext():
+            losses.append(_step(model, inputs, optimizer))
     return losses
+
+
+def _step(model, inputs, optimizer) -> torch.Tensor:
+    out = model(*inputs)
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    loss = out.float().square().mean() + 1e-6 * model.cost
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_training_step_reads_nothing_back_on_a_device(method, device_paths):
     model = _model(method)
     inputs = _inputs(method)
-    with no_host_reads():
-        losses = _steps(model, inputs)
+    losses = _steps(model, inputs, steps=3, guard=no_host_reads)
     assert all(torch.isfinite(loss) for loss in losses)
 
 

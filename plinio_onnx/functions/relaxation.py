@@ -105,6 +105,11 @@ class Temperature:
     def value(self) -> float:
         return float(self.tensor(self.names[0])) if self.names else self.default
 
+    def as_tensor(self) -> "torch.Tensor | float":
+        """T as the buffer itself (no host read: the value a device's step divides by), or
+        ``default`` when nothing is relaxed."""
+        return self.tensor(self.names[0]) if self.names else self.default
+
     def set(self, value: float) -> None:
         value = check_temperature(value)
         with torch.no_grad():
