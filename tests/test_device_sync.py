@@ -171,3 +171,40 @@ def test_the_device_paths_train_as_the_host_paths(method, monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
     assert device_model.architecture() == host_model.architecture()
     torch.testing.assert_close(device_model.cost, host_model.cost)
+
+
+# -- the optimize flow's per-step control ----------------------------------------------------------
+def _controlled_steps(method: str, steps: int, guard=contextlib.nullcontext):
+    """``steps`` steps of a cost-constrained search's control (`TargetControl`, re-keeping off:
+    it edits the architecture on the host) on ``method``'s model, the first unguarded; the
+    control's state after `flush`."""
+    from plinio_onnx.optimize.config import Recipe
+    from plinio_onnx.optimize.control import make_control
+    model = _model(method)
+    inputs = _inputs(method)
+    with torch.no_grad():
+        initial = float(model.cost_of(po.cost.params))
+    state = {"step": 0, "lam": 1.0, "lambdas": {"params": 1.0}, "initial_costs": {"params": initial}}
+    control = make_control("constraint", Recipe(floor=0.0, lambda_up=1.5, lambda_down=0.5), {"params": 0.9 * initial},
+                           {"params": po.cost.params}, model, state, total_steps=steps, epochs=1)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for step in range(steps):
+        with guard() if step else contextlib.nullcontext():
+            out = model(*inputs)
+            loss = (out if isinstance(out, torch.Tensor) else out[0]).square().mean() + control.regularizer()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            control.after_step()
+    control.flush()
+    return state
+
+
+@pytest.mark.parametrize("method", ["pit", "mps"])
+def test_the_target_control_keeps_lambda_on_the_device_and_decides_as_the_host(method, monkeypatch):
+    on_host = _controlled_steps(method, 4)
+    monkeypatch.setattr(host, "runs_on_host", lambda tensor: False)
+    on_device = _controlled_steps(method, 4, guard=no_host_reads)
+    assert on_device == on_host          # λ bit for bit, the step count
+    assert on_host["lambdas"]["params"] != 1.0   # (λ moved)

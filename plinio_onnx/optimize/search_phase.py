@@ -227,6 +227,8 @@ class _SearchPhase:
         run, state, model = self.run, self.state, self.model
         train_loss = run.train_epoch("search", model, [self.net_opt, self.nas_opt], epoch, self.epochs,
                                      self.regularizer, self.after_step)
+        if self.control is not None:
+            self.control.flush()   # (λ kept on a device during the epoch)
         model.after_search_epoch(epoch, self.epochs)
         scores = run.evaluate(model)
         with torch.no_grad():
