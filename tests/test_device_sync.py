@@ -106,7 +106,9 @@ METHODS = {  # id: (class, model, options, random logits, random masks)
     "mps": (po.MPS, "digits_cnn", {"per_channel": False}, (".mps_w_alpha", ".mps_a_alpha"), ()),
     "mps-per-channel": (po.MPS, "digits_cnn", {"zero_bit": True}, (".mps_w_alpha", ".mps_a_alpha"), ()),
     "pit+mps": (po.MPS, "digits_cnn", {"pit": True}, (".mps_w_alpha", ".mps_a_alpha"), (".pit_alpha",)),
+    "mps-gumbel": (po.MPS, "digits_cnn", {"sampling": "gumbel_hard"}, (".mps_w_alpha", ".mps_a_alpha"), ()),
     "supernet": (po.SuperNet, "digits_cnn", {}, (".supernet_logits",), ()),
+    "supernet-gumbel": (po.SuperNet, "digits_cnn", {"sampling": "gumbel"}, (".supernet_logits",), ()),
     "supernet+pit": (po.SuperNet, "digits_cnn", {"pit": True}, (".supernet_logits",), (".pit_alpha",)),
     "odimo": (po.ODiMO, "digits_cnn", {}, (".mps_w_alpha",), ()),
 }
@@ -161,8 +163,10 @@ def test_the_device_paths_train_as_the_host_paths(method, monkeypatch):
     the device forms sum in another order) and the same architecture."""
     host_model, device_model = _model(method), _model(method)
     inputs = _inputs(method)
+    torch.manual_seed(1)   # (the same Gumbel noise)
     host_losses = _steps(host_model, inputs, steps=3)
     monkeypatch.setattr(host, "runs_on_host", lambda tensor: False)
+    torch.manual_seed(1)
     device_losses = _steps(device_model, inputs, steps=3)
     monkeypatch.undo()
     for a, b in zip(host_losses, device_losses):
