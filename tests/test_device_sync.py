@@ -103,6 +103,8 @@ def test_the_guard_names_a_read_in_the_package():
 METHODS = {  # id: (class, model, options, random logits, random masks)
     "pit": (po.PIT, "digits_cnn", {}, (), (".pit_alpha",)),
     "pit-tcn": (po.PIT, "tcn", {}, (), (".pit_alpha", ".pit_beta", ".pit_gamma")),
+    "pit-tcn-layer-by-layer": (po.PIT, "tcn", {"cost": lambda spec: po.cost.params(spec)}, (),
+                               (".pit_alpha", ".pit_beta", ".pit_gamma")),
     "mps": (po.MPS, "digits_cnn", {"per_channel": False}, (".mps_w_alpha", ".mps_a_alpha"), ()),
     "mps-per-channel": (po.MPS, "digits_cnn", {"zero_bit": True}, (".mps_w_alpha", ".mps_a_alpha"), ()),
     "pit+mps": (po.MPS, "digits_cnn", {"pit": True}, (".mps_w_alpha", ".mps_a_alpha"), (".pit_alpha",)),

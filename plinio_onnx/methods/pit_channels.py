@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import host
 from ..cost import LayerSpec
 from ..functions import pit as fn
 from ..functions.pit_keep import block_index, group_keep, kernel_plan
@@ -233,6 +234,9 @@ class PITChannels:
         if self.discrete_cost:
             taps = fn.taps(beta, gamma, gamma_map, self.threshold)
             counted = taps.sum(dtype=torch.float64)
+            if not host.runs_on_host(taps):   # (the same, decided on the device)
+                exported = fn.exported_taps(taps, entry.dilation, tuple(entry.pads)).to(torch.float64)
+                return counted + (exported - counted).detach()
             if bool(taps.detach().all()):
                 return counted  # every tap kept: the kernel is exported as it is
             # Value: the exported kernel (zero alignment taps included); gradient: the tap count.
