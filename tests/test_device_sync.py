@@ -102,6 +102,7 @@ def test_the_guard_names_a_read_in_the_package():
 # -- a training step of every method ---------------------------------------------------------------
 METHODS = {  # id: (class, model, options, random logits, random masks)
     "pit": (po.PIT, "digits_cnn", {}, (), (".pit_alpha",)),
+    "pit-blocks": (po.PIT, "resnet8", {"channel_multiple": 4}, (), (".pit_alpha",)),
     "pit-tcn": (po.PIT, "tcn", {}, (), (".pit_alpha", ".pit_beta", ".pit_gamma")),
     "pit-tcn-layer-by-layer": (po.PIT, "tcn", {"cost": lambda spec: po.cost.params(spec)}, (),
                                (".pit_alpha", ".pit_beta", ".pit_gamma")),

@@ -58,7 +58,7 @@ class CountPlan:
         self.kernels = np.asarray(masks.kernels, dtype=np.float64)
         self.weights = np.concatenate([masks.entry_weights, np.ones(masks.taps + 1)])
         self.blocked = bool(np.any(masks.entry_weights != 1))
-        self._on_device: dict = {}  # device -> (segment, position, weights) as tensors
+        self._placed: dict = {}  # device -> (segment, position, weights and the sink's 1) as tensors
 
     def with_cost(self, cost) -> "CountPlan":
         """This plan computing ``cost`` (bound to its counts' positions)."""
@@ -109,11 +109,11 @@ class CountPlan:
 
     # -- on a device: the same with tensor ops only (no host read) ---------------------------------
     def _device_constants(self, device) -> tuple:
-        if device not in self._on_device:
-            self._on_device[device] = (torch.as_tensor(self.segment, device=device),
-                                       torch.as_tensor(self.position, device=device),
-                                       torch.as_tensor(self.weights, dtype=torch.float64, device=device))
-        return self._on_device[device]
+        if device not in self._placed:
+            self._placed[device] = (torch.as_tensor(self.segment, device=device),
+                                    torch.as_tensor(self.position, device=device),
+                                    torch.as_tensor(np.append(self.weights, 1.0), dtype=torch.float64, device=device))
+        return self._placed[device]
 
     def device_values(self, extended: torch.Tensor) -> torch.Tensor:
         """`values` as a float64 tensor on ``extended``'s device (the exported taps of every
@@ -121,7 +121,7 @@ class CountPlan:
         segment, _, weights = self._device_constants(extended.device)
         weighted = extended.detach().to(torch.float64)
         if self.blocked:
-            weighted = weighted * weights[:-1]
+            weighted = weighted * weights[:-1]   # (the sink is no entry of ``extended``)
         x = torch.zeros(self.size, dtype=torch.float64, device=extended.device).index_add_(0, segment, weighted)
         if self.masks.times:
             start, groups = self.masks.channels, len(self.masks.groups)
