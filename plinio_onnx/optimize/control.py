@@ -153,7 +153,10 @@ class TargetControl(_Control):
     def after_step(self) -> None:
         """Adapt every λ to the step's cost, re-keep what fell below the floors, advance the
         schedules."""
-        # Re-keeping changes no cost λ was measured on, so it may run before λ moves on.
+        # Re-keeping changes no cost λ was measured on, so it may run before λ moves on. It is the
+        # step's one host read on a device: which masks crossed the threshold, which of them are
+        # the most marginal and when the cost is back at its floor are decided one mask at a time
+        # on the host (the same on every rank: the parameters are). ``floor`` 0 turns it off.
         if self.restoring:
             cost, floor = self._one_or_worst({kind: self.r.floor * aim for kind, aim in self.aims().items()})
             restored = self.model.restore_marginal(cost, floor, self._before)
@@ -209,7 +212,8 @@ class _DeviceLambdas:
                 continue
             aim, lam, last = a.aim(cost), self.lam[label], self.last[label]
             lowered = torch.clamp_min(lam * a.lambda_down, a.min_strength)
-            self.lam[label] = torch.where(last > aim, lam * a.lambda_up, torch.where(last < a.relax * aim, lowered, lam))
+            kept_or_lowered = torch.where(last < a.relax * aim, lowered, lam)
+            self.lam[label] = torch.where(last > aim, lam * a.lambda_up, kept_or_lowered)
         a.state["step"] += 1
 
     def flush(self) -> None:
