@@ -111,7 +111,6 @@ METHODS = {  # id: (class, model, options, random logits, random masks)
     "mps-per-channel": (po.MPS, "digits_cnn", {"zero_bit": True}, (".mps_w_alpha", ".mps_a_alpha"), ()),
     "pit+mps": (po.MPS, "digits_cnn", {"pit": True}, (".mps_w_alpha", ".mps_a_alpha"), (".pit_alpha",)),
     "mps-gumbel": (po.MPS, "digits_cnn", {"sampling": "gumbel_hard"}, (".mps_w_alpha", ".mps_a_alpha"), ()),
-    "supernet": (po.SuperNet, "digits_cnn", {}, (".supernet_logits",), ()),
     "supernet-gumbel": (po.SuperNet, "digits_cnn", {"sampling": "gumbel"}, (".supernet_logits",), ()),
     "supernet+pit": (po.SuperNet, "digits_cnn", {"pit": True}, (".supernet_logits",), (".pit_alpha",)),
     "odimo": (po.ODiMO, "digits_cnn", {}, (".mps_w_alpha",), ()),
