@@ -36,10 +36,12 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from .. import host
 from ..graph import PLINIO_DOMAIN
 from ..to_torch.context import NodeContext
 from ..to_torch.registry import Unsupported, register
 from . import make_function
+from .mps_device import DeviceActQuant, DeviceWeightQuant
 from .mps_train import ActPlan, MixedActQuant, MixedWeightQuant, Scratch, WeightPlan
 from .relaxation import FIXED, SAMPLINGS, SOFTMAX, choice_weights, is_sampling, sampling_mode
 
@@ -275,6 +277,7 @@ class ActQuantizer(torch.nn.Module):
         self._scratch = Scratch()
         self._mixture = act_plan(self.bits, self.signed)
         self._single = [act_plan((b,), self.signed, exact=True) for b in self.bits]  # eval's ops
+        self._on_device = DeviceActQuant(self._mixture, act_plan(self.bits, self.signed, exact=True))
 
     def forward(self, x, alpha, clip, temperature):
         if self.calibrating:
@@ -282,6 +285,8 @@ class ActQuantizer(torch.nn.Module):
             self.clip_id = id(clip)
             p = int(alpha.argmax())  # biases meanwhile see the eval-time scale
             return x, act_scale(clip[p:p + 1].detach(), self.bits[p], self.signed)
+        if not host.runs_on_host(x):  # the same without host reads (see mps_device)
+            return self._on_device(x, alpha, clip, temperature, self.sampling, self.training)
         if not self.training or self.sampling == FIXED:  # argmax, as exported (PACT gradients still)
             p = int(alpha.argmax())
             if not (torch.is_grad_enabled() and (x.requires_grad or clip.requires_grad)):
@@ -299,14 +304,17 @@ class WeightQuantizer(torch.nn.Module):
         super().__init__()
         self.bits, self.axis, self.reduce_axes, self.sampling = tuple(bits), axis, list(reduce_axes), sampling
         self._plan = WeightPlan(self.bits, axis, tuple(self.reduce_axes))
+        self._on_device = DeviceWeightQuant(self._plan)
 
     def forward(self, weight, alpha, temperature):
         if not self.training or self.sampling == FIXED:
-            table, rank = torch.tensor(self.bits, dtype=weight.dtype, device=weight.device), weight.dim()
+            table, rank = self._on_device.table(weight), weight.dim()   # (made once per device)
             bits = broadcast_bits(table[alpha.argmax(0)], rank, self.axis)
             y, s = weight_fake_quant(weight, bits, self.reduce_axes)
             return y, s.reshape(-1)
         theta = choice_weights(alpha, temperature, self.sampling, True)  # [P] or [P, C]
+        if not host.runs_on_host(weight):  # the same without host reads (see mps_device)
+            return self._on_device(weight, theta)
         return MixedWeightQuant.apply(weight, theta, self._plan)
 
 

@@ -163,6 +163,30 @@ class _Taps(torch.autograd.Function):
         return grad_beta, grad_gamma, None, None
 
 
+def exported_taps(mask: torch.Tensor, dilation: int, pads: tuple[int, int]) -> torch.Tensor:
+    """The number of taps `plinio_onnx.functions.pit_keep.kernel_plan` exports for the 0/1 tap
+    ``mask`` of a Conv1d (oldest tap first), as an int64 tensor computed on the mask's device
+    with no host read: kept taps forming a progression of step s that ends at the newest tap
+    export as n taps at dilation d·s, plus the zero taps that keep a left pad of
+    p0 − first·d from going negative (one when n = 1, else ⌈−pad/(d·s)⌉); any other mask exports
+    the whole kernel."""
+    kernel = mask.shape[0]
+    positions = torch.arange(kernel, device=mask.device)
+    kept = mask.detach() > 0
+    count = kept.sum()
+    first = torch.where(kept, positions, kernel).amin()
+    last = torch.where(kept, positions, -1).amax()
+    second = torch.where(kept & (positions > first), positions, kernel).amin()
+    step = torch.where(count > 1, second - first, 1)
+    on_grid = torch.where(kept, (positions - first) % step, 0).amax() == 0
+    regular = (last == kernel - 1) & on_grid & (count == (last - first) // step + 1)
+    begin = int(pads[0]) - first * int(dilation)
+    widened = int(dilation) * step
+    extra = torch.where(count == 1, 1, torch.div(-begin + widened - 1, widened, rounding_mode="floor"))
+    extra = torch.where(begin < 0, extra, 0)
+    return torch.where(regular & (count < kernel), count + extra, kernel)
+
+
 def channel_mask(alpha: torch.Tensor, threshold: float) -> torch.Tensor:
     return _ChannelMask.apply(alpha, threshold)
 

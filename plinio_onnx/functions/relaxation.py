@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import host
 from ..errors import SettingError
 
 SOFTMAX, HARD, GUMBEL, GUMBEL_HARD = "softmax", "hard", "gumbel", "gumbel_hard"
@@ -65,11 +66,25 @@ def one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
 def relaxed_weights(logits: torch.Tensor, temperature: "torch.Tensor | float", sampling: str) -> torch.Tensor:
     """The training-mode θ over dim 0 of ``logits`` for a sampling of `SAMPLINGS`."""
     if sampling in (GUMBEL, GUMBEL_HARD):
+        if isinstance(temperature, torch.Tensor) and not host.runs_on_host(temperature):
+            return _gumbel_softmax(logits, temperature, sampling == GUMBEL_HARD)
         return F.gumbel_softmax(logits, tau=float(temperature), hard=sampling == GUMBEL_HARD, dim=0)
     soft = torch.softmax(logits / temperature, dim=0)
     if sampling == HARD:
         return one_hot_argmax(logits) + (soft - soft.detach())
     return soft
+
+
+def _gumbel_softmax(logits: torch.Tensor, temperature: torch.Tensor, hard: bool) -> torch.Tensor:
+    """``F.gumbel_softmax(logits, tau=T, hard=hard, dim=0)`` with T a tensor (``tau`` must be a
+    number: reading it would wait for a device): the same noise draw, the same ops."""
+    gumbels = -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log()
+    soft = ((logits + gumbels) / temperature).softmax(0)
+    if not hard:
+        return soft
+    one_hot = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format).scatter_(
+        0, soft.max(0, keepdim=True)[1], 1.0)
+    return one_hot - soft.detach() + soft
 
 
 def choice_weights(logits: torch.Tensor, temperature: "torch.Tensor | float", sampling: str,
@@ -104,6 +119,11 @@ class Temperature:
     @property
     def value(self) -> float:
         return float(self.tensor(self.names[0])) if self.names else self.default
+
+    def as_tensor(self) -> "torch.Tensor | float":
+        """T as the buffer itself (no host read: the value a device's step divides by), or
+        ``default`` when nothing is relaxed."""
+        return self.tensor(self.names[0]) if self.names else self.default
 
     def set(self, value: float) -> None:
         value = check_temperature(value)

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from .. import host
 from ..cost import LayerSpec
 from .layer import Planar, bits_or, planar
 from .rounding import at_least, ceil_div, clamp, is_tensor, maximum
@@ -72,9 +75,24 @@ def _ox_unroll(ch_out: Any, ch_in: Any, k_x: Any, k_y: Any) -> int:
     """ComputeOxUnrollSTE: the largest output-row unrolling u ∈ {1, 2, 4, 8} with u·C_out ≤ 512
     and (u + k_x − 1)·max(64, C_in)·k_y ≤ 1152 (1 when none fits). Piecewise constant, so no
     gradient (ours; PLiNIO hands the incoming gradient to C_out)."""
+    counted = next((v for v in (ch_out, ch_in, k_x, k_y) if is_tensor(v)), None)
+    if counted is not None and not host.runs_on_host(counted):
+        return _ox_unroll_on_device(ch_out, ch_in, k_x, k_y, counted)
     ch_out, ch_in, k_x, k_y = (float(v.detach()) if is_tensor(v) else float(v) for v in (ch_out, ch_in, k_x, k_y))
     fitting = [u for u in OX_UNROLLS if u * ch_out <= 512 and (u + k_x - 1) * max(64.0, ch_in) * k_y <= 1152]
     return max(fitting, default=1)
+
+
+def _ox_unroll_on_device(ch_out: Any, ch_in: Any, k_x: Any, k_y: Any, like: torch.Tensor) -> torch.Tensor:
+    """`_ox_unroll` as a float64 tensor on ``like``'s device, decided there (no host read)."""
+    ch_out, ch_in, k_x, k_y = (v.detach().to(torch.float64) if is_tensor(v)
+                               else torch.full((), float(v), dtype=torch.float64, device=like.device)
+                               for v in (ch_out, ch_in, k_x, k_y))
+    unroll = torch.ones((), dtype=torch.float64, device=like.device)
+    for u in sorted(OX_UNROLLS):   # the largest that fits wins
+        fits = (u * ch_out <= 512) & ((u + k_x - 1) * ch_in.clamp_min(64.0) * k_y <= 1152)
+        unroll = torch.where(fits, float(u), unroll)
+    return unroll
 
 
 def _analog_cycles(layer: Planar, ch_out: Any) -> Any:

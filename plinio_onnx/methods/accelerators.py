@@ -120,7 +120,10 @@ class ParallelLatency:
         if not any(isinstance(c, torch.Tensor) for c in costs):
             if self.reduction == "max" or len(costs) == 1:
                 return max(costs)
-        stacked = torch.stack([torch.as_tensor(c, dtype=torch.float64).reshape(()) for c in costs])
+        # (numbers filled in on the tensors' device: no host-to-device copy, no mixed devices)
+        device = next(c for c in costs if isinstance(c, torch.Tensor)).device
+        stacked = torch.stack([c.to(torch.float64).reshape(()) if isinstance(c, torch.Tensor)
+                               else torch.full((), float(c), dtype=torch.float64, device=device) for c in costs])
         if self.reduction == "max":
             return stacked.amax()
         return torch.dot(torch.softmax(stacked, 0), stacked)

@@ -158,7 +158,7 @@ class MPS(relaxation.Annealed, SearchableModel):
         if layer is None:
             return None
         theta = self._theta(self.tensor(layer.alpha)).to(torch.float64)
-        table = torch.tensor(layer.bits, dtype=torch.float64, device=theta.device)
+        table = self._bits_table(layer.bits, theta.device)
         expected = (theta * (table[:, None] if theta.dim() == 2 else table)).sum(0)
         if expected.dim() == 0:
             return expected
@@ -175,7 +175,15 @@ class MPS(relaxation.Annealed, SearchableModel):
             return None
         act = self._activations[layer.activation]
         theta = self._theta(self.tensor(act.alpha)).to(torch.float64)
-        return (theta * torch.tensor(act.bits, dtype=torch.float64, device=theta.device)).sum()
+        return (theta * self._bits_table(act.bits, theta.device)).sum()
+
+    def _bits_table(self, bits, device) -> torch.Tensor:
+        """``bits`` as float64 on ``device``, made once (a copy per cost would wait for a device)."""
+        tables = self.__dict__.setdefault("_bits_tables", {})
+        key = (tuple(bits), device)
+        if key not in tables:
+            tables[key] = torch.tensor(bits, dtype=torch.float64, device=device)
+        return tables[key]
 
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:
         if self.pit is not None:

@@ -80,7 +80,6 @@ class ODiMO(MPS):
         # One activation precision (the accelerators'): a layer's input bits are a constant.
         self._input_bits = {node: int(self._activations[layer.activation].bits[0])
                             for node, layer in self._layers.items()}
-        self._bit_tables = {node: torch.tensor(layer.bits, dtype=torch.float64) for node, layer in self._layers.items()}
 
     # -- effective architecture ---------------------------------------------------------------
     def channels_per_accelerator(self, node: str) -> dict[str, torch.Tensor] | None:
@@ -104,7 +103,7 @@ class ODiMO(MPS):
         theta = self._theta(self.tensor(layer.alpha).to(torch.float64))
         counts = theta.sum(1) if mapped.per_channel else theta * float(layer.channels)
         effective = copy.copy(spec)   # `LayerSpec.with_` without dataclasses.replace's cost
-        effective.weight_bits = (counts * self._bit_tables[spec.name]).sum() / float(layer.channels)
+        effective.weight_bits = (counts * self._bits_table(layer.bits, counts.device)).sum() / float(layer.channels)
         effective.input_bits = self._input_bits[spec.name]
         effective.extra = {**spec.extra, CHANNELS_KEY: dict(zip(mapped.accelerators, counts.unbind()))}
         return effective

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import host
 from ..cost import LayerSpec
 from ..functions import pit as fn
 from ..functions.pit_keep import block_index, group_keep, kernel_plan
@@ -111,14 +112,30 @@ class PITChannels:
         self._time = {entry.node: entry for entry in info.time}
         self._compiled: dict = {}   # cost model -> its `CompiledCost` (None: not a polynomial)
         self._count_plans: dict = {}  # (compiled cost, threshold) -> (CountPlan, attributes)
+        self._placed: dict = {}       # (what, device) -> a constant index or count tensor there
 
     def tensor(self, onnx_name: str) -> torch.Tensor:
         return self.module.initializer(self._attr[onnx_name])
 
+    def _on(self, key, device, make) -> torch.Tensor:
+        """The constant tensor ``make()`` (on the host) on ``device``, copied there once: a copy
+        in every cost evaluation would wait for a device's queue."""
+        placed = self._placed.get((key, device))
+        if placed is None:
+            placed = self._placed[(key, device)] = make().to(device)
+        return placed
+
+    def _index(self, channels, device) -> torch.Tensor:
+        """``channels`` (a list of indices) as an index tensor on ``device``."""
+        return self._on(("channels", tuple(channels)), device, lambda: torch.as_tensor(channels))
+
+    def _atoms(self, gid: int, device) -> torch.Tensor:
+        return self._on(("atoms", gid), device, lambda: self._atom_order[gid])
+
     def _per_channel(self, name: str, entries: torch.Tensor) -> torch.Tensor:
         """Values per entry of mask parameter ``name`` spread over the channels they mask."""
         blocks = self._blocks.get(name)
-        return entries if blocks is None else entries[blocks[0].to(entries.device)]
+        return entries if blocks is None else entries[self._on(("blocks", name), entries.device, lambda: blocks[0])]
 
     # -- lookups ------------------------------------------------------------------------------
     def output_group(self, node: str) -> tuple[int, list[int] | None] | None:
@@ -154,8 +171,8 @@ class PITChannels:
             return None
         gid, channels = where
         keeps = [self._per_channel(n, fn.binarize(fn._theta(self.tensor(n)), self.threshold)) for n in name]
-        keep = keeps[0] if gid not in self._atom_order else torch.cat(keeps)[self._atom_order[gid]]
-        return keep if channels is None else keep[torch.as_tensor(channels)]
+        keep = keeps[0] if gid not in self._atom_order else torch.cat(keeps)[self._atoms(gid, keeps[0].device)]
+        return keep if channels is None else keep[self._index(channels, keep.device)]
 
     # -- counts -------------------------------------------------------------------------------
     def _count(self, name: str) -> torch.Tensor:
@@ -166,7 +183,7 @@ class PITChannels:
         blocks = self._blocks.get(name)
         if blocks is None:
             return kept.sum(dtype=torch.float64)
-        return kept.to(torch.float64) @ blocks[1].to(alpha.device)
+        return kept.to(torch.float64) @ self._on(("block sizes", name), alpha.device, lambda: blocks[1])
 
     def channels(self, gid: int, counting: Counting = DIRECT) -> torch.Tensor | int:
         """Effective channel count of analysis group ``gid`` (static when not searched)."""
@@ -185,7 +202,11 @@ class PITChannels:
         if self._alpha.get(gid) is None:
             return len(channels)
         return counting.per_channel(("part", gid, tuple(channels)),
-                                    lambda: self._group_vector(gid)[torch.as_tensor(channels)].sum())
+                                    lambda: self._part_sum(gid, channels))
+
+    def _part_sum(self, gid: int, channels: list[int]) -> torch.Tensor:
+        vector = self._group_vector(gid)
+        return vector[self._index(channels, vector.device)].sum()
 
     def _group_vector(self, gid: int) -> torch.Tensor:
         """float64 kept value (0/1, or |θ| for a continuous cost) of every channel of group ``gid``."""
@@ -197,7 +218,8 @@ class PITChannels:
         name = self._alpha[gid]
         if gid not in self._atom_order:  # one mask parameter for the whole group
             return values(name[0])
-        return torch.cat([values(n) for n in name])[self._atom_order[gid]]
+        pieces = [values(n) for n in name]
+        return torch.cat(pieces)[self._atoms(gid, pieces[0].device)]
 
     def kernel(self, node: str, static: int, counting: Counting = DIRECT):
         """Effective kernel size of Conv1d ``node`` (``static`` when its taps are not searched)."""
@@ -212,6 +234,9 @@ class PITChannels:
         if self.discrete_cost:
             taps = fn.taps(beta, gamma, gamma_map, self.threshold)
             counted = taps.sum(dtype=torch.float64)
+            if not host.runs_on_host(taps):   # (the same, decided on the device)
+                exported = fn.exported_taps(taps, entry.dilation, tuple(entry.pads)).to(torch.float64)
+                return counted + (exported - counted).detach()
             if bool(taps.detach().all()):
                 return counted  # every tap kept: the kernel is exported as it is
             # Value: the exported kernel (zero alignment taps included); gradient: the tap count.
@@ -284,7 +309,8 @@ class PITChannels:
             if self._alpha.get(gid) is None:
                 pieces.append(end - start)   # unsearched: all kept (ones on the masks' device below)
             else:
-                pieces.append(self._group_vector(gid)[torch.as_tensor(channels[start:end])])
+                vector = self._group_vector(gid)
+                pieces.append(vector[self._index(channels[start:end], vector.device)])
         device = next(p for p in pieces if isinstance(p, torch.Tensor)).device
         return torch.cat([torch.ones(p, dtype=torch.float64, device=device) if isinstance(p, int) else p
                           for p in pieces])

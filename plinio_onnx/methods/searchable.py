@@ -18,6 +18,7 @@ from ..errors import PlinioOnnxError
 from ..finalize import finalize
 from ..graph import Graph
 from ..heap import release_free_memory
+from .. import host
 from ..load import load
 from ..sync import sync, unshare
 from ..to_torch import to_torch
@@ -356,7 +357,7 @@ class CompiledCost:
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         """The cost at ``x`` (no autograd; in numpy on the CPU: a few tiny ops)."""
-        if not self.keys or x.device.type == "cpu":
+        if not self.keys or host.runs_on_host(x):
             return torch.tensor(self.value_np(x.detach().numpy()) if self.keys else float(self.constant),
                                 dtype=torch.float64, device=x.device)
         index, _, _, numerators = self._tensors(x.device)
@@ -364,7 +365,7 @@ class CompiledCost:
 
     def grad(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """∂cost/∂x · ``grad`` (no autograd)."""
-        if x.device.type == "cpu":
+        if host.runs_on_host(x):
             return torch.from_numpy(self.grad_np(x.detach().numpy(), float(grad)))
         result = torch.zeros_like(x)
         if not self.keys:

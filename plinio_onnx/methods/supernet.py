@@ -150,7 +150,7 @@ class SuperNet(relaxation.Annealed, SearchableModel):
     def _theta(self, choice: ChoiceRecord) -> torch.Tensor:
         logits = self.tensor(choice.logits).to(torch.float64)
         sampling = relaxation.HARD if self.discrete_cost else relaxation.SOFTMAX
-        return relaxation.choice_weights(logits, self.temperature, sampling, self.training)
+        return relaxation.choice_weights(logits, self.relaxation_temperature.as_tensor(), sampling, self.training)
 
     def effective_spec(self, spec: LayerSpec, counting: Counting | None = None) -> LayerSpec:
         """The layer as PIT's masks leave it (kept channels and taps); as it is without PIT.

@@ -155,8 +155,8 @@ class _SearchPhase:
         steps = (self.epochs - start) * self.run.steps_per_epoch()
         self.control = make_control(self.regularizer_name, r, self.targets, self.refs, self.model, self.state,
                                     steps, self.epochs - start)
-        # λ adapts to each step's discrete cost, read on the host: the one device→host copy of a
-        # step on a GPU besides the PIT counts (identical on every rank: the parameters are).
+        # λ adapts to each step's discrete cost on the cost's device (no host read: `flush` writes
+        # it back once per epoch); identical on every rank, as the parameters are.
         self.regularizer, self.after_step = self.control.regularizer, self.control.after_step
         self.ramp_epochs = start + math.ceil(self.control.ramp * (self.epochs - start))
         self.control.settle(self.net_opt, r.lr_net, 0.05)
@@ -227,6 +227,8 @@ class _SearchPhase:
         run, state, model = self.run, self.state, self.model
         train_loss = run.train_epoch("search", model, [self.net_opt, self.nas_opt], epoch, self.epochs,
                                      self.regularizer, self.after_step)
+        if self.control is not None:
+            self.control.flush()   # (λ kept on a device during the epoch)
         model.after_search_epoch(epoch, self.epochs)
         scores = run.evaluate(model)
         with torch.no_grad():

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import host
+from ..functions.pit import exported_taps
 from ..functions.pit_keep import kernel_plan
 from .pit_masks import MaskPlan, MaskState, MaskValues, PITMasks
 
@@ -50,11 +52,13 @@ class CountPlan:
                                       masks.channels + masks.tap_starts[:-1], [masks.extended_size - 1]]).astype(np.int64)
         # x position of every extended entry (for ∂/∂extended = ∂/∂x at the count it is in)
         position = np.repeat(np.arange(self.size), np.diff(np.append(self.starts, masks.extended_size)))
+        self.segment = position.copy()  # the count every extended entry adds to
         position[masks.kept_alive_channels] = self.size  # (no gradient: a zero appended to ∂/∂x)
         self.position = np.append(position, self.size)  # the sink
         self.kernels = np.asarray(masks.kernels, dtype=np.float64)
         self.weights = np.concatenate([masks.entry_weights, np.ones(masks.taps + 1)])
         self.blocked = bool(np.any(masks.entry_weights != 1))
+        self._placed: dict = {}  # device -> (segment, position, weights and the sink's 1) as tensors
 
     def with_cost(self, cost) -> "CountPlan":
         """This plan computing ``cost`` (bound to its counts' positions)."""
@@ -103,6 +107,37 @@ class CountPlan:
             grads[:-1] *= self.weights
         return torch.as_tensor(grads, dtype=like.dtype, device=like.device)
 
+    # -- on a device: the same with tensor ops only (no host read) ---------------------------------
+    def _device_constants(self, device) -> tuple:
+        if device not in self._placed:
+            self._placed[device] = (torch.as_tensor(self.segment, device=device),
+                                    torch.as_tensor(self.position, device=device),
+                                    torch.as_tensor(np.append(self.weights, 1.0), dtype=torch.float64, device=device))
+        return self._placed[device]
+
+    def device_values(self, extended: torch.Tensor) -> torch.Tensor:
+        """`values` as a float64 tensor on ``extended``'s device (the exported taps of every
+        time mask by `plinio_onnx.functions.pit.exported_taps`)."""
+        segment, _, weights = self._device_constants(extended.device)
+        weighted = extended.detach().to(torch.float64)
+        if self.blocked:
+            weighted = weighted * weights[:-1]   # (the sink is no entry of ``extended``)
+        x = torch.zeros(self.size, dtype=torch.float64, device=extended.device).index_add_(0, segment, weighted)
+        if self.masks.times:
+            start, groups = self.masks.channels, len(self.masks.groups)
+            exported = [exported_taps(extended[start + int(first):start + int(first) + kernel], *self.exports[t])
+                        for t, (first, kernel) in enumerate(zip(self.masks.tap_starts[:-1], self.masks.kernels))]
+            x[groups:groups + len(exported)] = torch.stack(exported).to(torch.float64)
+        return x
+
+    def device_entry_grads(self, grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`entry_grads` from a ∂/∂x tensor, on its device."""
+        _, position, weights = self._device_constants(grad.device)
+        grads = torch.cat([grad.to(torch.float64), grad.new_zeros(1, dtype=torch.float64)])[position]
+        if self.blocked:
+            grads = grads * weights
+        return grads.to(like.dtype)
+
 
 class _Counts(torch.autograd.Function):
     """x = float64 [kept channels of each group…, exported taps of each time mask…, 1] — the values
@@ -115,6 +150,8 @@ class _Counts(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if state is None:
             state = plan.masks.forward(flat)
+        if not host.runs_on_host(flat):
+            return _on_device(ctx, plan, state)
         counted = plan.evaluate(state.values)
         ctx.plan, ctx.state, ctx.counted = plan, state, counted
         if plan.cost is not None:
@@ -127,11 +164,21 @@ class _Counts(torch.autograd.Function):
         if grad is None or not ctx.needs_input_grad[2]:
             return None, None, None
         state, plan = ctx.state, ctx.plan
+        if ctx.counted is None:  # (on a device)
+            from_x = grad if plan.cost is None else plan.cost.grad(ctx.x, grad)
+            return None, None, plan.masks.grad(state, plan.device_entry_grads(from_x, state.flat))
         if plan.cost is None:
             from_counts = plan.entry_grads(grad.detach().cpu().numpy(), state.flat)
         else:
             from_counts = plan.cost_grads(ctx.counted, float(grad), state.flat)
         return None, None, plan.masks.grad(state, from_counts)
+
+
+def _on_device(ctx, plan: CountPlan, state: MaskState) -> torch.Tensor:
+    """`_Counts.forward` on a device: x from the masks, and the cost there, as tensors."""
+    x = plan.device_values(state.values.extended)
+    ctx.plan, ctx.state, ctx.counted, ctx.x = plan, state, None, x
+    return x if plan.cost is None else plan.cost.value(x)
 
 
 def counts(plan: CountPlan, params: list) -> torch.Tensor | None:

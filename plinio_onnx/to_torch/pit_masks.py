@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import host
 from ..functions.pit import channel_mask, taps
 
 
@@ -134,8 +135,9 @@ class MaskPlan:
             keys.append(torch.gt(sums.to(flat.dtype), const.tap_thresholds))
         key = torch.cat(keys) if len(keys) > 1 else keys[0]
         current = self.current
-        if current is not None and current.extended.dtype == flat.dtype and current.key.device == key.device \
-                and torch.equal(current.key, key):
+        # (On a device, whether a mask flipped is not asked: it would wait for the device's queue.)
+        if current is not None and host.runs_on_host(flat) and current.extended.dtype == flat.dtype \
+                and current.key.device == key.device and torch.equal(current.key, key):
             return MaskState(flat, current)
         pieces, channels, count = [], self.channels, self.taps
         keep_beta = keep_gamma = None
