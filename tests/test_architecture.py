@@ -193,7 +193,7 @@ _ALLOWED = {
     "records": {"analysis", "errors"},
     "cost": {"graph", "records", "errors"},
     "to_torch": {"graph", "load", "functions", "errors"},
-    "functions": {"to_torch", "graph", "errors"},
+    "functions": {"to_torch", "graph", "errors", "atomic"},
     "passes": {"analysis", "cost", "functions", "graph", "heap", "records", "errors"},
     "load": {"graph", "passes", "errors"}, "sync": {"graph", "errors"}, "finalize": {"graph", "passes", "errors"},
     "methods": {"cost", "finalize", "functions", "graph", "hardware", "heap", "load", "passes", "records", "sync",
