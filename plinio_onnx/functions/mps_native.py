@@ -55,9 +55,10 @@ static inline float clamp_(float v, float lo, float hi) {
 }
 
 static void integers(const float *x, float *v, int64_t m, float q, float lo, float hi, int exact, int clamp) {
-  if (exact) for (int64_t i = 0; i < m; i++) v[i] = nearbyintf(x[i] / q);
+  if (exact && clamp) for (int64_t i = 0; i < m; i++) v[i] = clamp_(nearbyintf(x[i] / q), lo, hi);
+  else if (clamp) for (int64_t i = 0; i < m; i++) v[i] = clamp_(nearbyintf(x[i] * q), lo, hi);
+  else if (exact) for (int64_t i = 0; i < m; i++) v[i] = nearbyintf(x[i] / q);
   else for (int64_t i = 0; i < m; i++) v[i] = nearbyintf(x[i] * q);
-  if (clamp) for (int64_t i = 0; i < m; i++) v[i] = clamp_(v[i], lo, hi);
 }
 
 /* sum of a[i]*b[i] (b NULL: of a[i]) in float lanes */

@@ -288,6 +288,11 @@ def _native(x: torch.Tensor, precisions: int) -> "mps_native.NativeMixture | Non
     return _checked_native() if mps_native.supports(x, precisions) else None
 
 
+def native_available() -> bool:
+    """Whether float32 activation mixtures on the CPU run the native kernel (else ATen)."""
+    return _checked_native() is not None
+
+
 @functools.lru_cache(maxsize=None)
 def _checked_native() -> "mps_native.NativeMixture | None":
     """`mps_native.load`'s kernel, once it has computed what the ATen path computes on values
