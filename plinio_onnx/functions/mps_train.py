@@ -55,14 +55,14 @@ class MixedWeightQuant(torch.autograd.Function):
         bits = plan.bits
         rank = w.dim()
         m = w.abs().amax(dim=list(plan.reduce_axes), keepdim=True).clamp_min_(1e-30)
-        stacked = [len(bits)] + [1] * rank
-        levels = torch.tensor([float(max(2 ** b - 1, 1)) for b in bits], dtype=w.dtype,
-                              device=w.device).reshape(stacked)
+        levels, lows, highs = _weight_constants(bits, rank, w.dtype, w.device)
         scales = torch.div(m.mul(2.0).unsqueeze(0), levels)         # [P, *m.shape], as eval's s
         values = torch.div(w.unsqueeze(0), scales).round_()
-        lows = [-(2 ** (b - 1)) if b else 0 for b in bits]
-        highs = [2 ** (b - 1) - 1 if b else 0 for b in bits]
-        _clamp_rows(values, lows, highs).mul_(scales)                # Q_p·s_p
+        if values.numel() <= SMALL_WEIGHTS:  # one clamp with tensor bounds: fewer ops where they dominate
+            values.clamp_(lows, highs)
+        else:
+            _clamp_rows(values, lows.reshape(-1).tolist(), highs.reshape(-1).tolist())
+        values.mul_(scales)                                          # Q_p·s_p
         if 0 in bits:
             scales[[p for p, b in enumerate(bits) if b == 0]] = 0.0
         theta_b = _theta_like(theta.detach(), plan.axis, rank)     # [P, 1…] or [P, …C…]
@@ -91,6 +91,23 @@ class MixedWeightQuant(torch.autograd.Function):
                 grad_theta = grad_theta + (extra if len(ctx.theta_shape) == 2 else extra.sum(1))
             grad_theta = grad_theta.reshape(ctx.theta_shape)
         return grad_value, grad_theta, None
+
+
+#: Weight stacks up to this many values clamp with tensor bounds (one op, where op dispatch is
+#: most of the cost); larger ones row by row with scalar bounds (faster per value).
+SMALL_WEIGHTS = 2 ** 16
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_constants(bits: tuple[int, ...], rank: int, dtype: torch.dtype, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(2^b − 1 (≥ 1), qmin, qmax) per precision, shaped [P, 1, …] against a [P, *W.shape] stack
+    (made once per plan: read-only, the step only reads them)."""
+    shape = [len(bits)] + [1] * rank
+    levels = torch.tensor([float(max(2 ** b - 1, 1)) for b in bits], dtype=dtype, device=device)
+    lows = torch.tensor([float(-(2 ** (b - 1))) if b else 0.0 for b in bits], dtype=dtype, device=device)
+    highs = torch.tensor([float(2 ** (b - 1) - 1) if b else 0.0 for b in bits], dtype=dtype, device=device)
+    return levels.reshape(shape), lows.reshape(shape), highs.reshape(shape)
 
 
 def _theta_like(theta: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
@@ -199,7 +216,7 @@ class MixedActQuant(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         rows = _precisions(theta, clip, plan)
         ctx.plan, ctx.scratch, ctx.rows = plan, scratch, rows
-        highs = torch.tensor([float(row.high) for row in rows], dtype=clip.dtype, device=clip.device)
+        highs = _act_highs(plan.ranges, clip.dtype, clip.device)
         scale = torch.dot(theta.detach().to(clip.dtype), clip.detach().clamp_min(plan.min_clip).div_(highs))
         y = torch.empty_like(x)
         native = _native(x, len(rows))
@@ -232,6 +249,12 @@ class MixedActQuant(torch.autograd.Function):
                           for t, c, row in zip(clip_grads, clip_values, rows)]
         grad_theta = _like(theta_grads, theta) if need_theta else None
         return grad_x, grad_theta, _like(clip_grads, clip), None, None
+
+
+@functools.lru_cache(maxsize=256)
+def _act_highs(ranges: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """qmax per precision as a tensor (made once per plan; read-only)."""
+    return torch.tensor([float(high) for _, high in ranges], dtype=dtype, device=device)
 
 
 def _mixture(x: torch.Tensor, rows: list[_Precision], exact: bool, work: torch.Tensor, y: torch.Tensor) -> None:
