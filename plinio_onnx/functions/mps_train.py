@@ -10,7 +10,8 @@ dispatch, autograd bookkeeping and memory traffic.
 * Activations (`MixedActQuant`, PACT): large tensors, so the work goes chunk by chunk (each chunk
   stays in the core's cache while every precision is computed on it, forward and backward) over
   reused buffers, and only x is saved (the values are recomputed in the backward, not stored
-  once per precision).
+  once per precision). In float32 on the CPU the native kernel (`plinio_onnx.functions.mps_native`)
+  computes the same in one pass each way, once it has passed its check against these ops.
 
 Values are those of the per-precision ops (same scales, rounding half to even, same clamps).
 The plain-autograd references live in tests/test_mps_train.py.
