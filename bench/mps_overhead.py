@@ -8,7 +8,9 @@ backward, SGD with momentum); the MPS side is ``po.MPS(f, w_precisions=(2,4,8),
 a_precisions=(2,4,8))`` with per-channel weight precisions in soft sampling (every precision is
 computed every step), the same loss plus ``strength · model.cost`` and an Adam step on the
 architecture logits. Steps are timed alternately in one run (`_timing.paired_ratio`); the
-printed ratio is median(MPS) / median(plain). Target: ≤ 2.5 (issue 16; DESIGN.md: ≤ 3).
+printed ratio is median(MPS) / median(plain). Target: ≤ 2.5 (issue 16; DESIGN.md: ≤ 3). The header
+says whether the activation mixtures ran the native kernel (`plinio_onnx.functions.mps_native`;
+``PLINIO_ONNX_NATIVE=0`` measures the ATen path).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import plinio_onnx as po  # noqa: E402
 from _timing import paired_ratio, sgd_training_step  # noqa: E402
+from plinio_onnx.functions import mps_train  # noqa: E402
 
 MODELS = ROOT / "models"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -61,7 +64,9 @@ def overhead(description: str, label: str, build: Callable[[Path], torch.nn.Modu
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.clock} clock")
+    kernel = "native" if mps_train.native_available() else "ATen"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.clock} clock, "
+          f"activation mixture: {kernel} kernel")
     for name in args.models:
         path = MODELS / f"{name}.onnx"
         graph = po.load(path)

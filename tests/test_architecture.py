@@ -193,7 +193,7 @@ _ALLOWED = {
     "records": {"analysis", "errors"},
     "cost": {"graph", "records", "errors"},
     "to_torch": {"graph", "load", "functions", "host", "errors"},
-    "functions": {"to_torch", "graph", "host", "errors"},
+    "functions": {"to_torch", "graph", "host", "errors", "atomic"},
     "passes": {"analysis", "cost", "functions", "graph", "heap", "records", "errors"},
     "load": {"graph", "file_weights", "passes", "errors"}, "sync": {"graph", "errors"}, "finalize": {"graph", "passes", "errors"},
     "methods": {"cost", "finalize", "functions", "graph", "hardware", "heap", "host", "load", "passes", "records",

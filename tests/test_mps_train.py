@@ -183,3 +183,16 @@ def test_activation_mixture_logit_gradients_at_the_clip_and_at_zero(signed):
     got, = torch.autograd.grad(y, [alpha], grad)
     want, = torch.autograd.grad(reference, [alpha], grad)
     torch.testing.assert_close(got, want, **TIGHT)
+
+
+def test_weight_mixture_clamps_the_same_with_tensor_and_scalar_bounds(monkeypatch):
+    """Small stacks clamp with tensor bounds in one op, large ones row by row: the same values."""
+    torch.manual_seed(4)
+    weight = torch.randn(8, 4, 3, 3) * 0.2
+    theta = torch.softmax(torch.randn(4, 8), 0)
+    plan = WeightPlan((0, 2, 4, 8), 0, (1, 2, 3))
+    small = MixedWeightQuant.apply(weight, theta, plan)
+    monkeypatch.setattr(mps_train, "SMALL_WEIGHTS", 0)
+    large = MixedWeightQuant.apply(weight, theta, plan)
+    for a, b in zip(small, large):
+        assert torch.equal(a, b)

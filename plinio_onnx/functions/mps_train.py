@@ -10,17 +10,21 @@ dispatch, autograd bookkeeping and memory traffic.
 * Activations (`MixedActQuant`, PACT): large tensors, so the work goes chunk by chunk (each chunk
   stays in the core's cache while every precision is computed on it, forward and backward) over
   reused buffers, and only x is saved (the values are recomputed in the backward, not stored
-  once per precision).
+  once per precision). In float32 on the CPU the native kernel (`plinio_onnx.functions.mps_native`)
+  computes the same in one pass each way, once it has passed its check against these ops.
 
 Values are those of the per-precision ops (same scales, rounding half to even, same clamps).
 The plain-autograd references live in tests/test_mps_train.py.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
+
+from . import mps_native
 
 
 def _clamp_rows(values: torch.Tensor, lows: Sequence[int], highs: Sequence[int]) -> torch.Tensor:
@@ -52,14 +56,14 @@ class MixedWeightQuant(torch.autograd.Function):
         bits = plan.bits
         rank = w.dim()
         m = w.abs().amax(dim=list(plan.reduce_axes), keepdim=True).clamp_min_(1e-30)
-        stacked = [len(bits)] + [1] * rank
-        levels = torch.tensor([float(max(2 ** b - 1, 1)) for b in bits], dtype=w.dtype,
-                              device=w.device).reshape(stacked)
+        levels, lows, highs = _weight_constants(bits, rank, w.dtype, w.device)
         scales = torch.div(m.mul(2.0).unsqueeze(0), levels)         # [P, *m.shape], as eval's s
         values = torch.div(w.unsqueeze(0), scales).round_()
-        lows = [-(2 ** (b - 1)) if b else 0 for b in bits]
-        highs = [2 ** (b - 1) - 1 if b else 0 for b in bits]
-        _clamp_rows(values, lows, highs).mul_(scales)                # Q_p·s_p
+        if values.numel() <= SMALL_WEIGHTS:  # one clamp with tensor bounds: fewer ops where they dominate
+            values.clamp_(lows, highs)
+        else:
+            _clamp_rows(values, lows.reshape(-1).tolist(), highs.reshape(-1).tolist())
+        values.mul_(scales)                                          # Q_p·s_p
         if 0 in bits:
             scales[[p for p, b in enumerate(bits) if b == 0]] = 0.0
         theta_b = _theta_like(theta.detach(), plan.axis, rank)     # [P, 1…] or [P, …C…]
@@ -88,6 +92,23 @@ class MixedWeightQuant(torch.autograd.Function):
                 grad_theta = grad_theta + (extra if len(ctx.theta_shape) == 2 else extra.sum(1))
             grad_theta = grad_theta.reshape(ctx.theta_shape)
         return grad_value, grad_theta, None
+
+
+#: Weight stacks up to this many values clamp with tensor bounds (one op, where op dispatch is
+#: most of the cost); larger ones row by row with scalar bounds (faster per value).
+SMALL_WEIGHTS = 2 ** 16
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_constants(bits: tuple[int, ...], rank: int, dtype: torch.dtype, device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(2^b − 1 (≥ 1), qmin, qmax) per precision, shaped [P, 1, …] against a [P, *W.shape] stack
+    (made once per plan: read-only, the step only reads them)."""
+    shape = [len(bits)] + [1] * rank
+    levels = torch.tensor([float(max(2 ** b - 1, 1)) for b in bits], dtype=dtype, device=device)
+    lows = torch.tensor([float(-(2 ** (b - 1))) if b else 0.0 for b in bits], dtype=dtype, device=device)
+    highs = torch.tensor([float(2 ** (b - 1) - 1) if b else 0.0 for b in bits], dtype=dtype, device=device)
+    return levels.reshape(shape), lows.reshape(shape), highs.reshape(shape)
 
 
 def _theta_like(theta: torch.Tensor, axis: int, rank: int) -> torch.Tensor:
@@ -196,11 +217,15 @@ class MixedActQuant(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         rows = _precisions(theta, clip, plan)
         ctx.plan, ctx.scratch, ctx.rows = plan, scratch, rows
-        highs = torch.tensor([float(row.high) for row in rows], dtype=clip.dtype, device=clip.device)
+        highs = _act_highs(plan.ranges, clip.dtype, clip.device)
         scale = torch.dot(theta.detach().to(clip.dtype), clip.detach().clamp_min(plan.min_clip).div_(highs))
         y = torch.empty_like(x)
-        for x_part, y_part in _chunks(x, y):
-            _mixture(x_part, rows, plan.exact, scratch.get(x_part.numel(), x, 0), y_part)
+        native = _native(x, len(rows))
+        if native is not None:
+            _native_mixture(native, x, rows, plan.exact, y)
+        else:
+            for x_part, y_part in _chunks(x, y):
+                _mixture(x_part, rows, plan.exact, scratch.get(x_part.numel(), x, 0), y_part)
         return y, scale.reshape(1)
 
     @staticmethod
@@ -210,7 +235,9 @@ class MixedActQuant(torch.autograd.Function):
         need_x, need_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x, products, inside_sums, outside = None, [0.0] * len(rows), [0.0] * len(rows), 0.0
         if grad is not None:
-            grad_x, products, inside_sums, outside = _chunked_backward(
+            native = _native(x, len(rows))
+            backward = _chunked_backward if native is None else functools.partial(_native_backward, native)
+            grad_x, products, inside_sums, outside = backward(
                 x, grad.contiguous(), rows, ctx.plan, ctx.scratch, need_x, need_theta)
         theta_grads = [prod * row.scale for prod, row in zip(products, rows)]
         clip_grads = [row.weight * (outside - s) for s, row in zip(inside_sums, rows)]
@@ -223,6 +250,12 @@ class MixedActQuant(torch.autograd.Function):
                           for t, c, row in zip(clip_grads, clip_values, rows)]
         grad_theta = _like(theta_grads, theta) if need_theta else None
         return grad_x, grad_theta, _like(clip_grads, clip), None, None
+
+
+@functools.lru_cache(maxsize=256)
+def _act_highs(ranges: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """qmax per precision as a tensor (made once per plan; read-only)."""
+    return torch.tensor([float(high) for _, high in ranges], dtype=dtype, device=device)
 
 
 def _mixture(x: torch.Tensor, rows: list[_Precision], exact: bool, work: torch.Tensor, y: torch.Tensor) -> None:
@@ -271,6 +304,72 @@ def _chunked_backward(x, grad, rows: list[_Precision], plan: ActPlan, scratch: S
     # sums over there are the clipped sums the clip gradient uses.
     products = [prod + row.high * (outside - s) for prod, s, row in zip(products, inside_sums, rows)]
     return grad_x, products, inside_sums, outside
+
+
+# -- the native kernel (`plinio_onnx.functions.mps_native`) -----------------------------------------
+def _native(x: torch.Tensor, precisions: int) -> "mps_native.NativeMixture | None":
+    """The native kernel where it computes this mixture (float32 on the CPU) and passed its check."""
+    return _checked_native() if mps_native.supports(x, precisions) else None
+
+
+def native_available() -> bool:
+    """Whether float32 activation mixtures on the CPU run the native kernel (else ATen)."""
+    return _checked_native() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _checked_native() -> "mps_native.NativeMixture | None":
+    """`mps_native.load`'s kernel, once it has computed what the ATen path computes on values
+    that test the rounding (ties, signed zeros, the clips, beyond them); None otherwise."""
+    kernel = mps_native.load()
+    if kernel is None:
+        return None
+    checks = [(signed, exact) for signed in (False, True) for exact in (False, True)]
+    return kernel if all(_agrees(kernel, signed, exact) for signed, exact in checks) else None
+
+
+def _agrees(kernel: "mps_native.NativeMixture", signed: bool, exact: bool) -> bool:
+    ranges = ((-1, 1), (-7, 7), (-127, 127)) if signed else ((0, 3), (0, 15), (0, 255))
+    plan = ActPlan(ranges, signed, 1e-4, exact)
+    rows = [_Precision(w, c, lo, hi, float(np.float32(c) / np.float32(hi)))
+            for w, c, (lo, hi) in zip((0.25, 0.0, 0.75), (1.5, 2.0, 0.75), ranges)]
+    halves = torch.arange(-300, 300, dtype=torch.float32) * 0.5
+    special = torch.tensor([0.0, -0.0, 1.5, -1.5, 2.0, -2.0, 0.75, -0.75, 9.0, -9.0, 1e-8, -1e-8])
+    generator = torch.Generator().manual_seed(0)  # (the global random state stays as it was)
+    x = torch.cat([halves * rows[0].scale, halves * rows[2].scale, special,
+                   torch.randn(1001, generator=generator) * 2])
+    grad = torch.randn(x.shape, generator=generator)
+    want_y, got_y = torch.empty_like(x), torch.empty_like(x)
+    _mixture(x, rows, exact, torch.empty_like(x), want_y)
+    _native_mixture(kernel, x, rows, exact, got_y)
+    want = _chunked_backward(x, grad, rows, plan, Scratch(), True, True)
+    got = _native_backward(kernel, x, grad, rows, plan, Scratch(), True, True)
+    sums_agree = np.allclose(np.concatenate([want[1], want[2], [want[3]]]),
+                             np.concatenate([got[1], got[2], [got[3]]]), rtol=1e-5, atol=1e-4)
+    return bool(torch.equal(want_y, got_y) and torch.equal(want[0], got[0]) and sums_agree)
+
+
+def _native_mixture(kernel: "mps_native.NativeMixture", x: torch.Tensor, rows: list[_Precision], exact: bool,
+                    y: torch.Tensor) -> None:
+    """`_mixture` over the whole of ``x`` in the native kernel."""
+    active = [row for row in rows if row.weight != 0.0]
+    if not active:
+        y.zero_()
+        return
+    kernel.forward(x, y, [row.scale if exact else 1.0 / row.scale for row in active],
+                   [row.weight * row.scale for row in active], [row.low for row in active],
+                   [row.high for row in active], exact)
+
+
+def _native_backward(kernel: "mps_native.NativeMixture", x, grad, rows: list[_Precision], plan: ActPlan,
+                     scratch: Scratch, need_x: bool, need_theta: bool):
+    """`_chunked_backward`'s results from the native kernel (one pass)."""
+    grad_x = torch.empty_like(x) if need_x else None
+    sums = kernel.backward(x, grad, grad_x, [row.scale if plan.exact else 1.0 / row.scale for row in rows],
+                           [-row.clip if plan.signed else 0.0 for row in rows], [row.clip for row in rows],
+                           [row.weight for row in rows], plan.exact, plan.signed)
+    products = [prod + row.high * (sums.outside - s) for prod, s, row in zip(sums.products, sums.inside, rows)]
+    return grad_x, products, sums.inside, sums.outside
 
 
 def _inside(grad: torch.Tensor, x: torch.Tensor, low: float, high: float, out: torch.Tensor) -> torch.Tensor:

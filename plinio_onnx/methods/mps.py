@@ -96,6 +96,7 @@ class MPS(relaxation.Annealed, SearchableModel):
             self.tensor, [TEMPERATURE] if TEMPERATURE in self._onnx_to_attr else [], float("nan"))
         self._quantizers = {name: module for name, module in self.module.named_modules()
                             if isinstance(module, fn.ActQuantizer)}
+        self._bit_tables: dict[tuple, torch.Tensor] = {}
 
     def _is_nas_parameter(self, onnx_name: str) -> bool:
         return onnx_name in self._nas_names
@@ -158,8 +159,7 @@ class MPS(relaxation.Annealed, SearchableModel):
         if layer is None:
             return None
         theta = self._theta(self.tensor(layer.alpha)).to(torch.float64)
-        table = self._bits_table(layer.bits, theta.device)
-        expected = (theta * (table[:, None] if theta.dim() == 2 else table)).sum(0)
+        expected = self._bit_table(layer.bits, theta.device) @ theta   # Σ_p b_p·θ_p (per channel)
         if expected.dim() == 0:
             return expected
         keep = self.pit.output_keep(node) if self.pit is not None else None
@@ -175,15 +175,15 @@ class MPS(relaxation.Annealed, SearchableModel):
             return None
         act = self._activations[layer.activation]
         theta = self._theta(self.tensor(act.alpha)).to(torch.float64)
-        return (theta * self._bits_table(act.bits, theta.device)).sum()
+        return self._bit_table(act.bits, theta.device) @ theta
 
-    def _bits_table(self, bits, device) -> torch.Tensor:
-        """``bits`` as float64 on ``device``, made once (a copy per cost would wait for a device)."""
-        tables = self.__dict__.setdefault("_bits_tables", {})
+    def _bit_table(self, bits, device: torch.device) -> torch.Tensor:
+        """The bit-widths as a float64 tensor, made once (the cost reads them every step)."""
         key = (tuple(bits), device)
-        if key not in tables:
-            tables[key] = torch.tensor(bits, dtype=torch.float64, device=device)
-        return tables[key]
+        table = self._bit_tables.get(key)
+        if table is None:
+            table = self._bit_tables[key] = torch.tensor(key[0], dtype=torch.float64, device=device)
+        return table
 
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:
         if self.pit is not None:

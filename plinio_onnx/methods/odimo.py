@@ -103,7 +103,7 @@ class ODiMO(MPS):
         theta = self._theta(self.tensor(layer.alpha).to(torch.float64))
         counts = theta.sum(1) if mapped.per_channel else theta * float(layer.channels)
         effective = copy.copy(spec)   # `LayerSpec.with_` without dataclasses.replace's cost
-        effective.weight_bits = (counts * self._bits_table(layer.bits, counts.device)).sum() / float(layer.channels)
+        effective.weight_bits = (counts * self._bit_table(layer.bits, counts.device)).sum() / float(layer.channels)
         effective.input_bits = self._input_bits[spec.name]
         effective.extra = {**spec.extra, CHANNELS_KEY: dict(zip(mapped.accelerators, counts.unbind()))}
         return effective
