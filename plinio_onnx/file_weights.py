@@ -26,6 +26,8 @@ from typing import Iterator
 import numpy as np
 import onnx
 
+from .serialize import field_key, varint
+
 __all__ = ["NUMPY_TYPES", "MIN_BYTES", "parse_without_weights", "is_direct", "read_array",
            "as_graph_inputs"]
 
@@ -73,7 +75,7 @@ def _model_parts(data, location: str) -> tuple[list[bytes], int]:
     for number, wire, start, value, end in _fields(data, 0, len(data)):
         if number == _MODEL_GRAPH and wire == _LENGTH_DELIMITED:
             graph, count = _graph_bytes(data, value, end, location)
-            parts.append(_key(_MODEL_GRAPH) + _varint(len(graph)) + graph)
+            parts.append(field_key(_MODEL_GRAPH) + varint(len(graph)) + graph)
             left += count
         else:
             parts.append(data[start:end])
@@ -88,7 +90,7 @@ def _graph_bytes(data, start: int, end: int, location: str) -> tuple[bytes, int]
         if tensor is None:
             parts.append(data[field:stop])
         else:
-            parts.append(_key(_GRAPH_INITIALIZER) + _varint(len(tensor)) + tensor)
+            parts.append(field_key(_GRAPH_INITIALIZER) + varint(len(tensor)) + tensor)
             left += 1
     return b"".join(parts), left
 
@@ -159,21 +161,6 @@ def _read_varint(data, pos: int, end: int) -> tuple[int, int]:
             return result, pos
         shift += 7
     raise _Unfollowed
-
-
-def _key(number: int) -> bytes:
-    return _varint(number << 3 | _LENGTH_DELIMITED)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if not value:
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -67,9 +67,9 @@ class _Initializer:
         self.length = len(self.head) + (_field_size(_TENSOR_RAW_DATA, self.size) if self.array is not None else 0)
 
     def write(self, handle: BinaryIO) -> None:
-        handle.write(_key(_GRAPH_INITIALIZER) + _varint(self.length) + self.head)
+        handle.write(field_key(_GRAPH_INITIALIZER) + varint(self.length) + self.head)
         if self.array is not None:
-            handle.write(_key(_TENSOR_RAW_DATA) + _varint(self.size))
+            handle.write(field_key(_TENSOR_RAW_DATA) + varint(self.size))
             handle.write(memoryview(self.array.reshape(-1)).cast("B"))
 
 
@@ -112,9 +112,9 @@ def write_model(model: onnx.ModelProto, constants: Iterable[gs.Constant], handle
     graph_head = _fields(graph, lambda n: n <= _GRAPH_INITIALIZER)
     graph_tail = _fields(graph, lambda n: n > _GRAPH_INITIALIZER)
     graph_length = len(graph_head) + len(graph_tail) + sum(
-        len(_key(_GRAPH_INITIALIZER)) + len(_varint(e.length)) + e.length for e in entries)
+        len(field_key(_GRAPH_INITIALIZER)) + len(varint(e.length)) + e.length for e in entries)
     handle.write(_fields(model, lambda n: n < _MODEL_GRAPH))
-    handle.write(_key(_MODEL_GRAPH) + _varint(graph_length) + graph_head)
+    handle.write(field_key(_MODEL_GRAPH) + varint(graph_length) + graph_head)
     for entry in entries:
         entry.write(handle)
     handle.write(graph_tail)
@@ -122,14 +122,16 @@ def write_model(model: onnx.ModelProto, constants: Iterable[gs.Constant], handle
 
 
 def _field_size(number: int, length: int) -> int:
-    return len(_key(number)) + len(_varint(length)) + length
+    return len(field_key(number)) + len(varint(length)) + length
 
 
-def _key(number: int) -> bytes:
-    return _varint(number << 3 | _LENGTH_DELIMITED)
+def field_key(number: int) -> bytes:
+    """The protobuf key of a length-delimited field ``number``."""
+    return varint(number << 3 | _LENGTH_DELIMITED)
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """``value`` as a protobuf varint."""
     out = bytearray()
     while True:
         byte = value & 0x7F
