@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .mps_train import ActPlan, WeightPlan, _theta_like
+from .mps_train import ActPlan, WeightPlan, _theta_like, weight_theta_grad
 from .relaxation import FIXED, choice_weights, one_hot_argmax
 
 
@@ -200,17 +200,7 @@ class _WeightMixture(torch.autograd.Function):
         values, flat_scales = ctx.saved_tensors
         grad_theta = None
         if ctx.needs_input_grad[1]:
-            count = values.shape[0]
-            products = torch.zeros_like(values) if grad_value is None else torch.mul(values, grad_value.unsqueeze(0))
-            if len(ctx.theta_shape) == 2:  # per channel: sum all but the channel axis
-                dims = [d for d in range(1, products.dim()) if d != ctx.plan.axis + 1]
-                grad_theta = products.sum(dim=dims).reshape(count, -1)
-            else:
-                grad_theta = products.reshape(count, -1).sum(1)
-            if grad_scale is not None:
-                extra = torch.mul(flat_scales, grad_scale.reshape(1, -1))
-                grad_theta = grad_theta + (extra if len(ctx.theta_shape) == 2 else extra.sum(1))
-            grad_theta = grad_theta.reshape(ctx.theta_shape)
+            grad_theta = weight_theta_grad(values, flat_scales, grad_value, grad_scale, ctx.theta_shape, ctx.plan.axis)
         return grad_value, grad_theta, None, None
 
 

@@ -77,22 +77,27 @@ class MixedWeightQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_value, grad_scale):
         values, flat_scales = ctx.saved_tensors
-        plan = ctx.plan
         grad_theta = None
         if ctx.needs_input_grad[1]:
-            P = values.shape[0]
-            products = torch.mul(values, grad_value.unsqueeze(0))
-            if len(ctx.theta_shape) == 2:  # per channel: sum all but the channel axis
-                dims = [d for d in range(1, products.dim()) if d != plan.axis + 1]
-                grad_theta = products.sum(dim=dims).reshape(P, -1)
-            else:
-                grad_theta = products.reshape(P, -1).sum(1)
-            if grad_scale is not None:
-                extra = torch.mul(flat_scales, grad_scale.reshape(1, -1))
-                grad_theta = grad_theta + (extra if len(ctx.theta_shape) == 2 else extra.sum(1))
-            grad_theta = grad_theta.reshape(ctx.theta_shape)
+            grad_theta = weight_theta_grad(values, flat_scales, grad_value, grad_scale, ctx.theta_shape, ctx.plan.axis)
         return grad_value, grad_theta, None
 
+
+def weight_theta_grad(values: torch.Tensor, flat_scales: torch.Tensor, grad_value: torch.Tensor | None,
+                      grad_scale: torch.Tensor | None, theta_shape: torch.Size, axis: int) -> torch.Tensor:
+    """∂/∂θ of a weight mixture: ⟨g, Q_p·s_p⟩ per channel (or per layer) plus s_p through the
+    scale output; ``values`` the saved Q_p·s_p stack [P, …], ``flat_scales`` s_p as [P, C or 1]."""
+    count = values.shape[0]
+    products = torch.zeros_like(values) if grad_value is None else torch.mul(values, grad_value.unsqueeze(0))
+    if len(theta_shape) == 2:  # per channel: sum all but the channel axis
+        dims = [d for d in range(1, products.dim()) if d != axis + 1]
+        grad_theta = products.sum(dim=dims).reshape(count, -1)
+    else:
+        grad_theta = products.reshape(count, -1).sum(1)
+    if grad_scale is not None:
+        extra = torch.mul(flat_scales, grad_scale.reshape(1, -1))
+        grad_theta = grad_theta + (extra if len(theta_shape) == 2 else extra.sum(1))
+    return grad_theta.reshape(theta_shape)
 
 #: Weight stacks up to this many values clamp with tensor bounds (one op, where op dispatch is
 #: most of the cost); larger ones row by row with scalar bounds (faster per value).
