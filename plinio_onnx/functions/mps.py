@@ -24,8 +24,8 @@ Quantizers (round half to even, the ONNX ``Round`` / ``QuantizeLinear`` rounding
 * ``MPSBiasQuant(b, s_in, s_w) -> y``: bias at 32 bits in scale s_b = s_in·s_w:
   y = round(b/s_b)·s_b (0 where s_b = 0), straight-through.
 
-Every straight-through estimator is written ``value + (x − x.detach())`` so the forward value is
-bit-exactly ``value``. Eval (and a frozen search, `FIXED`) runs the ONNX body's ops in its order,
+Every straight-through estimator is written ``value + (x − x.detach())``, or as a custom autograd
+function that hands the gradient on, so the forward value is bit-exactly ``value``. Eval (and a frozen search, `FIXED`) runs the ONNX body's ops in its order,
 so the module, the searchable graph and the export agree bit for bit; training-mode activation
 quantizers multiply by 1/s instead of dividing by s (faster; it only differs on exact ties).
 """
@@ -243,10 +243,25 @@ def bias_integers(bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor) -> 
     return q, sb
 
 
+class _BiasQuant(torch.autograd.Function):
+    """round(b/s_b)·s_b (0 where s_b = 0) with a straight-through gradient into b: one autograd
+    node and in-place ops (a layer runs it every step; the ops are tiny, so their count is the cost)."""
+
+    @staticmethod
+    def forward(ctx, bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+        sb = s_in.detach() * s_w.detach()
+        value = torch.div(bias.detach(), sb).round_().clamp_(-BIAS_LIMIT, BIAS_LIMIT).mul_(sb)
+        return value.masked_fill_(sb <= 0, 0.0)   # (where s_b = 0 the division gave inf or NaN)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
 def bias_quant(bias: torch.Tensor, s_in: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
-    q, sb = bias_integers(bias, s_in, s_w)
-    value = torch.where(sb > 0, q * sb, torch.zeros((), dtype=bias.dtype))
-    return value + (bias - bias.detach())
+    """The quantized bias (`bias_integers`' q·s_b, 0 where s_b = 0), straight-through into ``bias``."""
+    return _BiasQuant.apply(bias, s_in, s_w)
 
 
 def chosen_weight_bits(alpha: np.ndarray, bits) -> np.ndarray:

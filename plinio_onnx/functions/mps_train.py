@@ -170,13 +170,23 @@ class _Precision(NamedTuple):
     scale: float    # s_p = clip / qmax in float32, as the export
 
 
-def _precisions(theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan) -> list[_Precision]:
+def _precisions(theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan) -> tuple[list[_Precision], torch.Tensor]:
     """θ_p, c_p and s_p as Python numbers, s_p = max(c_p, min_clip) / qmax computed in float32
-    (as `plinio_onnx.functions.mps.act_scale` and the export compute it)."""
-    clips = np.maximum(np.asarray(clip.detach().tolist(), np.float32), np.float32(plan.min_clip))
-    scales = clips / np.asarray([hi for _, hi in plan.ranges], np.float32)
-    return [_Precision(w, c, lo, hi, s) for w, c, (lo, hi), s
-            in zip(theta.detach().tolist(), clips.tolist(), plan.ranges, scales.tolist())]
+    (as `plinio_onnx.functions.mps.act_scale` and the export compute it), and the mixture's scale
+    Σ_p θ_p·max(c_p, min_clip)/qmax_p as a tensor in ``clip``'s dtype: a few tensor ops and one
+    read (the step runs this for every quantizer; each op's dispatch is most of its cost)."""
+    float32 = torch.float32
+    clips = clip.detach().to(float32).clamp_min(plan.min_clip)
+    scales = clips / _act_highs(plan.ranges, float32, clip.device)
+    if clip.dtype == float32:
+        scale = torch.dot(theta.detach().to(float32), scales)
+    else:
+        scale = torch.dot(theta.detach().to(clip.dtype),
+                          clip.detach().clamp_min(plan.min_clip) / _act_highs(plan.ranges, clip.dtype, clip.device))
+    clip_values, scale_values = torch.stack((clips, scales)).tolist()
+    rows = [_Precision(w, c, lo, hi, sp) for w, c, (lo, hi), sp
+            in zip(theta.detach().tolist(), clip_values, plan.ranges, scale_values)]
+    return rows, scale
 
 
 def _chunks(*tensors: torch.Tensor):
@@ -220,10 +230,8 @@ class MixedActQuant(torch.autograd.Function):
         x = x.contiguous()
         ctx.save_for_backward(x, theta, clip)
         ctx.set_materialize_grads(False)
-        rows = _precisions(theta, clip, plan)
+        rows, scale = _precisions(theta, clip, plan)
         ctx.plan, ctx.scratch, ctx.rows = plan, scratch, rows
-        highs = _act_highs(plan.ranges, clip.dtype, clip.device)
-        scale = torch.dot(theta.detach().to(clip.dtype), clip.detach().clamp_min(plan.min_clip).div_(highs))
         y = torch.empty_like(x)
         native = _native(x, len(rows))
         if native is not None:
@@ -247,7 +255,7 @@ class MixedActQuant(torch.autograd.Function):
         theta_grads = [prod * row.scale for prod, row in zip(products, rows)]
         clip_grads = [row.weight * (outside - s) for s, row in zip(inside_sums, rows)]
         if grad_scale is not None:  # (c_p below min_clip: the clamp passes no gradient)
-            g = float(grad_scale.sum())
+            g = float(grad_scale)   # (the scale output has one element)
             clip_values = clip.detach().tolist()
             theta_grads = [t + g * max(c, ctx.plan.min_clip) / row.high
                            for t, c, row in zip(theta_grads, clip_values, rows)]

@@ -11,6 +11,7 @@ cost then sees both (pruned channels and their bit-widths).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable
 
@@ -29,6 +30,7 @@ from ..cost import LayerSpec
 from ..errors import PlinioOnnxError
 from ..graph import Graph
 from ..to_torch.fuse_pit_masks import fuse_pit_masks
+from ..to_torch.pack_parameters import pack_read_parameters
 from .pit_channels import PITChannels
 from .searchable import CostFn, SearchableModel, as_graph
 
@@ -54,8 +56,10 @@ class MPS(relaxation.Annealed, SearchableModel):
     (None without).
     """
 
-    #: PIT masks, where the graph holds them, train fused (a module without any is left as it is).
-    module_passes = (fuse_pit_masks,)
+    #: PIT masks, where the graph holds them, train fused (a module without any is left as it
+    #: is); the quantizers' precision logits train as one packed parameter.
+    module_passes = (fuse_pit_masks, functools.partial(pack_read_parameters, readers=(fn.ActQuantizer, fn.WeightQuantizer),
+                                                       position=1, name="choice_logits"))
 
     def __init__(self, model: "str | os.PathLike | onnx.ModelProto | Graph", *,
                  cost: "CostFn | str" = "size", w_precisions: Iterable[int] = DEFAULT_PRECISIONS,

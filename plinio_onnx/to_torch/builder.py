@@ -73,13 +73,13 @@ class OnnxModule(fx.GraphModule):
 
     def pack(self, attrs: list[str], owner: str, name: str = "packed") -> torch.nn.Parameter:
         """Replace the parameters ``attrs`` (same dtype and device; no graph node may read them any
-        more) by one flat parameter ``name`` of submodule ``owner``, their values concatenated
-        in order; returns it."""
+        more) by one flat parameter ``name`` of submodule ``owner`` ("": this module), their
+        values concatenated in order; returns it."""
         params = [getattr(self, attr) for attr in attrs]
         flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]),
                                   requires_grad=all(p.requires_grad for p in params))
         self.get_submodule(owner).register_parameter(name, flat)
-        path = f"{owner}.{name}"
+        path = f"{owner}.{name}" if owner else name
         offset = 0
         for attr, param in zip(attrs, params):
             delattr(self, attr)
