@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, MutableMapping, Union
 
 import torch
 
+from . import host
 from .errors import RegularizerError
 
 #: A cost: its name (a named cost of the model or a built-in cost model) or a cost function.
@@ -279,6 +280,12 @@ class AdaptiveTarget(_Targeted):
     "lam": {name: λ}, "initial": {name: C(0)}}``, names by `cost_label`), e.g. a training loop's
     checkpointed record; a new one by default. Handing the same state to a new regularizer
     resumes it where it was.
+
+    Costs on a device (CUDA, …; `plinio_onnx.host.runs_on_host`): λ lives there as a float64
+    tensor per cost, adapted by ``torch.where`` on the cost the last penalty saw — the same IEEE
+    operations as the host's Python numbers, so the same λ bit for bit — and no step reads a
+    value back. `flush` (and `strength`) write λ and `last` back as Python numbers: one host
+    read, e.g. once per epoch.
     """
 
     def __init__(self, targets: Mapping[CostRef, TargetValue], total_steps: int, *, strength: float = 1.0,
@@ -298,6 +305,8 @@ class AdaptiveTarget(_Targeted):
             lam.setdefault(cost_label(cost), _positive(strength, "strength"))
         #: The costs seen by the last call (before the optimizer step), by label.
         self.last: dict[str, float] = {}
+        self._device_lam: dict[str, torch.Tensor] = {}    # λ while the costs live on a device
+        self._device_last: dict[str, torch.Tensor] = {}   # the costs the last penalty saw there
 
     def start(self, model: Any = None, *, initial: Mapping[CostRef, float] | None = None) -> None:
         """Measure (or take) the initial costs and fix the targets; a state that already holds
@@ -309,8 +318,23 @@ class AdaptiveTarget(_Targeted):
         self.state["initial"] = {cost_label(c): value for c, value in self.initial.items()}
 
     def strength(self, cost: CostRef) -> float:
-        """λ of ``cost`` now."""
+        """λ of ``cost`` now (after steps on a device: `flush`es first)."""
+        self.flush()
         return float(self.state["lam"][cost_label(cost)])
+
+    @property
+    def on_device(self) -> bool:
+        """Whether λ lives on a device now (until `flush`)."""
+        return bool(self._device_lam)
+
+    def flush(self) -> None:
+        """λ and `last` as Python numbers again after steps whose costs lived on a device (one
+        host read); nothing to do on the host."""
+        for label, lam in self._device_lam.items():
+            self.state["lam"][label] = float(lam)
+        self.last.update({label: float(value) for label, value in self._device_last.items()})
+        self._device_lam.clear()
+        self._device_last.clear()
 
     def aim(self, cost: CostRef | None = None) -> float:
         """The moving target ``A(s)`` of ``cost`` (the only one when None) at the current step."""
@@ -334,8 +358,16 @@ class AdaptiveTarget(_Targeted):
         for cost, target in self.targets.items():
             value = costs[cost]
             label = cost_label(cost)
-            self.last[label] = float(value.detach())
-            term = self.state["lam"][label] * torch.relu(value - self.margin * self.aim(cost)) / target
+            if host.runs_on_host(value):
+                lam = self.state["lam"][label]
+                self.last[label] = float(value.detach())
+            else:
+                lam = self._device_lam.get(label)
+                if lam is None:
+                    lam = self._device_lam[label] = torch.full((), self.state["lam"][label], dtype=torch.float64,
+                                                               device=value.device)
+                self._device_last[label] = value.detach()
+            term = lam * torch.relu(value - self.margin * self.aim(cost)) / target
             total = term if total is None else total + term
         return total
 
@@ -349,6 +381,9 @@ class AdaptiveTarget(_Targeted):
         if self.targets is not None:
             for cost in self.targets:
                 label = cost_label(cost)
+                if label in self._device_last:
+                    self._adapt_on_device(label, self.aim(cost))
+                    continue
                 if label not in self.last:
                     continue
                 aim, lam = self.aim(cost), self.state["lam"]
@@ -357,3 +392,10 @@ class AdaptiveTarget(_Targeted):
                 elif self.last[label] < self.relax * aim:
                     lam[label] = max(lam[label] * self.lambda_down, self.min_strength)
         self.state["step"] += 1
+
+    def _adapt_on_device(self, label: str, aim: float) -> None:
+        """`after_step`'s rule for one λ on a device, decided by ``torch.where``."""
+        lam, last = self._device_lam[label], self._device_last[label]
+        lowered = torch.clamp_min(lam * self.lambda_down, self.min_strength)
+        kept_or_lowered = torch.where(last < self.relax * aim, lowered, lam)
+        self._device_lam[label] = torch.where(last > aim, lam * self.lambda_up, kept_or_lowered)

@@ -215,3 +215,26 @@ def test_the_target_control_keeps_lambda_on_the_device_and_decides_as_the_host(m
     on_device = _controlled_steps(method, 4, guard=no_host_reads)
     assert on_device == on_host          # λ bit for bit, the step count
     assert on_host["lambdas"]["params"] != 1.0   # (λ moved)
+
+
+def _adaptive_lambdas(costs: list[float], guard=contextlib.nullcontext) -> tuple[dict, dict]:
+    """λ and the last costs of `po.regularizers.AdaptiveTarget` in a user's own loop, after a
+    step per cost in ``costs`` (the cost rises and falls around the moving target), then `flush`."""
+    regularizer = po.regularizers.AdaptiveTarget({"params": 10.0}, total_steps=len(costs), strength=2.0,
+                                                 lambda_up=1.5, lambda_down=0.5, min_strength=0.6)
+    regularizer.start(initial={"params": 20.0})
+    for value in costs:
+        cost = torch.tensor(value, dtype=torch.float64, requires_grad=True)
+        with guard():
+            regularizer.penalty({"params": cost}).backward()
+            regularizer.after_step()
+    regularizer.flush()
+    return dict(regularizer.state["lam"]), dict(regularizer.last)
+
+
+def test_adaptive_target_keeps_lambda_on_the_device_and_decides_as_the_host(monkeypatch):
+    costs = [30.0, 25.0, 5.0, 4.0, 3.0, 12.0]   # above, above, below relax (twice: the floor), ...
+    on_host = _adaptive_lambdas(costs)
+    monkeypatch.setattr(host, "runs_on_host", lambda tensor: False)
+    assert _adaptive_lambdas(costs, guard=no_host_reads) == on_host   # λ bit for bit, last costs
+    assert on_host[0]["params"] not in (2.0, 0.6)                      # (λ moved, off the floor)

@@ -13,9 +13,8 @@ from typing import Any, Mapping
 
 import torch
 
-from .. import host
 from ..cost import WorstRatio
-from ..regularizers import DUCCIO, AdaptiveTarget, cost_label
+from ..regularizers import DUCCIO, AdaptiveTarget
 from .config import Recipe
 from .targets import within_target
 
@@ -132,7 +131,6 @@ class TargetControl(_Control):
         self.ramp = recipe.ramp   # the fraction of the search the moving targets take
         self._before = None
         self.restoring = recipe.floor > 0
-        self._on_device: _DeviceLambdas | None = None   # λ while the costs live on a device
 
     def aim(self, kind: str | None = None) -> float:
         """The moving target of ``kind`` (the first target's by default) at the current step."""
@@ -145,10 +143,7 @@ class TargetControl(_Control):
         """The loss term of one step (it also remembers the step's costs and architecture)."""
         if self.restoring:
             self._before = self.model.architecture_snapshot()
-        costs = self.costs()
-        if self._on_device is None and not host.runs_on_host(next(iter(costs.values()))):
-            self._on_device = _DeviceLambdas(self.adaptive)
-        return (self._on_device or self.adaptive).penalty(costs)
+        return self.adaptive.penalty(self.costs())   # (costs on a device: λ stays there)
 
     def after_step(self) -> None:
         """Adapt every λ to the step's cost, re-keep what fell below the floors, advance the
@@ -161,66 +156,15 @@ class TargetControl(_Control):
             cost, floor = self._one_or_worst({kind: self.r.floor * aim for kind, aim in self.aims().items()})
             restored = self.model.restore_marginal(cost, floor, self._before)
             self.state["restored"] = self.state.get("restored", 0) + restored
-        if self._on_device is not None:
-            self._on_device.after_step()       # (state["lam"]: at the next `flush`)
-        else:
-            self.adaptive.after_step()
+        self.adaptive.after_step()
+        if not self.adaptive.on_device:        # (on a device, state["lam"] at the next `flush`)
             self.state["lam"] = self.adaptive.strength(self.primary)
         self.state["step"] = self.adaptive.state["step"]
         self._apply_schedules()
 
     def flush(self) -> None:
-        if self._on_device is not None:
-            self._on_device.flush()
-            self._on_device = None
-            self.state["lam"] = self.adaptive.strength(self.primary)
-
-
-class _DeviceLambdas:
-    """`AdaptiveTarget`'s λ and its step-by-step adaptation with the costs on a device: λ per
-    cost a float64 tensor there, raised or lowered by ``torch.where`` on the cost the last
-    penalty saw (the same IEEE operations as the host's Python floats, so the same λ bit for bit,
-    on every rank), written back into the regularizer's state by `flush` — one host read per
-    flush (per epoch) instead of one per step. The moving targets depend on the step count
-    only: they stay host numbers."""
-
-    def __init__(self, adaptive: AdaptiveTarget) -> None:
-        self.adaptive = adaptive
-        self.lam: dict[str, torch.Tensor] = {}
-        self.last: dict[str, torch.Tensor] = {}
-
-    def penalty(self, costs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """`AdaptiveTarget.penalty` with λ on the costs' device."""
-        a = self.adaptive
-        total = None
-        for cost, target in a.targets.items():
-            value, label = costs[cost], cost_label(cost)
-            if label not in self.lam:
-                self.lam[label] = torch.full((), a.state["lam"][label], dtype=torch.float64, device=value.device)
-            self.last[label] = value.detach()
-            term = self.lam[label] * torch.relu(value - a.margin * a.aim(cost)) / target
-            total = term if total is None else total + term
-        return total
-
-    def after_step(self) -> None:
-        """`AdaptiveTarget.after_step`: λ·lambda_up above the moving target, λ·lambda_down (not
-        below min_strength) under relax times it; then the step count."""
-        a = self.adaptive
-        for cost in a.targets:
-            label = cost_label(cost)
-            if label not in self.last:
-                continue
-            aim, lam, last = a.aim(cost), self.lam[label], self.last[label]
-            lowered = torch.clamp_min(lam * a.lambda_down, a.min_strength)
-            kept_or_lowered = torch.where(last < a.relax * aim, lowered, lam)
-            self.lam[label] = torch.where(last > aim, lam * a.lambda_up, kept_or_lowered)
-        a.state["step"] += 1
-
-    def flush(self) -> None:
-        """λ back into the regularizer's state (Python numbers) and its ``last`` costs."""
-        for label, lam in self.lam.items():
-            self.adaptive.state["lam"][label] = float(lam)
-        self.adaptive.last.update({label: float(value) for label, value in self.last.items()})
+        if self.adaptive.on_device:
+            self.state["lam"] = self.adaptive.strength(self.primary)   # (`strength` flushes)
 
 
 class DuccioControl(_Control):
