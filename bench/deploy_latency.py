@@ -39,8 +39,9 @@ def _steps(path: Path, feeds: dict) -> dict:
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     core = ov.Core()
-    ov_model = core.compile_model(core.read_model(str(path)), "CPU", {
-        "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
+    read = core.read_model(str(path))   # static shapes, as the deploy tests (tests/deploy/openvino_gap.py)
+    read.reshape({port: list(feeds[port.get_any_name()].shape) for port in read.inputs})
+    ov_model = core.compile_model(read, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": 1})
     proto = onnx.load(str(path))
     module = from_onnx(proto, shape_dict={k: list(v.shape) for k, v in feeds.items()}, keep_params_in_input=False)
     module = relax.transform.LegalizeOps()(relax.transform.DecomposeOpsForInference()(module))

@@ -70,7 +70,9 @@ def openvino_available() -> bool:
 def openvino_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[str, np.ndarray], *,
                     threads: int = 1, source: str | None = None) -> Runner:
     """A function running ``model`` once on ``feeds`` in OpenVINO on the CPU (``threads``
-    inference threads, latency hint); a `PlinioOnnxError` saying how to install it when missing."""
+    inference threads, latency hint), compiled for the feeds' shapes (static: OpenVINO 2026.4's
+    CPU plugin mis-scales some int8 graphs under a dynamic batch, tests/deploy/openvino_gap.py);
+    a `PlinioOnnxError` saying how to install it when missing."""
     try:
         import openvino as ov
     except ImportError:
@@ -82,7 +84,9 @@ def openvino_runner(model: "onnx.ModelProto | str | os.PathLike", feeds: dict[st
             if isinstance(model, onnx.ModelProto):
                 onnx.save(model, os.path.join(folder, "model.onnx"))
                 model = os.path.join(folder, "model.onnx")
-            compiled = core.compile_model(core.read_model(str(model)), "CPU",
+            read = core.read_model(str(model))
+            read.reshape({port: list(feeds[port.get_any_name()].shape) for port in read.inputs})
+            compiled = core.compile_model(read, "CPU",
                                           {"INFERENCE_NUM_THREADS": int(threads), "PERFORMANCE_HINT": "LATENCY"})
     except Exception as err:
         raise PlinioOnnxError(f"OpenVINO cannot compile the model: {' '.join(str(err).split())[:300]}",
