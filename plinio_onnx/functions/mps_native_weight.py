@@ -41,6 +41,7 @@ SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 256
 #define LANES 16
@@ -57,20 +58,43 @@ static inline float level(float w, float s, float lo, float hi) {
   return clamp_(nearbyintf(w / s), lo, hi) * s;
 }
 
-/* m[c] = max(max |w| over channel c (cs == C) or over the tensor (cs == 1), 1e-30); NaN wins */
-static void maxima(const float *w, int64_t outer, int64_t C, int64_t inner, int64_t cs, float *m) {
-  for (int64_t c = 0; c < cs; c++) m[c] = 0.0f;
-  for (int64_t o = 0; o < outer; o++)
+/* |x| as bits (sign cleared): for floats these order as their values, with NaN above infinity,
+   so an integer max (which vectorizes; a float max that keeps NaN does not) is ATen's amax of
+   |x|, NaN included */
+static inline uint32_t magnitude(const float *x) {
+  uint32_t u;
+  memcpy(&u, x, sizeof u);
+  return u & 0x7fffffffu;
+}
+
+/* m[c] = max(max |w| over channel c (cs == C) or over the tensor (cs == 1), 1e-30) */
+static int maxima(const float *w, int64_t outer, int64_t C, int64_t inner, int64_t cs, float *m) {
+  int64_t L = inner < SHORT_RUN && C > 1 ? C * inner : 0;  /* short runs: rows of C runs at once */
+  uint32_t *bits = calloc(cs + L, sizeof(uint32_t));
+  if (!bits) return -1;
+  uint32_t *row = bits + cs;
+  for (int64_t o = 0; o < outer; o++) {
+    if (L) {
+      for (int64_t j = 0; j < L; j++) { uint32_t u = magnitude(w + o * L + j); row[j] = u > row[j] ? u : row[j]; }
+      continue;
+    }
     for (int64_t c = 0; c < C; c++) {
       const float *run = w + (o * C + c) * inner;
-      float best = m[cs == 1 ? 0 : c];
-      for (int64_t i = 0; i < inner; i++) {
-        float a = fabsf(run[i]);
-        best = (a > best || a != a) ? a : best;
-      }
-      m[cs == 1 ? 0 : c] = best;
+      uint32_t best = bits[cs == 1 ? 0 : c];
+      for (int64_t i = 0; i < inner; i++) { uint32_t u = magnitude(run + i); best = u > best ? u : best; }
+      bits[cs == 1 ? 0 : c] = best;
     }
-  for (int64_t c = 0; c < cs; c++) m[c] = m[c] < 1e-30f ? 1e-30f : m[c];
+  }
+  for (int64_t j = 0; j < L; j++) {
+    uint32_t *best = bits + (cs == 1 ? 0 : j / inner);
+    *best = row[j] > *best ? row[j] : *best;
+  }
+  for (int64_t c = 0; c < cs; c++) {
+    memcpy(m + c, bits + c, sizeof(float));
+    m[c] = m[c] < 1e-30f ? 1e-30f : m[c];
+  }
+  free(bits);
+  return 0;
 }
 
 /* sum of a[i]*b[i] in float lanes */
@@ -96,7 +120,7 @@ int mps_weight_forward(const float *w, float *y, float *scales, float *scale_out
                        int64_t inner, int64_t cs, int64_t ct, int P, const float *levels, const float *lo,
                        const float *hi, const float *theta) {
   float *qs = scales, *os = scales + P * cs;
-  maxima(w, outer, C, inner, cs, os);
+  if (maxima(w, outer, C, inner, cs, os)) return -1;
   for (int p = 0; p < P; p++)  /* (os's first row holds m until the next loop) */
     for (int64_t c = 0; c < cs; c++) qs[p * cs + c] = (os[c] * 2.0f) / levels[p];
   for (int p = 0; p < P; p++)
