@@ -6,7 +6,9 @@ dispatch, autograd bookkeeping and memory traffic.
 * Weights (`MixedWeightQuant`): the P precisions stacked into one [P, …] tensor (one divide, one
   round, a clamp per precision, one weighted sum), backward by hand: it saves Q_p·s_p [P, …] and
   gives ∂/∂W = g (straight-through; Σθ = 1), ∂/∂θ_p = ⟨g, Q_p·s_p⟩ per channel (or per layer),
-  and through the scale output ∂/∂θ_p = s_p.
+  and through the scale output ∂/∂θ_p = s_p. In float32 on the CPU the native kernel
+  (`plinio_onnx.functions.mps_native_weight`) computes the same in one call each way (a small
+  weight's ~15 ops were mostly op dispatch), once it has passed its check against these ops.
 * Activations (`MixedActQuant`, PACT): large tensors, so the work goes chunk by chunk (each chunk
   stays in the core's cache while every precision is computed on it, forward and backward) over
   reused buffers, and only x is saved (the values are recomputed in the backward, not stored
