@@ -2,6 +2,7 @@
 ATen path, per quantizer and per search step.
 
     python bench/mps_weight_kernel.py [--threads 2] [--rounds 15] [--steps-only | --quantizers-only]
+        [--threads 1 --clock cpu]   (a shared machine: CPU time of one thread)
 
 Quantizers: one `MixedWeightQuant` forward + backward (3 precisions, per-channel θ and scales) on
 the digits CNN's weight shapes and on a large conv, the two paths alternated in one run; the
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import plinio_onnx as po  # noqa: E402
 from _timing import paired_ratio, sgd_training_step  # noqa: E402
-from mps_overhead import _mps_step  # noqa: E402
+from mps_overhead import CLOCKS, _mps_step  # noqa: E402
 from plinio_onnx.functions import mps_train  # noqa: E402
 from plinio_onnx.functions.mps_train import MixedWeightQuant, WeightPlan  # noqa: E402
 
@@ -64,16 +65,16 @@ def _quantizer_step(shape, axis: int, aten: bool):
     return step
 
 
-def quantizers(rounds: int) -> None:
+def quantizers(rounds: int, clock) -> None:
     for name, (shape, axis) in SHAPES.items():
         steps = 2 if shape[0] >= 256 else 50
         result = paired_ratio(_quantizer_step(shape, axis, True), _quantizer_step(shape, axis, False),
-                              rounds=rounds, steps=steps)
+                              rounds=rounds, steps=steps, clock=clock)
         print(f"{name}: forward+backward ATen {result['candidate_ms'] * 1e3:.1f} µs, native "
               f"{result['baseline_ms'] * 1e3:.1f} µs, ATen/native {result['ratio']:.2f}", flush=True)
 
 
-def steps(rounds: int, batch: int) -> None:
+def steps(rounds: int, batch: int, clock) -> None:
     path = ROOT / "models" / "digits_cnn.onnx"
     x = torch.randn([batch] + [int(d) for d in po.load(path).gs.inputs[0].shape[1:]])
     plain = po.to_torch(po.load(path))
@@ -91,7 +92,8 @@ def steps(rounds: int, batch: int) -> None:
         times = {"native": [], "ATen": []}
         for r in range(rounds):  # alternate: native vs plain, ATen vs plain
             for kind, fn in (("native", step), ("ATen", aten_step)):
-                times[kind].append(paired_ratio(fn, plain_step, rounds=2, steps=3, warmup=1 if r else 3))
+                times[kind].append(paired_ratio(fn, plain_step, rounds=2, steps=3, warmup=1 if r else 3,
+                                                         clock=clock))
         summary = {kind: (statistics.median(t["candidate_ms"] for t in runs),
                           statistics.median(t["baseline_ms"] for t in runs),
                           statistics.median(t["ratio"] for t in runs)) for kind, runs in times.items()}
@@ -105,18 +107,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall")
     parser.add_argument("--steps-only", action="store_true")
     parser.add_argument("--quantizers-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, wall clock; weight kernel: "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; weight kernel: "
           f"{'native' if mps_train.native_weights_available() else 'not available (ATen on both sides)'}")
     start = time.perf_counter()
     if not args.steps_only:
-        quantizers(args.rounds)
+        quantizers(args.rounds, CLOCKS[args.clock])
     if not args.quantizers_only:
-        steps(args.rounds, args.batch)
+        steps(args.rounds, args.batch, CLOCKS[args.clock])
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

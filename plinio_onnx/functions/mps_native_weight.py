@@ -14,11 +14,14 @@ once with the scale and θ of every value laid out beside them.
 Built and loaded like `plinio_onnx.functions.mps_native` (same compiler, flags, cache folder and
 ``PLINIO_ONNX_NATIVE=0`` switch; a library of its own).
 
-Values: the max, the scales 2·max/(2^b − 1), W/s_p (true division), rounding half to even, the
-clamp and the products are the ATen path's float32 ops one for one; the sum over precisions is
-((0 + u_0) + u_1) + …, which is what ATen's ``sum(0)`` does for up to 4 precisions (beyond, its
-order depends on a value's position and on the thread split: close, not equal). The θ gradient's
-sums ⟨g, Q_p·s_p⟩ are added in another order (float lanes of 16, flushed into float64 per run).
+What is bit for bit the ATen path's: the max of |W| (NaN included), the scales 2·max/(2^b − 1),
+W/s_p (true division), rounding half to even, the clamp, the products Q_p·s_p·θ_p, and, for up to
+4 precisions, the value and the scale output: both add ((0 + u_0) + u_1) + …, the order of ATen's
+``sum(0)`` there (beyond 4 its order depends on where a value sits and on the thread split: close,
+not equal); ∂W is the incoming gradient itself (straight-through). Only close: ∂θ, whose products
+g·Q_p·s_p are ATen's but whose sums are taken in another order (float lanes of 16 flushed into
+float64 every 256 values; in rows of short runs, float64 per position), and whose per-layer scale
+term Σ_k s_p,k·g_k is added in float64.
 """
 from __future__ import annotations
 
