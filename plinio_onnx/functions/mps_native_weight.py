@@ -11,6 +11,10 @@ scale is per channel). Runs of ``inner`` values share one scale and one θ; wher
 (Gemm/MatMul weights, channels on axis 1: inner = 1) whole rows of C·inner values are taken at
 once with the scale and θ of every value laid out beside them.
 
+It runs on one thread and has no size cutoff: its one pass beats the ATen path's passes over
+[P, …] stacks on two threads at every size measured, from a 3×3 conv's 144 values (op dispatch)
+to a [4096, 4096] weight (memory traffic: ~0.1 s against ~0.7 s a step on a shared 2-core host).
+
 Built and loaded like `plinio_onnx.functions.mps_native` (same compiler, flags, cache folder and
 ``PLINIO_ONNX_NATIVE=0`` switch; a library of its own).
 
