@@ -186,7 +186,8 @@ def _weight_agrees(kernel: "mps_native_weight.NativeWeightMixture", shape: tuple
     theta = torch.softmax(torch.randn((len(plan.bits), columns) if columns else (len(plan.bits),),
                                       generator=generator), 0)
     value, scale, values, flat_scales = _weight_mixture(w, theta, plan)
-    grad_value, grad_scale = torch.randn(value.shape, generator=generator), torch.randn(scale.shape, generator=generator)
+    grad_value = torch.randn(value.shape, generator=generator)
+    grad_scale = torch.randn(scale.shape, generator=generator)
     want = weight_theta_grad(values, flat_scales, grad_value, grad_scale, theta.shape, plan.axis)
     layout = mps_native_weight.layout(shape, plan.axis, plan.reduce_axes, tuple(theta.shape))
     got_value, got_scale, scales = kernel.forward(w, theta, plan.bits, layout)
