@@ -4,9 +4,12 @@ tests check): the same values, scales and weight gradients bit for bit (up to 4 
 gradients up to the order of their sums, on every layout the MPS pass makes; and its fallbacks."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
+import plinio_onnx as po
 from plinio_onnx.functions import mps_native, mps_native_weight, mps_train
 from plinio_onnx.functions.mps_train import MixedWeightQuant, WeightPlan
 from test_mps_native import HAS_COMPILER
@@ -190,3 +193,54 @@ def test_the_weight_kernel_has_a_build_of_its_own(tmp_path):
     weights = mps_native.build(tmp_path, source=mps_native_weight.SOURCE, stem="mps_weight")
     assert activations != weights and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [activations.name, weights.name])
+
+
+def _every_layer_graph() -> po.Graph:
+    """ConvTranspose (channels on axis 1), a grouped one (per layer), Conv, Gemm without transB and
+    MatMul (channels on axis 1)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("ConvTranspose", ["x", "w1"], ["a"], name="deconv"),
+             helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("ConvTranspose", ["ar", "w2"], ["b"], name="grouped", group=2),
+             helper.make_node("Relu", ["b"], ["br"]),
+             helper.make_node("Conv", ["br", "w3"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["cr"]),
+             helper.make_node("Flatten", ["cr"], ["f"]),
+             helper.make_node("Gemm", ["f", "w4", "b4"], ["g"], name="gemm"),
+             helper.make_node("Relu", ["g"], ["gr"]),
+             helper.make_node("MatMul", ["gr", "w5"], ["y"], name="matmul")]
+    shapes = {"w1": (4, 6, 3, 3), "w2": (6, 3, 1, 1), "w3": (8, 6, 3, 3), "w4": (288, 10), "b4": (10,), "w5": (10, 5)}
+    inits = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+             for name, shape in shapes.items()]
+    proto = helper.make_model(helper.make_graph(
+        nodes, "every_layer", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 5])], inits),
+        opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 10
+    return po.load(proto)
+
+
+@pytest.mark.parametrize("options", [{}, {"zero_bit": True}, {"per_channel": False},
+                                     {"per_channel": False, "weight_scale": "per_tensor"}])
+def test_every_quantizer_the_mps_pass_makes_runs_the_kernel(options, monkeypatch):
+    """Through the MPS pass (each option it allows, each layer kind): every weight mixture of a
+    training step takes the kernel, and the step's output and gradients are the ATen path's."""
+    if not HAS_COMPILER:
+        return
+    model = po.MPS(_every_layer_graph(), **options)
+    x = torch.randn(3, 4, 6, 6, generator=torch.Generator().manual_seed(2))
+    model.calibrate(x)
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    taken = []
+    decide = mps_train._native_weights
+    monkeypatch.setattr(mps_train, "_native_weights", lambda *args: taken.append(decide(*args)) or taken[-1])
+    y = model(x)
+    grads = torch.autograd.grad(y.square().sum() + model.cost, parameters)
+    assert len(taken) == 5 and all(t is not None for t in taken)
+    monkeypatch.setattr(mps_train, "_native_weights", lambda *args: None)
+    want_y = model(x)
+    want = torch.autograd.grad(want_y.square().sum() + model.cost, parameters)
+    assert torch.equal(y, want_y)
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
