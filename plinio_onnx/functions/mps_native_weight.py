@@ -306,9 +306,9 @@ class NativeWeightMixture:
         """(Σ_p θ_p·Q_p·s_p, Σ_p θ_p·s_p, the scales [2, P, scale channels]: quantizing ones, then
         the output ones, 0 where b = 0)."""
         count = len(bits)
-        value = torch.empty_like(weight)
-        scales = torch.empty((2, count, shape.scale_channels), dtype=weight.dtype)
-        scale = torch.empty(max(shape.scale_channels, shape.theta_channels), dtype=weight.dtype)
+        value = torch.empty_like(weight)  # (new_empty: on the weight's device whatever torch's default)
+        scales = weight.new_empty((2, count, shape.scale_channels))
+        scale = weight.new_empty(max(shape.scale_channels, shape.theta_channels))
         levels, lows, highs = _constants(bits)
         status = self._forward(weight.data_ptr(), value.data_ptr(), scales.data_ptr(), scale.data_ptr(),
                                shape.outer, shape.channels, shape.inner, shape.scale_channels,
@@ -321,7 +321,7 @@ class NativeWeightMixture:
                    grad_scale: torch.Tensor | None, bits: tuple[int, ...], shape: WeightLayout) -> torch.Tensor:
         """∂/∂θ [P, θ columns]: ⟨g, Q_p·s_p⟩ per channel (or per layer) plus s_p·∂scale."""
         _, lows, highs = _constants(bits)
-        grad = torch.empty((len(bits), shape.theta_channels), dtype=weight.dtype)
+        grad = weight.new_empty((len(bits), shape.theta_channels))
         status = self._backward(weight.data_ptr(), _address(grad_value), scales.data_ptr(), _address(grad_scale),
                                 shape.outer, shape.channels, shape.inner, shape.scale_channels,
                                 shape.theta_channels, len(bits), lows, highs, grad.data_ptr())
