@@ -9,7 +9,8 @@ a_precisions=(2,4,8))`` with per-channel weight precisions in soft sampling (eve
 computed every step), the same loss plus ``strength · model.cost`` and an Adam step on the
 architecture logits. Steps are timed alternately in one run (`_timing.paired_ratio`); the
 printed ratio is median(MPS) / median(plain). Target: ≤ 2.5 (issue 16; DESIGN.md: ≤ 3). The header
-says whether the activation mixtures ran the native kernel (`plinio_onnx.functions.mps_native`;
+says whether the activation and weight mixtures ran the native kernels
+(`plinio_onnx.functions.mps_native`, `plinio_onnx.functions.mps_native_weight`;
 ``PLINIO_ONNX_NATIVE=0`` measures the ATen path).
 """
 from __future__ import annotations
@@ -65,8 +66,9 @@ def overhead(description: str, label: str, build: Callable[[Path], torch.nn.Modu
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     kernel = "native" if mps_train.native_available() else "ATen"
+    weights = "native" if mps_train.native_weights_available() else "ATen"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.clock} clock, "
-          f"activation mixture: {kernel} kernel")
+          f"activation mixture: {kernel} kernel, weight mixture: {weights} kernel")
     for name in args.models:
         path = MODELS / f"{name}.onnx"
         graph = po.load(path)

@@ -200,23 +200,24 @@ def cache_folder() -> Path:
     return Path(base) / "plinio_onnx"
 
 
-def build(folder: Path | None = None) -> Path:
-    """Build the kernel (unless the cache already holds it) and return its path; raises `OSError`
-    or `subprocess.SubprocessError` when it cannot be built."""
+def build(folder: Path | None = None, source: str = SOURCE, stem: str = "mps_native") -> Path:
+    """Build the kernel (``source``: another C source, e.g. the weight mixture's) unless the cache
+    already holds it, and return its path; raises `OSError` or `subprocess.SubprocessError` when
+    it cannot be built."""
     compiler = _compiler()
     if compiler is None:
         raise FileNotFoundError("no C compiler found (set CC)")
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *FLAGS, _machine()]).encode()).hexdigest()[:20]
-    target = (folder or cache_folder()) / f"mps_native_{key}.so"
+    key = hashlib.sha256("\0".join([source, compiler, *FLAGS, _machine()]).encode()).hexdigest()[:20]
+    target = (folder or cache_folder()) / f"{stem}_{key}.so"
     if not target.exists():
         with atomic_path(target) as tmp:
-            source = tmp.with_name(tmp.name + ".c")
+            source_file = tmp.with_name(tmp.name + ".c")
             try:
-                source.write_text(SOURCE)
-                subprocess.run([compiler, *FLAGS, str(source), "-o", str(tmp), "-lm"], check=True,
+                source_file.write_text(source)
+                subprocess.run([compiler, *FLAGS, str(source_file), "-o", str(tmp), "-lm"], check=True,
                                capture_output=True, timeout=120)
             finally:
-                source.unlink(missing_ok=True)
+                source_file.unlink(missing_ok=True)
     return target
 
 
