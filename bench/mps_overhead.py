@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import plinio_onnx as po  # noqa: E402
 from _timing import paired_ratio, sgd_training_step  # noqa: E402
-from plinio_onnx.functions import mps_train  # noqa: E402
+from plinio_onnx.functions import mps_train, mps_weights  # noqa: E402
 
 MODELS = ROOT / "models"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -66,7 +66,7 @@ def overhead(description: str, label: str, build: Callable[[Path], torch.nn.Modu
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     kernel = "native" if mps_train.native_available() else "ATen"
-    weights = "native" if mps_train.native_weights_available() else "ATen"
+    weights = "native" if mps_weights.native_weights_available() else "ATen"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.clock} clock, "
           f"activation mixture: {kernel} kernel, weight mixture: {weights} kernel")
     for name in args.models:

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 import plinio_onnx as po  # noqa: E402
 from _timing import paired_ratio, sgd_training_step  # noqa: E402
 from mps_overhead import CLOCKS, _mps_step  # noqa: E402
-from plinio_onnx.functions import mps_train  # noqa: E402
-from plinio_onnx.functions.mps_train import MixedWeightQuant, WeightPlan  # noqa: E402
+from plinio_onnx.functions import mps_weights  # noqa: E402
+from plinio_onnx.functions.mps_weights import MixedWeightQuant, WeightPlan  # noqa: E402
 
 SHAPES = {"conv1 [16,1,3,3]": ((16, 1, 3, 3), 0), "conv2 [32,16,3,3]": ((32, 16, 3, 3), 0),
           "conv3 [32,32,3,3]": ((32, 32, 3, 3), 0), "fc1 [64,512]": ((64, 512), 0),
@@ -40,13 +40,13 @@ SHAPES = {"conv1 [16,1,3,3]": ((16, 1, 3, 3), 0), "conv2 [32,16,3,3]": ((32, 16,
 @contextlib.contextmanager
 def _aten_weights(on: bool):
     """Inside: the weight mixtures take the ATen path (``on``) or whatever they take anyway."""
-    native = mps_train._native_weights
+    native = mps_weights._native_weights
     if on:
-        mps_train._native_weights = lambda *args: None
+        mps_weights._native_weights = lambda *args: None
     try:
         yield
     finally:
-        mps_train._native_weights = native
+        mps_weights._native_weights = native
 
 
 def _quantizer_step(shape, axis: int, aten: bool):
@@ -114,7 +114,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock; weight kernel: "
-          f"{'native' if mps_train.native_weights_available() else 'not available (ATen on both sides)'}")
+          f"{'native' if mps_weights.native_weights_available() else 'not available (ATen on both sides)'}")
     start = time.perf_counter()
     if not args.steps_only:
         quantizers(args.rounds, CLOCKS[args.clock])

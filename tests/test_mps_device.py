@@ -1,5 +1,5 @@
 """MPS's quantizers on a device (`plinio_onnx.functions.mps_device`) against the host forms
-(`plinio_onnx.functions.mps_train`, `plinio_onnx.functions.mps`): the same forward values bit for
+(`plinio_onnx.functions.mps_train`, `mps_weights`, `plinio_onnx.functions.mps`): the same forward values bit for
 bit, the same gradients within float rounding, and no host read (tests/test_device_sync.py)."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 from plinio_onnx import host
 from plinio_onnx.functions import mps as fn
 from plinio_onnx.functions.mps_device import DeviceActQuant, DeviceWeightQuant, _ActMixture
-from plinio_onnx.functions.mps_train import MixedActQuant, MixedWeightQuant, Scratch, WeightPlan
+from plinio_onnx.functions.mps_train import MixedActQuant, Scratch
+from plinio_onnx.functions.mps_weights import MixedWeightQuant, WeightPlan
 
 from test_device_sync import no_host_reads
 

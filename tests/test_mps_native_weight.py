@@ -1,5 +1,5 @@
 """The native kernel of MPS's weight mixture (`plinio_onnx.functions.mps_native_weight`) against the
-ATen path of `plinio_onnx.functions.mps_train.MixedWeightQuant` (the one the float64 reference
+ATen path of `plinio_onnx.functions.mps_weights.MixedWeightQuant` (the one the float64 reference
 tests check): the same values, scales and weight gradients bit for bit (up to 4 precisions), θ
 gradients up to the order of their sums, on every layout the MPS pass makes; and its fallbacks."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import plinio_onnx as po
-from plinio_onnx.functions import mps_native, mps_native_weight, mps_train
-from plinio_onnx.functions.mps_train import MixedWeightQuant, WeightPlan
+from plinio_onnx.functions import mps_native, mps_native_weight, mps_weights
+from plinio_onnx.functions.mps_weights import MixedWeightQuant, WeightPlan
 from test_mps_native import HAS_COMPILER
 
 
@@ -25,7 +25,7 @@ def _run(weight, theta, plan, grads, use_scale=True):
 
 def _both(weight, theta, plan, monkeypatch, use_scale=True):
     """(native results, ATen results) of one mixture, or None where no kernel could be built."""
-    native = mps_train._native_weights(weight, theta, plan)
+    native = mps_weights._native_weights(weight, theta, plan)
     assert native is not None or not HAS_COMPILER
     if native is None:
         return None
@@ -34,7 +34,7 @@ def _both(weight, theta, plan, monkeypatch, use_scale=True):
     grads = (torch.randn(weight.shape, generator=generator), torch.randn(channels, generator=generator))
     got = _run(weight, theta, plan, grads, use_scale)
     with monkeypatch.context() as patch:
-        patch.setattr(mps_train, "_native_weights", lambda *args: None)
+        patch.setattr(mps_weights, "_native_weights", lambda *args: None)
         want = _run(weight, theta, plan, grads, use_scale)
     return got, want
 
@@ -126,14 +126,14 @@ def test_layouts():
 
 def test_the_weight_kernel_is_used_only_where_it_computes_the_mixture():
     if HAS_COMPILER:
-        assert mps_train.native_weights_available()
+        assert mps_weights.native_weights_available()
     plan = WeightPlan((2, 4, 8), 0, (1, 2, 3))
     w, theta = torch.randn(4, 2, 3, 3), torch.full((3, 4), 1 / 3)
-    assert (mps_train._native_weights(w, theta, plan) is not None) == HAS_COMPILER
-    assert mps_train._native_weights(w.double(), theta.double(), plan) is None
-    assert mps_train._native_weights(w, theta[:2], plan) is None
+    assert (mps_weights._native_weights(w, theta, plan) is not None) == HAS_COMPILER
+    assert mps_weights._native_weights(w.double(), theta.double(), plan) is None
+    assert mps_weights._native_weights(w, theta[:2], plan) is None
     many = tuple(range(1, mps_native_weight.MAX_PRECISIONS + 2))
-    assert mps_train._native_weights(w, torch.ones(len(many), 4), WeightPlan(many, 0, (1, 2, 3))) is None
+    assert mps_weights._native_weights(w, torch.ones(len(many), 4), WeightPlan(many, 0, (1, 2, 3))) is None
 
 
 def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch):
@@ -151,13 +151,13 @@ def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch):
             return kernel.theta_grad(*args)
 
     monkeypatch.setattr(mps_native_weight, "load", lambda: OffByOne())
-    mps_train._checked_weight_native.cache_clear()
+    mps_weights._checked_weight_native.cache_clear()
     try:
-        assert mps_train._checked_weight_native() is None
+        assert mps_weights._checked_weight_native() is None
         w, theta = _weight((4, 2, 3, 3), 0), torch.full((3, 4), 1 / 3)
-        assert mps_train._native_weights(w, theta, WeightPlan((2, 4, 8), 0, (1, 2, 3))) is None
+        assert mps_weights._native_weights(w, theta, WeightPlan((2, 4, 8), 0, (1, 2, 3))) is None
     finally:
-        mps_train._checked_weight_native.cache_clear()
+        mps_weights._checked_weight_native.cache_clear()
 
 
 def test_the_weight_kernel_is_turned_off_by_the_environment(monkeypatch):
@@ -173,9 +173,9 @@ def test_no_compiler_means_the_aten_path(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "")
     monkeypatch.setenv("PATH", str(tmp_path))
     mps_native_weight.load.cache_clear()
-    mps_train._checked_weight_native.cache_clear()
+    mps_weights._checked_weight_native.cache_clear()
     try:
-        assert mps_native_weight.load() is None and not mps_train.native_weights_available()
+        assert mps_native_weight.load() is None and not mps_weights.native_weights_available()
         weight = _weight((4, 2, 3, 3), 0).requires_grad_()
         theta = torch.full((3, 4), 1 / 3, requires_grad=True)
         value, scale = MixedWeightQuant.apply(weight, theta, WeightPlan((2, 4, 8), 0, (1, 2, 3)))
@@ -183,7 +183,7 @@ def test_no_compiler_means_the_aten_path(monkeypatch, tmp_path):
         assert value.shape == weight.shape and theta.grad.shape == theta.shape
     finally:
         mps_native_weight.load.cache_clear()
-        mps_train._checked_weight_native.cache_clear()
+        mps_weights._checked_weight_native.cache_clear()
 
 
 def test_the_weight_kernel_has_a_build_of_its_own(tmp_path):
@@ -233,12 +233,12 @@ def test_every_quantizer_the_mps_pass_makes_runs_the_kernel(options, monkeypatch
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     taken = []
-    decide = mps_train._native_weights
-    monkeypatch.setattr(mps_train, "_native_weights", lambda *args: taken.append(decide(*args)) or taken[-1])
+    decide = mps_weights._native_weights
+    monkeypatch.setattr(mps_weights, "_native_weights", lambda *args: taken.append(decide(*args)) or taken[-1])
     y = model(x)
     grads = torch.autograd.grad(y.square().sum() + model.cost, parameters)
     assert len(taken) == 5 and all(t is not None for t in taken)
-    monkeypatch.setattr(mps_train, "_native_weights", lambda *args: None)
+    monkeypatch.setattr(mps_weights, "_native_weights", lambda *args: None)
     want_y = model(x)
     want = torch.autograd.grad(want_y.square().sum() + model.cost, parameters)
     assert torch.equal(y, want_y)

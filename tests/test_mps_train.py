@@ -1,4 +1,4 @@
-"""The fused training-mode mixtures (`plinio_onnx.functions.mps_train`) against plain autograd
+"""The fused training-mode mixtures (`plinio_onnx.functions.mps_train`, `mps_weights`) against plain autograd
 references written precision by precision: values and the gradients of weights, inputs, clips and
 the logits α behind θ = softmax(α), in float64."""
 from __future__ import annotations
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from plinio_onnx.functions import mps as fn
-from plinio_onnx.functions import mps_train
-from plinio_onnx.functions.mps_train import MixedActQuant, MixedWeightQuant, Scratch, WeightPlan
+from plinio_onnx.functions import mps_train, mps_weights
+from plinio_onnx.functions.mps_train import MixedActQuant, Scratch
+from plinio_onnx.functions.mps_weights import MixedWeightQuant, WeightPlan
 
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 
@@ -192,7 +193,7 @@ def test_weight_mixture_clamps_the_same_with_tensor_and_scalar_bounds(monkeypatc
     theta = torch.softmax(torch.randn(4, 8), 0)
     plan = WeightPlan((0, 2, 4, 8), 0, (1, 2, 3))
     small = MixedWeightQuant.apply(weight, theta, plan)
-    monkeypatch.setattr(mps_train, "SMALL_WEIGHTS", 0)
+    monkeypatch.setattr(mps_weights, "SMALL_WEIGHTS", 0)
     large = MixedWeightQuant.apply(weight, theta, plan)
     for a, b in zip(small, large):
         assert torch.equal(a, b)

@@ -42,7 +42,8 @@ from ..to_torch.context import NodeContext
 from ..to_torch.registry import Unsupported, register
 from . import make_function
 from .mps_device import DeviceActQuant, DeviceWeightQuant
-from .mps_train import ActPlan, MixedActQuant, MixedWeightQuant, Scratch, WeightPlan
+from .mps_train import ActPlan, MixedActQuant, Scratch
+from .mps_weights import MixedWeightQuant, WeightPlan
 from .relaxation import FIXED, SAMPLINGS, SOFTMAX, choice_weights, is_sampling, sampling_mode
 
 ACT_QUANT = "MPSActQuant"

@@ -15,12 +15,15 @@ each instead of chunk by chunk (equal within float rounding).
 
 `DeviceActQuant` and `DeviceWeightQuant` are what `plinio_onnx.functions.mps.ActQuantizer` and
 `WeightQuantizer` call where `plinio_onnx.host.runs_on_host` says the tensor is not on the host.
+The weight mixture has one form for both (`plinio_onnx.functions.mps_weights`): its ATen path
+reads nothing back.
 """
 from __future__ import annotations
 
 import torch
 
-from .mps_train import ActPlan, WeightPlan, _theta_like, weight_theta_grad
+from .mps_train import ActPlan
+from .mps_weights import MixedWeightQuant, WeightPlan
 from .relaxation import FIXED, choice_weights, one_hot_argmax
 
 
@@ -163,59 +166,24 @@ class DeviceActQuant:
 
 
 # -- weights ------------------------------------------------------------------------------------
-def _weight_constants(device, dtype, bits: tuple[int, ...]):
-    """(2^b − 1 (≥ 1), qmin, qmax, 1 where b > 0, b) per precision."""
-    def row(values):
-        return torch.tensor([float(v) for v in values], dtype=dtype, device=device)
-    return (row([max(2 ** b - 1, 1) for b in bits]), row([-(2 ** (b - 1)) if b else 0 for b in bits]),
-            row([2 ** (b - 1) - 1 if b else 0 for b in bits]), row([1 if b else 0 for b in bits]), row(bits))
-
-
-class _WeightMixture(torch.autograd.Function):
-    """`plinio_onnx.functions.mps_train.MixedWeightQuant` with its constants made once per device
-    (the host form builds them per call, a host-to-device copy on a device)."""
-
-    @staticmethod
-    def forward(ctx, weight, theta, plan: WeightPlan, constants: _Constants):
-        w = weight.detach()
-        rank, count = w.dim(), len(plan.bits)
-        levels, lows, highs, kept, _ = constants.get(w.device, w.dtype)
-        stacked = [count] + [1] * rank
-        m = w.abs().amax(dim=list(plan.reduce_axes), keepdim=True).clamp_min_(1e-30)
-        scales = torch.div(m.mul(2.0).unsqueeze(0), levels.reshape(stacked))
-        values = torch.div(w.unsqueeze(0), scales).round_()
-        values = torch.minimum(torch.maximum(values, lows.reshape(stacked)), highs.reshape(stacked)).mul_(scales)
-        scales = scales * kept.reshape(stacked)          # s_p = 0 at 0 bits
-        theta_b = _theta_like(theta.detach(), plan.axis, rank)
-        value = torch.mul(values, theta_b).sum(0)
-        flat_scales = scales.reshape(count, -1)
-        scale = torch.mul(flat_scales, theta.detach().reshape(count, -1)).sum(0)
-        ctx.save_for_backward(values, flat_scales)
-        ctx.plan, ctx.theta_shape = plan, theta.shape
-        return value, scale
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_value, grad_scale):
-        values, flat_scales = ctx.saved_tensors
-        grad_theta = None
-        if ctx.needs_input_grad[1]:
-            grad_theta = weight_theta_grad(values, flat_scales, grad_value, grad_scale, ctx.theta_shape, ctx.plan.axis)
-        return grad_value, grad_theta, None, None
+def _bit_table(device, dtype, bits: tuple[int, ...]) -> torch.Tensor:
+    """The bit-widths as a tensor."""
+    return torch.tensor([float(b) for b in bits], dtype=dtype, device=device)
 
 
 class DeviceWeightQuant:
-    """The training-mode mixture of `plinio_onnx.functions.mps.WeightQuantizer` on a device, and
-    its bit-width table (eval's argmax gathers from it) made once per device."""
+    """The training-mode mixture of `plinio_onnx.functions.mps.WeightQuantizer` on a device
+    (`plinio_onnx.functions.mps_weights.MixedWeightQuant`, whose ATen path reads nothing back),
+    and its bit-width table (eval's argmax gathers from it) made once per device."""
 
     def __init__(self, plan: WeightPlan) -> None:
         self.plan = plan
-        self.constants = _Constants(_weight_constants, plan.bits)
+        self.constants = _Constants(_bit_table, plan.bits)
 
     def __call__(self, weight: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_p θ_p·Q_p(W)·s_p, Σ_p θ_p·s_p) for θ [P] or [P, C]."""
-        return _WeightMixture.apply(weight, theta, self.plan, self.constants)
+        return MixedWeightQuant.apply(weight, theta, self.plan)
 
     def table(self, like: torch.Tensor) -> torch.Tensor:
         """The bit-widths as a tensor like ``like`` (its dtype and device)."""
-        return self.constants.get(like.device, like.dtype)[4]
+        return self.constants.get(like.device, like.dtype)

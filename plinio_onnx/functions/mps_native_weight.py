@@ -1,4 +1,4 @@
-"""A native CPU kernel for MPS's weight mixture (`plinio_onnx.functions.mps_train.MixedWeightQuant`).
+"""A native CPU kernel for MPS's weight mixture (`plinio_onnx.functions.mps_weights.MixedWeightQuant`).
 
 The ATen path of a weight mixture is about 15 small ops forward and 6 backward; on the weights of
 a small CNN (a few thousand values) nearly all of its ~100 µs each way is op dispatch. This
