@@ -111,3 +111,33 @@ def test_the_build_is_cached(tmp_path):
     stamp = first.stat().st_mtime_ns
     assert mps_native.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no source or temporary left behind
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("only_scale", [False, True])   # only the scale output (a bias's) has a gradient
+def test_native_quantizer_at_the_smallest_clip_equals_the_aten_path(signed, only_scale, monkeypatch):
+    """A clip below the smallest one (the scale uses min_clip, no clip gradient through it), one
+    exactly at it, and a 0 weight: values, scale and gradients as the ATen path's."""
+    if mps_train._checked_native() is None:
+        assert not HAS_COMPILER
+        return
+    torch.manual_seed(5)
+    x = torch.randn(7, 33) * 1e-3
+    theta = torch.tensor([0.5, 0.0, 0.5])
+    clip = torch.tensor([1e-5, fn.MIN_CLIP, 2e-3])
+    plan = fn.act_plan((2, 4, 8), signed)
+
+    def run():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, theta, clip)]
+        y, scale = MixedActQuant.apply(*leaves, plan, Scratch())
+        loss = 3.0 * scale.sum() + (0.0 if only_scale else (y * y.detach()).sum())
+        return (y, scale) + torch.autograd.grad(loss, leaves, allow_unused=True)
+
+    got = run()
+    monkeypatch.setattr(mps_train, "_native", lambda *args: None)
+    want = run()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[2] is None) == (want[2] is None) and (got[2] is None or torch.equal(got[2], want[2]))
+    for a, b in zip(got[3:], want[3:]):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-6)
+    assert want[4][0] == 0.0 or not only_scale   # (below min_clip: no clip gradient through the scale)

@@ -68,6 +68,19 @@ def _act_constants(device, dtype, plan: ActPlan):
     return lows, highs, highs32
 
 
+def _mixture_scale(theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan, highs: torch.Tensor) -> torch.Tensor:
+    """Σ_p θ_p·s_p as the host forms compute it (``highs``: qmax_p in ``clip``'s dtype): in float32
+    (θ and the clips float32) added in order, else one dot in ``clip``'s dtype."""
+    scales = clip.detach().clamp_min(plan.min_clip) / highs
+    if theta.dtype == clip.dtype == torch.float32:
+        products = theta.detach() * scales
+        total = products[0]
+        for p in range(1, len(plan.ranges)):
+            total = total + products[p]
+        return total
+    return torch.dot(theta.detach().to(clip.dtype), scales)
+
+
 class _ActMixture(torch.autograd.Function):
     """`plinio_onnx.functions.mps_train.MixedActQuant` with tensor scalars: (Σ_p θ_p·Q_p(x)·s_p,
     Σ_p θ_p·max(c_p, min_clip)/qmax_p), PACT gradients (see that class)."""
@@ -79,7 +92,7 @@ class _ActMixture(torch.autograd.Function):
         clips, scales, inverses, weighted = _act_rows(theta, clip, plan, x.dtype, highs32)
         ctx.save_for_backward(x, theta, clip)
         ctx.plan, ctx.constants = plan, constants
-        scale = torch.dot(theta.detach().to(clip.dtype), clip.detach().clamp_min(plan.min_clip) / highs)
+        scale = _mixture_scale(theta, clip, plan, highs)
         y, work = None, torch.empty_like(x)
         for p, (lo, hi) in enumerate(plan.ranges):
             if plan.exact:

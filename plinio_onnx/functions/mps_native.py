@@ -17,6 +17,11 @@ clamped with the same NaN and signed-zero behaviour, accumulated as y = v_0·a_0
 y = fma(v_p, a_p, y) (what ``add_`` with ``alpha`` computes); the input gradient the same way.
 Only the sums (inside sums, Σ g·Q_p, the outside sum) are added in another order: float lanes
 of 16 values, blocks of 256 flushed into float64 (the ATen path: float32 chunk sums).
+
+The calls take the whole quantizer (`NativeMixture.quant_forward`, `quant_backward`): θ and the
+raw clips are read from their tensors and the per-precision numbers (clip, scale, 1/s, θ·s, the
+scale output, the θ and clip gradients) computed in C as the ATen path computes them in Python,
+because on a small layer that Python and its tensor ops cost more than the pass itself.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 
@@ -124,15 +129,68 @@ void mps_act_backward(const float *x, const float *g, float *gx, int64_t n, int 
   }
   for (int k = 0; k < 2 * P + 1; k++) out[k] = total[k];
 }
+
+/* The whole quantizer from theta and the raw clips (the ATen path's Python numbers, computed here):
+   clip_p = max(clip[p], min_clip) and s_p = clip_p / qmax_p in float32; 1/s_p and theta_p * s_p
+   in double, then rounded to float (what a float argument of the calls above receives). */
+static void rows(int P, const float *clip, const float *qmax, float min_clip, float *clips, float *scales) {
+  for (int p = 0; p < P; p++) {
+    float c = clip[p];
+    clips[p] = (c > min_clip || c != c) ? c : min_clip;
+    scales[p] = clips[p] / qmax[p];
+  }
+}
+
+/* y = the mixture over the precisions with theta_p != 0 (none: 0); *scale = sum_p theta_p * s_p
+   added in float32, in order. */
+void mps_act_quant_forward(const float *x, float *y, int64_t n, int P, const float *theta, const float *clip,
+                           const float *qmin, const float *qmax, float min_clip, int exact, float *scale) {
+  float clips[MAX_P], scales[MAX_P], q[MAX_P], a[MAX_P], lo[MAX_P], hi[MAX_P];
+  rows(P, clip, qmax, min_clip, clips, scales);
+  float total = 0.0f;
+  int k = 0;
+  for (int p = 0; p < P; p++) {
+    total = total + theta[p] * scales[p];
+    if (theta[p] == 0.0f) continue;
+    q[k] = exact ? scales[p] : (float)(1.0 / (double)scales[p]);
+    a[k] = (float)((double)theta[p] * (double)scales[p]);
+    lo[k] = qmin[p];
+    hi[k] = qmax[p];
+    k++;
+  }
+  *scale = total;
+  if (k) mps_act_forward(x, y, n, k, q, a, lo, hi, exact);
+  else for (int64_t i = 0; i < n; i++) y[i] = 0.0f;
+}
+
+/* The gradients of theta and the raw clips (double, rounded to float at the end), from the sums of
+   mps_act_backward (g NULL: all 0) and, with has_scale, the gradient of the scale output:
+   d theta_p = (P_p + qmax_p (out - in_p)) s_p [+ gs max(c_p, min_clip_d) / qmax_p],
+   d c_p = theta_p (out - in_p) [+ gs theta_p / qmax_p where c_p >= min_clip_d]. */
+void mps_act_quant_backward(const float *x, const float *g, float *gx, int64_t n, int P, const float *theta,
+                            const float *clip, const float *qmax, float min_clip, double min_clip_d, int exact,
+                            int is_signed, int has_scale, double gs, float *grad_theta, float *grad_clip) {
+  float clips[MAX_P], scales[MAX_P], q[MAX_P], low[MAX_P];
+  double sums[2 * MAX_P + 1] = {0};
+  rows(P, clip, qmax, min_clip, clips, scales);
+  for (int p = 0; p < P; p++) {
+    q[p] = exact ? scales[p] : (float)(1.0 / (double)scales[p]);
+    low[p] = is_signed ? -clips[p] : 0.0f;
+  }
+  if (g) mps_act_backward(x, g, gx, n, P, q, low, clips, theta, exact, is_signed, sums);
+  for (int p = 0; p < P; p++) {
+    double clipped = sums[2 * P] - sums[p], high = (double)qmax[p], c = (double)clip[p];
+    double dt = (sums[P + p] + high * clipped) * (double)scales[p];
+    double dc = (double)theta[p] * clipped;
+    if (has_scale) {
+      dt = dt + gs * (c > min_clip_d || c != c ? c : min_clip_d) / high;
+      dc = dc + (c >= min_clip_d ? gs * (double)theta[p] / high : 0.0);
+    }
+    grad_theta[p] = (float)dt;
+    grad_clip[p] = (float)dc;
+  }
+}
 """ % {"max_p": MAX_PRECISIONS}
-
-
-class Sums(NamedTuple):
-    """What the backward adds up: per precision Σ inside (signed: ·sign x) and Σ inside·round(x/s),
-    and Σ g where x > 0 (signed: Σ g·sign x)."""
-    inside: list[float]
-    products: list[float]
-    outside: float
 
 
 def _floats(values: Sequence[float]):
@@ -147,27 +205,44 @@ class NativeMixture:
     """The loaded kernel: `forward` and `backward` on contiguous float32 CPU tensors."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._forward = library.mps_act_forward
-        self._forward.restype = None
-        self._backward = library.mps_act_backward
-        self._backward.restype = None
+        self._quant_forward = library.mps_act_quant_forward
+        self._quant_forward.restype = None
+        self._quant_backward = library.mps_act_quant_backward
+        self._quant_backward.restype = None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, multipliers: Sequence[float], weights: Sequence[float],
-                lows: Sequence[float], highs: Sequence[float], exact: bool) -> None:
-        """y = Σ_p weights[p]·clamp(round(x·multipliers[p]), lows[p], highs[p]) (exact: x/multipliers[p])."""
-        self._forward(_pointer(x), _pointer(y), ctypes.c_int64(x.numel()), ctypes.c_int(len(weights)),
-                      _floats(multipliers), _floats(weights), _floats(lows), _floats(highs), ctypes.c_int(exact))
+    def quant_forward(self, x: torch.Tensor, theta: torch.Tensor, clip: torch.Tensor, plan: "QuantPlan"
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(y, scale) of the whole quantizer on contiguous float32 ``x``, ``theta`` and ``clip``
+        (the rows from θ and the clips computed in C: see `mps_act_quant_forward`)."""
+        y, scale = torch.empty_like(x), torch.empty(1, dtype=x.dtype)
+        self._quant_forward(_pointer(x), _pointer(y), ctypes.c_int64(x.numel()), plan.count, _pointer(theta),
+                            _pointer(clip), plan.lows, plan.highs, plan.min_clip, plan.exact, _pointer(scale))
+        return y, scale
 
-    def backward(self, x: torch.Tensor, grad: torch.Tensor, grad_x: torch.Tensor | None,
-                 multipliers: Sequence[float], lows: Sequence[float], highs: Sequence[float],
-                 theta: Sequence[float], exact: bool, signed: bool) -> Sums:
-        """Fill ``grad_x`` (if given) and return the `Sums` (see the C source for the definitions)."""
-        count = len(theta)
-        out = (ctypes.c_double * (2 * count + 1))()
-        self._backward(_pointer(x), _pointer(grad), _pointer(grad_x), ctypes.c_int64(x.numel()),
-                       ctypes.c_int(count), _floats(multipliers), _floats(lows), _floats(highs), _floats(theta),
-                       ctypes.c_int(exact), ctypes.c_int(signed), out)
-        return Sums(list(out[:count]), list(out[count:2 * count]), out[2 * count])
+    def quant_backward(self, x: torch.Tensor, grad: torch.Tensor | None, grad_scale: float | None,
+                       theta: torch.Tensor, clip: torch.Tensor, plan: "QuantPlan", need_x: bool
+                       ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(∂x (None unless ``need_x`` and ``grad``), ∂θ, ∂clip) of the whole quantizer; ``grad``
+        contiguous (or None: only the scale output has a gradient, ``grad_scale``)."""
+        grad_x = torch.empty_like(x) if need_x and grad is not None else None
+        grad_theta, grad_clip = torch.empty(plan.count.value, dtype=x.dtype), torch.empty(plan.count.value, dtype=x.dtype)
+        self._quant_backward(_pointer(x), _pointer(grad), _pointer(grad_x), ctypes.c_int64(x.numel()), plan.count,
+                             _pointer(theta), _pointer(clip), plan.highs, plan.min_clip, plan.min_clip_d, plan.exact,
+                             plan.signed, ctypes.c_int(grad_scale is not None),
+                             ctypes.c_double(0.0 if grad_scale is None else grad_scale),
+                             _pointer(grad_theta), _pointer(grad_clip))
+        return grad_x, grad_theta, grad_clip
+
+class QuantPlan:
+    """An activation quantizer's fixed numbers as the C calls take them (made once per quantizer):
+    qmin_p and qmax_p, the smallest clip (float and double), exact, signed."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int]], signed: bool, min_clip: float, exact: bool) -> None:
+        self.count = ctypes.c_int(len(ranges))
+        self.lows = _floats([float(lo) for lo, _ in ranges])
+        self.highs = _floats([float(hi) for _, hi in ranges])
+        self.min_clip, self.min_clip_d = ctypes.c_float(min_clip), ctypes.c_double(min_clip)
+        self.exact, self.signed = ctypes.c_int(exact), ctypes.c_int(signed)
 
 
 def supports(x: torch.Tensor, precisions: int) -> bool:

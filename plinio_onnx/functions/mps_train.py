@@ -72,20 +72,19 @@ class _Precision(NamedTuple):
 def _precisions(theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan) -> tuple[list[_Precision], torch.Tensor]:
     """θ_p, c_p and s_p as Python numbers, s_p = max(c_p, min_clip) / qmax computed in float32
     (as `plinio_onnx.functions.mps.act_scale` and the export compute it), and the mixture's scale
-    Σ_p θ_p·max(c_p, min_clip)/qmax_p as a tensor in ``clip``'s dtype: a few tensor ops and one
-    read (the step runs this for every quantizer; each op's dispatch is most of its cost)."""
-    float32 = torch.float32
-    clips = clip.detach().to(float32).clamp_min(plan.min_clip)
-    scales = clips / _act_highs(plan.ranges, float32, clip.device)
-    if clip.dtype == float32:
-        scale = torch.dot(theta.detach().to(float32), scales)
-    else:
-        scale = torch.dot(theta.detach().to(clip.dtype),
-                          clip.detach().clamp_min(plan.min_clip) / _act_highs(plan.ranges, clip.dtype, clip.device))
-    clip_values, scale_values = torch.stack((clips, scales)).tolist()
-    rows = [_Precision(w, c, lo, hi, sp) for w, c, (lo, hi), sp
-            in zip(theta.detach().tolist(), clip_values, plan.ranges, scale_values)]
-    return rows, scale
+    Σ_p θ_p·s_p [1] (`mixture_scale`)."""
+    weights, raw = theta.detach().tolist(), clip.detach().tolist()
+    clips = np.maximum(np.asarray(raw, np.float32), np.float32(plan.min_clip))
+    scales = clips / np.asarray([hi for _, hi in plan.ranges], np.float32)
+    rows = [_Precision(w, c, lo, hi, s) for w, c, (lo, hi), s
+            in zip(weights, clips.tolist(), plan.ranges, scales.tolist())]
+    if theta.dtype == clip.dtype == torch.float32:
+        total = np.float32(0.0)
+        for weight, scale in zip(weights, scales):
+            total = total + np.float32(weight) * scale
+        return rows, torch.tensor([total], dtype=torch.float32, device=clip.device)
+    highs = _act_highs(plan.ranges, clip.dtype, clip.device)
+    return rows, torch.dot(theta.detach().to(clip.dtype), clip.detach().clamp_min(plan.min_clip) / highs).reshape(1)
 
 
 def _chunks(*tensors: torch.Tensor):
@@ -129,39 +128,52 @@ class MixedActQuant(torch.autograd.Function):
         x = x.contiguous()
         ctx.save_for_backward(x, theta, clip)
         ctx.set_materialize_grads(False)
-        rows, scale = _precisions(theta, clip, plan)
-        ctx.plan, ctx.scratch, ctx.rows = plan, scratch, rows
-        y = torch.empty_like(x)
-        native = _native(x, len(rows))
-        if native is not None:
-            _native_mixture(native, x, rows, plan.exact, y)
-        else:
-            for x_part, y_part in _chunks(x, y):
-                _mixture(x_part, rows, plan.exact, scratch.get(x_part.numel(), x, 0), y_part)
-        return y, scale.reshape(1)
+        ctx.plan, ctx.scratch = plan, scratch
+        ctx.native = _native_quantizer(x, theta, clip, plan)
+        if ctx.native is not None:
+            return ctx.native.quant_forward(x, theta, clip, _quant_plan(plan))
+        y, scale, ctx.rows = _aten_forward(x, theta, clip, plan, scratch)
+        return y, scale
 
     @staticmethod
     def backward(ctx, grad, grad_scale):
         x, theta, clip = ctx.saved_tensors
-        rows = ctx.rows
         need_x, need_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x, products, inside_sums, outside = None, [0.0] * len(rows), [0.0] * len(rows), 0.0
-        if grad is not None:
-            native = _native(x, len(rows))
-            backward = _chunked_backward if native is None else functools.partial(_native_backward, native)
-            grad_x, products, inside_sums, outside = backward(
-                x, grad.contiguous(), rows, ctx.plan, ctx.scratch, need_x, need_theta)
-        theta_grads = [prod * row.scale for prod, row in zip(products, rows)]
-        clip_grads = [row.weight * (outside - s) for s, row in zip(inside_sums, rows)]
-        if grad_scale is not None:  # (c_p below min_clip: the clamp passes no gradient)
-            g = float(grad_scale)   # (the scale output has one element)
-            clip_values = clip.detach().tolist()
-            theta_grads = [t + g * max(c, ctx.plan.min_clip) / row.high
-                           for t, c, row in zip(theta_grads, clip_values, rows)]
-            clip_grads = [t + (g * row.weight / row.high if c >= ctx.plan.min_clip else 0.0)
-                          for t, c, row in zip(clip_grads, clip_values, rows)]
-        grad_theta = _like(theta_grads, theta) if need_theta else None
-        return grad_x, grad_theta, _like(clip_grads, clip), None, None
+        grad = None if grad is None else grad.contiguous()
+        scale_grad = None if grad_scale is None else float(grad_scale)   # (the scale output has one element)
+        if ctx.native is not None:
+            grad_x, grad_theta, grad_clip = ctx.native.quant_backward(x, grad, scale_grad, theta, clip,
+                                                                      _quant_plan(ctx.plan), need_x)
+        else:
+            grad_x, grad_theta, grad_clip = _aten_backward(x, theta, clip, ctx.rows, ctx.plan, ctx.scratch, grad,
+                                                           scale_grad, need_x, need_theta)
+        return grad_x, grad_theta if need_theta else None, grad_clip, None, None
+
+
+def _aten_forward(x: torch.Tensor, theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan, scratch: Scratch):
+    """`MixedActQuant`'s forward in ATen ops: (y, scale, the rows)."""
+    rows, scale = _precisions(theta, clip, plan)
+    y = torch.empty_like(x)
+    for x_part, y_part in _chunks(x, y):
+        _mixture(x_part, rows, plan.exact, scratch.get(x_part.numel(), x, 0), y_part)
+    return y, scale, rows
+
+
+def _aten_backward(x, theta, clip, rows: list[_Precision], plan: ActPlan, scratch: Scratch,
+                   grad: torch.Tensor | None, grad_scale: float | None, need_x: bool, need_theta: bool):
+    """`MixedActQuant`'s backward in ATen ops: (∂x, ∂θ, ∂clip)."""
+    grad_x, products, inside_sums, outside = None, [0.0] * len(rows), [0.0] * len(rows), 0.0
+    if grad is not None:
+        grad_x, products, inside_sums, outside = _chunked_backward(x, grad, rows, plan, scratch, need_x, need_theta)
+    theta_grads = [prod * row.scale for prod, row in zip(products, rows)]
+    clip_grads = [row.weight * (outside - s) for s, row in zip(inside_sums, rows)]
+    if grad_scale is not None:  # (c_p below min_clip: the clamp passes no gradient)
+        g = grad_scale
+        clip_values = clip.detach().tolist()
+        theta_grads = [t + g * max(c, plan.min_clip) / row.high for t, c, row in zip(theta_grads, clip_values, rows)]
+        clip_grads = [t + (g * row.weight / row.high if c >= plan.min_clip else 0.0)
+                      for t, c, row in zip(clip_grads, clip_values, rows)]
+    return grad_x, _like(theta_grads, theta), _like(clip_grads, clip)
 
 
 @functools.lru_cache(maxsize=256)
@@ -241,47 +253,39 @@ def _checked_native() -> "mps_native.NativeMixture | None":
 
 
 def _agrees(kernel: "mps_native.NativeMixture", signed: bool, exact: bool) -> bool:
+    """Whether the kernel's whole quantizer computes what `_aten_forward` and `_aten_backward`
+    compute: y, the scale and ∂x bit for bit, ∂θ and ∂clip up to the order of their sums."""
     ranges = ((-1, 1), (-7, 7), (-127, 127)) if signed else ((0, 3), (0, 15), (0, 255))
     plan = ActPlan(ranges, signed, 1e-4, exact)
-    rows = [_Precision(w, c, lo, hi, float(np.float32(c) / np.float32(hi)))
-            for w, c, (lo, hi) in zip((0.25, 0.0, 0.75), (1.5, 2.0, 0.75), ranges)]
+    theta, clip = torch.tensor([0.25, 0.0, 0.75]), torch.tensor([1.5, 2.0, 0.75])
+    scales = [float(np.float32(c) / np.float32(hi)) for c, (_, hi) in zip(clip.tolist(), ranges)]
     halves = torch.arange(-300, 300, dtype=torch.float32) * 0.5
     special = torch.tensor([0.0, -0.0, 1.5, -1.5, 2.0, -2.0, 0.75, -0.75, 9.0, -9.0, 1e-8, -1e-8])
     generator = torch.Generator().manual_seed(0)  # (the global random state stays as it was)
-    x = torch.cat([halves * rows[0].scale, halves * rows[2].scale, special,
-                   torch.randn(1001, generator=generator) * 2])
+    x = torch.cat([halves * scales[0], halves * scales[2], special, torch.randn(1001, generator=generator) * 2])
     grad = torch.randn(x.shape, generator=generator)
-    want_y, got_y = torch.empty_like(x), torch.empty_like(x)
-    _mixture(x, rows, exact, torch.empty_like(x), want_y)
-    _native_mixture(kernel, x, rows, exact, got_y)
-    want = _chunked_backward(x, grad, rows, plan, Scratch(), True, True)
-    got = _native_backward(kernel, x, grad, rows, plan, Scratch(), True, True)
-    sums_agree = np.allclose(np.concatenate([want[1], want[2], [want[3]]]),
-                             np.concatenate([got[1], got[2], [got[3]]]), rtol=1e-5, atol=1e-4)
-    return bool(torch.equal(want_y, got_y) and torch.equal(want[0], got[0]) and sums_agree)
+    want_y, want_scale, rows = _aten_forward(x, theta, clip, plan, Scratch())
+    got_y, got_scale = kernel.quant_forward(x, theta, clip, _quant_plan(plan))
+    want = _aten_backward(x, theta, clip, rows, plan, Scratch(), grad, 0.5, True, True)
+    got = kernel.quant_backward(x, grad, 0.5, theta, clip, _quant_plan(plan), True)
+    return bool(torch.equal(want_y, got_y) and torch.equal(want_scale, got_scale) and torch.equal(want[0], got[0])
+                and all(torch.allclose(a, b, rtol=1e-5, atol=1e-4) for a, b in zip(want[1:], got[1:])))
 
 
-def _native_mixture(kernel: "mps_native.NativeMixture", x: torch.Tensor, rows: list[_Precision], exact: bool,
-                    y: torch.Tensor) -> None:
-    """`_mixture` over the whole of ``x`` in the native kernel."""
-    active = [row for row in rows if row.weight != 0.0]
-    if not active:
-        y.zero_()
-        return
-    kernel.forward(x, y, [row.scale if exact else 1.0 / row.scale for row in active],
-                   [row.weight * row.scale for row in active], [row.low for row in active],
-                   [row.high for row in active], exact)
+def _native_quantizer(x: torch.Tensor, theta: torch.Tensor, clip: torch.Tensor, plan: ActPlan
+                      ) -> "mps_native.NativeMixture | None":
+    """The native kernel where it runs this whole quantizer: x, θ and the clips contiguous float32
+    on the CPU (`_native`); None otherwise."""
+    if theta.dtype != torch.float32 or clip.dtype != torch.float32 or not (theta.is_cpu and clip.is_cpu) \
+            or not (theta.is_contiguous() and clip.is_contiguous()):
+        return None
+    return _native(x, len(plan.ranges))
 
 
-def _native_backward(kernel: "mps_native.NativeMixture", x, grad, rows: list[_Precision], plan: ActPlan,
-                     scratch: Scratch, need_x: bool, need_theta: bool):
-    """`_chunked_backward`'s results from the native kernel (one pass)."""
-    grad_x = torch.empty_like(x) if need_x else None
-    sums = kernel.backward(x, grad, grad_x, [row.scale if plan.exact else 1.0 / row.scale for row in rows],
-                           [-row.clip if plan.signed else 0.0 for row in rows], [row.clip for row in rows],
-                           [row.weight for row in rows], plan.exact, plan.signed)
-    products = [prod + row.high * (sums.outside - s) for prod, s, row in zip(sums.products, sums.inside, rows)]
-    return grad_x, products, sums.inside, sums.outside
+@functools.lru_cache(maxsize=256)
+def _quant_plan(plan: ActPlan) -> "mps_native.QuantPlan":
+    """``plan``'s numbers as the kernel takes them (made once per plan)."""
+    return mps_native.QuantPlan(plan.ranges, plan.signed, plan.min_clip, plan.exact)
 
 
 def _inside(grad: torch.Tensor, x: torch.Tensor, low: float, high: float, out: torch.Tensor) -> torch.Tensor:
