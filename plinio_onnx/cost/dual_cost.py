@@ -17,7 +17,6 @@ is read back: the tensor form runs. A cost model that falls back has run once mo
 """
 from __future__ import annotations
 
-import copy
 import numbers
 from typing import Any, Callable, Sequence
 
@@ -28,6 +27,10 @@ from .dual import Dual
 from .spec import LayerSpec
 
 __all__ = ["DualCost"]
+
+
+#: What may hold a tensor: a tensor, or a container of them (``extra``'s values).
+_HOLDERS = (torch.Tensor, dict, list, tuple)
 
 
 class _Unsupported(Exception):
@@ -58,10 +61,22 @@ class _Leaves:
         if isinstance(value, torch.Tensor):
             return self.dual(value)
         if isinstance(value, dict):
-            items = {key: self.substitute(v) for key, v in value.items()}
-            return items if any(items[key] is not v for key, v in value.items()) else value
+            changed = None
+            for key, item in value.items():
+                if isinstance(item, _HOLDERS):
+                    new = self.substitute(item)
+                    if new is not item:
+                        if changed is None:
+                            changed = dict(value)
+                        changed[key] = new
+            return value if changed is None else changed
         if isinstance(value, (list, tuple)):
-            items = [self.substitute(v) for v in value]
+            for item in value:
+                if isinstance(item, _HOLDERS):
+                    break
+            else:
+                return value
+            items = [self.substitute(item) for item in value]
             if all(a is b for a, b in zip(items, value)):
                 return value
             if type(value) is not list and type(value) is not tuple:
@@ -70,15 +85,20 @@ class _Leaves:
         return value
 
     def spec(self, spec: LayerSpec) -> LayerSpec:
-        changed = None
+        changes = None
         for name, value in vars(spec).items():
-            if isinstance(value, (torch.Tensor, dict, list, tuple)):
+            if isinstance(value, _HOLDERS):
                 new = self.substitute(value)
                 if new is not value:
-                    if changed is None:
-                        changed = copy.copy(spec)   # (dataclasses.replace costs far more)
-                    setattr(changed, name, new)
-        return spec if changed is None else changed
+                    if changes is None:
+                        changes = {}
+                    changes[name] = new
+        if changes is None:
+            return spec
+        changed = object.__new__(type(spec))   # a shallow copy (copy.copy, replace: far slower)
+        changed.__dict__.update(vars(spec))
+        changed.__dict__.update(changes)
+        return changed
 
 
 class _DualSum(torch.autograd.Function):
