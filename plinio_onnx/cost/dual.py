@@ -64,7 +64,10 @@ class Dual:
 
     # -- arithmetic (torch's order of operations: each result rounds as torch's does) ----------
     def __add__(self, other):
-        if type(other) is Dual:
+        kind = type(other)
+        if kind is float or kind is int:
+            return Dual(self.value + other, self.partials)
+        if kind is Dual:
             partials = dict(self.partials)
             for key, d in other.partials.items():
                 partials[key] = partials[key] + d if key in partials else d
@@ -91,7 +94,10 @@ class Dual:
         return NotImplemented if n is None else Dual(n - self.value, _scaled(self.partials, -1.0))
 
     def __mul__(self, other):
-        if type(other) is Dual:
+        kind = type(other)
+        if kind is float or kind is int:
+            return Dual(self.value * other, {key: d * other for key, d in self.partials.items()})
+        if kind is Dual:
             return Dual(self.value * other.value,
                         _combined(self.partials, other.value, other.partials, self.value))
         n = _number(other)
@@ -100,7 +106,10 @@ class Dual:
     __rmul__ = __mul__
 
     def __truediv__(self, other):
-        if type(other) is Dual:
+        kind = type(other)
+        if kind is float or kind is int:
+            return Dual(self.value / other, {key: d / other for key, d in self.partials.items()})
+        if kind is Dual:
             b = other.value
             return Dual(self.value / b, _combined(self.partials, 1.0 / b, other.partials, -self.value / (b * b)))
         n = _number(other)
@@ -120,8 +129,8 @@ class Dual:
         if e is None:
             return NotImplemented
         v = self.value
-        if e == 0:
-            return Dual(1.0, {})
+        if e == 0:   # (still a function of self, with a zero gradient, as torch's)
+            return Dual(1.0, _scaled(self.partials, 0.0))
         value = _torch_pow(v, e)
         return Dual(value, _scaled(self.partials, e * _torch_pow(v, e - 1)))
 

@@ -5,7 +5,8 @@ The effective specs of a search hold 0-dim float64 tensors (`plinio_onnx.cost.du
 host, `DualCost.total` gathers them all (each tensor once, however many specs hold it), reads
 their values back with one op (stack, then ``tolist``), runs the cost model on copies of the
 specs that hold `Dual`s in their place, and returns the sum through `_DualSum`: one autograd
-node over the stacked tensors whose backward is the incoming gradient times the partials.
+node over the stacked tensors the cost reached (the others get no gradient, as in the tensor
+form), whose backward is the incoming gradient times the partials.
 
 Any cost model is tried — the built-in ones, a hardware profile's, an ODiMO accelerator's, a
 user's. When it cannot run on `Dual`s (it raises, e.g. on a comparison or ``float()`` of a
@@ -142,21 +143,23 @@ class DualCost:
         tensors = leaves.tensors
         if any(not host.runs_on_host(t) for t in tensors):
             return None
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-        stacked = None
         if tensors:
-            stacked = torch.stack(tensors) if grad else torch.stack([t.detach() for t in tensors])
-            for dual, value in zip(leaves.duals, stacked.tolist()):
+            with torch.no_grad():   # the values: one op, one read
+                values = torch.stack(tensors).tolist()
+            for dual, value in zip(leaves.duals, values):
                 dual.value = value
         summed = self._sum(fn, dual_specs, len(tensors))
         if summed is None:
             self._tensor_only[id(fn)] = fn
             return None
         value, partials, reached = summed
-        # (as the tensor form: differentiable when the cost reached a leaf that requires grad)
-        if not grad or not any(tensors[key].requires_grad for key in reached):
+        # As the tensor form: a function of the leaves the cost reached (the others get no
+        # gradient, not a zero one), differentiable when one of them requires grad.
+        used = sorted(key for key in reached if tensors[key].requires_grad) if torch.is_grad_enabled() else ()
+        if not used:
             return torch.tensor(value, dtype=torch.float64)
-        return _DualSum.apply(stacked, value, partials)
+        stacked = torch.stack([tensors[key] for key in used])
+        return _DualSum.apply(stacked, value, [partials[key] for key in used])
 
     @staticmethod
     def _sum(fn: Callable, specs: list[LayerSpec], leaves: int) -> tuple[float, list[float], set] | None:
