@@ -191,7 +191,7 @@ _ALLOWED = {
     "graph": {"errors", "atomic", "serialize"}, "serialize": set(), "file_weights": {"serialize"},
     "analysis": {"graph"},
     "records": {"analysis", "errors"},
-    "cost": {"graph", "records", "errors"},
+    "cost": {"graph", "host", "records", "errors"},
     "to_torch": {"graph", "load", "functions", "host", "errors"},
     "functions": {"to_torch", "graph", "host", "errors", "atomic"},
     "passes": {"analysis", "cost", "functions", "graph", "heap", "records", "errors"},

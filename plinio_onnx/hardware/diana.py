@@ -22,6 +22,7 @@ import torch
 
 from .. import host
 from ..cost import LayerSpec
+from ..cost.dual import value_of
 from .layer import Planar, bits_or, planar
 from .rounding import at_least, ceil_div, clamp, is_tensor, maximum
 
@@ -75,10 +76,11 @@ def _ox_unroll(ch_out: Any, ch_in: Any, k_x: Any, k_y: Any) -> int:
     """ComputeOxUnrollSTE: the largest output-row unrolling u ∈ {1, 2, 4, 8} with u·C_out ≤ 512
     and (u + k_x − 1)·max(64, C_in)·k_y ≤ 1152 (1 when none fits). Piecewise constant, so no
     gradient (ours; PLiNIO hands the incoming gradient to C_out)."""
-    counted = next((v for v in (ch_out, ch_in, k_x, k_y) if is_tensor(v)), None)
+    counted = next((v for v in (ch_out, ch_in, k_x, k_y) if isinstance(v, torch.Tensor)), None)
     if counted is not None and not host.runs_on_host(counted):
         return _ox_unroll_on_device(ch_out, ch_in, k_x, k_y, counted)
-    ch_out, ch_in, k_x, k_y = (float(v.detach()) if is_tensor(v) else float(v) for v in (ch_out, ch_in, k_x, k_y))
+    # (numbers, Duals' values, or host tensors read back)
+    ch_out, ch_in, k_x, k_y = (value_of(v) for v in (ch_out, ch_in, k_x, k_y))
     fitting = [u for u in OX_UNROLLS if u * ch_out <= 512 and (u + k_x - 1) * max(64.0, ch_in) * k_y <= 1152]
     return max(fitting, default=1)
 

@@ -10,6 +10,10 @@ The gradient is **ours**: PLiNIO's ``FloorSTE`` / ``DivAndCeilSTE`` pass the inc
 through unchanged (∂⌈x/n⌉/∂x = 1, `plinio/cost/gap8_latency.py`, `ne16_latency.py`); here a
 rounding of x/n takes the gradient of x/n itself (1/n), the mean slope of the staircase, and
 x mod n = x − n·⌊x/n⌋ then takes none. Values are identical.
+
+On `plinio_onnx.cost.dual.Dual`s (a search's cost evaluated on host scalars) every function
+gives the tensor form's value and gradient; `is_tensor` is true for them, so a cost model takes
+its differentiable branches.
 """
 from __future__ import annotations
 
@@ -18,9 +22,13 @@ from typing import Any, Mapping
 
 import torch
 
+from ..cost import dual
+from ..cost.dual import Dual
+
 
 def is_tensor(*values: Any) -> bool:
-    return any(isinstance(v, torch.Tensor) for v in values)
+    """Whether any of ``values`` is searched: a tensor or a `Dual` (module docstring)."""
+    return any(isinstance(v, (torch.Tensor, Dual)) for v in values)
 
 
 def _straight_through(real: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
@@ -30,6 +38,9 @@ def _straight_through(real: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor
 def ceil_div(x: Any, n: int) -> Any:
     """⌈x / n⌉ (PLiNIO's ``FloorSTE(ch, N) = ⌊(ch + N − 1)/N⌋`` and ``DivAndCeilSTE``, equal on
     non-negative integers)."""
+    if type(x) is Dual:
+        real = x / n
+        return dual.straight_through(real, math.ceil(real.value))
     if is_tensor(x):
         real = x / n
         return _straight_through(real, torch.ceil(real))
@@ -40,6 +51,9 @@ def ceil_div(x: Any, n: int) -> Any:
 
 def floor_div(x: Any, n: int) -> Any:
     """⌊x / n⌋."""
+    if type(x) is Dual:
+        real = x / n
+        return dual.straight_through(real, math.floor(real.value))
     if is_tensor(x):
         real = x / n
         return _straight_through(real, torch.floor(real))
@@ -55,6 +69,8 @@ def mod(x: Any, n: int) -> Any:
 
 def at_least(x: Any, threshold: float) -> Any:
     """1 where x ≥ threshold, else 0 (a gate: no gradient)."""
+    if type(x) is Dual:
+        return 1.0 if x.value >= threshold else 0.0
     if is_tensor(x):
         return (x.detach() >= threshold).to(x.dtype)
     return 1 if x >= threshold else 0
@@ -62,6 +78,8 @@ def at_least(x: Any, threshold: float) -> Any:
 
 def maximum(*values: Any) -> Any:
     """The largest of ``values`` (a tensor, differentiable in the largest, when any is one)."""
+    if not any(isinstance(v, torch.Tensor) for v in values) and is_tensor(*values):
+        return dual.maximum(values)
     if is_tensor(*values):
         tensors = [torch.as_tensor(v, dtype=torch.float64) for v in values]
         return torch.stack(torch.broadcast_tensors(*tensors)).amax(0)
@@ -70,6 +88,8 @@ def maximum(*values: Any) -> Any:
 
 def clamp(x: Any, low: float, high: float) -> Any:
     """x limited to [low, high]."""
+    if type(x) is Dual:
+        return dual.clamp(x, low, high)
     if is_tensor(x):
         return x.clamp(low, high)
     return min(max(x, low), high)
@@ -92,6 +112,8 @@ def interpolate(table: Mapping[float, Any], x: Any) -> Any:
 
 def nonzero(x: Any) -> Any:
     """1 where x ≠ 0, else 0 (a gate: no gradient)."""
+    if type(x) is Dual:
+        return 1.0 if x.value != 0 else 0.0
     if is_tensor(x):
         return (x.detach() != 0).to(x.dtype)
     return 1 if x != 0 else 0

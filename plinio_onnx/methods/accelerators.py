@@ -29,11 +29,12 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..cost import LayerSpec
+from ..cost import LayerSpec, dual
 from ..cost.bits import quantized_specs
 from ..errors import PlinioOnnxError
 from ..graph import Graph
 from ..hardware.diana import diana_analog_latency, diana_digital_latency
+from ..hardware.rounding import is_tensor
 from ..passes.odimo_split import MAPPING_KEY
 
 __all__ = ["ANALOG", "Accelerator", "CHANNELS_KEY", "DEFAULT_ACCELERATORS", "DIGITAL", "ParallelLatency",
@@ -113,13 +114,18 @@ class ParallelLatency:
 
     def _whole(self, spec: LayerSpec) -> Accelerator:
         matching = [a for a in self.accelerators if spec.weight_bits is not None
-                    and not isinstance(spec.weight_bits, torch.Tensor) and a.weight_bits == spec.weight_bits]
+                    and not is_tensor(spec.weight_bits) and a.weight_bits == spec.weight_bits]
         return matching[0] if matching else self.accelerators[0]
 
     def _reduce(self, costs: list) -> Any:
         if not any(isinstance(c, torch.Tensor) for c in costs):
-            if self.reduction == "max" or len(costs) == 1:
+            if not is_tensor(*costs) and (self.reduction == "max" or len(costs) == 1):
                 return max(costs)
+            # Duals (a search's cost on host scalars): torch's value and gradient; or numbers
+            if self.reduction == "max":
+                return dual.maximum(costs)
+            reduced = dual.softmax_expectation(costs)
+            return reduced if is_tensor(*costs) else reduced.value
         # (numbers filled in on the tensors' device: no host-to-device copy, no mixed devices)
         device = next(c for c in costs if isinstance(c, torch.Tensor)).device
         stacked = torch.stack([c.to(torch.float64).reshape(()) if isinstance(c, torch.Tensor)

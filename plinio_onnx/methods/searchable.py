@@ -14,6 +14,7 @@ import onnx
 import torch
 
 from ..cost import BY_NAME, LayerSpec, ModelCost, layer_specs
+from ..cost.dual_cost import DualCost
 from ..errors import PlinioOnnxError
 from ..finalize import finalize
 from ..graph import Graph
@@ -70,6 +71,9 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
 
     #: The rewrites of the generated module that the method trains with (`to_torch`'s ``passes``).
     module_passes: Sequence[ModulePass] = ()
+    #: Whether `cost_of` evaluates a cost model on host scalars (`plinio_onnx.cost.dual_cost`:
+    #: the same value and gradient, one autograd node); False: always on the specs' tensors.
+    dual_cost: bool = True
 
     def __init__(self, graph: Graph, cost: "CostFn | str | Mapping[str, CostFn | str]") -> None:
         super().__init__()
@@ -133,9 +137,17 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
         if isinstance(cost, ModelCost):
             return cost.of(self)
         fn = self.cost_fn(cost)
+        specs = [self.effective_spec(spec) for spec in self.specs]
+        if self.dual_cost:   # on the host: one autograd node (`plinio_onnx.cost.dual_cost`)
+            dual = self.__dict__.get("_dual_cost")
+            if dual is None:
+                dual = self.__dict__["_dual_cost"] = DualCost()
+            total = dual.total(fn, specs)
+            if total is not None:
+                return total
         total = torch.zeros((), dtype=torch.float64)
-        for spec in self.specs:
-            total = total + fn(self.effective_spec(spec))
+        for spec in specs:
+            total = total + fn(spec)
         return total
 
     @property
