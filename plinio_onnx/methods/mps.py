@@ -11,6 +11,7 @@ cost then sees both (pruned channels and their bit-widths).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 from typing import Iterable
@@ -31,6 +32,7 @@ from ..errors import PlinioOnnxError
 from ..graph import Graph
 from ..to_torch.fuse_pit_masks import fuse_pit_masks
 from ..to_torch.pack_parameters import pack_read_parameters
+from .mps_bits import BatchedBits
 from .pit_channels import PITChannels
 from .searchable import CostFn, SearchableModel, as_graph
 
@@ -195,6 +197,28 @@ class MPS(relaxation.Annealed, SearchableModel):
         if spec.name not in self._layers:
             return spec
         return spec.with_(weight_bits=self.weight_bits(spec.name), input_bits=self.input_bits(spec.name))
+
+    def effective_specs(self) -> list[LayerSpec]:
+        """Every layer's `effective_spec`, the bit-widths of all layers computed together
+        (`BatchedBits`; with PIT masks, or logits that are not packed: layer by layer)."""
+        batched = self._batched_bits() if self.pit is None else None
+        if batched is None:
+            return super().effective_specs()
+        bits = batched(self.module.get_parameter(batched.packed), self.tensor(TEMPERATURE), self.sampling,
+                       self.training)
+        out = []
+        for spec in self.specs:
+            if spec.name in bits:
+                spec = copy.copy(spec)   # (`LayerSpec.with_` without dataclasses.replace's cost)
+                spec.weight_bits, spec.input_bits = bits[spec.name]
+            out.append(spec)
+        return out
+
+    def _batched_bits(self) -> BatchedBits | None:
+        if "_batched" not in self.__dict__:
+            self.__dict__["_batched"] = BatchedBits.plan(self.module, self.info.layers, self._activations,
+                                                         self._onnx_to_attr.__getitem__)
+        return self.__dict__["_batched"]
 
     # -- reporting ----------------------------------------------------------------------------
     @torch.no_grad()

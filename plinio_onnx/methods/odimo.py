@@ -108,6 +108,10 @@ class ODiMO(MPS):
         effective.extra = {**spec.extra, CHANNELS_KEY: dict(zip(mapped.accelerators, counts.unbind()))}
         return effective
 
+    def effective_specs(self) -> list[LayerSpec]:
+        """Layer by layer (`effective_spec`: channel counts per accelerator, not MPS's bits)."""
+        return [self.effective_spec(spec) for spec in self.specs]
+
     # -- reporting ----------------------------------------------------------------------------
     @torch.no_grad()
     def mapping(self) -> dict[str, dict[str, int]]:

@@ -126,6 +126,10 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
     def effective_spec(self, spec: LayerSpec) -> LayerSpec:
         return spec
 
+    def effective_specs(self) -> list[LayerSpec]:
+        """`effective_spec` of every layer (a method may compute them together)."""
+        return [self.effective_spec(spec) for spec in self.specs]
+
     def cost_fn(self, cost: "CostFn | str") -> CostFn:
         """The cost model ``cost`` names: one of `costs`, else a built-in one (or ``cost`` itself)."""
         return as_cost(cost, self.costs)
@@ -137,7 +141,7 @@ class SearchableModel(torch.nn.Module, SearchHooks, abc.ABC):
         if isinstance(cost, ModelCost):
             return cost.of(self)
         fn = self.cost_fn(cost)
-        specs = [self.effective_spec(spec) for spec in self.specs]
+        specs = self.effective_specs()
         if self.dual_cost:   # on the host: one autograd node (`plinio_onnx.cost.dual_cost`)
             dual = self.__dict__.get("_dual_cost")
             if dual is None:
