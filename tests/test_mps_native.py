@@ -10,7 +10,7 @@ import torch
 
 from plinio_onnx.atomic import check_writable
 from plinio_onnx.functions import mps as fn
-from plinio_onnx.functions import mps_native, mps_train
+from plinio_onnx.functions import mps_native, mps_native_weight, mps_train
 from plinio_onnx.functions.mps_train import MixedActQuant, Scratch
 
 
@@ -83,13 +83,14 @@ def test_native_mixture_without_an_input_gradient():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_the_kernel_is_turned_off_by_the_environment(monkeypatch):
-    mps_native.load.cache_clear()
+@pytest.mark.parametrize("load", [mps_native.load, mps_native_weight.load], ids=["activations", "weights"])
+def test_the_kernels_are_turned_off_by_the_environment(load, monkeypatch):
+    load.cache_clear()
     monkeypatch.setenv(mps_native.ENABLE_ENV, "0")
     try:
-        assert mps_native.load() is None
+        assert load() is None
     finally:
-        mps_native.load.cache_clear()
+        load.cache_clear()
 
 
 def test_no_compiler_means_the_aten_path(monkeypatch, tmp_path):

@@ -160,15 +160,6 @@ def test_a_kernel_that_fails_its_check_is_not_used(monkeypatch):
         mps_weights._checked_weight_native.cache_clear()
 
 
-def test_the_weight_kernel_is_turned_off_by_the_environment(monkeypatch):
-    mps_native_weight.load.cache_clear()
-    monkeypatch.setenv(mps_native.ENABLE_ENV, "0")
-    try:
-        assert mps_native_weight.load() is None
-    finally:
-        mps_native_weight.load.cache_clear()
-
-
 def test_no_compiler_means_the_aten_path(monkeypatch, tmp_path):
     monkeypatch.setenv("CC", "")
     monkeypatch.setenv("PATH", str(tmp_path))
