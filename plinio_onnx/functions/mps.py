@@ -25,9 +25,10 @@ Quantizers (round half to even, the ONNX ``Round`` / ``QuantizeLinear`` rounding
   y = round(b/s_b)·s_b (0 where s_b = 0), straight-through.
 
 Every straight-through estimator is written ``value + (x − x.detach())``, or as a custom autograd
-function that hands the gradient on, so the forward value is bit-exactly ``value``. Eval (and a frozen search, `FIXED`) runs the ONNX body's ops in its order,
-so the module, the searchable graph and the export agree bit for bit; training-mode activation
-quantizers multiply by 1/s instead of dividing by s (faster; it only differs on exact ties).
+function that hands the gradient on, so the forward value is bit-exactly ``value``. Eval (and a
+frozen search, `FIXED`) runs the ONNX body's ops in its order, so the module, the searchable
+graph and the export agree bit for bit; training-mode activation quantizers multiply by 1/s
+instead of dividing by s (faster; it only differs on exact ties).
 """
 from __future__ import annotations
 

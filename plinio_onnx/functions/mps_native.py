@@ -53,17 +53,36 @@ SOURCE = r"""
 #define LANES 16
 #define MAX_P %(max_p)d
 
-/* ATen's clamp: NaN stays NaN, -0 below a bound of +0 becomes +0 */
-static inline float clamp_(float v, float lo, float hi) {
-  v = (v > lo || v != v) ? v : lo;
-  return (v < hi || v != v) ? v : hi;
+/* One precision of the forward over m values: v = clamp(round(x * q), lo, hi) (exact: x / q), with
+   ATen's clamp (NaN stays NaN, -0 below a bound of +0 becomes +0: a bound wins on equality);
+   y = v * a (first) else fma(v, a, y). The flags are constants where it is called, so each
+   combination compiles to its own vectorized loop. */
+static inline void forward_one(const float *x, float *y, int64_t m, float q, float a, float lo, float hi,
+                               const int exact, const int first) {
+  for (int64_t i = 0; i < m; i++) {
+    float v = nearbyintf(exact ? x[i] / q : x[i] * q);
+    v = v <= lo ? lo : v;
+    v = v >= hi ? hi : v;
+    y[i] = first ? v * a : fmaf(v, a, y[i]);
+  }
 }
 
-static void integers(const float *x, float *v, int64_t m, float q, float lo, float hi, int exact, int clamp) {
-  if (exact && clamp) for (int64_t i = 0; i < m; i++) v[i] = clamp_(nearbyintf(x[i] / q), lo, hi);
-  else if (clamp) for (int64_t i = 0; i < m; i++) v[i] = clamp_(nearbyintf(x[i] * q), lo, hi);
-  else if (exact) for (int64_t i = 0; i < m; i++) v[i] = nearbyintf(x[i] / q);
-  else for (int64_t i = 0; i < m; i++) v[i] = nearbyintf(x[i] * q);
+/* y = sum_p a[p] * clamp(round(x * q[p]), lo[p], hi[p])  (exact: x / q[p]), block by block */
+void mps_act_forward(const float *x, float *y, int64_t n, int P, const float *q, const float *a,
+                     const float *lo, const float *hi, int exact) {
+  for (int64_t b = 0; b < n; b += BLOCK) {
+    int64_t m = n - b < BLOCK ? n - b : BLOCK;
+    for (int p = 0; p < P; p++) {
+#define FORWARD(E, F) forward_one(x + b, y + b, m, q[p], a[p], lo[p], hi[p], E, F)
+      switch (exact * 2 + (p == 0)) {
+        case 0: FORWARD(0, 0); break;
+        case 1: FORWARD(0, 1); break;
+        case 2: FORWARD(1, 0); break;
+        default: FORWARD(1, 1);
+      }
+#undef FORWARD
+    }
+  }
 }
 
 /* sum of a[i]*b[i] (b NULL: of a[i]) in float lanes */
@@ -78,21 +97,21 @@ static double lane_sum(const float *a, const float *b, int64_t m) {
   return total;
 }
 
-/* y = sum_p a[p] * clamp(round(x * q[p]), lo[p], hi[p])  (exact: x / q[p]) */
-void mps_act_forward(const float *x, float *y, int64_t n, int P, const float *q, const float *a,
-                     const float *lo, const float *hi, int exact) {
-  float v[BLOCK];
-  for (int64_t b = 0; b < n; b += BLOCK) {
-    int64_t m = n - b < BLOCK ? n - b : BLOCK;
-    const float *xb = x + b;
-    float *yb = y + b;
-    for (int p = 0; p < P; p++) {
-      integers(xb, v, m, q[p], lo[p], hi[p], exact, 1);
-      const float ap = a[p];
-      if (p == 0) for (int64_t i = 0; i < m; i++) yb[i] = v[i] * ap;
-      else for (int64_t i = 0; i < m; i++) yb[i] = fmaf(v[i], ap, yb[i]);
-    }
-  }
+/* lane_sum(inside, round(x * q)) (exact: x / q; unclamped: the products inside the clip range)
+   without storing the rounded values */
+static double product_sum(const float *inside, const float *x, int64_t m, float q, int exact) {
+  float lanes[LANES] = {0};
+  int64_t i = 0;
+  if (exact)
+    for (; i + LANES <= m; i += LANES)
+      for (int j = 0; j < LANES; j++) lanes[j] += inside[i + j] * nearbyintf(x[i + j] / q);
+  else
+    for (; i + LANES <= m; i += LANES)
+      for (int j = 0; j < LANES; j++) lanes[j] += inside[i + j] * nearbyintf(x[i + j] * q);
+  double total = 0.0;
+  for (int j = 0; j < LANES; j++) total += lanes[j];
+  for (; i < m; i++) total += inside[i] * nearbyintf(exact ? x[i] / q : x[i] * q);
+  return total;
 }
 
 /* inside_p = g where low[p] < x < high[p], else 0 (hardtanh_backward).
@@ -103,7 +122,7 @@ void mps_act_backward(const float *x, const float *g, float *gx, int64_t n, int 
                       const float *low, const float *high, const float *theta, int exact, int is_signed,
                       double *out) {
   double total[2 * MAX_P + 1] = {0};
-  float inside[BLOCK], v[BLOCK], sign[BLOCK];
+  float inside[BLOCK], sign[BLOCK];
   for (int64_t b = 0; b < n; b += BLOCK) {
     int64_t m = n - b < BLOCK ? n - b : BLOCK;
     const float *xb = x + b, *gb = g + b;
@@ -118,8 +137,7 @@ void mps_act_backward(const float *x, const float *g, float *gx, int64_t n, int 
       const float lo = low[p], hi = high[p], t = theta[p];
       for (int64_t i = 0; i < m; i++) inside[i] = (xb[i] <= lo || xb[i] >= hi) ? 0.0f : gb[i];
       total[p] += lane_sum(inside, is_signed ? sign : 0, m);
-      integers(xb, v, m, q[p], 0.0f, 0.0f, exact, 0);
-      total[P + p] += lane_sum(inside, v, m);
+      total[P + p] += product_sum(inside, xb, m, q[p], exact);
       if (gx) {
         float *gxb = gx + b;
         if (p == 0) for (int64_t i = 0; i < m; i++) gxb[i] = inside[i] * t;
@@ -225,7 +243,8 @@ class NativeMixture:
         """(∂x (None unless ``need_x`` and ``grad``), ∂θ, ∂clip) of the whole quantizer; ``grad``
         contiguous (or None: only the scale output has a gradient, ``grad_scale``)."""
         grad_x = torch.empty_like(x) if need_x and grad is not None else None
-        grad_theta, grad_clip = torch.empty(plan.count.value, dtype=x.dtype), torch.empty(plan.count.value, dtype=x.dtype)
+        count = plan.count.value
+        grad_theta, grad_clip = torch.empty(count, dtype=x.dtype), torch.empty(count, dtype=x.dtype)
         self._quant_backward(_pointer(x), _pointer(grad), _pointer(grad_x), ctypes.c_int64(x.numel()), plan.count,
                              _pointer(theta), _pointer(clip), plan.highs, plan.min_clip, plan.min_clip_d, plan.exact,
                              plan.signed, ctypes.c_int(grad_scale is not None),

@@ -114,12 +114,15 @@ def _integers(x: torch.Tensor, scale: float, lo: int, hi: int, exact: bool, out:
 
 class MixedActQuant(torch.autograd.Function):
     """(y, scale) = (Σ_p θ_p·Q_p(x)·s_p, Σ_p θ_p·max(c_p, min_clip)/qmax_p) with PACT gradients
-    (see the module docstring); it saves only x. ``scale`` (for the bias quantizer) is computed
-    in ``clip``'s dtype, as `plinio_onnx.functions.mps.act_scale`.
+    (see the module docstring); it saves only x. ``scale`` (for the bias quantizer): s_p as
+    `plinio_onnx.functions.mps.act_scale` computes it, Σ_p θ_p·s_p added in float32 in order
+    (θ and the clips float32: the same on every path, native, ATen and device), else a dot in
+    ``clip``'s dtype.
 
-    Backward: ∂y/∂θ_p = Q_p(x)·s_p (recomputed inside the clip range); ∂y/∂x = Σ_p θ_p·1[x strictly inside p's clip
-    range]; ∂y/∂c_p = θ_p·Σ g where x ≥ c_p (signed: minus Σ g where x ≤ −c_p): the clipped sums
-    follow from the inside sums (what is neither inside nor at most 0 is at or above the clip).
+    Backward: ∂y/∂θ_p = Q_p(x)·s_p (recomputed inside the clip range); ∂y/∂x = Σ_p θ_p·1[x strictly
+    inside p's clip range]; ∂y/∂c_p = θ_p·Σ g where x ≥ c_p (signed: minus Σ g where x ≤ −c_p):
+    the clipped sums follow from the inside sums (what is neither inside nor at most 0 is at or
+    above the clip).
     ∂scale/∂θ_p = max(c_p, min_clip)/qmax_p, ∂scale/∂c_p = θ_p/qmax_p where c_p ≥ min_clip.
     """
 

@@ -60,8 +60,9 @@ class MPS(relaxation.Annealed, SearchableModel):
 
     #: PIT masks, where the graph holds them, train fused (a module without any is left as it
     #: is); the quantizers' precision logits train as one packed parameter.
-    module_passes = (fuse_pit_masks, functools.partial(pack_read_parameters, readers=(fn.ActQuantizer, fn.WeightQuantizer),
-                                                       position=1, name="choice_logits"))
+    module_passes = (fuse_pit_masks,
+                     functools.partial(pack_read_parameters, readers=(fn.ActQuantizer, fn.WeightQuantizer),
+                                       position=1, name="choice_logits"))
 
     def __init__(self, model: "str | os.PathLike | onnx.ModelProto | Graph", *,
                  cost: "CostFn | str" = "size", w_precisions: Iterable[int] = DEFAULT_PRECISIONS,

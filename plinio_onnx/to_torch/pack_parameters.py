@@ -25,8 +25,9 @@ def split_views(flat: torch.Tensor, sizes: Sequence[int], shapes: Sequence[Seque
 
 def pack_read_parameters(module: OnnxModule, readers: tuple[type, ...], position: int, name: str) -> None:
     """Pack the trainable parameters that calls of ``readers`` modules take as argument
-    ``position`` (buffers and frozen parameters aside) into one flat parameter ``name`` of ``module`` (`OnnxModule.pack`), read once at
-    the first of them and split into views (`split_views`); in place. Fewer than two such
+    ``position`` (buffers and frozen parameters aside) into one flat parameter ``name`` of
+    ``module`` (`OnnxModule.pack`), read once at the first of them and split into views
+    (`split_views`); in place. Fewer than two such
     parameters, or parameters of different dtypes or devices: the module is left as it is."""
     graph = module.graph
     sources: list[fx.Node] = []
