@@ -123,9 +123,6 @@ class DualCost:
     def __init__(self) -> None:
         self._tensor_only: dict[int, Callable] = {}   # id → the cost model (kept: ids stay unique)
 
-    def __getstate__(self) -> dict:
-        return {"_tensor_only": {}}   # a cache (of functions that may not pickle): a copy finds out again
-
     def tensor_only(self, fn: Callable) -> bool:
         """Whether ``fn`` was found not to run on `Dual`s."""
         return self._tensor_only.get(id(fn)) is fn

@@ -28,9 +28,7 @@ from .relaxation import FIXED, choice_weights, one_hot_argmax
 
 
 class _Constants:
-    """Tensors made once per (device, dtype) by ``make(device, dtype, *args)`` (a module-level
-    function; none of the tensors survives a copy or a pickle: they are remade where the
-    module lands)."""
+    """Tensors made once per (device, dtype) by ``make(device, dtype, *args)``."""
 
     def __init__(self, make, *args) -> None:
         self._make, self._args, self._made = make, args, {}
@@ -40,12 +38,6 @@ class _Constants:
         if key not in self._made:
             self._made[key] = self._make(device, dtype, *self._args)
         return self._made[key]
-
-    def __getstate__(self) -> dict:
-        return {"_make": self._make, "_args": self._args, "_made": {}}
-
-    def __deepcopy__(self, memo) -> "_Constants":
-        return _Constants(self._make, *self._args)
 
 
 # -- activations --------------------------------------------------------------------------------

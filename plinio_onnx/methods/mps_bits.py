@@ -101,6 +101,3 @@ class BatchedBits:
         values = (totals / counts).unbind()
         return {node: (values[w], values[i]) for node, (w, i) in self.slots.items()}
 
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_tensors"} | {"_tensors": {}}
-

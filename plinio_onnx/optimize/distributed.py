@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import json
 import os
-import pickle
 import re
 import time
 from dataclasses import dataclass, field
@@ -107,7 +107,8 @@ class Distributed:
         return tensor.cpu().tolist()
 
     def gather(self, value: Any) -> list[Any]:
-        """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+        """Every rank's ``value`` (JSON: numbers, strings, lists, dicts; a tuple comes back as a
+        list), in rank order, on every rank."""
         if not self.enabled:
             return [value]
         payload = self._bytes(value)
@@ -118,10 +119,10 @@ class Distributed:
         padded[:payload.numel()] = payload
         parts = [torch.empty(longest, dtype=torch.uint8, device=payload.device) for _ in range(self.world)]
         self._collective(dist.all_gather, parts, padded)
-        return [pickle.loads(part[:int(size)].cpu().numpy().tobytes()) for part, size in zip(parts, sizes)]
+        return [json.loads(part[:int(size)].cpu().numpy().tobytes()) for part, size in zip(parts, sizes)]
 
     def broadcast(self, value: Any) -> Any:
-        """Rank 0's ``value`` (a picklable object) on every rank."""
+        """Rank 0's ``value`` (JSON, as `gather`'s) on every rank."""
         if not self.enabled:
             return value
         payload = self._bytes(value if self.is_main else None)
@@ -130,7 +131,7 @@ class Distributed:
         if not self.is_main:
             payload = torch.empty(int(size), dtype=torch.uint8, device=payload.device)
         self._collective(dist.broadcast, payload, src=0)
-        return pickle.loads(payload.cpu().numpy().tobytes())
+        return json.loads(payload.cpu().numpy().tobytes())
 
     def broadcast_buffers(self, module: torch.nn.Module) -> None:
         """Rank 0's buffers (batch-norm statistics) on every rank, after each training epoch:
@@ -141,9 +142,7 @@ class Distributed:
                 self._collective(dist.broadcast, buffer.data, src=0)
 
     def _bytes(self, value: Any) -> torch.Tensor:
-        # Pickled only in flight between this run's own ranks (as torch's object collectives do);
-        # nothing pickled is ever written: persisted state stays ONNX and JSON.
-        data = pickle.dumps(value)
+        data = json.dumps(value).encode()   # (JSON, not pickle: no object a rank sends is code)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self._comm_device())
 
     def _collective(self, operation, *args, **kwargs) -> None:

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -199,19 +200,21 @@ def _optimize(model: "str | os.PathLike", data: DataSources, config: OptimizeCon
     return report
 
 
-def _on_main(dist: Distributed, work):
-    """``work()`` on rank 0 (writing the output); every rank returns its result, or raises its error."""
-    outcome = None
+def _on_main(dist: Distributed, write) -> Report:
+    """``write()`` on rank 0 (writing the output and its report); every rank returns the report
+    (the other ranks rebuild it from its JSON form), or raises rank 0's error."""
+    report, outcome = None, None
     try:
         if dist.is_main:
-            outcome = ("ok", work())
+            report = write()
+            outcome = ["ok", json.loads(dumps(report.to_json(), indent=None)) if dist.enabled else None]
     except Exception as err:
-        dist.broadcast(("error", f"{type(err).__name__}: {err}"))
+        dist.broadcast(["error", f"{type(err).__name__}: {err}"])
         raise
     status, value = dist.broadcast(outcome)
     if status == "error":
         raise PlinioOnnxError(f"rank 0 failed to write the output ({value})")
-    return value
+    return report if report is not None else Report(**value)
 
 
 def _dump_state(dist: Distributed, searched, final: Graph) -> None:
